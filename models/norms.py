@@ -1,0 +1,43 @@
+"""RMSNorm and the two gated RMSNorms of specs/layers.md section 0."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.eps) * self.weight
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated RMSNorm over groups of `group_size` channels.
+
+    gate_first=False (fla `FusedRMSNormGated`, DeltaNet/GDN): y = RMSNorm(x) * w * silu(z), per head.
+    gate_first=True (Mamba2 `norm_before_gate=False`): y = RMSNorm_group(x * silu(z)) * w.
+    """
+
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-5, gate_first: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size or dim
+        self.gate_first = gate_first
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        if self.gate_first:
+            x = x * F.silu(z)
+        shape = x.shape
+        y = rms_norm(x.reshape(*shape[:-1], -1, self.group_size), self.eps).reshape(shape) * self.weight
+        return y if self.gate_first else y * F.silu(z)

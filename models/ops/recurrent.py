@@ -1,0 +1,117 @@
+"""Step-by-step recurrences: the reference every chunked op is tested against, and the
+decoding path (one token at a time from a cached state).
+
+Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; states [N, H, K, V]
+(the transpose of the papers' S, so o_t = scale * q_t @ S_t). With `cu_seqlens` the batch is
+[1, total, ...] and the state restarts at every document start; N is then the number of documents.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | None], Tensor]
+
+
+def sequence_spans(batch: int, length: int, cu_seqlens: Tensor | None) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every independent sequence."""
+    if cu_seqlens is None:
+        return [(b, 0, length) for b in range(batch)]
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1, got {batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != length or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {length}, got {bounds}")
+    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _recurrent(
+    step: StepFn,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    scale: float | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    spans = sequence_spans(B, T, cu_seqlens)
+    o = torch.zeros_like(v)
+    finals = []
+    for n, (b, start, end) in enumerate(spans):
+        if initial_state is not None:
+            S = initial_state[n].to(torch.promote_types(q.dtype, initial_state.dtype))
+        else:
+            S = q.new_zeros(H, K, V)
+        for t in range(start, end):
+            S = step(
+                S,
+                k[b, t],
+                v[b, t],
+                q.new_zeros(H) if g is None else g[b, t],
+                None if beta is None else beta[b, t],
+            )
+            o[b, t] = torch.einsum("hk,hkv->hv", q[b, t] * scale, S).to(o.dtype)
+        finals.append(S)
+    final = torch.stack(finals) if output_final_state else None
+    return o, final
+
+
+def _gla_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+    return S * g.exp()[:, None, None] + k[:, :, None] * v[:, None, :]
+
+
+def _delta_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+    S = S * g.exp()[:, None, None]
+    u = beta[:, None] * (v - torch.einsum("hk,hkv->hv", k, S))
+    return S + k[:, :, None] * u[:, None, :]
+
+
+def recurrent_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale q_t S_t (per head, scalar gate)."""
+    return _recurrent(_gla_step, q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = S_{t-1} + k_t u_t^T, u_t = beta_t (v_t - S_{t-1}^T k_t);  o_t = scale q_t S_t."""
+    return _recurrent(_delta_step, q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The delta rule with a decay first: S <- exp(g_t) S, then the delta update."""
+    return _recurrent(_delta_step, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)

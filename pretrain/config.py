@@ -1,0 +1,183 @@
+"""Run configuration: one YAML file with sections model, data, train, optim, parallel,
+checkpoint, logging, validated by pydantic; `key.sub=value` overrides from the command line.
+
+Every problem becomes a `ConfigError` whose message is one line naming the key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from models.config import ModelConfig, Strict
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is a single line naming the offending key."""
+
+
+class DataConfig(Strict):
+    path: str | list[str] | None = Field(
+        None, description="text/jsonl/parquet/arrow file(s), a directory or a glob; None = embedded corpus"
+    )
+    format: Literal["auto", "text", "json", "parquet", "arrow"] = "auto"
+    text_key: str = "text"
+    tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer path")
+    val_fraction: float = Field(0.02, ge=0, lt=1, description="fraction of documents held out for evaluation")
+    embedded_max_bytes: int = Field(4_000_000, gt=0, description="size of the embedded corpus")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, gt=0)
+    seq_len: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="autocast dtype; auto = bf16 where supported")
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_interval: int = Field(100, ge=0, description="0 disables evaluation")
+    eval_batches: int = Field(8, gt=0)
+    log_interval: int = Field(1, gt=0)
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; None = torch default")
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: fraction of steps spent decaying")
+    fused: bool | None = Field(None, description="torch fused AdamW; None = where available")
+
+
+class ParallelConfig(Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp_shard: int = Field(-1, ge=-1)
+    dp_replicate: int = Field(1, ge=1)
+    cp: Literal[1] = 1
+
+
+class CheckpointConfig(Strict):
+    interval: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
+    mode: Literal["sync"] = "sync"
+    keep_last: int = Field(2, ge=1)
+    dir: str | None = Field(None, description="None = <run_dir>/checkpoints")
+    save_final: bool = True
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "ebb"
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _single_process_only_for_now(self) -> "RunConfig":
+        p = self.parallel
+        if p.tp > 1 or p.pp > 1 or p.dp_replicate > 1 or p.dp_shard > 1:
+            raise ValueError("tensor, pipeline and data parallelism are not implemented yet (use 1)")
+        return self
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at `loc` (the parent of a rejected key), for close-match suggestions."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(RunConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?)" if close else ""
+        return f"unknown config key {key}{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not key:
+        return f"config: {msg}"
+    if err["type"] == "value_error":
+        return f"config key {key}: {msg}"
+    return f"config key {key}: {msg} (got {err['input']!r})"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings -> (key, YAML-parsed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc.problem}") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    tree = dict(tree or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return build_config(tree, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
