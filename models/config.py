@@ -43,7 +43,6 @@ class Mamba2Config(Strict):
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     conv_bias: bool = True
     norm_eps: float = Field(1e-5, gt=0)
-    allow_neg_eigval: bool = False
 
 
 class DeltaNetConfig(Strict):
