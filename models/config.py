@@ -89,6 +89,7 @@ class ModelConfig(Strict):
     pattern: str = "MTG*"
     d_model: int = Field(256, gt=0)
     vocab_size: int = Field(256, gt=0)
+    mlp: Literal["swiglu", "none"] = Field("swiglu", description="the MLP of every block; none = mixer-only blocks (Mamba2 style)")
     mlp_hidden: int | None = Field(None, gt=0, description="SwiGLU hidden width; None = 8/3 d_model rounded to 64")
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
@@ -122,6 +123,11 @@ class ModelConfig(Strict):
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def residuals_per_block(self) -> int:
+        """Residual branches per block (mixer, and MLP unless mlp is none), for init scaling."""
+        return 1 if self.mlp == "none" else 2
 
     @property
     def mlp_width(self) -> int:

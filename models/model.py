@@ -18,12 +18,16 @@ class Block(nn.Module):
         self.kind = kind
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp != "none" else None
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width) if cfg.mlp != "none" else None
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
         x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        mlp = 0.0 if self.mlp is None else self.mlp.flops_per_token()
+        return self.mixer.flops_per_token(seq_len) + mlp
 
 
 def with_row_starts(cu_seqlens: Tensor, batch: int, length: int) -> Tensor:
@@ -45,15 +49,18 @@ class HybridLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Embeddings, MLPs and an untied head ~ N(0, init_std); MLP down-projections scaled by
-        1/sqrt(2 n_layers) (GPT-2). Each mixer initialises itself as its paper does."""
+        1/sqrt(residual branches) (GPT-2). Each mixer initialises itself as its paper does."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=std)
-        down_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.rescale_residual else std
+        n_residuals = self.cfg.residuals_per_block * self.cfg.n_layers
+        down_std = std / math.sqrt(n_residuals) if self.cfg.rescale_residual else std
         for block in self.blocks:
+            if block.mlp is None:
+                continue
             nn.init.normal_(block.mlp.gate_proj.weight, std=std)
             nn.init.normal_(block.mlp.up_proj.weight, std=std)
             nn.init.normal_(block.mlp.down_proj.weight, std=down_std)
@@ -80,5 +87,5 @@ class HybridLM(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token, counted per mixer from its own algorithm (DESIGN.md)."""
-        per_block = sum(b.mixer.flops_per_token(seq_len) + b.mlp.flops_per_token() for b in self.blocks)
-        return per_block + 2.0 * self.cfg.d_model * self.cfg.vocab_size
+        blocks = sum(block.flops_per_token(seq_len) for block in self.blocks)
+        return blocks + 2.0 * self.cfg.d_model * self.cfg.vocab_size
