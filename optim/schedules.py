@@ -1,0 +1,76 @@
+"""Learning-rate schedules as multipliers of the peak lr, wrapped in a `LambdaLR`.
+
+Convention shared by every schedule: step `s` counts optimizer steps from 0; warmup ramps
+linearly to 1 at `s = warmup_steps - 1`; a decay runs from its start to `min_lr_ratio`, reached
+exactly at the final step `s = total_steps - 1` and held after it.
+
+- cosine: warmup, then a half cosine from 1 to `min_lr_ratio` over the remaining steps.
+- wsd (warmup-stable-decay): warmup, constant 1, then a "1-sqrt" decay
+  (f = 1 - sqrt(progress), Hägele et al. 2024, which beats linear decay at equal cost) over the
+  last `decay_fraction` of the steps. A run stopped at the end of the stable phase can be
+  continued or branched into a decay without replaying anything.
+- constant: warmup, then 1.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, Protocol
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class ScheduleSettings(Protocol):
+    schedule: Literal["cosine", "wsd", "constant"]
+    warmup_steps: int
+    min_lr_ratio: float
+    decay_fraction: float
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _decay_progress(step: int, decay_start: int, total_steps: int) -> float:
+    """0 before `decay_start`, rising to 1 at the final step `total_steps - 1`."""
+    if step < decay_start:
+        return 0.0
+    return min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+
+
+def constant_factor(step: int, warmup_steps: int) -> float:
+    return _warmup(step, warmup_steps)
+
+
+def cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps)
+    progress = _decay_progress(step, warmup_steps, total_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wsd_decay_start(warmup_steps: int, total_steps: int, decay_fraction: float) -> int:
+    decay_steps = max(1, round(decay_fraction * total_steps))
+    return max(warmup_steps, total_steps - decay_steps)
+
+
+def wsd_factor(step: int, warmup_steps: int, total_steps: int, decay_fraction: float, min_lr_ratio: float) -> float:
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps)
+    progress = _decay_progress(step, wsd_decay_start(warmup_steps, total_steps, decay_fraction), total_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress))
+
+
+def lr_factor(step: int, optim_cfg: ScheduleSettings, total_steps: int) -> float:
+    """The multiplier of the peak lr at optimizer step `step` (0-based)."""
+    w = optim_cfg.warmup_steps
+    if optim_cfg.schedule == "cosine":
+        return cosine_factor(step, w, total_steps, optim_cfg.min_lr_ratio)
+    if optim_cfg.schedule == "wsd":
+        return wsd_factor(step, w, total_steps, optim_cfg.decay_fraction, optim_cfg.min_lr_ratio)
+    return constant_factor(step, w)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg: ScheduleSettings, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, functools.partial(lr_factor, optim_cfg=optim_cfg, total_steps=total_steps))
