@@ -28,6 +28,7 @@ class DataConfig(Strict):
     tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer path")
     val_fraction: float = Field(0.02, ge=0, lt=1, description="fraction of documents held out for evaluation")
     embedded_max_bytes: int = Field(4_000_000, gt=0, description="size of the embedded corpus")
+    cache_dir: str | None = Field(None, description="datasets cache for prepared files; None = the datasets default")
 
 
 class TrainConfig(Strict):
