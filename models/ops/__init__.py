@@ -1,11 +1,62 @@
-"""Sequence-mixing ops with fla's signatures. TEMPORARY: chunk_* alias the step recurrences
-until the chunked pure-PyTorch forms land (the ops helper replaces this file)."""
-from models.ops.recurrent import (
-    recurrent_delta_rule,
-    recurrent_gated_delta_rule,
-    recurrent_simple_gla,
-)
+"""Sequence-mixing ops with fla's names, signatures and layouts.
 
-chunk_simple_gla = recurrent_simple_gla
-chunk_delta_rule = recurrent_delta_rule
-chunk_gated_delta_rule = recurrent_gated_delta_rule
+On CUDA, when flash-linear-attention (fla) is importable, each chunk_* op calls fla's Triton
+kernel of the same name; otherwise the pure-PyTorch chunked form runs. EBB_OPS_BACKEND=torch
+forces the pure-PyTorch form everywhere (EBB_OPS_BACKEND=auto, the default, is the rule above).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+from typing import Callable
+
+from models.ops import delta_rule, gated_delta_rule, simple_gla
+from models.ops.recurrent import recurrent_delta_rule, recurrent_gated_delta_rule, recurrent_simple_gla
+
+__all__ = [
+    "chunk_simple_gla",
+    "chunk_delta_rule",
+    "chunk_gated_delta_rule",
+    "recurrent_simple_gla",
+    "recurrent_delta_rule",
+    "recurrent_gated_delta_rule",
+]
+
+
+@functools.cache
+def _fla_kernel(module: str, name: str) -> Callable | None:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None
+
+
+def _use_torch_backend() -> bool:
+    backend = os.environ.get("EBB_OPS_BACKEND", "auto")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"EBB_OPS_BACKEND must be 'auto' or 'torch', got {backend!r}")
+    return backend == "torch"
+
+
+def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
+    """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped)."""
+    signature = inspect.signature(torch_op)
+
+    @functools.wraps(torch_op)
+    def op(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        if not _use_torch_backend() and arguments["q"].is_cuda:
+            fla_op = _fla_kernel(fla_module, torch_op.__name__)
+            if fla_op is not None:
+                arguments.pop("chunk_size", None)
+                return fla_op(**arguments)
+        return torch_op(*args, **kwargs)
+
+    return op
+
+
+chunk_simple_gla = _fla_on_cuda(simple_gla.chunk_simple_gla, "fla.ops.simple_gla")
+chunk_delta_rule = _fla_on_cuda(delta_rule.chunk_delta_rule, "fla.ops.delta_rule")
+chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule, "fla.ops.gated_delta_rule")

@@ -1,0 +1,97 @@
+"""Chunkwise-parallel delta rule in the WY/UT form, with an optional per-head log-gate g
+(the gated delta rule is this with g; without g every decay below is 1).
+
+Per chunk (Gamma = within-chunk cumsum of g, D_ij = exp(Gamma_i - Gamma_j) for j <= i):
+T = (I + tril_-1(diag(beta) (K K^T o D)))^-1;  U = T diag(beta) V;  W = T diag(beta) (exp(Gamma) o K).
+With incoming state S:  U' = U - W S;  O = (exp(Gamma) o Q) S + ((Q K^T) o D) U';
+S <- exp(Gamma_C) S + (exp(Gamma_C - Gamma) o K)^T U'.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, chunked_result, scan_chunks
+
+
+def _no_gates(beta: Tensor) -> ChunkGates:
+    C = beta.shape[-1]
+    ones = beta.new_ones(beta.shape)
+    return ChunkGates(
+        within=torch.ones(C, C, dtype=beta.dtype, device=beta.device).tril(),
+        from_start=ones,
+        to_end=ones,
+        total=beta.new_ones(beta.shape[:-1]),
+    )
+
+
+def _inverse_unit_lower(strict_lower: Tensor) -> Tensor:
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C], by doubling the inverted diagonal
+    blocks: [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]. A handful of small batched
+    matmuls, much faster on CPU than a batched triangular solve and exact to rounding."""
+    C = strict_lower.shape[-1]
+    size = 1 << (C - 1).bit_length()
+    L = F.pad(strict_lower, (0, size - C, 0, size - C))
+    inverse = L.new_ones(*L.shape[:-2], size, 1, 1)  # [..., blocks, s, s]
+    s = 1
+    while s < size:
+        pairs = L.unflatten(-1, (-1, 2 * s)).unflatten(-3, (-1, 2 * s)).diagonal(dim1=-4, dim2=-2)
+        below = pairs[..., s:, :s, :].movedim(-1, -3)  # [..., blocks / 2, s, s]
+        upper_inv, lower_inv = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        corner = -(lower_inv @ below @ upper_inv)
+        top = torch.cat([upper_inv, torch.zeros_like(upper_inv)], dim=-1)
+        inverse = torch.cat([top, torch.cat([corner, lower_inv], dim=-1)], dim=-2)
+        s *= 2
+    return inverse[..., 0, :C, :C]
+
+
+def _wy_representation(K: Tensor, V: Tensor, beta: Tensor, gates: ChunkGates) -> tuple[Tensor, Tensor]:
+    """U and W of every chunk at once."""
+    system = (beta[..., None] * (K @ K.transpose(-1, -2)) * gates.within).tril(-1)
+    T = _inverse_unit_lower(system)
+    return T @ (beta[..., None] * V), T @ ((beta * gates.from_start)[..., None] * K)
+
+
+def _correct_and_write(
+    state: Tensor, U: Tensor, W: Tensor, K_to_end: Tensor, total_decay: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    corrected = U - W @ state
+    state = total_decay[..., None, None] * state + K_to_end.transpose(-1, -2) @ corrected
+    return state, (corrected,)
+
+
+def gated_delta_rule_chunks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor,
+    scale: float | None,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    per_head = [beta] if g is None else [beta, g]
+    layout, state, Q, K, V, (B, *G) = chunked_inputs(q, k, v, per_head, scale, initial_state, cu_seqlens, chunk_size)
+    gates = chunk_gates(G[0]) if G else _no_gates(B)
+    U, W = _wy_representation(K, V, B, gates)
+    K_to_end = K * gates.to_end[..., None]
+    entering, (corrected,), final = scan_chunks(layout, state, [U, W, K_to_end, gates.total], _correct_and_write)
+    o = (Q * gates.from_start[..., None]) @ entering + ((Q @ K.transpose(-1, -2)) * gates.within) @ corrected
+    return chunked_result(layout, o, final, v, output_final_state)
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    return gated_delta_rule_chunks(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -1,0 +1,22 @@
+"""Chunkwise-parallel gated delta rule (Gated DeltaNet): S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
+in the papers' layout. The gated WY form is shared with the delta rule (models/ops/delta_rule.py)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from models.ops.delta_rule import gated_delta_rule_chunks
+
+
+def chunk_gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    return gated_delta_rule_chunks(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
