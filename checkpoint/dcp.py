@@ -1,0 +1,118 @@
+"""Synchronous save/load of a training state in the torch.distributed.checkpoint (DCP) layout.
+
+A checkpoint directory holds:
+- `.metadata` + `*.distcp`: DCP, with keys `model.<fqn>` and `optimizer.<...>` (the FQN-keyed
+  forms of `torch.distributed.checkpoint.state_dict`), so it reshards across layouts and can be
+  loaded offline;
+- `trainer_state.pt`: the small non-tensor state, `{step, schedule, data, rng}`, written with
+  `torch.save` and read with `weights_only=True` (every rank's data position and RNG will differ
+  once there is more than one, so it stays out of the sharded DCP part).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dist_cp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+from checkpoint.errors import CheckpointError
+from checkpoint.rng import rng_state, set_rng_state
+
+TRAINER_STATE = "trainer_state.pt"
+DCP_METADATA = ".metadata"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns on every call made without a process group, which is our single-process mode."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .* single process")
+        yield
+
+
+def save(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> None:
+    """Write the full training state into the (new, empty) directory `path`."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_quietly():
+        dist_cp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=_no_dist())
+    trainer = {"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()}
+    torch.save(trainer, path / TRAINER_STATE)
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> int:
+    """Restore everything `save` wrote, RNG included; returns the step the checkpoint was taken after."""
+    trainer = _read_trainer_state(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    _dcp_load(path, state)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    schedule.load_state_dict(trainer["schedule"])
+    data.load_state_dict(trainer["data"])
+    set_rng_state(trainer["rng"])
+    return int(trainer["step"])
+
+
+def load_model(path: Path, model: nn.Module) -> None:
+    """Load only the model weights (for generation, evaluation, conversion)."""
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(path, state)
+    set_model_state_dict(model, state["model"])
+
+
+def _check_layout(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for name in (DCP_METADATA, TRAINER_STATE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+
+
+def _dcp_load(path: Path, state: dict[str, Any]) -> None:
+    _check_layout(path)
+    reader = dist_cp.FileSystemReader(path)
+    try:
+        reader.read_metadata()  # fails cleanly here rather than in DCP's logged fallbacks
+        with _single_process_quietly():
+            dist_cp.load(state, storage_reader=reader, no_dist=_no_dist())
+    except CheckpointException as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(_root_cause(exc))}") from None
+    except Exception as exc:  # unpickling a damaged file can raise almost anything
+        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    _check_layout(path)
+    try:
+        return torch.load(path / TRAINER_STATE, weights_only=True)
+    except Exception as exc:  # unpickling a damaged file can raise almost anything
+        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {_first_line(exc)}") from None
+
+
+def _root_cause(exc: CheckpointException) -> BaseException:
+    """DCP wraps each rank's failure as (exception, traceback) in `failures`."""
+    for failure in exc.failures.values():
+        if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+            return failure[0]
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,95 @@
+import random
+
+import pytest
+import torch
+
+from checkpoint.errors import CheckpointError
+from checkpoint.manager import CheckpointManager, find_latest, resolve_checkpoint
+from optim.adamw import build_optimizer
+from optim.schedules import build_schedule
+from pretrain.config import OptimConfig
+
+
+class Position:
+    """Stand-in for the data iterator's resumable position."""
+
+    def __init__(self, row: int = 0):
+        self.row = row
+
+    def state_dict(self) -> dict[str, int]:
+        return {"row": self.row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.row = state["row"]
+
+
+def make_state(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    optimizer = build_optimizer(model, OptimConfig())
+    schedule = build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
+    return model, optimizer, schedule, Position()
+
+
+def train_steps(model, optimizer, schedule, n: int) -> list[float]:
+    losses = []
+    for _ in range(n):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resume_restores_model_optimizer_schedule_data_and_rng(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    train_steps(model, optimizer, schedule, 3)
+    data.row = 7
+    manager = CheckpointManager(tmp_path, keep_last=2, files={"config.yaml": "x: 1\n"})
+    saved = manager.save(3, model, optimizer, schedule, data)
+    expected = train_steps(model, optimizer, schedule, 3) + [random.random()]
+
+    model2, optimizer2, schedule2, data2 = make_state(1)
+    assert CheckpointManager(tmp_path, keep_last=2).resume(model2, optimizer2, schedule2, data2) == 3
+    assert data2.row == 7 and schedule2.last_epoch == 3
+    assert train_steps(model2, optimizer2, schedule2, 3) + [random.random()] == expected
+    assert (saved / "config.yaml").read_text() == "x: 1\n"
+
+
+def test_keep_last_and_latest_pointer(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 10):
+        manager.save(step, model, optimizer, schedule, data)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-00000003", "step-00000010"]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000010"
+    assert find_latest(tmp_path) == tmp_path / "step-00000010"
+    assert resolve_checkpoint(tmp_path) == resolve_checkpoint(tmp_path / "step-00000010") == tmp_path / "step-00000010"
+
+
+def test_missing_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        CheckpointManager(tmp_path / "none", keep_last=1).resume(model, optimizer, schedule, data)
+    saved = CheckpointManager(tmp_path, keep_last=1).save(5, model, optimizer, schedule, data)
+    for shard in saved.glob("*.distcp"):
+        shard.write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint") as err:
+        CheckpointManager(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+    assert "\n" not in str(err.value)
+    (saved / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete: \.metadata is missing"):
+        CheckpointManager(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+
+
+def test_a_crashed_save_leaves_nothing_that_resume_would_pick(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(1, model, optimizer, schedule, data)
+    (tmp_path / ".tmp-step-00000002").mkdir()  # a save that died before its commit
+    assert find_latest(tmp_path) == tmp_path / "step-00000001"
+    manager.save(2, model, optimizer, schedule, data)  # the leftover is replaced
+    assert find_latest(tmp_path) == tmp_path / "step-00000002"
