@@ -68,6 +68,10 @@ class GatedDeltaNetConfig(Strict):
     allow_neg_eigval: bool = False
     chunk_size: int = Field(64, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
+    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _gva(self) -> "GatedDeltaNetConfig":
@@ -88,7 +92,7 @@ class MixersConfig(Strict):
 class ModelConfig(Strict):
     pattern: str = "MTG*"
     d_model: int = Field(256, gt=0)
-    vocab_size: int = Field(256, gt=0)
+    vocab_size: int = Field(320, gt=0, description="byte tokenizer (257 ids) padded to a multiple of 64 by default")
     mlp: Literal["swiglu", "none"] = Field("swiglu", description="the MLP of every block; none = mixer-only blocks (Mamba2 style)")
     mlp_hidden: int | None = Field(None, gt=0, description="SwiGLU hidden width; None = 8/3 d_model rounded to 64")
     tie_embeddings: bool = True
