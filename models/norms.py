@@ -7,8 +7,15 @@ from torch import Tensor, nn
 
 
 def rms_norm(x: Tensor, eps: float) -> Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """Normalised in float32 at least (float64 inputs stay float64)."""
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim (fla's q/k normalisation), in float32 at least."""
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +23,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.eps) * self.weight
@@ -34,6 +44,9 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size or dim
         self.gate_first = gate_first
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         if self.gate_first:
