@@ -1,0 +1,62 @@
+"""The short causal convolution of Mamba2, DeltaNet and Gated DeltaNet."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.mixers.packing import positions_in_documents
+
+
+class ShortConv(nn.Conv1d):
+    """Depthwise causal conv1d over [B, T, C] (kernel W, optional bias, optional SiLU after).
+
+    The weight is nn.Conv1d's [C, 1, W], so Mamba2's `conv1d` loads 1:1 from transformers;
+    the initialisation is nn.Conv1d's unless the mixer re-initialises it.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False, activation: bool = True):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=bias)
+        self.activation = activation
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, T, C] -> (y [B, T, C], the last W-1 inputs [B, W-1, C] to continue from).
+
+        `tail` holds the W-1 inputs that precede x (zeros when None). With `cu_seqlens`
+        (B = 1, packed documents) no tap reaches before the start of its token's document.
+        """
+        B, T, C = x.shape
+        W = self.kernel_size[0]
+        if tail is None:
+            tail = x.new_zeros(B, W - 1, C)
+        history = torch.cat([tail.to(x.dtype), x], dim=1)
+        if cu_seqlens is None:
+            y = F.conv1d(history.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
+        else:
+            y = self._within_documents(x, cu_seqlens)
+        if self.activation:
+            y = F.silu(y)
+        return y, history[:, history.shape[1] - (W - 1):]
+
+    def _within_documents(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """The convolution as a sum of shifted inputs, each tap masked where it would cross a
+        document start."""
+        T, W = x.shape[1], self.kernel_size[0]
+        position = positions_in_documents(cu_seqlens, T)[:, None]
+        taps = self.weight[:, 0]  # [C, W]; tap W-1 weighs the current token
+        y = x * taps[:, W - 1]
+        for lag in range(1, W):
+            earlier = F.pad(x, (0, 0, lag, 0))[:, :T] * (position >= lag)
+            y = y + earlier * taps[:, W - 1 - lag]
+        return y if self.bias is None else y + self.bias
+
+
+def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, cache: dict | None, key: str) -> Tensor:
+    """SiLU(ShortConv(x)) continuing from (and updating) `cache[key]`; SiLU(x) for mixers
+    built without a short convolution (fla applies the activation either way)."""
+    if conv is None:
+        return F.silu(x)
+    y, tail = conv(x, cu_seqlens, None if cache is None else cache.get(key))
+    if cache is not None:
+        cache[key] = tail
+    return y

@@ -1,0 +1,33 @@
+"""The call through which every linear mixer runs its chunked op, continuing from and updating
+its decode cache."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+ChunkOp = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def cached_recurrence(
+    op: ChunkOp,
+    *inputs: Tensor,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: Tensor | None,
+    cache: dict | None,
+) -> Tensor:
+    """Run a chunked op (fla signature) from the state in `cache` (zero when absent) and store
+    the final state back: a prefill or a decode step of any length."""
+    o, state = op(
+        *inputs,
+        scale=scale,
+        initial_state=None if cache is None else cache.get("state"),
+        output_final_state=cache is not None,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+    )
+    if cache is not None:
+        cache["state"] = state
+    return o
+
