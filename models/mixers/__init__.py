@@ -1,0 +1,20 @@
+"""Sequence mixers, one per pattern character (DESIGN.md), all with the same contract:
+`Mixer(cfg, layer_idx)`, `forward(x, cu_seqlens=None, cache=None)`, `reset_parameters()`,
+`flops_per_token(seq_len)`, and an output projection named `out_proj`."""
+from __future__ import annotations
+
+from torch import nn
+
+from models.config import ModelConfig
+from models.mixers.attention import Attention
+from models.mixers.deltanet import DeltaNet
+from models.mixers.gated_deltanet import GatedDeltaNet
+from models.mixers.mamba2 import Mamba2
+
+MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet}
+
+
+def build_mixer(char: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if char not in MIXERS:
+        raise ValueError(f"no mixer for pattern character {char!r}; known: {', '.join(MIXERS)}")
+    return MIXERS[char](cfg, layer_idx)

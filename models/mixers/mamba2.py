@@ -1,0 +1,79 @@
+"""Mamba2 (SSD) mixer, specs/layers.md section 1.
+
+Parameter names and the in_proj layout [z | xBC | dt] are those of transformers' `Mamba2Mixer`
+(and mamba_ssm), so its state dict loads 1:1. The SSD recurrence is `chunk_simple_gla` with
+q = C, k = B, v = x * dt, g = A * dt and no scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.mixers.conv import ShortConv, conv_features
+from models.mixers.flops import chunked_recurrence_flops, projection_flops
+from models.mixers.init import init_decay_, no_weight_decay, residual_scale
+from models.mixers.packing import as_one_sequence
+from models.mixers.recurrence import cached_recurrence
+from models.norms import GatedRMSNorm
+from models.ops import chunk_simple_gla
+
+
+class Mamba2(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg.mixers.mamba2
+        self.layer_idx = layer_idx
+        self.out_scale = residual_scale(cfg)
+        c, d = self.cfg, cfg.d_model
+        self.d_inner = c.expand * d
+        self.num_heads = self.d_inner // c.head_dim
+        self.conv_dim = self.d_inner + 2 * c.n_groups * c.d_state
+
+        self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = ShortConv(self.conv_dim, c.d_conv, bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // c.n_groups, eps=c.norm_eps, gate_first=True)
+        self.out_proj = nn.Linear(self.d_inner, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init: PyTorch-default in_proj and conv, A ~ U(A_init_range), dt_bias from
+        log-uniform dt, D = 1, out_proj default / sqrt(residual branches)."""
+        c = self.cfg
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
+        nn.init.ones_(self.D)
+        no_weight_decay(self.D)
+        self.norm.reset_parameters()
+        self.out_proj.reset_parameters()
+        with torch.no_grad():
+            self.out_proj.weight.mul_(self.out_scale)
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
+        flat = as_one_sequence(x, cu_seqlens, cache)
+        c, H = self.cfg, self.num_heads
+        z, xBC, dt = self.in_proj(flat).split([self.d_inner, self.conv_dim, H], dim=-1)
+        xBC = conv_features(self.conv1d, xBC, cu_seqlens, cache, "conv")
+        xs, Bs, Cs = xBC.split([self.d_inner, c.n_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
+        xs = xs.unflatten(-1, (H, c.head_dim))
+        heads_per_group = H // c.n_groups  # head h reads group h // heads_per_group
+        Bs, Cs = (t.unflatten(-1, (c.n_groups, c.d_state)).repeat_interleave(heads_per_group, dim=2) for t in (Bs, Cs))
+        dt = F.softplus(dt + self.dt_bias).clamp(*c.dt_limit)
+        A = -torch.exp(self.A_log)
+        y = cached_recurrence(
+            chunk_simple_gla, Cs, Bs, xs * dt[..., None], A * dt,
+            scale=1.0, chunk_size=c.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
+        )
+        y = y + self.D[:, None] * xs
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y).reshape(x.shape)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.cfg
+        ssd = chunked_recurrence_flops(min(c.chunk_size, seq_len), c.d_state, c.head_dim, delta_rule=False)
+        return projection_flops(self) + self.num_heads * ssd
