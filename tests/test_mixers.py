@@ -1,0 +1,260 @@
+"""Mixers: Mamba2 against transformers, decoding from the cache against the full forward,
+packed documents against each document alone, the delta rules' transition eigenvalues, GVA,
+initialisation and FLOP counts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.config import ModelConfig
+from models.mixers import MIXERS, build_mixer
+from models.mixers.conv import ShortConv
+
+torch.set_num_threads(1)
+
+D_MODEL = 32
+SMALL = {
+    "attention": {"num_heads": 4, "num_kv_heads": 2},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+    "deltanet": {"num_heads": 2, "chunk_size": 4},
+    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+}
+SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet"}
+
+# (pattern character, overrides of its config section): every option that changes the math
+CASES = [
+    ("*", {}),
+    ("*", {"window_size": 3, "qkv_bias": True}),
+    ("M", {}),
+    ("M", {"n_groups": 2}),
+    ("T", {}),
+    ("T", {"use_gate": True, "allow_neg_eigval": True}),
+    ("T", {"use_short_conv": False, "use_beta": False}),
+    ("G", {}),
+    ("G", {"num_v_heads": 4, "allow_neg_eigval": True}),
+]
+CASE_IDS = [kind + "".join(f"-{k}={v}" for k, v in opts.items()) for kind, opts in CASES]
+
+
+def small_config(kind: str, d_model: int = D_MODEL, **options) -> ModelConfig:
+    """A one-block model config; init_std 0.2 without residual rescaling keeps outputs O(1), so
+    absolute tolerances mean what they say."""
+    mixers = {name: dict(section) for name, section in SMALL.items()}
+    mixers[SECTION[kind]].update(options)
+    return ModelConfig(pattern=kind, d_model=d_model, init_std=0.2, rescale_residual=False, mixers=mixers)
+
+
+def small_mixer(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **options) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    mixer = build_mixer(kind, small_config(kind, **options), layer_idx=0).to(dtype)
+    with torch.no_grad():  # norm weights and biases start at 1 and 0: make them matter
+        for name, p in mixer.named_parameters():
+            if name.endswith(("norm.weight", "proj.bias", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    return mixer
+
+
+def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+# --- Mamba2 against transformers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_matches_transformers(n_groups):
+    """Same weights (our state dict loads into transformers' Mamba2Mixer as is), same output.
+    transformers' pure-PyTorch path (eval mode on CPU: causal_conv1d_fn + mamba2_chunk_scan)
+    runs its scan in float32 whatever the input dtype, hence a float32 comparison."""
+    from transformers import Mamba2Config as HFMamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    ours = small_mixer("M", torch.float32, n_groups=n_groups, chunk_size=8).eval()
+    c = ours.cfg
+    hf_config = HFMamba2Config(
+        hidden_size=D_MODEL, num_heads=ours.num_heads, head_dim=c.head_dim, state_size=c.d_state,
+        n_groups=n_groups, expand=c.expand, conv_kernel=c.d_conv, chunk_size=c.chunk_size,
+        use_bias=False, use_conv_bias=True, layer_norm_epsilon=c.norm_eps, num_hidden_layers=1,
+    )
+    theirs = Mamba2Mixer(hf_config, layer_idx=0).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+    x = torch.randn(2, 21, D_MODEL)  # 21: a partial last chunk
+    with torch.no_grad():
+        expected = theirs(x)
+        actual = ours(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
+def test_decoding_matches_full_forward(kind, options):
+    """One token at a time, and a prefix prefill then the rest, equal the full forward."""
+    mixer = small_mixer(kind, **options)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(x)
+        cache: dict = {}
+        stepwise = torch.cat([mixer(x[:, t : t + 1], cache=cache) for t in range(x.shape[1])], dim=1)
+        cache = {}
+        prefill_then_decode = torch.cat(
+            [mixer(x[:, :6], cache=cache), mixer(x[:, 6:9], cache=cache)]
+            + [mixer(x[:, t : t + 1], cache=cache) for t in range(9, 11)],
+            dim=1,
+        )
+    assert full.abs().max() > 0.1
+    assert_close64(stepwise, full)
+    assert_close64(prefill_then_decode, full)
+
+
+@pytest.mark.parametrize("kind", ["M", "T", "G"])
+def test_linear_mixers_decode_in_constant_memory(kind):
+    mixer = small_mixer(kind)
+    cache: dict = {}
+    with torch.no_grad():
+        mixer(torch.randn(1, 9, D_MODEL, dtype=torch.float64), cache=cache)
+        sizes = {key: value.shape for key, value in cache.items()}
+        mixer(torch.randn(1, 5, D_MODEL, dtype=torch.float64), cache=cache)
+    assert sizes == {key: value.shape for key, value in cache.items()}
+
+
+def test_sliding_window_cache_keeps_only_the_window():
+    mixer = small_mixer("*", window_size=3)
+    cache: dict = {}
+    with torch.no_grad():
+        mixer(torch.randn(1, 9, D_MODEL, dtype=torch.float64), cache=cache)
+        mixer(torch.randn(1, 1, D_MODEL, dtype=torch.float64), cache=cache)
+    assert cache["k"].shape[1] == cache["v"].shape[1] == 3 and cache["position"] == 10
+
+
+# --- packed documents -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
+def test_packed_documents_match_each_document_alone(kind, options):
+    """Rows of 10 tokens hold documents of 3, 7 | 4, 1, 5 tokens: with cu_seqlens (row starts
+    included) every document's output equals running it alone."""
+    mixer = small_mixer(kind, **options)
+    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 3, 10, 14, 15, 20])
+    with torch.no_grad():
+        packed = mixer(x, cu_seqlens=cu_seqlens).reshape(20, D_MODEL)
+        tokens = x.reshape(20, D_MODEL)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            alone = mixer(tokens[None, start:end])[0]
+            assert_close64(packed[start:end], alone)
+
+
+def test_short_conv_matches_conv1d_and_stops_at_document_starts():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4, bias=True, activation=False).double()
+    x = torch.randn(1, 12, 6, dtype=torch.float64)
+    reference = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=3, groups=6)[..., :12].transpose(1, 2)
+    y, tail = conv(x)
+    assert_close64(y, reference)
+    assert_close64(tail, x[:, -3:])
+    packed, _ = conv(x, cu_seqlens=torch.tensor([0, 5, 12]))
+    assert_close64(packed[:, :5], conv(x[:, :5])[0])
+    assert_close64(packed[:, 5:], conv(x[:, 5:])[0])
+
+
+# --- transition eigenvalues of the delta rules ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["T", "G"])
+@pytest.mark.parametrize("allow_neg_eigval", [False, True])
+def test_delta_rule_transition_eigenvalues(kind, allow_neg_eigval):
+    """The per-token transition alpha (I - beta k k^T), built from the mixer's own k (after conv
+    and l2norm), beta and alpha: eigenvalues in [0, 1], or in [-1, 1] with some negative when
+    negative eigenvalues are allowed."""
+    torch.manual_seed(0)
+    cfg = small_config(kind, allow_neg_eigval=allow_neg_eigval)
+    cfg.init_std = 1.0  # wide gate pre-activations reach the ends of beta's range
+    mixer = build_mixer(kind, cfg, layer_idx=0).double()
+    with torch.no_grad():
+        inputs = mixer.recurrence_inputs(torch.randn(2, 16, D_MODEL, dtype=torch.float64))
+    k, beta = inputs[1], inputs[-1]
+    alpha = inputs[3].exp() if kind == "G" else torch.ones_like(beta)
+    eye = torch.eye(k.shape[-1], dtype=k.dtype)
+    transition = alpha[..., None, None] * (eye - beta[..., None, None] * k[..., :, None] * k[..., None, :])
+    eigenvalues = torch.linalg.eigvalsh(transition)
+    low = -1.0 if allow_neg_eigval else 0.0
+    assert eigenvalues.min() >= low - 1e-12 and eigenvalues.max() <= 1.0 + 1e-12
+    assert (eigenvalues < 0).any() == allow_neg_eigval
+    assert (beta > 1).any() == allow_neg_eigval
+
+
+# --- grouped value heads ----------------------------------------------------------------------
+
+
+def test_gated_deltanet_gva_shares_each_key_head_between_value_heads():
+    mixer = small_mixer("G", num_heads=2, num_v_heads=4)
+    x = torch.randn(1, 7, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v, g, beta = mixer.recurrence_inputs(x)
+        y = mixer(x)
+    assert q.shape[2] == k.shape[2] == v.shape[2] == g.shape[2] == beta.shape[2] == 4
+    assert torch.equal(k[:, :, 0], k[:, :, 1]) and torch.equal(k[:, :, 2], k[:, :, 3])
+    assert not torch.equal(k[:, :, 1], k[:, :, 2])
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+# --- initialisation, registry, FLOPs ----------------------------------------------------------
+
+
+def test_decay_parameters_follow_the_papers_and_skip_weight_decay():
+    torch.manual_seed(0)
+    mixers = {"mamba2": {"head_dim": 4}, "gated_deltanet": {"num_heads": 16, "head_dim": 8}}
+    cfg = ModelConfig(pattern="MG", d_model=64, mixers=mixers)
+    mamba, gdn = build_mixer("M", cfg, 0), build_mixer("G", cfg, 1)
+    for mixer, (a_low, a_high) in [(mamba, (1.0, 16.0)), (gdn, (0.0, 16.0))]:
+        A = mixer.A_log.exp()
+        dt = F.softplus(mixer.dt_bias)
+        assert a_low <= A.min() and A.max() <= a_high and A.max() - A.min() > 4
+        assert 1e-3 * (1 - 1e-5) <= dt.min() and dt.max() <= 0.1 * (1 + 1e-5)
+        assert mixer.A_log._no_weight_decay and mixer.dt_bias._no_weight_decay
+    assert torch.equal(mamba.D, torch.ones_like(mamba.D)) and mamba.D._no_weight_decay
+
+
+def test_out_proj_rescaled_by_residual_branches():
+    for kind in MIXERS:
+        plain = build_mixer(kind, ModelConfig(pattern=kind * 8, d_model=64, rescale_residual=False), 0)
+        scaled = build_mixer(kind, ModelConfig(pattern=kind * 8, d_model=64), 0)
+        ratio = (scaled.out_proj.weight.std() / plain.out_proj.weight.std()).item()
+        assert ratio == pytest.approx(1 / math.sqrt(2 * 8), rel=0.15), kind
+
+
+def test_registry_builds_every_mixer_and_rejects_unknown_characters():
+    cfg = small_config("*")
+    for kind, cls in MIXERS.items():
+        mixer = build_mixer(kind, small_config(kind), layer_idx=3)
+        assert isinstance(mixer, cls) and isinstance(mixer.out_proj, torch.nn.Linear)
+    with pytest.raises(ValueError, match="no mixer for pattern character 'X'"):
+        build_mixer("X", cfg, 0)
+
+
+@pytest.mark.parametrize("kind", list(MIXERS))
+def test_flops_per_token_positive_and_growing_with_width(kind):
+    narrow = build_mixer(kind, small_config(kind, d_model=32), 0).flops_per_token(256)
+    wide = build_mixer(kind, small_config(kind, d_model=64), 0).flops_per_token(256)
+    assert 0 < narrow < wide
+
+
+def test_flops_grow_with_context_only_for_attention():
+    for kind in ["M", "T", "G"]:
+        mixer = build_mixer(kind, small_config(kind), 0)
+        assert mixer.flops_per_token(4096) == mixer.flops_per_token(256)
+    full = build_mixer("*", small_config("*"), 0)
+    windowed = build_mixer("*", small_config("*", window_size=64), 0)
+    assert full.flops_per_token(4096) > full.flops_per_token(256)
+    assert windowed.flops_per_token(4096) < full.flops_per_token(4096)
+    # causal attention: ~T/2 keys per query, each costing 4 * num_heads * head_dim
+    extra = full.flops_per_token(4096) - full.flops_per_token(2048)
+    assert extra == pytest.approx(4 * 4 * 8 * 2048 / 2)
