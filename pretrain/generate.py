@@ -1,0 +1,108 @@
+"""Sample from a trained HybridLM: prefill the prompt through the state cache, then decode token by token.
+
+    python -m pretrain.generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt "def main(" \
+        [--max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0 --device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from checkpoint.dcp import load_model
+from checkpoint.errors import CheckpointError
+from checkpoint.manager import resolve_checkpoint
+from models.model import HybridLM
+from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.data import DataError, load_tokenizer
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise softmax(logits / temperature) over the top_k logits."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: HybridLM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """The new tokens after `prompt_ids` (non-empty), stopping before `eos_id` or after `max_new_tokens`.
+    Only ids below `vocab_size` (the tokenizer's; the model's vocabulary is padded) are sampled."""
+    device = next(model.parameters()).device
+    cache = model.new_cache()
+    logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[0, -1]
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        token = sample_next(logits[:vocab_size], temperature, top_k, generator)
+        if token == eos_id:
+            break
+        new.append(token)
+        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+    return new
+
+
+def saved_config(checkpoint: Path, given: Path) -> RunConfig:
+    """The config saved in the checkpoint, else the run directory's config.yaml."""
+    for path in (checkpoint / "config.yaml", given / "config.yaml"):
+        if path.is_file():
+            return load_config(path)
+    raise CheckpointError(f"no config.yaml in {checkpoint} or {given}: cannot rebuild the model")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a run dir, its checkpoints dir, or one step-* checkpoint")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg = saved_config(checkpoint, args.checkpoint)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise ConfigError("--prompt is empty: give at least one token of context")
+    model = HybridLM(cfg.model)
+    load_model(checkpoint, model)
+    model.to(args.device).eval()
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id, tokenizer.vocab_size, generator)
+    return tokenizer.decode(prompt_ids + new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
