@@ -45,6 +45,9 @@ class TrainConfig(Strict):
     eval_batches: int = Field(8, gt=0)
     log_interval: int = Field(1, gt=0)
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; None = torch default")
+    stop_at_step: int | None = Field(
+        None, gt=0, description="end this invocation after this step, as if preempted (the schedule still spans steps); continue with --resume"
+    )
 
 
 class OptimConfig(Strict):

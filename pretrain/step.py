@@ -1,0 +1,54 @@
+"""One training step and one evaluation pass."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.data import Batch
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.runtime import Runtime
+
+
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy in float32 (bf16 logits lose too much in the softmax)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime, reduction: str = "mean") -> Tensor:
+    batch = batch.to(runtime.device)
+    with runtime.autocast():
+        logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+    return lm_loss(logits, batch.labels, reduction)
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
+) -> tuple[Tensor, Tensor]:
+    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Returns the mean loss and
+    the gradient norm before clipping, as device tensors (reading them would sync every step)."""
+    loss_sum = torch.zeros((), device=runtime.device)
+    for _ in range(grad_accum):
+        loss = forward_loss(model, next(batches), runtime) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], runtime: Runtime) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over the validation batches."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        loss_sum += forward_loss(model, batch, runtime, reduction="sum").item()
+        tokens += int((batch.labels != IGNORE_INDEX).sum())
+    model.train()
+    loss = loss_sum / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(loss)}

@@ -1,0 +1,131 @@
+"""Pretrain a HybridLM from a config file.
+
+    python -m pretrain.train --config configs/quickstart.yaml [--resume] [section.key=value ...]
+    torchrun --nproc-per-node 1 -m pretrain.train --config ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint.errors import CheckpointError
+from checkpoint.manager import CheckpointManager, find_latest
+from models.model import HybridLM
+from optim.adamw import build_optimizer
+from optim.schedules import build_schedule
+from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
+from pretrain.data import DataError, build_data
+from pretrain.flops import peak_flops
+from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
+from pretrain.runtime import Runtime, set_up
+from pretrain.step import evaluate, train_step
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="run config (YAML); defaults when omitted")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the checkpoint dir")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def tokens_per_step(t: TrainConfig) -> int:
+    return t.batch_size * t.seq_len * t.grad_accum
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.run_dir) / "checkpoints"
+
+
+def refuse_to_overwrite(root: Path) -> None:
+    if latest := find_latest(root):
+        raise CheckpointError(f"{root} already holds checkpoints (latest {latest.name}); pass --resume to continue, or use another train.run_dir")
+
+
+def print_header(cfg: RunConfig, model: HybridLM, runtime: Runtime, start: int, end: int) -> None:
+    t = cfg.train
+    print(
+        f"ebb: {model.num_params() / 1e6:.2f}M params ({cfg.model.pattern!r}), {tokens_per_step(t)} tokens/step, "
+        f"steps {start + 1}..{end} of {t.steps}, device {runtime.device} ({str(runtime.dtype).removeprefix('torch.')}), "
+        f"threads {torch.get_num_threads()}, run dir {t.run_dir}",
+        flush=True,
+    )
+
+
+def train(cfg: RunConfig, resume: bool) -> None:
+    runtime = set_up(cfg.train)
+    t = cfg.train
+    _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size)
+    model = HybridLM(cfg.model).to(runtime.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.optim, t.steps)
+    checkpoints = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, files={"config.yaml": dump_config(cfg)})
+    if resume:
+        start = checkpoints.resume(model, optimizer, schedule, train_batches)
+    else:
+        refuse_to_overwrite(checkpoints.root)
+        start = 0
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    end = min(t.steps, t.stop_at_step or t.steps)
+    print_header(cfg, model, runtime, start, end)
+    throughput = Throughput(tokens_per_step(t), 3 * model.flops_per_token(t.seq_len), peak_flops(runtime.device))
+    metrics = MetricsLogger(run_dir, cfg.logging, t.steps, start, cfg.model_dump(mode="json"))
+    began, record, saved = time.perf_counter(), {}, None
+    for step in range(start + 1, end + 1):
+        lr, tick = optimizer.param_groups[0]["lr"], time.perf_counter()
+        loss, grad_norm = train_step(model, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
+        schedule.step()
+        log_now = step % t.log_interval == 0 or step == end
+        if log_now:
+            runtime.synchronize()
+        throughput.add_step(time.perf_counter() - tick)
+        record = {"step": step} | (train_record(loss, grad_norm, lr, throughput, runtime) if log_now else {})
+        if val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == end):
+            record |= evaluate(model, val_batches, runtime)
+        if len(record) > 1:
+            metrics.log(record)
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == end and cfg.checkpoint.save_final):
+            saved = checkpoints.save(step, model, optimizer, schedule, train_batches)
+    metrics.close()
+    print(summary(start, end, time.perf_counter() - began, record, saved))
+
+
+def train_record(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, throughput: Throughput, runtime: Runtime) -> dict:
+    tokens_per_s, mfu = throughput.take()
+    return {
+        "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(runtime.device),
+    }
+
+
+def summary(start: int, end: int, seconds: float, last: dict, saved: Path | None) -> str:
+    parts = [f"done: steps {start + 1}..{end} in {seconds:.1f}s"] if end > start else [f"done: nothing to train (at step {start})"]
+    if "loss" in last:
+        parts.append(f"loss {last['loss']:.4f}")
+    if "eval_loss" in last:
+        parts.append(f"eval loss {last['eval_loss']:.4f} (ppl {last['eval_ppl']:.2f})")
+    if saved is not None:
+        parts.append(f"checkpoint {saved}")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(load_config(args.config, args.overrides), args.resume)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
