@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 0:
+        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --max-new-tokens >= 0")
     checkpoint = resolve_checkpoint(args.checkpoint)
     cfg = saved_config(checkpoint, args.checkpoint)
     if cfg.train.threads is not None:

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="run config (YAML); defaults when omitted")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the checkpoint dir")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def tokens_per_step(t: TrainConfig) -> int:
