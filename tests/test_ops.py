@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import models.ops as ops
+from models.ops.chunking import chunk_layout
 
 H, K, V = 2, 8, 16
 ATOL = 1e-10
@@ -93,19 +94,23 @@ def test_chunked_equals_recurrence(op_name, beta_max, batch, length, chunk_size,
 
 
 @pytest.mark.parametrize("op_name, beta_max", OP_CASES)
-def test_packed_documents_equal_documents_one_by_one(op_name, beta_max):
-    """Documents of 17, 1, 0, 40 and 5 tokens (chunk 16): different chunk counts, a 1-token and
-    an empty document, each with its own initial state."""
+@pytest.mark.parametrize("with_initial_states", [True, False], ids=["initial-states", "no-initial-states"])
+def test_packed_documents_equal_documents_one_by_one(op_name, beta_max, with_initial_states):
+    """Documents of 17, 1, 0, 14, 40 and 5 tokens (chunk 16): different chunk counts, a 1-token
+    and an empty document, starts inside a chunk and on a chunk boundary (32). With initial states
+    each document is scanned on its own; without, documents share chunks and reset the state."""
     op = OPS[op_name]
-    lengths = [17, 1, 0, 40, 5]
+    lengths = [17, 1, 0, 14, 40, 5]
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    inputs = make_inputs(op, 1, sum(lengths), beta_max, len(lengths))
+    inputs = make_inputs(op, 1, sum(lengths), beta_max, len(lengths) if with_initial_states else None)
     o, final = run(op.chunked, inputs, cu_seqlens=bounds, chunk_size=16)
 
     outputs, finals = [], []
     for n, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
         document = {name: x[:, start:end] for name, x in inputs.items() if name != "initial_state"}
-        o_doc, final_doc = run(op.recurrent, document, initial_state=inputs["initial_state"][n : n + 1])
+        if with_initial_states:
+            document["initial_state"] = inputs["initial_state"][n : n + 1]
+        o_doc, final_doc = run(op.recurrent, document)
         outputs.append(o_doc)
         finals.append(final_doc)
     o_ref, final_ref = torch.cat(outputs, dim=1), torch.cat(finals)
@@ -113,6 +118,14 @@ def test_packed_documents_equal_documents_one_by_one(op_name, beta_max):
     assert_same({"o": o, "final_state": final}, {"o": o_ref, "final_state": final_ref})
     do, dfinal = upstream(o_ref, final_ref)
     assert_same(gradients(inputs, o, final, do, dfinal), gradients(inputs, o_ref, final_ref, do, dfinal))
+
+
+@pytest.mark.parametrize("with_initial_states, expected_chunks", [(False, 4), (True, 51)])
+def test_short_documents_share_chunks_unless_each_has_an_initial_state(with_initial_states, expected_chunks):
+    """50 one-token documents and one of 10 tokens, chunk 16: packed into ceil(60 / 16) chunks."""
+    bounds = torch.tensor([0, *range(1, 51), 60])
+    layout = chunk_layout(1, 60, bounds, with_initial_states, 16, torch.device("cpu"))
+    assert layout.token_of_slot.numel() == expected_chunks * 16
 
 
 @pytest.mark.parametrize("op_name", OPS)

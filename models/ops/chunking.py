@@ -1,14 +1,17 @@
 """What the chunkwise-parallel ops share: the chunk layout of (packed) sequences, the
-within-chunk gate sums, and the scan of the state over chunks.
+within-chunk gate sums, the scan of the state over chunks and the final states.
 
-Every sequence (a batch row, or a document of a packed batch) is padded at its end to a
-multiple of the chunk with tokens that leave the state unchanged (k = v = beta = g = 0), and
-all chunks are laid out one after another, so the intra-chunk work is one batched tensor op.
-The chunks are stored "step-major": first the first chunk of every sequence, then the second
-chunk of every sequence that has one, and so on, sequences sorted by their number of chunks
-(longest first). Step j of the state scan is then one contiguous slice of that layout, and its
-sequences are a prefix of the previous step's: the scan runs as many Python steps as the
-longest sequence has chunks, however many short documents are packed beside it.
+The tokens are cut into "units", each scanned from its own initial state: the batch rows; with
+`cu_seqlens` and initial states, the documents; with `cu_seqlens` and no initial states, the
+whole packed row, where every document start resets the state inside the chunk (its log-gate
+becomes -inf, so nothing before it decays into it). Documents then share chunks: many short
+documents cost what one long one does. Every unit is padded at its end to a multiple of the chunk
+with tokens that leave the state unchanged (k = v = beta = g = 0).
+
+Chunks are stored "step-major": the first chunk of every unit, then the second chunk of every unit
+that has one, and so on, units sorted by their number of chunks (longest first). Step j of the
+state scan is then one contiguous slice of the layout, and its units are a prefix of the previous
+step's. The intra-chunk work is one batched tensor op over all chunks.
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ class ChunkLayout:
     length: int
     token_of_slot: Tensor  # [n_chunks * chunk_size]: flat token index, n_tokens for padding
     slot_of_token: Tensor  # [n_tokens]: where each token sits in the chunk layout
-    order: Tensor  # [N]: sequences by decreasing number of chunks
-    active: list[int]  # sequences still running at each scan step
+    order: Tensor  # [units]: units by decreasing number of chunks
+    active: list[int]  # units still running at each scan step
+    resets: Tensor | None  # [n_chunks, 1, chunk_size]: a document starts inside its unit here
+    last_slot: Tensor  # [documents]: slot of each document's last token, -1 when it is empty
 
     @property
-    def num_sequences(self) -> int:
+    def num_units(self) -> int:
         return self.order.numel()
 
     def to_chunks(self, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -56,28 +61,47 @@ class ChunkLayout:
         flat = x.transpose(1, 2).flatten(0, 1)
         return flat.index_select(0, self.slot_of_token).unflatten(0, (self.batch, self.length))
 
+    def with_resets(self, g: Tensor | None, like: Tensor) -> Tensor | None:
+        """The log-gates [n_chunks, H, C] with -inf at document starts inside a unit (None: no gate, no reset)."""
+        if self.resets is None:
+            return g
+        return (torch.zeros_like(like) if g is None else g).masked_fill(self.resets, float("-inf"))
 
-def chunk_layout(batch: int, length: int, cu_seqlens: Tensor | None, chunk_size: int, device: torch.device) -> ChunkLayout:
+
+def chunk_layout(
+    batch: int, length: int, cu_seqlens: Tensor | None, documents_are_units: bool, chunk_size: int, device: torch.device
+) -> ChunkLayout:
     if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-    spans = sequence_spans(batch, length, cu_seqlens)
-    starts = torch.tensor([b * length + s for b, s, _ in spans], device=device)
-    lengths = torch.tensor([e - s for _, s, e in spans], device=device)
-    chunks_per_sequence = (lengths + chunk_size - 1) // chunk_size
-    order = torch.argsort(chunks_per_sequence, descending=True, stable=True)
-    starts, lengths, chunks_per_sequence = starts[order], lengths[order], chunks_per_sequence[order]
+    documents = sequence_spans(batch, length, cu_seqlens)
+    units = documents if cu_seqlens is None or documents_are_units else [(0, 0, length)]
+    starts = torch.tensor([b * length + s for b, s, _ in units], device=device)
+    lengths = torch.tensor([e - s for _, s, e in units], device=device)
+    chunks_per_unit = (lengths + chunk_size - 1) // chunk_size
+    order = torch.argsort(chunks_per_unit, descending=True, stable=True)
+    starts, lengths, chunks_per_unit = starts[order], lengths[order], chunks_per_unit[order]
 
-    steps = torch.arange(int(chunks_per_sequence.max()), device=device)
-    running = steps[:, None] < chunks_per_sequence[None, :]  # [steps, N], a prefix of N per step
+    steps = torch.arange(int(chunks_per_unit.max()), device=device)
+    running = steps[:, None] < chunks_per_unit[None, :]  # [steps, units], a prefix of units per step
     step_of_chunk = steps[:, None].expand_as(running)[running]
-    rank_of_chunk = torch.arange(len(spans), device=device).expand_as(running)[running]
+    unit_of_chunk = torch.arange(len(units), device=device).expand_as(running)[running]
     offset = step_of_chunk[:, None] * chunk_size + torch.arange(chunk_size, device=device)
     n_tokens = batch * length
     token = torch.where(
-        offset < lengths[rank_of_chunk, None], starts[rank_of_chunk, None] + offset, n_tokens
+        offset < lengths[unit_of_chunk, None], starts[unit_of_chunk, None] + offset, n_tokens
     ).flatten()
     slot = torch.empty(n_tokens + 1, dtype=torch.long, device=device)
     slot[token] = torch.arange(token.numel(), device=device)
+
+    unit_starts = {b * length + s for b, s, _ in units}
+    inner_starts = [b * length + s for b, s, e in documents if e > s and b * length + s not in unit_starts]
+    resets = None
+    if inner_starts:
+        is_start = torch.zeros(n_tokens + 1, dtype=torch.bool, device=device)
+        is_start[inner_starts] = True
+        resets = is_start[token].view(-1, 1, chunk_size)
+    last_token = torch.tensor([b * length + e - 1 if e > s else n_tokens for b, s, e in documents], device=device)
+    last_slot = torch.where(last_token < n_tokens, slot[last_token], -1)
     return ChunkLayout(
         chunk_size=chunk_size,
         batch=batch,
@@ -86,6 +110,8 @@ def chunk_layout(batch: int, length: int, cu_seqlens: Tensor | None, chunk_size:
         slot_of_token=slot[:n_tokens],
         order=order,
         active=running.sum(1).tolist(),
+        resets=resets,
+        last_slot=last_slot,
     )
 
 
@@ -101,7 +127,7 @@ class ChunkGates:
 
 def chunk_gates(g: Tensor) -> ChunkGates:
     """Segment sums in the stable masked-cumsum form: each one sums its own gates, so no two
-    large prefix sums are subtracted."""
+    large prefix sums are subtracted (and a -inf reset gives exact zeros, never inf - inf)."""
     C = g.shape[-1]
     ones = torch.ones(C, C, dtype=torch.bool, device=g.device)
     per_row = g[..., :, None].expand(*g.shape, C).masked_fill(~ones.tril(-1), 0)
@@ -115,43 +141,49 @@ def chunk_gates(g: Tensor) -> ChunkGates:
     )
 
 
-def scan_chunks(
-    layout: ChunkLayout,
-    initial_state: Tensor,
-    per_chunk: Sequence[Tensor],
-    step: StepFn,
-) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
-    """Runs `state, outputs = step(state, *chunk_inputs)` over the chunks of every sequence.
+def no_gates(like: Tensor) -> ChunkGates:
+    """ChunkGates of g = 0 (every decay 1), as broadcast views of `like` [.., C]."""
+    C = like.shape[-1]
+    ones = torch.ones((), dtype=like.dtype, device=like.device)
+    return ChunkGates(
+        within=torch.ones(C, C, dtype=like.dtype, device=like.device).tril().expand(*like.shape, C),
+        from_start=ones.expand(like.shape),
+        to_end=ones.expand(like.shape),
+        total=ones.expand(like.shape[:-1]),
+    )
 
-    `initial_state` is [N, H, K, V] in sequence order; `per_chunk` tensors are in chunk layout.
-    Returns the state entering every chunk (chunk layout), each step output concatenated
-    (chunk layout), and the final state of every sequence (sequence order).
+
+def scan_chunks(layout: ChunkLayout, initial_state: Tensor, per_chunk: Sequence[Tensor], step: StepFn) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Runs `state, outputs = step(state, *chunk_inputs)` over the chunks of every unit.
+
+    `initial_state` is [units, H, K, V] in unit order; `per_chunk` tensors are in chunk layout.
+    Returns the state entering every chunk and each step output concatenated (chunk layout).
     """
     per_step = [x.split(layout.active) for x in per_chunk]
     state = initial_state[layout.order]
-    entering, outputs, finished = [], [], []
+    entering, outputs = [], []
     for j, n_active in enumerate(layout.active):
-        if n_active < state.shape[0]:
-            finished.append(state[n_active:])
-            state = state[:n_active]
+        state = state[:n_active]
         entering.append(state)
         state, out = step(state, *(x[j] for x in per_step))
         outputs.append(out)
-    finished.append(state)
-    final_sorted = torch.cat(finished[::-1])
-    final = final_sorted[torch.argsort(layout.order)]
-    return torch.cat(entering), tuple(torch.cat(o) for o in zip(*outputs)), final
+    return torch.cat(entering), tuple(torch.cat(o) for o in zip(*outputs))
 
 
-def initial_or_zero(
-    initial_state: Tensor | None, layout: ChunkLayout, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
+def final_states(
+    layout: ChunkLayout, initial_state: Tensor | None, entering: Tensor, gates: ChunkGates, K: Tensor, written: Tensor
 ) -> Tensor:
-    N = layout.num_sequences
+    """The state after each document's last token p of chunk c, from the state entering c and the
+    values the chunk writes (V, or the delta rule's corrected U'):
+    S_p = exp(Gamma_p) S_c + sum_{j<=p} exp(Gamma_p - Gamma_j) k_j written_j^T."""
+    C = layout.chunk_size
+    nonempty = (layout.last_slot >= 0).nonzero().squeeze(1)
+    c, p = layout.last_slot[nonempty] // C, layout.last_slot[nonempty] % C
+    decay, weights = gates.from_start[c, :, p], gates.within[c, :, p, :]  # [n, H], [n, H, C]
+    states = decay[..., None, None] * entering[c] + (K[c] * weights[..., None]).transpose(-1, -2) @ written[c]
     if initial_state is None:
-        return torch.zeros(N, *shape, dtype=dtype, device=device)
-    if tuple(initial_state.shape) != (N, *shape):
-        raise ValueError(f"initial_state must have shape {(N, *shape)} (one state per sequence), got {tuple(initial_state.shape)}")
-    return initial_state.to(dtype)
+        initial_state = states.new_zeros(len(layout.last_slot), *states.shape[1:])
+    return initial_state.index_put((nonempty,), states)
 
 
 def chunked_inputs(
@@ -163,19 +195,20 @@ def chunked_inputs(
     initial_state: Tensor | None,
     cu_seqlens: Tensor | None,
     chunk_size: int,
-) -> tuple[ChunkLayout, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The layout, the initial states and scale*q, k, v and the per-head gates in chunk layout."""
+) -> tuple[ChunkLayout, Tensor, Tensor | None, Tensor, Tensor, Tensor, list[Tensor]]:
+    """The layout, the units' initial states, the validated initial_state in the compute dtype,
+    and scale*q, k, v and the per-head inputs in chunk layout."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     dtype = compute_dtype(q, k, v, initial_state, *per_head)
-    layout = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
-    state = initial_or_zero(initial_state, layout, (H, K, V), dtype, q.device)
+    layout = chunk_layout(B, T, cu_seqlens, initial_state is not None, chunk_size, q.device)
+    if initial_state is None:
+        unit_states = torch.zeros(layout.num_units, H, K, V, dtype=dtype, device=q.device)
+    else:
+        expected = (len(layout.last_slot), H, K, V)
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must have shape {expected} (one state per sequence), got {tuple(initial_state.shape)}")
+        initial_state = unit_states = initial_state.to(dtype)
     q, k, v, *per_head = (layout.to_chunks(x, dtype) for x in (q, k, v, *per_head))
-    return layout, state, q * scale, k, v, per_head
-
-
-def chunked_result(
-    layout: ChunkLayout, o: Tensor, final_state: Tensor, like: Tensor, output_final_state: bool
-) -> tuple[Tensor, Tensor | None]:
-    return layout.from_chunks(o).to(like.dtype), final_state if output_final_state else None
+    return layout, unit_states, initial_state, q * scale, k, v, per_head

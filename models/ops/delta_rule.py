@@ -1,5 +1,5 @@
 """Chunkwise-parallel delta rule in the WY/UT form, with an optional per-head log-gate g
-(the gated delta rule is this with g; without g every decay below is 1).
+(the gated delta rule is this with g; without g, and without document resets, every decay is 1).
 
 Per chunk (Gamma = within-chunk cumsum of g, D_ij = exp(Gamma_i - Gamma_j) for j <= i):
 T = (I + tril_-1(diag(beta) (K K^T o D)))^-1;  U = T diag(beta) V;  W = T diag(beta) (exp(Gamma) o K).
@@ -12,18 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, chunked_result, scan_chunks
-
-
-def _no_gates(beta: Tensor) -> ChunkGates:
-    C = beta.shape[-1]
-    ones = beta.new_ones(beta.shape)
-    return ChunkGates(
-        within=torch.ones(C, C, dtype=beta.dtype, device=beta.device).tril(),
-        from_start=ones,
-        to_end=ones,
-        total=beta.new_ones(beta.shape[:-1]),
-    )
+from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, final_states, no_gates, scan_chunks
 
 
 def _inverse_unit_lower(strict_lower: Tensor) -> Tensor:
@@ -74,13 +63,17 @@ def gated_delta_rule_chunks(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor | None]:
     per_head = [beta] if g is None else [beta, g]
-    layout, state, Q, K, V, (B, *G) = chunked_inputs(q, k, v, per_head, scale, initial_state, cu_seqlens, chunk_size)
-    gates = chunk_gates(G[0]) if G else _no_gates(B)
+    layout, unit_states, initial_state, Q, K, V, (B, *G) = chunked_inputs(
+        q, k, v, per_head, scale, initial_state, cu_seqlens, chunk_size
+    )
+    G = layout.with_resets(G[0] if G else None, like=B)
+    gates = no_gates(B) if G is None else chunk_gates(G)
     U, W = _wy_representation(K, V, B, gates)
     K_to_end = K * gates.to_end[..., None]
-    entering, (corrected,), final = scan_chunks(layout, state, [U, W, K_to_end, gates.total], _correct_and_write)
+    entering, (corrected,) = scan_chunks(layout, unit_states, [U, W, K_to_end, gates.total], _correct_and_write)
     o = (Q * gates.from_start[..., None]) @ entering + ((Q @ K.transpose(-1, -2)) * gates.within) @ corrected
-    return chunked_result(layout, o, final, v, output_final_state)
+    final = final_states(layout, initial_state, entering, gates, K, corrected) if output_final_state else None
+    return layout.from_chunks(o).to(v.dtype), final
 
 
 def chunk_delta_rule(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models.ops.chunking import chunk_gates, chunked_inputs, chunked_result, scan_chunks
+from models.ops.chunking import chunk_gates, chunked_inputs, final_states, scan_chunks
 
 
 def _decay_and_add(state: Tensor, total_decay: Tensor, chunk_write: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -26,9 +26,12 @@ def chunk_simple_gla(
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
-    layout, state, Q, K, V, (G,) = chunked_inputs(q, k, v, [g], scale, initial_state, cu_seqlens, chunk_size)
-    gates = chunk_gates(G)
+    layout, unit_states, initial_state, Q, K, V, (G,) = chunked_inputs(
+        q, k, v, [g], scale, initial_state, cu_seqlens, chunk_size
+    )
+    gates = chunk_gates(layout.with_resets(G, G))
     chunk_write = (K * gates.to_end[..., None]).transpose(-1, -2) @ V
-    entering, _, final = scan_chunks(layout, state, [gates.total, chunk_write], _decay_and_add)
+    entering, _ = scan_chunks(layout, unit_states, [gates.total, chunk_write], _decay_and_add)
     o = ((Q @ K.transpose(-1, -2)) * gates.within) @ V + (Q * gates.from_start[..., None]) @ entering
-    return chunked_result(layout, o, final, v, output_final_state)
+    final = final_states(layout, initial_state, entering, gates, K, V) if output_final_state else None
+    return layout.from_chunks(o).to(v.dtype), final
