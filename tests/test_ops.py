@@ -31,7 +31,13 @@ OPS = {
     "gated_delta_rule": Op(ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule, ("g", "beta")),
 }
 # (op, largest beta): beta in (0, 2) gives the delta rules negative transition eigenvalues
-OP_CASES = [("simple_gla", 1.0), ("delta_rule", 1.0), ("delta_rule", 2.0), ("gated_delta_rule", 1.0), ("gated_delta_rule", 2.0)]
+OP_CASES = [
+    ("simple_gla", 1.0),
+    ("delta_rule", 1.0),
+    ("delta_rule", 2.0),
+    ("gated_delta_rule", 1.0),
+    ("gated_delta_rule", 2.0),
+]
 
 
 def leaf(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,7 @@ def run(fn: Callable, inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Tenso
 
 def upstream(o: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(final.shape, generator=gen, dtype=final.dtype))
+    return torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(final.shape, generator=gen, dtype=final.dtype)
 
 
 def gradients(inputs: dict, o: torch.Tensor, final: torch.Tensor, do: torch.Tensor, dfinal: torch.Tensor) -> dict:
@@ -155,7 +161,9 @@ def test_output_keeps_input_dtype_and_state_is_float32(op_name, dtype):
     assert op.chunked(**inputs)[1] is None
 
 
-def _chunk_simple_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
+def _chunk_simple_gla(
+    q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+):
     return "torch"
 
 
@@ -164,7 +172,12 @@ _chunk_simple_gla.__name__ = "chunk_simple_gla"
 
 @pytest.mark.parametrize(
     "on_cuda, backend, has_fla, expected",
-    [(True, "auto", True, "fla"), (True, "torch", True, "torch"), (False, "auto", True, "torch"), (True, "auto", False, "torch")],
+    [
+        (True, "auto", True, "fla"),
+        (True, "torch", True, "torch"),
+        (False, "auto", True, "torch"),
+        (True, "auto", False, "torch"),
+    ],
 )
 def test_dispatch_calls_fla_by_keyword_only_on_cuda(monkeypatch, on_cuda, backend, has_fla, expected):
     calls = []

@@ -69,10 +69,17 @@ class ChunkLayout:
 
 
 def chunk_layout(
-    batch: int, length: int, cu_seqlens: Tensor | None, documents_are_units: bool, chunk_size: int, device: torch.device
+    batch: int,
+    length: int,
+    cu_seqlens: Tensor | None,
+    documents_are_units: bool,
+    chunk_size: int,
+    device: torch.device,
 ) -> ChunkLayout:
     if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
     documents = sequence_spans(batch, length, cu_seqlens)
     units = documents if cu_seqlens is None or documents_are_units else [(0, 0, length)]
     starts = torch.tensor([b * length + s for b, s, _ in units], device=device)
@@ -153,7 +160,9 @@ def no_gates(like: Tensor) -> ChunkGates:
     )
 
 
-def scan_chunks(layout: ChunkLayout, initial_state: Tensor, per_chunk: Sequence[Tensor], step: StepFn) -> tuple[Tensor, tuple[Tensor, ...]]:
+def scan_chunks(
+    layout: ChunkLayout, initial_state: Tensor, per_chunk: Sequence[Tensor], step: StepFn
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Runs `state, outputs = step(state, *chunk_inputs)` over the chunks of every unit.
 
     `initial_state` is [units, H, K, V] in unit order; `per_chunk` tensors are in chunk layout.
@@ -208,7 +217,9 @@ def chunked_inputs(
     else:
         expected = (len(layout.last_slot), H, K, V)
         if tuple(initial_state.shape) != expected:
-            raise ValueError(f"initial_state must have shape {expected} (one state per sequence), got {tuple(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must have shape {expected} (one state per sequence), got {tuple(initial_state.shape)}"
+            )
         initial_state = unit_states = initial_state.to(dtype)
     q, k, v, *per_head = (layout.to_chunks(x, dtype) for x in (q, k, v, *per_head))
     return layout, unit_states, initial_state, q * scale, k, v, per_head

@@ -87,4 +87,6 @@ def chunk_delta_rule(
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
-    return gated_delta_rule_chunks(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    return gated_delta_rule_chunks(
+        q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size
+    )

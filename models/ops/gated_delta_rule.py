@@ -1,5 +1,6 @@
-"""Chunkwise-parallel gated delta rule (Gated DeltaNet): S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
-in the papers' layout. The gated WY form is shared with the delta rule (models/ops/delta_rule.py)."""
+"""Chunkwise-parallel gated delta rule (Gated DeltaNet), in the papers' layout
+S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T.
+The gated WY form is shared with the delta rule (models/ops/delta_rule.py)."""
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,7 +1,8 @@
 """Chunkwise-parallel simple GLA (SSD form): S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale q_t S_t.
 
 Per chunk with incoming state S (Gamma = within-chunk cumsum of g):
-O = ((Q K^T) o exp(Gamma_i - Gamma_j) o M) V + (exp(Gamma) o Q) S;  S <- exp(Gamma_C) S + (exp(Gamma_C - Gamma) o K)^T V.
+O = ((Q K^T) o exp(Gamma_i - Gamma_j) o M) V + (exp(Gamma) o Q) S;
+S <- exp(Gamma_C) S + (exp(Gamma_C - Gamma) o K)^T V.
 Mamba2 maps onto it with q=C, k=B, v=x*dt, g=A*dt, scale=1.
 """
 from __future__ import annotations

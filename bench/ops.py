@@ -1,0 +1,105 @@
+"""Forward + backward time of each chunked op vs its step recurrence on CPU, same inputs, same run.
+
+    python bench/ops.py [--seq-len 2048] [--threads N] [--repeats 5]
+
+Shape B=1, H=4, K=V=64, float32, chunk 64. The chunked time is the median of --repeats runs after
+a warm-up; the recurrence, which is slow, runs once. The issue asks for a speedup of at least 20x.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import models.ops as ops
+
+SHAPE = dict(batch=1, heads=4, head_k_dim=64, head_v_dim=64, chunk_size=64)
+REQUIRED_SPEEDUP = 20.0
+OPS = {
+    "simple_gla": (ops.chunk_simple_gla, ops.recurrent_simple_gla, ("g",)),
+    "delta_rule": (ops.chunk_delta_rule, ops.recurrent_delta_rule, ("beta",)),
+    "gated_delta_rule": (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule, ("g", "beta")),
+}
+
+
+def make_inputs(seq_len: int) -> dict[str, torch.Tensor]:
+    B, H, K, V = SHAPE["batch"], SHAPE["heads"], SHAPE["head_k_dim"], SHAPE["head_v_dim"]
+    return {
+        "q": torch.randn(B, seq_len, H, K),
+        "k": F.normalize(torch.randn(B, seq_len, H, K), dim=-1),
+        "v": torch.randn(B, seq_len, H, V),
+        "g": F.logsigmoid(torch.randn(B, seq_len, H) + 3),
+        "beta": torch.rand(B, seq_len, H),
+    }
+
+
+def forward_backward(
+    fn: Callable, inputs: dict[str, torch.Tensor], grad_out: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """Seconds for one forward + backward, and the output."""
+    leaves = {name: x.detach().requires_grad_() for name, x in inputs.items()}
+    start = time.perf_counter()
+    o, _ = fn(**leaves)
+    (o * grad_out).sum().backward()
+    return time.perf_counter() - start, o.detach()
+
+
+def bench_op(name: str, seq_len: int, repeats: int) -> dict:
+    chunked, recurrent, gates = OPS[name]
+    torch.manual_seed(0)
+    all_inputs = make_inputs(seq_len)
+    inputs = {n: all_inputs[n] for n in ("q", "k", "v", *gates)}
+    grad_out = torch.randn_like(all_inputs["v"])
+    chunked_fn = functools.partial(chunked, chunk_size=SHAPE["chunk_size"])
+
+    forward_backward(chunked_fn, inputs, grad_out)  # warm-up
+    chunked_runs = [forward_backward(chunked_fn, inputs, grad_out) for _ in range(repeats)]
+    recurrent_time, o_ref = forward_backward(recurrent, inputs, grad_out)
+    o = chunked_runs[-1][1]
+    chunked_ms = 1e3 * statistics.median(t for t, _ in chunked_runs)
+    recurrent_ms = 1e3 * recurrent_time
+    return {
+        "chunked_ms": chunked_ms,
+        "recurrent_ms": recurrent_ms,
+        "speedup": recurrent_ms / chunked_ms,
+        "max_abs_diff": (o - o_ref).abs().max().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="timed chunked runs per op (after one warm-up)")
+    parser.add_argument("--out", default="bench/results/ops.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = {name: bench_op(name, args.seq_len, args.repeats) for name in OPS}
+
+    print(f"ops fwd+bwd {SHAPE} float32 T={args.seq_len} threads={torch.get_num_threads()}")
+    print(f"{'op':<18}{'chunked ms':>12}{'recurrent ms':>14}{'speedup':>10}{'max |o diff|':>14}")
+    for name, row in rows.items():
+        flag = "" if row["speedup"] >= REQUIRED_SPEEDUP else f"  below {REQUIRED_SPEEDUP:.0f}x"
+        print(
+            f"{name:<18}{row['chunked_ms']:>12.1f}{row['recurrent_ms']:>14.1f}"
+            f"{row['speedup']:>9.1f}x{row['max_abs_diff']:>14.1e}{flag}"
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"shape": SHAPE, "dtype": "float32", "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "required_speedup": REQUIRED_SPEEDUP, "ops": rows}
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
