@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | None], Tensor]
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def sequence_spans(batch: int, length: int, cu_seqlens: Tensor | None) -> list[tuple[int, int, int]]:
@@ -42,33 +42,30 @@ def _recurrent(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    spans = sequence_spans(B, T, cu_seqlens)
-    o = torch.zeros_like(v)
-    finals = []
-    for n, (b, start, end) in enumerate(spans):
+    g = q.new_zeros(B, T, H) if g is None else g
+    beta = q.new_zeros(B, T, H) if beta is None else beta
+    outputs, finals = [], []
+    for n, (b, start, end) in enumerate(sequence_spans(B, T, cu_seqlens)):
         if initial_state is not None:
             S = initial_state[n].to(torch.promote_types(q.dtype, initial_state.dtype))
         else:
             S = q.new_zeros(H, K, V)
-        for t in range(start, end):
-            S = step(
-                S,
-                k[b, t],
-                v[b, t],
-                q.new_zeros(H) if g is None else g[b, t],
-                None if beta is None else beta[b, t],
-            )
-            o[b, t] = torch.einsum("hk,hkv->hv", q[b, t] * scale, S).to(o.dtype)
+        # unbind once per sequence: per-step indexing would make the backward quadratic in T
+        steps = zip(*(x[b, start:end].unbind(0) for x in (q, k, v, g, beta)))
+        for q_t, k_t, v_t, g_t, beta_t in steps:
+            S = step(S, k_t, v_t, g_t, beta_t)
+            outputs.append(torch.einsum("hk,hkv->hv", q_t * scale, S).to(v.dtype))
         finals.append(S)
+    o = torch.stack(outputs).view(B, T, H, V) if outputs else torch.zeros_like(v)
     final = torch.stack(finals) if output_final_state else None
     return o, final
 
 
-def _gla_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+def _gla_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
     return S * g.exp()[:, None, None] + k[:, :, None] * v[:, None, :]
 
 
-def _delta_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+def _delta_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
     S = S * g.exp()[:, None, None]
     u = beta[:, None] * (v - torch.einsum("hk,hkv->hv", k, S))
     return S + k[:, :, None] * u[:, None, :]
