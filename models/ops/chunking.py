@@ -3,8 +3,8 @@ within-chunk gate sums, the scan of the state over chunks and the final states.
 
 The tokens are cut into "units", each scanned from its own initial state: the batch rows; with
 `cu_seqlens` and initial states, the documents; with `cu_seqlens` and no initial states, the
-whole packed row, where every document start resets the state inside the chunk (its log-gate
-becomes -inf, so nothing before it decays into it). Documents then share chunks: many short
+whole packed row, where every document start cuts its chunk into segments that nothing crosses
+(see `chunk_gates`). Documents then share chunks: many short
 documents cost what one long one does. Every unit is padded at its end to a multiple of the chunk
 with tokens that leave the state unchanged (k = v = beta = g = 0).
 
@@ -61,11 +61,6 @@ class ChunkLayout:
         flat = x.transpose(1, 2).flatten(0, 1)
         return flat.index_select(0, self.slot_of_token).unflatten(0, (self.batch, self.length))
 
-    def with_resets(self, g: Tensor | None, like: Tensor) -> Tensor | None:
-        """The log-gates [n_chunks, H, C] with -inf at document starts inside a unit (None: no gate, no reset)."""
-        if self.resets is None:
-            return g
-        return (torch.zeros_like(like) if g is None else g).masked_fill(self.resets, float("-inf"))
 
 
 def chunk_layout(
@@ -132,20 +127,33 @@ class ChunkGates:
     total: Tensor  # [..]: exp(Gamma_C), the decay of the incoming state over the whole chunk
 
 
-def chunk_gates(g: Tensor) -> ChunkGates:
-    """Segment sums in the stable masked-cumsum form: each one sums its own gates, so no two
-    large prefix sums are subtracted (and a -inf reset gives exact zeros, never inf - inf)."""
-    C = g.shape[-1]
-    ones = torch.ones(C, C, dtype=torch.bool, device=g.device)
-    per_row = g[..., :, None].expand(*g.shape, C).masked_fill(~ones.tril(-1), 0)
-    segment = per_row.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
-    log_from_start = g.cumsum(-1)
-    return ChunkGates(
-        within=segment.exp(),
-        from_start=log_from_start.exp(),
-        to_end=segment[..., -1, :].exp(),
-        total=log_from_start[..., -1].exp(),
+def chunk_gates(g: Tensor | None, resets: Tensor | None, like: Tensor) -> ChunkGates:
+    """The decays of log-gates g [.., C] (None: no decay) inside each chunk, where `resets`
+    [.., C] marks document starts inside the chunk (None: none).
+
+    Decays are differences of within-chunk prefix sums, as in fla's and mamba_ssm's kernels. A
+    document start cuts the chunk into segments: nothing crosses a segment boundary, the incoming
+    state reaches only the first segment, and only the last segment writes the outgoing state.
+    """
+    if g is None and resets is None:
+        return no_gates(like)
+    C = like.shape[-1]
+    log = (torch.zeros_like(like) if g is None else g).cumsum(-1)
+    log_total = log[..., -1:]
+    linked = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
+    if resets is not None:
+        segment = resets.cumsum(-1)
+        linked = linked & (segment[..., :, None] == segment[..., None, :])
+    gates = ChunkGates(
+        within=(log[..., :, None] - log[..., None, :]).masked_fill(~linked, float("-inf")).exp(),
+        from_start=log.exp(),
+        to_end=(log_total - log).exp(),
+        total=log_total.squeeze(-1).exp(),
     )
+    if resets is None:
+        return gates
+    first, last = segment == 0, segment == segment[..., -1:]
+    return ChunkGates(gates.within, gates.from_start * first, gates.to_end * last, gates.total * first[..., -1])
 
 
 def no_gates(like: Tensor) -> ChunkGates:

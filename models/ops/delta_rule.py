@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, final_states, no_gates, scan_chunks
+from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, final_states, scan_chunks
 
 
 def _inverse_unit_lower(strict_lower: Tensor) -> Tensor:
@@ -66,8 +66,7 @@ def gated_delta_rule_chunks(
     layout, unit_states, initial_state, Q, K, V, (B, *G) = chunked_inputs(
         q, k, v, per_head, scale, initial_state, cu_seqlens, chunk_size
     )
-    G = layout.with_resets(G[0] if G else None, like=B)
-    gates = no_gates(B) if G is None else chunk_gates(G)
+    gates = chunk_gates(G[0] if G else None, layout.resets, like=B)
     U, W = _wy_representation(K, V, B, gates)
     K_to_end = K * gates.to_end[..., None]
     entering, (corrected,) = scan_chunks(layout, unit_states, [U, W, K_to_end, gates.total], _correct_and_write)

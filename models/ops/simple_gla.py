@@ -30,7 +30,7 @@ def chunk_simple_gla(
     layout, unit_states, initial_state, Q, K, V, (G,) = chunked_inputs(
         q, k, v, [g], scale, initial_state, cu_seqlens, chunk_size
     )
-    gates = chunk_gates(layout.with_resets(G, G))
+    gates = chunk_gates(G, layout.resets, like=G)
     chunk_write = (K * gates.to_end[..., None]).transpose(-1, -2) @ V
     entering, _ = scan_chunks(layout, unit_states, [gates.total, chunk_write], _decay_and_add)
     o = ((Q @ K.transpose(-1, -2)) * gates.within) @ V + (Q * gates.from_start[..., None]) @ entering
