@@ -24,31 +24,26 @@ class ShortConv(nn.Conv1d):
 
         `tail` holds the W-1 inputs that precede x (zeros when None). With `cu_seqlens`
         (B = 1, packed documents) no tap reaches before the start of its token's document.
+
+        The convolution is computed as W shifted multiply-adds: on CPU that is several times
+        faster than the depthwise conv1d kernel, whose backward dominates the whole layer.
         """
         B, T, C = x.shape
         W = self.kernel_size[0]
         if tail is None:
             tail = x.new_zeros(B, W - 1, C)
         history = torch.cat([tail.to(x.dtype), x], dim=1)
-        if cu_seqlens is None:
-            y = F.conv1d(history.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
-        else:
-            y = self._within_documents(x, cu_seqlens)
+        position = None if cu_seqlens is None else positions_in_documents(cu_seqlens, T)[:, None]
+        taps = self.weight[:, 0]  # [C, W]; tap W-1 weighs the current token
+        y = x * taps[:, W - 1] if self.bias is None else torch.addcmul(self.bias, x, taps[:, W - 1])
+        for lag in range(1, W):
+            earlier = history[:, W - 1 - lag : W - 1 - lag + T]
+            if position is not None:
+                earlier = earlier * (position >= lag)
+            y = torch.addcmul(y, earlier, taps[:, W - 1 - lag])
         if self.activation:
             y = F.silu(y)
         return y, history[:, history.shape[1] - (W - 1):]
-
-    def _within_documents(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """The convolution as a sum of shifted inputs, each tap masked where it would cross a
-        document start."""
-        T, W = x.shape[1], self.kernel_size[0]
-        position = positions_in_documents(cu_seqlens, T)[:, None]
-        taps = self.weight[:, 0]  # [C, W]; tap W-1 weighs the current token
-        y = x * taps[:, W - 1]
-        for lag in range(1, W):
-            earlier = F.pad(x, (0, 0, lag, 0))[:, :T] * (position >= lag)
-            y = y + earlier * taps[:, W - 1 - lag]
-        return y if self.bias is None else y + self.bias
 
 
 def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, cache: dict | None, key: str) -> Tensor:
