@@ -43,6 +43,7 @@ class ChunkLayout:
     order: Tensor  # [units]: units by decreasing number of chunks
     active: list[int]  # units still running at each scan step
     resets: Tensor | None  # [n_chunks, 1, chunk_size]: a document starts inside its unit here
+    padded: bool  # some slots are padding
     last_slot: Tensor  # [documents]: slot of each document's last token, -1 when it is empty
 
     @property
@@ -52,7 +53,8 @@ class ChunkLayout:
     def to_chunks(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """[B, T, H, *D] -> [n_chunks, H, chunk_size, *D], padded with zeros."""
         flat = x.to(dtype).flatten(0, 1)
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+        if self.padded:  # padding slots point one past the last token: a zero row
+            flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
         chunks = flat.index_select(0, self.token_of_slot)
         return chunks.unflatten(0, (-1, self.chunk_size)).transpose(1, 2).contiguous()
 
@@ -113,6 +115,7 @@ def chunk_layout(
         order=order,
         active=running.sum(1).tolist(),
         resets=resets,
+        padded=token.numel() > n_tokens,
         last_slot=last_slot,
     )
 
