@@ -128,6 +128,11 @@ class ChunkGates:
     from_start: Tensor  # [.., C]: exp(Gamma_i), the decay of the incoming state at token i
     to_end: Tensor  # [.., C]: exp(Gamma_C - Gamma_j), the decay of token j's write by the chunk end
     total: Tensor  # [..]: exp(Gamma_C), the decay of the incoming state over the whole chunk
+    decays: bool = True  # False: every decay is 1 (no gate, no reset)
+
+    def decay(self, scores: Tensor) -> Tensor:
+        """Scores [.., C, C] of token i on token j, decayed from j to i and zero for j > i."""
+        return scores * self.within if self.decays else scores.tril()
 
 
 def chunk_gates(g: Tensor | None, resets: Tensor | None, like: Tensor) -> ChunkGates:
@@ -168,6 +173,7 @@ def no_gates(like: Tensor) -> ChunkGates:
         from_start=ones.expand(like.shape),
         to_end=ones.expand(like.shape),
         total=ones.expand(like.shape[:-1]),
+        decays=False,
     )
 
 

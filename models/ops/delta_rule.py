@@ -9,37 +9,19 @@ S <- exp(Gamma_C) S + (exp(Gamma_C - Gamma) o K)^T U'.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, final_states, scan_chunks
 
 
-def _inverse_unit_lower(strict_lower: Tensor) -> Tensor:
-    """(I + L)^-1 for strictly lower-triangular L [..., C, C], by doubling the inverted diagonal
-    blocks: [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]. A handful of small batched
-    matmuls, much faster on CPU than a batched triangular solve and exact to rounding."""
-    C = strict_lower.shape[-1]
-    size = 1 << (C - 1).bit_length()
-    L = F.pad(strict_lower, (0, size - C, 0, size - C))
-    inverse = L.new_ones(*L.shape[:-2], size, 1, 1)  # [..., blocks, s, s]
-    s = 1
-    while s < size:
-        pairs = L.unflatten(-1, (-1, 2 * s)).unflatten(-3, (-1, 2 * s)).diagonal(dim1=-4, dim2=-2)
-        below = pairs[..., s:, :s, :].movedim(-1, -3)  # [..., blocks / 2, s, s]
-        upper_inv, lower_inv = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
-        corner = -(lower_inv @ below @ upper_inv)
-        top = torch.cat([upper_inv, torch.zeros_like(upper_inv)], dim=-1)
-        inverse = torch.cat([top, torch.cat([corner, lower_inv], dim=-1)], dim=-2)
-        s *= 2
-    return inverse[..., 0, :C, :C]
-
-
 def _wy_representation(K: Tensor, V: Tensor, beta: Tensor, gates: ChunkGates) -> tuple[Tensor, Tensor]:
-    """U and W of every chunk at once."""
-    system = (beta[..., None] * (K @ K.transpose(-1, -2)) * gates.within).tril(-1)
-    T = _inverse_unit_lower(system)
-    return T @ (beta[..., None] * V), T @ ((beta * gates.from_start)[..., None] * K)
+    """U and W of every chunk at once, by one unit-lower-triangular solve with both right-hand
+    sides (T is never formed). The solve reads only the strictly lower triangle of the system;
+    its diagonal counts as 1."""
+    system = gates.decay(beta[..., None] * (K @ K.transpose(-1, -2)))
+    rhs = torch.cat([beta[..., None] * V, (beta * gates.from_start)[..., None] * K], dim=-1)
+    UW = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    return UW.split([V.shape[-1], K.shape[-1]], dim=-1)
 
 
 def _correct_and_write(
@@ -70,7 +52,7 @@ def gated_delta_rule_chunks(
     U, W = _wy_representation(K, V, B, gates)
     K_to_end = K * gates.to_end[..., None]
     entering, (corrected,) = scan_chunks(layout, unit_states, [U, W, K_to_end, gates.total], _correct_and_write)
-    o = (Q * gates.from_start[..., None]) @ entering + ((Q @ K.transpose(-1, -2)) * gates.within) @ corrected
+    o = (Q * gates.from_start[..., None]) @ entering + gates.decay(Q @ K.transpose(-1, -2)) @ corrected
     final = final_states(layout, initial_state, entering, gates, K, corrected) if output_final_state else None
     return layout.from_chunks(o).to(v.dtype), final
 

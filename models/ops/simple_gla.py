@@ -33,6 +33,6 @@ def chunk_simple_gla(
     gates = chunk_gates(G, layout.resets, like=G)
     chunk_write = (K * gates.to_end[..., None]).transpose(-1, -2) @ V
     entering, _ = scan_chunks(layout, unit_states, [gates.total, chunk_write], _decay_and_add)
-    o = ((Q @ K.transpose(-1, -2)) * gates.within) @ V + (Q * gates.from_start[..., None]) @ entering
+    o = gates.decay(Q @ K.transpose(-1, -2)) @ V + (Q * gates.from_start[..., None]) @ entering
     final = final_states(layout, initial_state, entering, gates, K, V) if output_final_state else None
     return layout.from_chunks(o).to(v.dtype), final
