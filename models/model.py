@@ -21,8 +21,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp != "none" else None
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width) if cfg.mlp != "none" else None
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
+    ) -> Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, carry=carry)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -65,16 +67,24 @@ class HybridLM(nn.Module):
             nn.init.normal_(block.mlp.up_proj.weight, std=std)
             nn.init.normal_(block.mlp.down_proj.weight, std=down_std)
 
-    def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None, cache: list[dict] | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cu_seqlens: Tensor | None = None,
+        cache: list[dict] | None = None,
+        carry: dict | None = None,
+    ) -> Tensor:
         """Logits [B, T, vocab]. `cu_seqlens` marks document starts over the flattened B*T tokens
-        (packed training); `cache` (from `new_cache`) makes the call a prefill or decode step."""
+        (packed training); `cache` (from `new_cache`) makes the call a prefill or decode step;
+        `carry`, when given, receives what the blocks pass along, e.g. carry["aux_loss"]."""
         if cache is not None and cu_seqlens is not None:
             raise ValueError("decoding from a cache does not take cu_seqlens")
         if cu_seqlens is not None:
             cu_seqlens = with_row_starts(cu_seqlens, *input_ids.shape)
+        carry = {} if carry is None else carry
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i])
+            x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i], carry=carry)
         return self.lm_head(self.norm(x))
 
     def new_cache(self) -> list[dict]:

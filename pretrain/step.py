@@ -18,23 +18,27 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime, reduction: str = "mean") -> Tensor:
+def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime, reduction: str = "mean") -> tuple[Tensor, Tensor | None]:
+    """The language-model loss, and the auxiliary loss the blocks added up (None when none has one)."""
     batch = batch.to(runtime.device)
+    carry: dict[str, Tensor] = {}
     with runtime.autocast():
-        logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
-    return lm_loss(logits, batch.labels, reduction)
+        logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, carry=carry)
+    return lm_loss(logits, batch.labels, reduction), carry.get("aux_loss")
 
 
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
 ) -> tuple[Tensor, Tensor]:
-    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Returns the mean loss and
-    the gradient norm before clipping, as device tensors (reading them would sync every step)."""
+    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Returns the mean LM loss
+    and the gradient norm before clipping, as device tensors (reading them would sync every step).
+    Auxiliary losses are added to what is differentiated, not to the returned loss."""
     loss_sum = torch.zeros((), device=runtime.device)
     for _ in range(grad_accum):
-        loss = forward_loss(model, next(batches), runtime) / grad_accum
-        loss.backward()
-        loss_sum += loss.detach()
+        loss, aux_loss = forward_loss(model, next(batches), runtime)
+        total = loss if aux_loss is None else loss + aux_loss
+        (total / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -47,7 +51,7 @@ def evaluate(model: nn.Module, batches: list[Batch], runtime: Runtime) -> dict[s
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        loss_sum += forward_loss(model, batch, runtime, reduction="sum").item()
+        loss_sum += forward_loss(model, batch, runtime, reduction="sum")[0].item()
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)

@@ -1,6 +1,10 @@
 """Sequence mixers, one per pattern character (DESIGN.md), all with the same contract:
-`Mixer(cfg, layer_idx)`, `forward(x, cu_seqlens=None, cache=None)`, `reset_parameters()`,
-`flops_per_token(seq_len)`, and an output projection named `out_proj`."""
+`Mixer(cfg, layer_idx)`, `forward(x, cu_seqlens=None, cache=None, carry=None)`,
+`reset_parameters()`, `flops_per_token(seq_len)`, and an output projection named `out_proj`.
+
+`carry` is the dict of tensors that cross blocks (RWKV-7's first-layer values, auxiliary
+losses to add to the training loss under "aux_loss"): it flows explicitly through the model so
+that pipeline stages can pass it on. Mixers that need nothing from it ignore it."""
 from __future__ import annotations
 
 from torch import nn

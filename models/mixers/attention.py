@@ -49,7 +49,9 @@ class Attention(nn.Module):
         with torch.no_grad():
             self.out_proj.weight.mul_(self.out_scale)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
+    ) -> Tensor:
         B, T, _ = x.shape
         window = self.cfg.window_size
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))

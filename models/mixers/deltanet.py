@@ -83,7 +83,9 @@ class DeltaRuleMixer(nn.Module):
         """The positional inputs of `op`: q, k, v, then beta (DeltaNet) or g, beta (GDN)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
+    ) -> Tensor:
         flat = as_one_sequence(x, cu_seqlens, cache)
         o = cached_recurrence(
             self.op, *self.recurrence_inputs(flat, cu_seqlens, cache),

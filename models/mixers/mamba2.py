@@ -54,7 +54,9 @@ class Mamba2(nn.Module):
         with torch.no_grad():
             self.out_proj.weight.mul_(self.out_scale)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
+    ) -> Tensor:
         flat = as_one_sequence(x, cu_seqlens, cache)
         c, H = self.cfg, self.num_heads
         z, xBC, dt = self.in_proj(flat).split([self.d_inner, self.conv_dim, H], dim=-1)
