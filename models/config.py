@@ -1,7 +1,7 @@
 """Typed model configuration: the `model` section of a run config.
 
 A hybrid stack is a pattern string, one character per block (DESIGN.md): `*` attention,
-`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet (R, O, S are reserved for RWKV-7, MoM, SSE).
+`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet, `O` MoM (R, S are reserved for RWKV-7, SSE).
 Spaces are ignored and `|` marks a pipeline-stage cut.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet"}
-RESERVED_MIXERS = {"R": "rwkv7", "O": "mom", "S": "sse"}
+IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "O": "mom"}
+RESERVED_MIXERS = {"R": "rwkv7", "S": "sse"}
 
 
 class Strict(BaseModel):
@@ -82,11 +82,70 @@ class GatedDeltaNetConfig(Strict):
         return self
 
 
+class MoMConfig(Strict):
+    """Mixture-of-Memories (specs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
+
+    num_memories: int = Field(4, gt=0)
+    topk: int = Field(2, gt=0)
+    shared_memory: bool = Field(True, description="one more memory that sees every token")
+    num_heads: int = Field(4, gt=0)
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(1.0, gt=0)
+    capacity: float | None = Field(
+        None, ge=0, description="each memory keeps the last ceil(capacity*L/topk) routed tokens of a document of L; None/0 = all"
+    )
+    aux_loss_scale: float = Field(0.01, ge=0)
+    use_short_conv: bool = True
+    conv_size: int = Field(4, gt=1)
+    allow_neg_eigval: bool = False
+    chunk_size: int = Field(64, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _topk(self) -> "MoMConfig":
+        if self.topk > self.num_memories:
+            raise ValueError(f"topk ({self.topk}) must be <= num_memories ({self.num_memories})")
+        return self
+
+
+class SSEConfig(Strict):
+    """Sparse State Expansion, SSEGDN form (specs/layers.md section 6)."""
+
+    num_partitions: int = Field(4, gt=0)
+    topk: int = Field(1, gt=0, description="partitions each token writes to and reads from")
+    num_heads: int = Field(4, gt=0)
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    lora_rank: int | None = Field(None, gt=0, description="rank of the partition stream's q/k offsets; None = head_v_dim")
+    use_short_conv: bool = False
+    conv_size: int = Field(4, gt=1)
+    impl: Literal["varlen", "mask"] = Field("varlen", description="varlen: routed tokens as segments; mask: N+1 masked head copies")
+    aux_loss_scale: float = Field(0.01, ge=0)
+    chunk_size: int = Field(64, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _topk(self) -> "SSEConfig":
+        if self.topk > self.num_partitions:
+            raise ValueError(f"topk ({self.topk}) must be <= num_partitions ({self.num_partitions})")
+        return self
+
+
 class MixersConfig(Strict):
     attention: AttentionConfig = AttentionConfig()
     mamba2: Mamba2Config = Mamba2Config()
     deltanet: DeltaNetConfig = DeltaNetConfig()
     gated_deltanet: GatedDeltaNetConfig = GatedDeltaNetConfig()
+    mom: MoMConfig = MoMConfig()
+    sse: SSEConfig = SSEConfig()
 
 
 class ModelConfig(Strict):

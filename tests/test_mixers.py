@@ -21,8 +21,9 @@ SMALL = {
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
     "deltanet": {"num_heads": 2, "chunk_size": 4},
     "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
 }
-SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet"}
+SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "O": "mom"}
 
 # (pattern character, overrides of its config section): every option that changes the math
 CASES = [

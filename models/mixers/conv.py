@@ -55,3 +55,23 @@ def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, 
     if cache is not None:
         cache[key] = tail
     return y
+
+
+def segment_conv(conv: ShortConv, x: Tensor, cu_seqlens: Tensor, tails: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """ShortConv over the segments of x [R, C], each its own stream. With `tails` [S, W-1, C]
+    each segment continues from its own W-1 preceding inputs, and the new tails (the last W-1
+    inputs of each tail + segment, so an empty segment keeps its tail) come back."""
+    if tails is None:
+        return conv(x[None], cu_seqlens)[0][0], None
+    lag = conv.kernel_size[0] - 1
+    n_segments = tails.shape[0]
+    taps = torch.arange(lag, device=x.device)
+    extended_cu = cu_seqlens + lag * torch.arange(n_segments + 1, device=x.device)
+    segment = torch.repeat_interleave(torch.arange(n_segments, device=x.device), cu_seqlens.diff())
+    token_at = torch.arange(x.shape[0], device=x.device) + lag * (segment + 1)
+    tail_at = (extended_cu[:-1, None] + taps).flatten()
+    extended = x.new_zeros(x.shape[0] + lag * n_segments, x.shape[1])
+    extended = extended.index_copy(0, token_at, x).index_copy(0, tail_at, tails.flatten(0, 1).to(x.dtype))
+    y = conv(extended[None], extended_cu)[0][0].index_select(0, token_at)
+    new_tails = extended.index_select(0, (extended_cu[1:, None] - lag + taps).flatten()).view_as(tails)
+    return y, new_tails

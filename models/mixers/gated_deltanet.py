@@ -14,6 +14,11 @@ from models.mixers.init import init_decay_
 from models.ops import chunk_gated_delta_rule
 
 
+def log_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
+    """GDN's gate log alpha = -exp(A_log) softplus(a + dt_bias) < 0 (also MoM's and SSE's)."""
+    return -torch.exp(A_log) * F.softplus(a + dt_bias)
+
+
 class GatedDeltaNet(DeltaRuleMixer):
     op = staticmethod(chunk_gated_delta_rule)
 
@@ -46,6 +51,6 @@ class GatedDeltaNet(DeltaRuleMixer):
         q, k, v = self.qkv(x, cu_seqlens, cache)
         group = self.num_v_heads // self.num_heads
         q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
-        g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x) + self.dt_bias)
+        g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
         beta = write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)
         return q, k, v, g, beta
