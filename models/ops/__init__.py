@@ -12,16 +12,23 @@ import inspect
 import os
 from typing import Callable
 
-from models.ops import delta_rule, gated_delta_rule, simple_gla
-from models.ops.recurrent import recurrent_delta_rule, recurrent_gated_delta_rule, recurrent_simple_gla
+from models.ops import delta_rule, gated_delta_rule, rwkv7, simple_gla
+from models.ops.recurrent import (
+    recurrent_delta_rule,
+    recurrent_gated_delta_rule,
+    recurrent_rwkv7,
+    recurrent_simple_gla,
+)
 
 __all__ = [
     "chunk_simple_gla",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
+    "chunk_rwkv7",
     "recurrent_simple_gla",
     "recurrent_delta_rule",
     "recurrent_gated_delta_rule",
+    "recurrent_rwkv7",
 ]
 
 
@@ -47,7 +54,8 @@ def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
     @functools.wraps(torch_op)
     def op(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
-        if not _use_torch_backend() and arguments["q"].is_cuda:
+        first_input = next(iter(arguments.values()))  # q, or r for RWKV-7
+        if not _use_torch_backend() and first_input.is_cuda:
             fla_op = _fla_kernel(fla_module, torch_op.__name__)
             if fla_op is not None:
                 arguments.pop("chunk_size", None)
@@ -60,3 +68,4 @@ def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
 chunk_simple_gla = _fla_on_cuda(simple_gla.chunk_simple_gla, "fla.ops.simple_gla")
 chunk_delta_rule = _fla_on_cuda(delta_rule.chunk_delta_rule, "fla.ops.delta_rule")
 chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule, "fla.ops.gated_delta_rule")
+chunk_rwkv7 = _fla_on_cuda(rwkv7.chunk_rwkv7, "fla.ops.rwkv7")

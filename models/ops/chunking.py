@@ -135,6 +135,17 @@ class ChunkGates:
         return scores * self.within if self.decays else scores.tril()
 
 
+def segments(resets: Tensor | None, C: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """linked [.., C, C] (j <= i in the same segment), and where `resets` [.., C] cuts the chunk:
+    the tokens of its first segment and of its last segment (None, None without resets)."""
+    linked = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    if resets is None:
+        return linked, None, None
+    segment = resets.cumsum(-1)
+    linked = linked & (segment[..., :, None] == segment[..., None, :])
+    return linked, segment == 0, segment == segment[..., -1:]
+
+
 def chunk_gates(g: Tensor | None, resets: Tensor | None, like: Tensor) -> ChunkGates:
     """The decays of log-gates g [.., C] (None: no decay) inside each chunk, where `resets`
     [.., C] marks document starts inside the chunk (None: none).
@@ -148,10 +159,7 @@ def chunk_gates(g: Tensor | None, resets: Tensor | None, like: Tensor) -> ChunkG
     C = like.shape[-1]
     log = (torch.zeros_like(like) if g is None else g).cumsum(-1)
     log_total = log[..., -1:]
-    linked = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
-    if resets is not None:
-        segment = resets.cumsum(-1)
-        linked = linked & (segment[..., :, None] == segment[..., None, :])
+    linked, first, last = segments(resets, C, like.device)
     gates = ChunkGates(
         within=(log[..., :, None] - log[..., None, :]).masked_fill(~linked, float("-inf")).exp(),
         from_start=log.exp(),
@@ -160,7 +168,6 @@ def chunk_gates(g: Tensor | None, resets: Tensor | None, like: Tensor) -> ChunkG
     )
     if resets is None:
         return gates
-    first, last = segment == 0, segment == segment[..., -1:]
     return ChunkGates(gates.within, gates.from_start * first, gates.to_end * last, gates.total * first[..., -1])
 
 
@@ -202,14 +209,100 @@ def final_states(
     """The state after each document's last token p of chunk c, from the state entering c and the
     values the chunk writes (V, or the delta rule's corrected U'):
     S_p = exp(Gamma_p) S_c + sum_{j<=p} exp(Gamma_p - Gamma_j) k_j written_j^T."""
-    C = layout.chunk_size
-    nonempty = (layout.last_slot >= 0).nonzero().squeeze(1)
-    c, p = layout.last_slot[nonempty] // C, layout.last_slot[nonempty] % C
+    nonempty, c, p = _document_ends(layout)
     decay, weights = gates.from_start[c, :, p], gates.within[c, :, p, :]  # [n, H], [n, H, C]
     states = decay[..., None, None] * entering[c] + (K[c] * weights[..., None]).transpose(-1, -2) @ written[c]
+    return _with_document_states(layout, initial_state, nonempty, states)
+
+
+def _document_ends(layout: ChunkLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """The non-empty documents, and the chunk and position in it of each one's last token."""
+    nonempty = (layout.last_slot >= 0).nonzero().squeeze(1)
+    last = layout.last_slot[nonempty]
+    return nonempty, last // layout.chunk_size, last % layout.chunk_size
+
+
+def _with_document_states(
+    layout: ChunkLayout, initial_state: Tensor | None, nonempty: Tensor, states: Tensor
+) -> Tensor:
+    """One state per document: `states` for the non-empty ones, the initial state (or zeros) else."""
     if initial_state is None:
         initial_state = states.new_zeros(len(layout.last_slot), *states.shape[1:])
     return initial_state.index_put((nonempty,), states)
+
+
+@dataclass(frozen=True)
+class ChannelDecays:
+    """Decays of a per-channel log-gate w [.., C, K] inside each chunk (Gamma_i = w_1 + ... + w_i).
+
+    The decay exp(Gamma_i - Gamma_j) from token j to token i is split into a reader factor of i
+    and a writer factor of j, so that the decayed scores of all pairs are one matmul. Both factors
+    are taken relative to m = Gamma at mid-chunk, which halves the exponents' range: they overflow
+    only when half a chunk decays by more than exp(-88) in float32 (RWKV-7's log w > -0.61 gives
+    at most exp(-20) at chunk 64). Resets cut the chunk into segments as in `chunk_gates`.
+    """
+
+    log: Tensor  # [.., C, K]: Gamma_i
+    reader: Tensor  # [.., C, K]: exp(Gamma_i - m), reads the writes up to and including token i
+    reader_before: Tensor  # [.., C, K]: exp(Gamma_{i-1} - m), reads the writes before token i
+    writer: Tensor  # [.., C, K]: exp(m - Gamma_j)
+    from_start: Tensor  # [.., C, K]: exp(Gamma_i), the incoming state's decay at token i
+    from_start_before: Tensor  # [.., C, K]: exp(Gamma_{i-1}), its decay before token i
+    to_end: Tensor  # [.., C, K]: exp(Gamma_C - Gamma_j), token j's write decayed to the chunk end
+    total: Tensor  # [.., K]: exp(Gamma_C)
+    linked: Tensor  # [.., C, C] bool: j <= i in the same segment
+
+    def up_to(self, scores: Tensor) -> Tensor:
+        """Scores [.., C, C] of token i on the tokens j <= i of its segment, zero elsewhere."""
+        return scores * self.linked
+
+    def before(self, scores: Tensor) -> Tensor:
+        """Scores [.., C, C] of token i on the tokens j < i of its segment, zero elsewhere."""
+        return scores * self.linked.tril(-1)
+
+
+def channel_decays(w: Tensor, resets: Tensor | None) -> ChannelDecays:
+    """ChannelDecays of log-gates w [.., C, K] in chunk layout; `resets` [.., C] as in `chunk_gates`."""
+    C = w.shape[-2]
+    log = w.cumsum(-2)
+    log_before = log - w
+    mid = log[..., C // 2 : C // 2 + 1, :]
+    linked, first, last = segments(resets, C, w.device)
+    from_start, from_start_before = log.exp(), log_before.exp()
+    to_end, total = (log[..., -1:, :] - log).exp(), log[..., -1, :].exp()
+    if first is not None:
+        first, last = first[..., None], last[..., None]
+        from_start, from_start_before, to_end = from_start * first, from_start_before * first, to_end * last
+        total = total * first[..., -1, :]
+    return ChannelDecays(
+        log=log,
+        reader=(log - mid).exp(),
+        reader_before=(log_before - mid).exp(),
+        writer=(mid - log).exp(),
+        from_start=from_start,
+        from_start_before=from_start_before,
+        to_end=to_end,
+        total=total,
+        linked=linked.expand(*w.shape[:-2], C, C),
+    )
+
+
+def channel_final_states(
+    layout: ChunkLayout,
+    initial_state: Tensor | None,
+    entering: Tensor,
+    decays: ChannelDecays,
+    writes: Sequence[tuple[Tensor, Tensor]],
+) -> Tensor:
+    """`final_states` for per-channel decays and several rank-1 writes (key_j, written_j):
+    S_p = exp(Gamma_p) o S_c + sum_{(key, written)} sum_{j<=p} exp(Gamma_p - Gamma_j) o key_j written_j^T."""
+    nonempty, c, p = _document_ends(layout)
+    reach = decays.linked[c, :, p][..., None]  # [n, H, C, 1]: j <= p in p's segment
+    weights = (decays.log[c, :, p][:, :, None, :] - decays.log[c]).masked_fill(~reach, float("-inf")).exp()
+    states = decays.from_start[c, :, p][..., None] * entering[c]
+    for key, written in writes:
+        states = states + (key[c] * weights).transpose(-1, -2) @ written[c]
+    return _with_document_states(layout, initial_state, nonempty, states)
 
 
 def chunked_inputs(

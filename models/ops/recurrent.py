@@ -1,18 +1,19 @@
 """Step-by-step recurrences: the reference every chunked op is tested against, and the
 decoding path (one token at a time from a cached state).
 
-Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; states [N, H, K, V]
+Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H] (RWKV-7's per-channel
+w, a, b: [B, T, H, K]); states [N, H, K, V]
 (the transpose of the papers' S, so o_t = scale * q_t @ S_t). With `cu_seqlens` the batch is
 [1, total, ...] and the state restarts at every document start; N is then the number of documents.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+StepFn = Callable[..., Tensor]
 
 
 def sequence_spans(batch: int, length: int, cu_seqlens: Tensor | None) -> list[tuple[int, int, int]]:
@@ -32,18 +33,16 @@ def _recurrent(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    g: Tensor | None,
-    beta: Tensor | None,
+    per_step: Sequence[Tensor],
     scale: float | None,
     initial_state: Tensor | None,
     output_final_state: bool,
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
+    """Runs S = step(S, k_t, v_t, *per_step_t) over every sequence; o_t = scale q_t S_t."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    g = q.new_zeros(B, T, H) if g is None else g
-    beta = q.new_zeros(B, T, H) if beta is None else beta
     outputs, finals = [], []
     for n, (b, start, end) in enumerate(sequence_spans(B, T, cu_seqlens)):
         if initial_state is not None:
@@ -51,9 +50,9 @@ def _recurrent(
         else:
             S = q.new_zeros(H, K, V)
         # unbind once per sequence: per-step indexing would make the backward quadratic in T
-        steps = zip(*(x[b, start:end].unbind(0) for x in (q, k, v, g, beta)))
-        for q_t, k_t, v_t, g_t, beta_t in steps:
-            S = step(S, k_t, v_t, g_t, beta_t)
+        steps = zip(*(x[b, start:end].unbind(0) for x in (q, k, v, *per_step)))
+        for q_t, k_t, v_t, *inputs_t in steps:
+            S = step(S, k_t, v_t, *inputs_t)
             outputs.append(torch.einsum("hk,hkv->hv", q_t * scale, S).to(v.dtype))
         finals.append(S)
     o = torch.stack(outputs).view(B, T, H, V) if outputs else torch.zeros_like(v)
@@ -61,14 +60,24 @@ def _recurrent(
     return o, final
 
 
-def _gla_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
+def _gla_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
     return S * g.exp()[:, None, None] + k[:, :, None] * v[:, None, :]
 
 
-def _delta_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
-    S = S * g.exp()[:, None, None]
+def _delta_step(S: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> Tensor:
     u = beta[:, None] * (v - torch.einsum("hk,hkv->hv", k, S))
     return S + k[:, :, None] * u[:, None, :]
+
+
+def _gated_delta_step(S: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
+    return _delta_step(S * g.exp()[:, None, None], k, v, beta)
+
+
+def _rwkv7_step(S: Tensor, k: Tensor, v: Tensor, w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """[K, V] layout of S_t = S_{t-1}(diag(exp w_t) + a_t b_t^T) + v_t k_t^T: the rank-1 term
+    reads the undecayed previous state through a and writes the result along b."""
+    read = torch.einsum("hk,hkv->hv", a, S)
+    return S * w.exp()[:, :, None] + b[:, :, None] * read[:, None, :] + k[:, :, None] * v[:, None, :]
 
 
 def recurrent_simple_gla(
@@ -82,7 +91,7 @@ def recurrent_simple_gla(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale q_t S_t (per head, scalar gate)."""
-    return _recurrent(_gla_step, q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
+    return _recurrent(_gla_step, q, k, v, [g], scale, initial_state, output_final_state, cu_seqlens)
 
 
 def recurrent_delta_rule(
@@ -96,7 +105,7 @@ def recurrent_delta_rule(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """S_t = S_{t-1} + k_t u_t^T, u_t = beta_t (v_t - S_{t-1}^T k_t);  o_t = scale q_t S_t."""
-    return _recurrent(_delta_step, q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return _recurrent(_delta_step, q, k, v, [beta], scale, initial_state, output_final_state, cu_seqlens)
 
 
 def recurrent_gated_delta_rule(
@@ -111,4 +120,21 @@ def recurrent_gated_delta_rule(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The delta rule with a decay first: S <- exp(g_t) S, then the delta update."""
-    return _recurrent(_delta_step, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return _recurrent(_gated_delta_step, q, k, v, [g, beta], scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_rwkv7(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """RWKV-7 (DPLR) with per-channel log-decay w and r, w, k, a, b [B, T, H, K]:
+    S_t = diag(exp w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T;  o_t = scale r_t S_t."""
+    return _recurrent(_rwkv7_step, r, k, v, [w, a, b], scale, initial_state, output_final_state, cu_seqlens)
