@@ -54,9 +54,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         window = self.cfg.window_size
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        # -1 heads: under tensor parallelism the projections hold this rank's heads only
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("packed documents (cu_seqlens) cannot be decoded from a cache")

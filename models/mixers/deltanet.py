@@ -95,7 +95,7 @@ class DeltaRuleMixer(nn.Module):
             o = self.o_norm(o)
         else:
             o = self.o_norm(o, self.g_proj(flat).unflatten(-1, (-1, self.head_v_dim)))
-        return self.out_proj(o.flatten(-2)).reshape(x.shape)
+        return self.out_proj(o.reshape(*x.shape[:-1], -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         chunk = min(self.chunk_size, seq_len)
@@ -124,5 +124,5 @@ class DeltaNet(DeltaRuleMixer):
         """q, k, v and beta [B, T, H] exactly as the delta rule receives them (x is [1, total, d]
         when cu_seqlens packs documents)."""
         q, k, v = self.qkv(x, cu_seqlens, cache)
-        beta = self.b_proj(x).sigmoid() if self.b_proj is not None else x.new_ones(*x.shape[:-1], self.num_heads)
+        beta = self.b_proj(x).sigmoid() if self.b_proj is not None else x.new_ones(q.shape[:-1])
         return q, k, v, write_strength(beta, self.cfg.allow_neg_eigval)

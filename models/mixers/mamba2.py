@@ -58,13 +58,16 @@ class Mamba2(nn.Module):
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
     ) -> Tensor:
         flat = as_one_sequence(x, cu_seqlens, cache)
-        c, H = self.cfg, self.num_heads
-        z, xBC, dt = self.in_proj(flat).split([self.d_inner, self.conv_dim, H], dim=-1)
+        c = self.cfg
+        # Heads and groups held here: all of them, or this rank's under tensor parallelism.
+        H = self.A_log.shape[0]
+        heads_per_group = self.num_heads // c.n_groups  # head h reads group h // heads_per_group
+        d_inner, d_bc = H * c.head_dim, H // heads_per_group * c.d_state
+        z, xBC, dt = self.in_proj(flat).split([d_inner, d_inner + 2 * d_bc, H], dim=-1)
         xBC = conv_features(self.conv1d, xBC, cu_seqlens, cache, "conv")
-        xs, Bs, Cs = xBC.split([self.d_inner, c.n_groups * c.d_state, c.n_groups * c.d_state], dim=-1)
+        xs, Bs, Cs = xBC.split([d_inner, d_bc, d_bc], dim=-1)
         xs = xs.unflatten(-1, (H, c.head_dim))
-        heads_per_group = H // c.n_groups  # head h reads group h // heads_per_group
-        Bs, Cs = (t.unflatten(-1, (c.n_groups, c.d_state)).repeat_interleave(heads_per_group, dim=2) for t in (Bs, Cs))
+        Bs, Cs = (t.unflatten(-1, (-1, c.d_state)).repeat_interleave(heads_per_group, dim=2) for t in (Bs, Cs))
         dt = F.softplus(dt + self.dt_bias).clamp(*c.dt_limit)
         A = -torch.exp(self.A_log)
         y = cached_recurrence(
@@ -73,7 +76,7 @@ class Mamba2(nn.Module):
         )
         y = y + self.D[:, None] * xs
         y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y).reshape(x.shape)
+        return self.out_proj(y.reshape(*x.shape[:-1], -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         c = self.cfg
