@@ -1,7 +1,7 @@
 """Typed model configuration: the `model` section of a run config.
 
 A hybrid stack is a pattern string, one character per block (DESIGN.md): `*` attention,
-`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet, `O` MoM (R, S are reserved for RWKV-7, SSE).
+`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet, `R` RWKV-7, `O` MoM (S is reserved for SSE).
 Spaces are ignored and `|` marks a pipeline-stage cut.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "O": "mom"}
-RESERVED_MIXERS = {"R": "rwkv7", "S": "sse"}
+IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "R": "rwkv7", "O": "mom"}
+RESERVED_MIXERS = {"S": "sse"}
 
 
 class Strict(BaseModel):
@@ -82,6 +82,22 @@ class GatedDeltaNetConfig(Strict):
         return self
 
 
+class RWKV7Config(Strict):
+    """RWKV-7 time-mix (specs/layers.md section 4); LoRA ranks None = the official rule
+    max(32, round(m sqrt(d_model) / 32) * 32), m = 2.5 (decay, a) and 1.7 (value residual) times
+    head_dim / 64, m = 5 (output gate)."""
+
+    head_dim: int = Field(64, gt=0)
+    decay_rank: int | None = Field(None, gt=0)
+    a_rank: int | None = Field(None, gt=0, description="rank of the in-context learning rate's LoRA")
+    v_rank: int | None = Field(None, gt=0, description="rank of the value-residual mix's LoRA")
+    gate_rank: int | None = Field(None, gt=0)
+    channel_mix: bool = Field(True, description="R blocks' MLP is RWKV's channel-mix instead of SwiGLU")
+    channel_mix_hidden: int | None = Field(None, gt=0, description="None = 4 d_model")
+    chunk_size: int = Field(64, gt=0)
+    norm_eps: float = Field(64e-5, gt=0, description="eps of the per-head GroupNorm")
+
+
 class MoMConfig(Strict):
     """Mixture-of-Memories (specs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
 
@@ -144,6 +160,7 @@ class MixersConfig(Strict):
     mamba2: Mamba2Config = Mamba2Config()
     deltanet: DeltaNetConfig = DeltaNetConfig()
     gated_deltanet: GatedDeltaNetConfig = GatedDeltaNetConfig()
+    rwkv7: RWKV7Config = RWKV7Config()
     mom: MoMConfig = MoMConfig()
     sse: SSEConfig = SSEConfig()
 
@@ -215,6 +232,8 @@ class ModelConfig(Strict):
                 raise ValueError(f"expand*d_model ({d_inner}) must be divisible by mixers.mamba2.head_dim ({mm.head_dim})")
             if (d_inner // mm.head_dim) % mm.n_groups:
                 raise ValueError(f"mamba2 heads ({d_inner // mm.head_dim}) must be divisible by mixers.mamba2.n_groups ({mm.n_groups})")
+        if "R" in blocks and d % m.rwkv7.head_dim:
+            raise ValueError(f"d_model ({d}) must be divisible by mixers.rwkv7.head_dim ({m.rwkv7.head_dim})")
         if "T" in blocks and m.deltanet.head_dim is None and d % m.deltanet.num_heads:
             raise ValueError(f"d_model ({d}) must be divisible by mixers.deltanet.num_heads ({m.deltanet.num_heads})")
         return self

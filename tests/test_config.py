@@ -58,7 +58,7 @@ def test_dump_round_trips(tmp_path):
         (["model.mixers.mamba2.dstate=8"], "did you mean model.mixers.mamba2.d_state?"),
         (["model.pattern=MX"], "unknown mixer character 'X'"),
         (["model.pattern=  |"], "pattern has no blocks"),
-        (["model.pattern=MR"], "'R' (rwkv7) is not implemented yet"),
+        (["model.pattern=R", "model.d_model=80"], "must be divisible by mixers.rwkv7.head_dim"),
         (["train.steps=abc"], "config key train.steps"),
         (["optim.lr=-1"], "config key optim.lr"),
         (["checkpoint.mode=fast"], "config key checkpoint.mode"),
