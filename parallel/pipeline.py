@@ -1,0 +1,271 @@
+"""Pipeline parallelism: cut a HybridLM into stage modules and run them with a schedule from
+`torch.distributed.pipelining`.
+
+Stage cuts. With `|` in the pattern, each `|`-separated segment is one stage; otherwise the
+blocks are cut into contiguous stages of near-equal forward FLOPs (each block's
+`flops_per_token`, the head's on the last stage). There are `pp * pp_virtual_stages` stages;
+stage `s` lives on pp rank `s % pp` (looped placement, what the interleaved schedules expect).
+The embedding is on the first stage, the final norm and the head on the last.
+
+What crosses a cut: positional tensors `(hidden, *carry)`. `carry` holds the entries of the
+model's carry dict that blocks before the cut wrote, in the order blocks first write them
+(`carry_layout`; a mixer declares what it writes in a class attribute `carry_writes`), so each
+stage's inputs and outputs have static shapes. The last stage returns `(logits, *carry)` with
+only "aux_loss" kept, and the pipeline's loss function (`with_aux_loss`) adds it to the language-model loss.
+
+Packed documents. `cu_seqlens` has a length that varies per batch and cannot be split into
+microbatches by the schedule. Every pp rank instead passes `doc_starts`, a bool [B, T] mask of
+document starts, as a keyword argument of `schedule.step`: the schedule splits it along the batch
+like `input_ids`, and each stage rebuilds its microbatch's `cu_seqlens` from its slice.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from models.config import ModelConfig
+from models.mixers import MIXERS
+from models.model import HybridLM, with_row_starts
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+}
+MULTI_STAGE_SCHEDULES = frozenset({"interleaved_1f1b", "zero_bubble"})
+LOSS_CARRY = "aux_loss"
+
+
+# ---- where to cut ---------------------------------------------------------------------------
+
+def pattern_stage_sizes(pattern: str) -> list[int] | None:
+    """Blocks per stage from the `|` cuts in the pattern; None when it has none."""
+    if "|" not in pattern:
+        return None
+    return [len(ModelConfig.blocks_of(segment)) for segment in pattern.split("|")]
+
+
+def balanced_stage_sizes(costs: Sequence[float], n_stages: int) -> list[int]:
+    """Cut `costs` into `n_stages` non-empty contiguous runs minimising the costliest run
+    (exact dynamic programme; ties go to the earliest cut)."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot cut {n} blocks into {n_stages} pipeline stages")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    # best[k][i]: the smallest max-stage cost of the first i blocks in k stages; cut[k][i]: where stage k starts
+    best = [[math.inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n_stages + 1):
+        for i in range(k, n - (n_stages - k) + 1):
+            for j in range(k - 1, i):
+                worst = max(best[k - 1][j], prefix[i] - prefix[j])
+                if worst < best[k][i]:
+                    best[k][i], cut[k][i] = worst, j
+    sizes, i = [], n
+    for k in range(n_stages, 0, -1):
+        sizes.append(i - cut[k][i])
+        i = cut[k][i]
+    return sizes[::-1]
+
+
+def block_costs(model: HybridLM, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each block, with the head's (what the model counts beyond its
+    blocks) added to the last block, which always shares the last stage with the head."""
+    costs = [block.flops_per_token(seq_len) for block in model.blocks]
+    costs[-1] += model.flops_per_token(seq_len) - sum(costs)
+    return costs
+
+
+def stage_block_ranges(model: HybridLM, n_stages: int, seq_len: int) -> list[range]:
+    """The blocks of each stage: from the pattern's `|` cuts, else balanced by FLOPs."""
+    sizes = pattern_stage_sizes(model.cfg.pattern)
+    if sizes is None:
+        sizes = balanced_stage_sizes(block_costs(model, seq_len), n_stages)
+    elif len(sizes) != n_stages or 0 in sizes:
+        raise ValueError(f"pattern {model.cfg.pattern!r} cuts {sizes} blocks per stage; need {n_stages} non-empty stages")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    """Looped placement: rank r holds stages r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + v * pp for v in range(virtual_stages)]
+
+
+# ---- what crosses a cut ---------------------------------------------------------------------
+
+def carry_layout(blocks: str) -> tuple[str, ...]:
+    """The carry entries written by `blocks` (pattern characters), in first-write order."""
+    keys: list[str] = []
+    for kind in blocks:
+        keys += [key for key in getattr(MIXERS[kind], "carry_writes", ()) if key not in keys]
+    return tuple(keys)
+
+
+def document_starts(cu_seqlens: Tensor, batch: int, length: int) -> Tensor:
+    """Bool [batch, length] mask, True where a document starts (the inverse of `cu_seqlens_of`)."""
+    starts = torch.zeros(batch * length, dtype=torch.bool, device=cu_seqlens.device)
+    starts[cu_seqlens[:-1].long()] = True
+    return starts.view(batch, length)
+
+
+def cu_seqlens_of(doc_starts: Tensor) -> Tensor:
+    """Document boundaries over the flattened microbatch, every row start included."""
+    flat = doc_starts.flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    cu_seqlens = torch.cat([flat.nonzero().flatten(), end]).to(torch.int32)
+    return with_row_starts(cu_seqlens, *doc_starts.shape)
+
+
+class StageModule(nn.Module):
+    """A contiguous run of a HybridLM's blocks, plus the embedding on the first stage and the norm
+    and head on the last. It shares the model's modules under their names in the model
+    (`blocks.<i>` keeps the model's index), so stage state dicts are slices of the model's."""
+
+    def __init__(self, model: HybridLM, blocks: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.embed = model.embed if is_first else None
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
+        self.norm = model.norm if is_last else None
+        self.lm_head = model.lm_head if is_last else None
+        pattern = model.cfg.blocks
+        self.carry_in = carry_layout(pattern[: blocks.start])
+        written = carry_layout(pattern[: blocks.stop])
+        self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
+
+    def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor) -> Tensor | tuple[Tensor, ...]:
+        cu_seqlens = cu_seqlens_of(doc_starts)
+        carry = dict(zip(self.carry_in, carry_in))
+        h = x if self.embed is None else self.embed(x)
+        for block in self.blocks.values():
+            h = block(h, cu_seqlens=cu_seqlens, carry=carry)
+        if self.lm_head is not None:
+            h = self.lm_head(self.norm(h))
+        outputs = (h, *(carry[key] for key in self.carry_out))
+        return outputs if len(outputs) > 1 else h
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def with_aux_loss(lm_loss: LossFn) -> LossFn:
+    """The last stage's loss: `lm_loss(logits, labels)`, plus the auxiliary loss when it carries one."""
+
+    def loss(output: Tensor | tuple[Tensor, ...], labels: Tensor) -> Tensor:
+        if isinstance(output, Tensor):
+            return lm_loss(output, labels)
+        logits, aux_loss = output
+        return lm_loss(logits, labels) + aux_loss
+
+    return loss
+
+
+# ---- building and stepping ------------------------------------------------------------------
+
+def check_pipeline_model(cfg: ModelConfig) -> None:
+    if cfg.tie_embeddings:
+        raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
+
+
+def build_stage_modules(model: HybridLM, pp_rank: int, pp: int, virtual_stages: int, seq_len: int) -> tuple[list[StageModule], list[int]]:
+    """This pp rank's stage modules and their stage indices."""
+    check_pipeline_model(model.cfg)
+    n_stages = pp * virtual_stages
+    ranges = stage_block_ranges(model, n_stages, seq_len)
+    indices = stages_of_rank(pp_rank, pp, virtual_stages)
+    modules = [StageModule(model, ranges[s], is_first=s == 0, is_last=s == n_stages - 1) for s in indices]
+    return modules, indices
+
+
+@dataclass
+class Pipeline:
+    """This pp rank's part of the pipeline: its stage modules (indices `stage_ids` of `n_stages`),
+    the schedule that runs them, and the pp process group."""
+
+    schedule: _PipelineSchedule
+    modules: list[StageModule]
+    stage_ids: list[int]
+    n_stages: int
+    group: dist.ProcessGroup
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.modules for p in module.parameters()]
+
+
+def build_schedule(
+    modules: list[StageModule], stage_ids: list[int], pp_mesh: DeviceMesh, schedule: str, microbatches: int,
+    lm_loss: LossFn, device: torch.device,
+) -> Pipeline:
+    """Wrap the stage modules (after any FSDP and activation checkpointing) in PipelineStages on the
+    mesh's pp group, and a schedule that averages the loss over `microbatches`."""
+    n_stages = pp_mesh.size() * len(modules)
+    group = pp_mesh.get_group()
+    stages = [PipelineStage(module, index, n_stages, device, group=group) for module, index in zip(modules, stage_ids)]
+    loss_fn = with_aux_loss(lm_loss)
+    schedule_class = SCHEDULES[schedule]
+    if schedule in MULTI_STAGE_SCHEDULES:
+        runner = schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    elif len(stages) == 1:
+        runner = schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    else:
+        raise ValueError(f"schedule {schedule} runs one stage per rank, got {len(stages)}")
+    return Pipeline(runner, modules, stage_ids, n_stages, group)
+
+
+def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float | None, group: dist.ProcessGroup) -> Tensor:
+    """Clip by the gradient norm over every pp rank's parameters (each holds only its stages')."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squared = torch.nn.utils.get_total_norm(grads).float().square()
+    dist.all_reduce(squared, group=group)
+    total = squared.sqrt()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def pipeline_train_step(
+    pipeline: Pipeline, optimizer: torch.optim.Optimizer, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor,
+    grad_clip: float | None,
+) -> tuple[Tensor | None, Tensor]:
+    """One optimizer step over a whole batch, which the schedule splits into its microbatches
+    (the pipeline's gradient accumulation). Every pp rank passes the same batch. Returns the mean
+    loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
+    gradient norm before clipping."""
+    doc_starts = document_starts(cu_seqlens, *input_ids.shape)
+    args = (input_ids,) if pipeline.has_first else ()
+    losses: list[Tensor] = []
+    if pipeline.has_last:
+        pipeline.schedule.step(*args, target=labels, losses=losses, doc_starts=doc_starts)
+    else:
+        pipeline.schedule.step(*args, doc_starts=doc_starts)
+    grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.stack(losses).mean().detach() if pipeline.has_last else None
+    return loss, grad_norm

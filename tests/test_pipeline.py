@@ -1,0 +1,147 @@
+"""Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B) and PP=4 on gloo
+against one process doing the same gradient accumulation over the same microbatches.
+
+Tolerance: float32, losses and final parameters within 2e-5 (the computations per microbatch are
+the same; only the order of gradient accumulation and the norm reduction differ)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from models.config import ModelConfig
+from models.model import HybridLM
+from optim.adamw import build_optimizer
+from parallel.pipeline import (
+    balanced_stage_sizes,
+    block_costs,
+    build_schedule,
+    build_stage_modules,
+    cu_seqlens_of,
+    document_starts,
+    pipeline_train_step,
+    stage_block_ranges,
+    stages_of_rank,
+)
+from pretrain.config import OptimConfig
+from pretrain.step import lm_loss
+from tests.distributed import run_distributed
+
+STEPS, BATCH, SEQ, VOCAB = 3, 4, 16, 64
+OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
+GRAD_CLIP = 0.5
+TOL = 2e-5
+
+
+def tiny_config(pattern: str) -> ModelConfig:
+    return ModelConfig(
+        pattern=pattern, d_model=32, vocab_size=VOCAB, tie_embeddings=False,
+        mixers={
+            "attention": {"num_heads": 2},
+            "deltanet": {"num_heads": 2, "chunk_size": 8},
+            "mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 8},
+            "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
+        },
+    )
+
+
+def packed_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels, cu_seqlens) per step, with documents of random lengths across rows."""
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+        starts = torch.randperm(BATCH * SEQ - 1, generator=gen)[:5] + 1
+        cu_seqlens = torch.unique(torch.cat([starts, torch.arange(0, BATCH * SEQ + 1, SEQ)])).to(torch.int32)
+        batches.append((tokens[:, :-1], tokens[:, 1:], cu_seqlens))
+    return batches
+
+
+def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process: gradient accumulation over the same microbatches, then the same clip and step."""
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    optimizer = build_optimizer(model, OPTIM)
+    losses = []
+    for input_ids, labels, cu_seqlens in packed_batches():
+        starts = document_starts(cu_seqlens, BATCH, SEQ)
+        step_loss = 0.0
+        for ids, lab, st in zip(*(t.chunk(microbatches) for t in (input_ids, labels, starts))):
+            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_of(st)), lab)
+            (loss / microbatches).backward()
+            step_loss += loss.item() / microbatches
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
+    mesh = init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",))
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    modules, stage_ids = build_stage_modules(model, mesh.get_local_rank(), pp, virtual_stages, SEQ)
+    pipeline = build_schedule(modules, stage_ids, mesh, schedule, microbatches, lm_loss, torch.device("cpu"))
+    optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
+    losses = []
+    for input_ids, labels, cu_seqlens in packed_batches():
+        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids, labels, cu_seqlens, GRAD_CLIP)
+        losses.append(None if loss is None else loss.item())
+    params = {name: p.detach().clone() for module in modules for name, p in module.named_parameters()}
+    return (losses if pipeline.has_last else None), params
+
+
+@pytest.mark.parametrize(
+    "pattern, pp, virtual_stages, schedule",
+    [
+        ("M*TG", 2, 1, "1f1b"),
+        ("M*TG", 2, 2, "interleaved_1f1b"),
+        ("M* | TG | M* | TG", 4, 1, "1f1b"),
+    ],
+    ids=["pp2-1f1b", "pp2-interleaved", "pp4-1f1b"],
+)
+def test_pipeline_matches_one_process(pattern: str, pp: int, virtual_stages: int, schedule: str) -> None:
+    cfg = tiny_config(pattern)
+    microbatches = 4 if virtual_stages == 1 else 2 * pp
+    microbatches = min(microbatches, BATCH)
+    ref_losses, ref_params = reference_run(cfg, microbatches)
+    results = run_distributed(pipeline_rank, pp, cfg, pp, virtual_stages, schedule, microbatches)
+    losses = [r[0] for r in results if r[0] is not None]
+    assert len(losses) == 1
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(ref_losses), rtol=0, atol=TOL)
+    seen = set()
+    for _, params in results:
+        for name, value in params.items():
+            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
+            seen.add(name)
+    assert seen == set(ref_params)
+
+
+def test_pattern_cuts_give_stages() -> None:
+    model = HybridLM(tiny_config("M* | T | G*"))
+    assert stage_block_ranges(model, 3, SEQ) == [range(0, 2), range(2, 3), range(3, 5)]
+    with pytest.raises(ValueError, match="need 2 non-empty stages"):
+        stage_block_ranges(model, 2, SEQ)
+
+
+def test_automatic_balance() -> None:
+    assert balanced_stage_sizes([1, 1, 1, 1], 2) == [2, 2]
+    assert balanced_stage_sizes([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert balanced_stage_sizes([1, 1, 1, 1, 1, 5], 3) == [3, 2, 1] or balanced_stage_sizes([1, 1, 1, 1, 1, 5], 3)[-1] == 1
+    model = HybridLM(tiny_config("MMMM"))
+    costs = block_costs(model, SEQ)
+    assert costs[-1] > costs[0]  # the head rides with the last block
+    sizes = [len(r) for r in stage_block_ranges(model, 2, SEQ)]
+    assert sum(sizes) == 4 and max(sum(costs[:sizes[0]]), sum(costs[sizes[0]:])) == min(
+        max(sum(costs[:k]), sum(costs[k:])) for k in range(1, 4)
+    )
+
+
+def test_looped_stage_placement_and_document_starts() -> None:
+    assert stages_of_rank(1, 2, 2) == [1, 3]
+    cu_seqlens = torch.tensor([0, 3, 8, 11, 16], dtype=torch.int32)
+    starts = document_starts(cu_seqlens, 2, 8)
+    assert torch.equal(cu_seqlens_of(starts), cu_seqlens)
+    assert torch.equal(cu_seqlens_of(starts[1:]), torch.tensor([0, 3, 8], dtype=torch.int32))
