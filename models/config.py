@@ -1,7 +1,7 @@
 """Typed model configuration: the `model` section of a run config.
 
 A hybrid stack is a pattern string, one character per block (DESIGN.md): `*` attention,
-`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet, `R` RWKV-7, `O` MoM (S is reserved for SSE).
+`M` Mamba2, `T` DeltaNet, `G` Gated DeltaNet, `R` RWKV-7, `O` MoM, `S` SSE.
 Spaces are ignored and `|` marks a pipeline-stage cut.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "R": "rwkv7", "O": "mom"}
-RESERVED_MIXERS = {"S": "sse"}
+IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "R": "rwkv7", "O": "mom", "S": "sse"}
+RESERVED_MIXERS: dict[str, str] = {}
 
 
 class Strict(BaseModel):

@@ -22,8 +22,9 @@ SMALL = {
     "deltanet": {"num_heads": 2, "chunk_size": 4},
     "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
     "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
 }
-SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "O": "mom"}
+SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "O": "mom", "S": "sse"}
 
 # (pattern character, overrides of its config section): every option that changes the math
 CASES = [

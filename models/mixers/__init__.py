@@ -15,8 +15,9 @@ from models.mixers.deltanet import DeltaNet
 from models.mixers.gated_deltanet import GatedDeltaNet
 from models.mixers.mamba2 import Mamba2
 from models.mixers.mom import MoM
+from models.mixers.sse import SSE
 
-MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet, "O": MoM}
+MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet, "O": MoM, "S": SSE}
 
 
 def build_mixer(char: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
