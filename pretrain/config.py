@@ -48,6 +48,10 @@ class TrainConfig(Strict):
     stop_at_step: int | None = Field(
         None, gt=0, description="end this invocation after this step, as if preempted (the schedule still spans steps); continue with --resume"
     )
+    activation_checkpoint: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute block activations in backward: full = every block, selective = every k-th"
+    )
+    activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
 
 
 class OptimConfig(Strict):
@@ -69,6 +73,25 @@ class ParallelConfig(Strict):
     dp_shard: int = Field(-1, ge=-1)
     dp_replicate: int = Field(1, ge=1)
     cp: Literal[1] = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
+        "1f1b", description="torch.distributed.pipelining schedule"
+    )
+    pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
+    pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
+    fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
+
+    @property
+    def microbatches(self) -> int:
+        return self.pp_microbatches or self.pp
+
+    @model_validator(mode="after")
+    def _virtual_stages_fit_schedule(self) -> "ParallelConfig":
+        interleaved = self.pp_schedule in ("interleaved_1f1b", "zero_bubble")
+        if interleaved and self.pp_virtual_stages < 2:
+            raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
+        if not interleaved and self.pp_virtual_stages != 1:
+            raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
+        return self
 
 
 class CheckpointConfig(Strict):
@@ -95,6 +118,23 @@ class RunConfig(Strict):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _pipeline_fits_model_and_batch(self) -> "RunConfig":
+        p, m = self.parallel, self.model
+        if p.pp == 1:
+            return self
+        stages = p.pp * p.pp_virtual_stages
+        if self.train.batch_size % p.microbatches:
+            raise ValueError(f"parallel.pp_microbatches ({p.microbatches}) must divide train.batch_size ({self.train.batch_size})")
+        if stages > m.n_layers:
+            raise ValueError(f"pp * pp_virtual_stages ({stages}) pipeline stages need at least as many blocks (model has {m.n_layers})")
+        cuts = m.pattern.count("|")
+        if cuts and cuts + 1 != stages:
+            raise ValueError(f"model.pattern has {cuts + 1} '|'-separated stages but pp * pp_virtual_stages is {stages}")
+        if m.tie_embeddings:
+            raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
+        return self
 
     @model_validator(mode="after")
     def _single_process_only_for_now(self) -> "RunConfig":
