@@ -8,8 +8,19 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.mixers import build_mixer
+from models.mixers.rwkv7 import RWKV7ChannelMix
 from models.mlp import SwiGLU
 from models.norms import RMSNorm
+
+
+def build_mlp(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module | None:
+    """SwiGLU, or RWKV's channel-mix in R blocks when model.mixers.rwkv7.channel_mix; None
+    when model.mlp is none."""
+    if cfg.mlp == "none":
+        return None
+    if kind == "R" and cfg.mixers.rwkv7.channel_mix:
+        return RWKV7ChannelMix(cfg, layer_idx)
+    return SwiGLU(cfg.d_model, cfg.mlp_width)
 
 
 class Block(nn.Module):
@@ -19,13 +30,17 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp != "none" else None
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width) if cfg.mlp != "none" else None
+        self.mlp = build_mlp(kind, cfg, layer_idx)
 
     def forward(
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
     ) -> Tensor:
         x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, carry=carry)
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+        if self.mlp is None:
+            return x
+        if isinstance(self.mlp, RWKV7ChannelMix):  # token shift: needs documents and the cache
+            return x + self.mlp(self.mlp_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
 
     def flops_per_token(self, seq_len: int) -> float:
         mlp = 0.0 if self.mlp is None else self.mlp.flops_per_token()
@@ -51,7 +66,8 @@ class HybridLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """Embeddings, MLPs and an untied head ~ N(0, init_std); MLP down-projections scaled by
-        1/sqrt(residual branches) (GPT-2). Each mixer initialises itself as its paper does."""
+        1/sqrt(residual branches) (GPT-2). Each mixer, and RWKV's channel-mix, initialises
+        itself as its paper does."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
         if self.cfg.tie_embeddings:
@@ -61,7 +77,7 @@ class HybridLM(nn.Module):
         n_residuals = self.cfg.residuals_per_block * self.cfg.n_layers
         down_std = std / math.sqrt(n_residuals) if self.cfg.rescale_residual else std
         for block in self.blocks:
-            if block.mlp is None:
+            if not isinstance(block.mlp, SwiGLU):
                 continue
             nn.init.normal_(block.mlp.gate_proj.weight, std=std)
             nn.init.normal_(block.mlp.up_proj.weight, std=std)

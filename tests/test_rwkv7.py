@@ -2,6 +2,7 @@
 time-mix mixer (decoding, packed documents, value residual), the channel-mix, and whole models."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import models.ops as ops
+from models.config import ModelConfig
+from models.mixers.rwkv7 import RWKV7, RWKV7ChannelMix, lora_rank
+from models.model import HybridLM
+from pretrain.generate import generate
 
 torch.set_num_threads(1)
 
@@ -143,3 +148,167 @@ def test_fla_kernel_matches_torch_chunks(monkeypatch):
     expected = outputs_and_gradients(ops.chunk_rwkv7, inputs, cu_seqlens=bounds)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+# --- the mixer --------------------------------------------------------------------------------
+
+D_MODEL = 32
+SMALL_MIXERS = {
+    "rwkv7": {"head_dim": 8, "chunk_size": 4},
+    "attention": {"num_heads": 2},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+    "deltanet": {"num_heads": 2, "chunk_size": 4},
+    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+}
+
+
+def small_config(pattern: str, **rwkv7_options) -> ModelConfig:
+    mixers = {**SMALL_MIXERS, "rwkv7": {**SMALL_MIXERS["rwkv7"], **rwkv7_options}}
+    return ModelConfig(pattern=pattern, d_model=D_MODEL, vocab_size=64, mixers=mixers)
+
+
+@torch.no_grad()
+def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """float64, every parameter moved off its official init (which zeroes out_proj, the LoRAs'
+    first matrices and the channel-mix's W_v, so that a fresh block outputs zeros)."""
+    torch.manual_seed(seed)
+    module = module.double()
+    for p in module.parameters():
+        p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+def rwkv7_block(layer_idx: int, pattern: str = "RTR", **options) -> RWKV7:
+    return randomised(RWKV7(small_config(pattern, **options), layer_idx), seed=layer_idx)
+
+
+def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 2], ids=["first-R-block", "later-R-block"])
+def test_mixer_decoding_matches_full_forward(layer_idx):
+    """Token by token, and prefill then decode, equal the full forward (float64): the token shift
+    continues from the cache and the state is carried; a later block reads v_first per token."""
+    mixer = rwkv7_block(layer_idx)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    v_first = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+
+    def call(start: int, end: int, cache: dict | None) -> torch.Tensor:
+        return mixer(x[:, start:end], cache=cache, carry={"v_first": v_first[:, start:end]})
+
+    with torch.no_grad():
+        full = call(0, 11, None)
+        cache: dict = {}
+        stepwise = torch.cat([call(t, t + 1, cache) for t in range(11)], dim=1)
+        sizes = {key: value.shape for key, value in cache.items()}
+        cache = {}
+        pieces = [call(0, 6, cache), call(6, 9, cache)] + [call(t, t + 1, cache) for t in range(9, 11)]
+    assert full.abs().max() > 0.1
+    assert_close64(stepwise, full)
+    assert_close64(torch.cat(pieces, dim=1), full)
+    assert sizes == {"shift": (2, 1, D_MODEL), "state": (2, D_MODEL // 8, 8, 8)}  # constant memory
+
+
+@pytest.mark.parametrize("layer_idx", [0, 2], ids=["first-R-block", "later-R-block"])
+def test_mixer_packed_documents_match_each_document_alone(layer_idx):
+    """Rows of 10 tokens hold documents of 3, 7 | 4, 1, 5: no state and no token shift crosses a
+    document start."""
+    mixer = rwkv7_block(layer_idx)
+    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
+    v_first = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
+    bounds = [0, 3, 10, 14, 15, 20]
+    with torch.no_grad():
+        packed = mixer(x, cu_seqlens=torch.tensor(bounds), carry={"v_first": v_first}).reshape(20, D_MODEL)
+        tokens, values = x.reshape(1, 20, D_MODEL), v_first.reshape(1, 20, D_MODEL)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            alone = mixer(tokens[:, start:end], carry={"v_first": values[:, start:end]})[0]
+            assert_close64(packed[start:end], alone)
+
+
+def test_value_residual_flows_from_the_first_r_block_through_the_carry():
+    """Pattern "RTR": block 0 stores its values in carry["v_first"]; block 2's output depends on
+    them, so its gradient reaches block 0's v projection even though block 2's input does not
+    depend on block 0. Block 0 has no value-residual parameters; block 2 needs the carry."""
+    first, later = rwkv7_block(0), rwkv7_block(2)
+    assert first.is_first and first.v_lora is None and not later.is_first
+    x0, x2 = torch.randn(2, 2, 9, D_MODEL, dtype=torch.float64)
+    carry: dict = {}
+    first(x0, carry=carry)
+    assert carry["v_first"].shape == x0.shape
+    grad = torch.autograd.grad(later(x2, carry=carry).square().sum(), first.v_proj.weight)[0]
+    assert grad.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="v_first"):
+        later(x2)
+
+
+def test_channel_mix_token_shift_respects_documents_and_the_cache():
+    mix = randomised(RWKV7ChannelMix(small_config("R"), 0))
+    x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        packed = mix(x, cu_seqlens=torch.tensor([0, 5, 12]))
+        assert_close64(packed[:, :5], mix(x[:, :5]))
+        assert_close64(packed[:, 5:], mix(x[:, 5:]))
+        assert not torch.allclose(packed[:, 5:], mix(x)[:, 5:])  # without cu_seqlens token 5 sees token 4
+        cache: dict = {}
+        stepwise = torch.cat([mix(x[:, t : t + 1], cache=cache) for t in range(12)], dim=1)
+    assert_close64(stepwise, mix(x))
+
+
+def test_official_init():
+    cfg = small_config("RRRR", head_dim=8)
+    blocks = [RWKV7(cfg, i) for i in range(4)]
+    first, last = blocks[0], blocks[-1]
+    assert torch.all(first.out_proj.weight == 0) and torch.all(first.w_lora.down.weight == 0)
+    assert torch.allclose(first.mu[:, 0], torch.ones(6)) and (first.mu[:, 1:] < 1).all()  # ddd_0 = 0
+    assert (last.mu.mean() < first.mu.mean()).item()  # deeper blocks shift less
+    assert torch.allclose(first.k_a, torch.full_like(first.k_a, 1.02)) and torch.allclose(first.r_k, torch.full_like(first.r_k, -0.04))
+    log_w = -math.exp(-0.5) * torch.sigmoid(first.w0)
+    assert log_w.min() > -0.6066 and log_w.max() < 0
+    assert torch.allclose(last.o_norm.weight, torch.ones(D_MODEL))  # ((l + 1) / L)^0.7 = 1 at the top
+    vectors = [first.mu, first.w0, first.a0, first.k_k, first.k_a, first.r_k, blocks[1].v0]
+    assert all(getattr(p, "_no_weight_decay", False) for p in vectors)
+    assert not getattr(first.r_proj.weight, "_no_weight_decay", False)
+    assert (lora_rank(2.5, 4096), lora_rank(1.7, 4096), lora_rank(5.0, 4096), lora_rank(2.5, 256)) == (160, 96, 320, 32)
+    assert RWKV7(small_config("R", decay_rank=16), 0).w_lora.down.out_features == 16
+
+
+def test_flops_follow_width_not_context():
+    narrow, wide = RWKV7(small_config("R"), 0), RWKV7(ModelConfig(pattern="R", d_model=64, mixers=SMALL_MIXERS), 0)
+    assert 0 < narrow.flops_per_token(256) < wide.flops_per_token(256)
+    assert narrow.flops_per_token(4096) == narrow.flops_per_token(256)
+
+
+# --- whole models -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["RRR*", "MRTG*"])
+def test_model_trains_with_falling_loss(pattern):
+    torch.manual_seed(0)
+    model = HybridLM(small_config(pattern))
+    assert all(isinstance(b.mlp, RWKV7ChannelMix) == (b.kind == "R") for b in model.blocks)
+    ids = torch.randint(0, 64, (4, 24))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        logits = model(ids[:, :-1], cu_seqlens=torch.tensor([0, 10, 23, 46, 69, 92]))
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("pattern, channel_mix", [("RRR*", True), ("MRTG*", True), ("RR", False)])
+def test_generation_equals_argmax_of_full_forwards(pattern, channel_mix):
+    torch.manual_seed(0)
+    model = randomised(HybridLM(small_config(pattern, channel_mix=channel_mix))).eval()
+    prompt = [5, 17, 3, 42, 9, 11, 60]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    expected = ids[len(prompt):]
+    assert len(set(expected)) > 1
+    assert generate(model, prompt, max_new_tokens=10) == expected

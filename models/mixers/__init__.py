@@ -15,9 +15,10 @@ from models.mixers.deltanet import DeltaNet
 from models.mixers.gated_deltanet import GatedDeltaNet
 from models.mixers.mamba2 import Mamba2
 from models.mixers.mom import MoM
+from models.mixers.rwkv7 import RWKV7
 from models.mixers.sse import SSE
 
-MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet, "O": MoM, "S": SSE}
+MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet, "R": RWKV7, "O": MoM, "S": SSE}
 
 
 def build_mixer(char: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:

@@ -75,3 +75,16 @@ def segment_conv(conv: ShortConv, x: Tensor, cu_seqlens: Tensor, tails: Tensor |
     y = conv(extended[None], extended_cu)[0][0].index_select(0, token_at)
     new_tails = extended.index_select(0, (extended_cu[1:, None] - lag + taps).flatten()).view_as(tails)
     return y, new_tails
+
+
+def token_shift(x: Tensor, cu_seqlens: Tensor | None, cache: dict | None, key: str) -> Tensor:
+    """x_{t-1} for every token of x [B, T, C] (RWKV's token shift, a width-2 causal window): zero
+    at a document start (`cu_seqlens`, B = 1), and before the first token the last token of the
+    previous call kept in `cache[key]` (zero without one), which is then updated."""
+    before = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or key not in cache else cache[key].to(x.dtype)
+    previous = torch.cat([before, x[:, :-1]], dim=1)
+    if cu_seqlens is not None:
+        previous = previous * (positions_in_documents(cu_seqlens, x.shape[1]) > 0)[:, None]
+    if cache is not None:
+        cache[key] = x[:, -1:]
+    return previous

@@ -29,3 +29,13 @@ def chunked_recurrence_flops(chunk: int, d_k: int, d_v: int, delta_rule: bool) -
     if delta_rule:
         flops += 2.0 * chunk * d_k + 2.0 * chunk * chunk / 3 + 2.0 * chunk * (d_k + d_v) + 2.0 * d_k * d_v
     return flops
+
+
+def dplr_recurrence_flops(chunk: int, d_k: int, d_v: int) -> float:
+    """Forward matmul FLOPs per token and head of `chunk_rwkv7` (models/ops/rwkv7.py).
+
+    Four decayed score matrices (a.b, a.k, r.k, r.b: 8C d_k), A_ak V (2C d_v), the triangular
+    solve with d_v + d_k right-hand sides (C(d_k + d_v)), A_rk V and A_rb U (4C d_v), and four
+    state products: W S, b^T U, k^T V and r S (8 d_k d_v). Decays, norms and gates are elementwise.
+    """
+    return 9.0 * chunk * d_k + 7.0 * chunk * d_v + 8.0 * d_k * d_v
