@@ -1,0 +1,73 @@
+"""The device mesh (pp, dp_replicate, dp_shard, tp) and the layout checks run before any work."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from models.config import ModelConfig
+from parallel.tp import mixer_plan
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+class ParallelConfig(Protocol):
+    """The `parallel` section of a run config (pretrain.config.ParallelConfig, which sits above
+    this package)."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+
+class ParallelError(ValueError):
+    """A parallel layout that cannot run: raised before any process group or model is built."""
+
+
+def mesh_shape(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Size of every mesh dim, in mesh order; dp_shard = -1 takes the rest of the world size."""
+    fixed = parallel.pp * parallel.dp_replicate * parallel.tp
+    dp_shard = parallel.dp_shard
+    if dp_shard == -1:
+        if world_size % fixed:
+            raise ParallelError(
+                f"world size {world_size} is not divisible by pp*dp_replicate*tp = {fixed} (dp_shard = -1 takes the rest)"
+            )
+        dp_shard = world_size // fixed
+    shape = dict(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, tp=parallel.tp)
+    if fixed * dp_shard != world_size:
+        sizes = " * ".join(f"{k} {v}" for k, v in shape.items())
+        raise ParallelError(f"parallel layout {sizes} = {fixed * dp_shard} processes, but the world size is {world_size}")
+    return shape
+
+
+def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
+    """All four dims, size-1 ones included, so code can always ask for mesh["tp"] etc."""
+    shape = mesh_shape(parallel, world_size)
+    return init_device_mesh(device_type, tuple(shape.values()), mesh_dim_names=MESH_DIMS)
+
+
+def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> dict[str, int]:
+    """The mesh shape, or a one-line ParallelError naming what does not divide."""
+    shape = mesh_shape(parallel, world_size)
+    if model.n_layers < shape["pp"]:
+        raise ParallelError(f"{model.n_layers} blocks cannot fill parallel.pp = {shape['pp']} pipeline stages")
+    tp = shape["tp"]
+    if tp > 1:
+        _check_tensor_parallel(model, tp)
+    return shape
+
+
+def _check_tensor_parallel(model: ModelConfig, tp: int) -> None:
+    for kind in dict.fromkeys(model.blocks):
+        try:
+            error = mixer_plan(kind).divisibility_error(model, tp)
+        except NotImplementedError as e:
+            raise ParallelError(str(e)) from None
+        if error:
+            raise ParallelError(error)
+    if model.mlp != "none" and model.mlp_width % tp:
+        raise ParallelError(f"MLP width ({model.mlp_width}) must be divisible by parallel.tp ({tp})")
+    if model.vocab_size % tp:
+        raise ParallelError(f"model.vocab_size ({model.vocab_size}) must be divisible by parallel.tp ({tp})")

@@ -1,0 +1,166 @@
+"""Tensor parallelism: TP=2 on gloo (with and without sequence parallelism) against one process
+with the same seed, for a model with every mixer that has a TP plan; layout errors in process.
+
+Tolerance: float32; logits, gradients and parameters after 3 AdamW steps within atol 2e-5 /
+rtol 1e-4, losses within 2e-5 (the same computation, split over heads: only the order of the
+sums over heads and vocabulary shards differs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import loss_parallel
+
+from models.config import ModelConfig
+from models.model import HybridLM
+from optim.adamw import build_optimizer
+from parallel.mesh import ParallelError, mesh_shape, validate_layout
+from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
+from parallel.tp.mamba2 import conv_segments, in_proj_segments
+from parallel.tp.styles import rank_major_rows
+from pretrain.config import OptimConfig, ParallelConfig
+from pretrain.step import IGNORE_INDEX, lm_loss
+from tests.distributed import run_distributed
+
+TP, STEPS, BATCH, SEQ, VOCAB = 2, 3, 2, 16, 64
+OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
+ATOL, RTOL, LOSS_TOL = 2e-5, 1e-4, 2e-5
+MIXERS = dict(
+    attention=dict(num_heads=4, num_kv_heads=2),
+    mamba2=dict(d_state=8, head_dim=8, n_groups=2, chunk_size=8),
+    deltanet=dict(num_heads=2),
+    gated_deltanet=dict(num_heads=2, num_v_heads=4, head_dim=8, expand_v=1.0),
+)
+CONFIG = ModelConfig(pattern="M*TG", d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS)
+
+
+def batches() -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """Input ids, labels (some ignored) and document starts; the first batch packs documents."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for step in range(STEPS):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, :3] = IGNORE_INDEX
+        cu_seqlens = torch.tensor([0, 5, 11, 21]) if step == 0 else None
+        out.append((ids[:, :-1], labels, cu_seqlens))
+    return out
+
+
+def full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], dict[str, Tensor]]:
+    """First-step logits and gradients, the loss of every step and the final parameters, as
+    plain tensors (DTensors gathered)."""
+    optimizer = build_optimizer(model, OPTIM)
+    losses, logits0, grads0 = [], None, None
+    for input_ids, labels, cu_seqlens in batches():
+        logits = model(input_ids, cu_seqlens=cu_seqlens)
+        with loss_parallel():
+            loss = lm_loss(logits, labels)
+            loss.backward()
+        if logits0 is None:
+            logits0 = full(logits).detach()
+            grads0 = {n: full(p.grad) for n, p in model.named_parameters()}
+        losses.append(full(loss).item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return logits0, grads0, losses, {n: full(p).detach() for n, p in model.named_parameters()}
+
+
+def tensor_parallel_rank(cfg: ModelConfig, sequence_parallels: tuple[bool, ...]) -> list:
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    results = []
+    for sequence_parallel in sequence_parallels:
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(HybridLM(cfg), mesh, sequence_parallel=sequence_parallel)
+        assert all(hasattr(p, "full_tensor") for p in model.parameters()), "every parameter is a DTensor"
+        results.append(train(model))
+    return results
+
+
+def in_tensor_parallel_layout(model: HybridLM, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Single-process tensors with Mamba2's fused in_proj and conv rows in TP's rank-major order."""
+    out = dict(tensors)
+    for i, block in enumerate(model.blocks):
+        if block.kind != "M":
+            continue
+        for name, segments in (("in_proj.weight", in_proj_segments(block.mixer)),
+                               ("conv1d.weight", conv_segments(block.mixer)), ("conv1d.bias", conv_segments(block.mixer))):
+            key = f"blocks.{i}.mixer.{name}"
+            out[key] = tensors[key][rank_major_rows(segments, TP)]
+    return out
+
+
+def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_covered_mixers() -> None:
+    assert set(TP_PLANS) == {"*", "M", "T", "G"}
+    with pytest.raises(NotImplementedError, match=r"mixer 'R' has no tensor-parallel plan"):
+        mixer_plan("R")
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_tp2_matches_single_process(tie_embeddings: bool) -> None:
+    """Logits, per-parameter gradients, 3 AdamW steps' losses and final parameters, without and
+    with sequence parallelism (the untied run checks the plain layout only)."""
+    cfg = CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings))
+    sequence_parallels = (False, True) if tie_embeddings else (True,)
+    torch.manual_seed(0)
+    reference = HybridLM(cfg)
+    want_logits, want_grads, want_losses, want_params = train(reference)
+    want_grads, want_params = in_tensor_parallel_layout(reference, want_grads), in_tensor_parallel_layout(reference, want_params)
+    ranks = run_distributed(tensor_parallel_rank, TP, cfg, sequence_parallels)
+    for rank in ranks:
+        for logits, grads, losses, params in rank:
+            torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
+            assert_close_dicts(grads, want_grads)
+            assert losses == pytest.approx(want_losses, abs=LOSS_TOL)
+            assert_close_dicts(params, want_params)
+
+
+def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
+    mixers = {k: {**v, **changes.get(k, {})} for k, v in MIXERS.items()}
+    return ModelConfig(pattern=pattern, d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=mixers)
+
+
+@pytest.mark.parametrize(
+    "parallel, model, world_size, message",
+    [
+        (dict(tp=2, pp=2, dp_shard=1), CONFIG, 8, r"tp 2 = 4 processes, but the world size is 8"),
+        (dict(tp=4), CONFIG, 6, r"world size 6 is not divisible by pp\*dp_replicate\*tp = 4"),
+        (dict(tp=4), with_mixers("*", attention=dict(num_heads=6, head_dim=8, num_kv_heads=6)), 4,
+         r"mixers.attention.num_heads \(6\) must be divisible by parallel.tp \(4\)"),
+        (dict(tp=2), with_mixers("M*TG", attention=dict(num_kv_heads=1)), 2, r"mixers.attention.num_kv_heads \(1\)"),
+        (dict(tp=2), with_mixers("M*TG", mamba2=dict(n_groups=1)), 2, r"mixers.mamba2.n_groups \(1\) must be divisible"),
+        (dict(tp=4), with_mixers("T", deltanet=dict(num_heads=2)), 4, r"mixers.deltanet.num_heads \(2\)"),
+        (dict(tp=4), with_mixers("G", gated_deltanet=dict(num_heads=2, num_v_heads=4)), 4, r"mixers.gated_deltanet.num_heads \(2\)"),
+        (dict(tp=2), CONFIG.model_copy(update=dict(mlp_hidden=65)), 2, r"MLP width \(65\)"),
+        (dict(tp=2), CONFIG.model_copy(update=dict(vocab_size=65)), 2, r"model.vocab_size \(65\)"),
+        (dict(pp=8, dp_shard=1), CONFIG, 8, r"4 blocks cannot fill parallel.pp = 8 pipeline stages"),
+    ],
+)
+def test_invalid_layouts(parallel: dict, model: ModelConfig, world_size: int, message: str) -> None:
+    with pytest.raises(ParallelError, match=message):
+        validate_layout(ParallelConfig(**parallel), model, world_size)
+
+
+def test_mixer_without_plan_is_a_layout_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(TP_PLANS, "T")
+    with pytest.raises(ParallelError, match=r"mixer 'T' has no tensor-parallel plan"):
+        validate_layout(ParallelConfig(tp=2), CONFIG, 2)
+    validate_layout(ParallelConfig(tp=1), CONFIG, 2)  # no plan needed without TP
+
+
+def test_mesh_shape() -> None:
+    assert mesh_shape(ParallelConfig(tp=2, pp=2), 8) == dict(pp=2, dp_replicate=1, dp_shard=2, tp=2)
+    assert validate_layout(ParallelConfig(tp=2, dp_replicate=2, dp_shard=1), CONFIG, 4) == dict(
+        pp=1, dp_replicate=2, dp_shard=1, tp=2
+    )
