@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +27,32 @@ def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime, reduction: st
     return lm_loss(logits, batch.labels, reduction), carry.get("aux_loss")
 
 
+class StepResult(NamedTuple):
+    """Device tensors (reading them would sync every step): the mean LM loss, the gradient norm
+    before clipping, and the mean auxiliary loss (None when the model has none)."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    aux_loss: Tensor | None
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
-) -> tuple[Tensor, Tensor]:
-    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Returns the mean LM loss
-    and the gradient norm before clipping, as device tensors (reading them would sync every step).
-    Auxiliary losses are added to what is differentiated, not to the returned loss."""
-    loss_sum = torch.zeros((), device=runtime.device)
+) -> StepResult:
+    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Auxiliary losses are
+    added to what is differentiated, not to the returned LM loss."""
+    loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
         loss, aux_loss = forward_loss(model, next(batches), runtime)
         total = loss if aux_loss is None else loss + aux_loss
         (total / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
+        if aux_loss is not None:
+            aux_losses.append(aux_loss.detach().float())
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return StepResult(loss_sum, grad_norm, torch.stack(aux_losses).mean() if aux_losses else None)
 
 
 @torch.no_grad()

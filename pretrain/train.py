@@ -22,7 +22,7 @@ from pretrain.data import DataError, build_data
 from pretrain.flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.runtime import Runtime, set_up
-from pretrain.step import evaluate, train_step
+from pretrain.step import StepResult, evaluate, train_step
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -81,13 +81,13 @@ def train(cfg: RunConfig, resume: bool) -> None:
     began, record, saved = time.perf_counter(), {}, None
     for step in range(start + 1, end + 1):
         lr, tick = optimizer.param_groups[0]["lr"], time.perf_counter()
-        loss, grad_norm = train_step(model, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
+        result = train_step(model, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
         schedule.step()
         log_now = step % t.log_interval == 0 or step == end
         if log_now:
             runtime.synchronize()
         throughput.add_step(time.perf_counter() - tick)
-        record = {"step": step} | (train_record(loss, grad_norm, lr, throughput, runtime) if log_now else {})
+        record = {"step": step} | (train_record(result, lr, throughput, runtime) if log_now else {})
         if val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == end):
             record |= evaluate(model, val_batches, runtime)
         if len(record) > 1:
@@ -98,12 +98,13 @@ def train(cfg: RunConfig, resume: bool) -> None:
     print(summary(start, end, time.perf_counter() - began, record, saved))
 
 
-def train_record(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, throughput: Throughput, runtime: Runtime) -> dict:
+def train_record(result: StepResult, lr: float, throughput: Throughput, runtime: Runtime) -> dict:
     tokens_per_s, mfu = throughput.take()
-    return {
-        "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+    record = {
+        "loss": result.loss.item(), "lr": lr, "grad_norm": result.grad_norm.item(),
         "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(runtime.device),
     }
+    return record if result.aux_loss is None else record | {"aux_loss": result.aux_loss.item()}
 
 
 def summary(start: int, end: int, seconds: float, last: dict, saved: Path | None) -> str:
