@@ -9,7 +9,7 @@ The embedding is on the first stage, the final norm and the head on the last.
 
 What crosses a cut: positional tensors `(hidden, *carry)`. `carry` holds the entries of the
 model's carry dict that blocks before the cut wrote, in the order blocks first write them
-(`carry_layout`; a mixer declares what it writes in a class attribute `carry_writes`), so each
+(`carry_layout`; a mixer declares what it writes in `carry_writes`), so each
 stage's inputs and outputs have static shapes. The last stage returns `(logits, *carry)` with
 only "aux_loss" kept, and the pipeline's loss function (`with_aux_loss`) adds it to the language-model loss.
 
@@ -38,7 +38,6 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from models.config import ModelConfig
-from models.mixers import MIXERS
 from models.model import HybridLM, with_row_starts
 
 SCHEDULES = {
@@ -112,11 +111,12 @@ def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
 
 # ---- what crosses a cut ---------------------------------------------------------------------
 
-def carry_layout(blocks: str) -> tuple[str, ...]:
-    """The carry entries written by `blocks` (pattern characters), in first-write order."""
+def carry_layout(blocks: Sequence[nn.Module]) -> tuple[str, ...]:
+    """The carry entries `blocks` write, in first-write order. A mixer that writes into the carry
+    dict names those entries in `carry_writes` (a tuple, or a property when it depends on config)."""
     keys: list[str] = []
-    for kind in blocks:
-        keys += [key for key in getattr(MIXERS[kind], "carry_writes", ()) if key not in keys]
+    for block in blocks:
+        keys += [key for key in getattr(block.mixer, "carry_writes", ()) if key not in keys]
     return tuple(keys)
 
 
@@ -146,9 +146,8 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
         self.norm = model.norm if is_last else None
         self.lm_head = model.lm_head if is_last else None
-        pattern = model.cfg.blocks
-        self.carry_in = carry_layout(pattern[: blocks.start])
-        written = carry_layout(pattern[: blocks.stop])
+        self.carry_in = carry_layout(model.blocks[: blocks.start])
+        written = carry_layout(model.blocks[: blocks.stop])
         self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
 
     def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor) -> Tensor | tuple[Tensor, ...]:
@@ -261,9 +260,9 @@ def pipeline_train_step(
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
     if pipeline.has_last:
-        pipeline.schedule.step(*args, target=labels, losses=losses, doc_starts=doc_starts)
+        pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, doc_starts=doc_starts)
     else:
-        pipeline.schedule.step(*args, doc_starts=doc_starts)
+        pipeline.schedule.step(*args, return_outputs=False, doc_starts=doc_starts)
     grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,7 @@
-"""Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B) and PP=4 on gloo
-against one process doing the same gradient accumulation over the same microbatches.
+"""Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B, ZeroBubble, GPipe)
+and PP=4 on gloo against one process doing the same gradient accumulation over the same
+microbatches. The tiny models hold every mixer; SSE comes first, so its auxiliary loss crosses
+every stage boundary in the carry.
 
 Tolerance: float32, losses and final parameters within 2e-5 (the computations per microbatch are
 the same; only the order of gradient accumulation and the norm reduction differ)."""
@@ -18,6 +20,7 @@ from parallel.pipeline import (
     block_costs,
     build_schedule,
     build_stage_modules,
+    carry_layout,
     cu_seqlens_of,
     document_starts,
     pipeline_train_step,
@@ -42,6 +45,7 @@ def tiny_config(pattern: str) -> ModelConfig:
             "deltanet": {"num_heads": 2, "chunk_size": 8},
             "mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 8},
             "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
+            "sse": {"num_heads": 2, "head_dim": 8, "num_partitions": 2, "chunk_size": 8, "aux_loss_scale": 0.1},
         },
     )
 
@@ -68,7 +72,8 @@ def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dic
         starts = document_starts(cu_seqlens, BATCH, SEQ)
         step_loss = 0.0
         for ids, lab, st in zip(*(t.chunk(microbatches) for t in (input_ids, labels, starts))):
-            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_of(st)), lab)
+            carry: dict[str, torch.Tensor] = {}
+            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_of(st), carry=carry), lab) + carry["aux_loss"]
             (loss / microbatches).backward()
             step_loss += loss.item() / microbatches
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -96,11 +101,11 @@ def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str,
 @pytest.mark.parametrize(
     "pattern, pp, virtual_stages, schedule",
     [
-        ("M*TG", 2, 1, "1f1b"),
-        ("M*TG", 2, 2, "interleaved_1f1b"),
-        ("M*TG", 2, 2, "zero_bubble"),
-        ("M*TG", 2, 1, "gpipe"),
-        ("M* | TG | M* | TG", 4, 1, "1f1b"),
+        ("SM*TG", 2, 1, "1f1b"),
+        ("SM*TG", 2, 2, "interleaved_1f1b"),
+        ("SM*TG", 2, 2, "zero_bubble"),
+        ("SM*TG", 2, 1, "gpipe"),
+        ("S* | TG | M* | TG", 4, 1, "1f1b"),
     ],
     ids=["pp2-1f1b", "pp2-interleaved", "pp2-zero-bubble", "pp2-gpipe", "pp4-1f1b"],
 )
@@ -140,8 +145,10 @@ def test_automatic_balance() -> None:
     )
 
 
-def test_looped_stage_placement_and_document_starts() -> None:
+def test_placement_carry_layout_and_document_starts() -> None:
     assert stages_of_rank(1, 2, 2) == [1, 3]
+    model = HybridLM(tiny_config("M* S T"))
+    assert carry_layout(model.blocks[:2]) == () and carry_layout(model.blocks) == ("aux_loss",)
     cu_seqlens = torch.tensor([0, 3, 8, 11, 16], dtype=torch.int32)
     starts = document_starts(cu_seqlens, 2, 8)
     assert torch.equal(cu_seqlens_of(starts), cu_seqlens)

@@ -3,7 +3,7 @@ dense Gated DeltaNet state plus N state partitions with shared parameters, each 
 and reading from its top-k partitions."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from models.mixers.flops import chunked_recurrence_flops, projection_flops
 from models.mixers.gated_deltanet import log_decay
 from models.mixers.init import init_decay_, init_normal_, residual_scale
 from models.mixers.packing import as_one_sequence
-from models.mixers.recurrence import cached_recurrence
+from models.mixers.recurrence import ChunkOp, cached_recurrence
 from models.mixers.routing import build_routes, documents_of_tokens, switch_aux_loss, top_k
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
@@ -50,6 +50,8 @@ class SSE(nn.Module):
     (N+1 times the dense work; a reference). Aux loss (spec 6b), added to carry["aux_loss"]:
     aux_loss_scale * N/k sum_n mean_t(e_tn) mean_t(selected_tn).
     """
+
+    op: ClassVar[ChunkOp] = staticmethod(chunk_gated_delta_rule)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -102,6 +104,11 @@ class SSE(nn.Module):
         beta0, beta1 = self.b_proj(x).sigmoid().flatten(0, 1).split(H, dim=-1)
         return Stream(q1, k1, g0, beta0), Stream(q2, k2, g1, beta1), v
 
+    @property
+    def carry_writes(self) -> tuple[str, ...]:
+        """What forward adds to the carry dict (pipeline stages ship exactly these)."""
+        return ("aux_loss",) if self.cfg.aux_loss_scale else ()
+
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router probabilities [N, P] (fp32 at least), the chosen partitions [N, k] and their
         probabilities, the weights of their read-outs (not renormalised)."""
@@ -131,7 +138,7 @@ class SSE(nn.Module):
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor | None, cache: dict | None) -> Tensor:
         return cached_recurrence(
-            chunk_gated_delta_rule, q, k, v, g, beta,
+            self.op, q, k, v, g, beta,
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
         )
 
