@@ -22,21 +22,30 @@ import models.ops as ops
 
 SHAPE = dict(batch=1, heads=4, head_k_dim=64, head_v_dim=64, chunk_size=64)
 REQUIRED_SPEEDUP = 20.0
-OPS = {
-    "simple_gla": (ops.chunk_simple_gla, ops.recurrent_simple_gla, ("g",)),
-    "delta_rule": (ops.chunk_delta_rule, ops.recurrent_delta_rule, ("beta",)),
-    "gated_delta_rule": (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule, ("g", "beta")),
+OPS = {  # (chunked, recurrent, the inputs each takes)
+    "simple_gla": (ops.chunk_simple_gla, ops.recurrent_simple_gla, ("q", "k", "v", "g")),
+    "delta_rule": (ops.chunk_delta_rule, ops.recurrent_delta_rule, ("q", "k", "v", "beta")),
+    "gated_delta_rule": (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule, ("q", "k", "v", "g", "beta")),
+    "rwkv7": (ops.chunk_rwkv7, ops.recurrent_rwkv7, ("r", "w", "k", "v", "a", "b")),
 }
 
 
 def make_inputs(seq_len: int) -> dict[str, torch.Tensor]:
+    """Every op's inputs; RWKV-7's as its mixer makes them: log w in (-e^-0.5, 0),
+    a = -kappa, b = kappa * (learning rate) for unit keys kappa."""
     B, H, K, V = SHAPE["batch"], SHAPE["heads"], SHAPE["head_k_dim"], SHAPE["head_v_dim"]
+    q = torch.randn(B, seq_len, H, K)
+    kappa = F.normalize(torch.randn(B, seq_len, H, K), dim=-1)
     return {
-        "q": torch.randn(B, seq_len, H, K),
+        "q": q,
         "k": F.normalize(torch.randn(B, seq_len, H, K), dim=-1),
         "v": torch.randn(B, seq_len, H, V),
         "g": F.logsigmoid(torch.randn(B, seq_len, H) + 3),
         "beta": torch.rand(B, seq_len, H),
+        "r": q,
+        "w": -0.6065 * torch.sigmoid(torch.randn(B, seq_len, H, K)),
+        "a": -kappa,
+        "b": kappa * torch.rand(B, seq_len, H, K),
     }
 
 
@@ -52,10 +61,10 @@ def forward_backward(
 
 
 def bench_op(name: str, seq_len: int, repeats: int) -> dict:
-    chunked, recurrent, gates = OPS[name]
+    chunked, recurrent, names = OPS[name]
     torch.manual_seed(0)
     all_inputs = make_inputs(seq_len)
-    inputs = {n: all_inputs[n] for n in ("q", "k", "v", *gates)}
+    inputs = {n: all_inputs[n] for n in names}
     grad_out = torch.randn_like(all_inputs["v"])
     chunked_fn = functools.partial(chunked, chunk_size=SHAPE["chunk_size"])
 
@@ -81,11 +90,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op and form (after one warm-up)")
     parser.add_argument("--out", default="bench/results/ops.json")
+    parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rows = {name: bench_op(name, args.seq_len, args.repeats) for name in OPS}
+    rows = {name: bench_op(name, args.seq_len, args.repeats) for name in args.ops}
 
     print(f"ops fwd+bwd {SHAPE} float32 T={args.seq_len} threads={torch.get_num_threads()}")
     print(f"{'op':<18}{'chunked ms':>12}{'recurrent ms':>14}{'speedup':>10}{'max |o diff|':>14}")
