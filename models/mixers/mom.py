@@ -3,6 +3,8 @@ memories, each token routed to its top-k by a softmax router, plus an optional s
 sees every token."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,7 +15,7 @@ from models.mixers.deltanet import write_strength
 from models.mixers.flops import chunked_recurrence_flops
 from models.mixers.gated_deltanet import log_decay
 from models.mixers.init import init_decay_, residual_scale
-from models.mixers.recurrence import cached_recurrence
+from models.mixers.recurrence import ChunkOp, cached_recurrence
 from models.mixers.routing import Routes, build_routes, documents_of_tokens, switch_aux_loss, top_k
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
@@ -41,6 +43,8 @@ class MoM(nn.Module):
     The decode cache holds one state and one conv tail per (memory, batch row); a memory's are
     advanced only when a token is routed to it.
     """
+
+    op: ClassVar[ChunkOp] = staticmethod(chunk_gated_delta_rule)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -133,7 +137,7 @@ class MoM(nn.Module):
         g = log_decay(a, self.A_log, self.dt_bias)
         beta = write_strength(b.sigmoid(), self.cfg.allow_neg_eigval)
         o = cached_recurrence(
-            chunk_gated_delta_rule, q[None], k[None], v.unflatten(-1, (H, self.head_v_dim))[None], g[None], beta[None],
+            self.op, q[None], k[None], v.unflatten(-1, (H, self.head_v_dim))[None], g[None], beta[None],
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=routes.cu_seqlens, cache=cache,
         )
         return o[0]
