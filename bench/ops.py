@@ -34,15 +34,17 @@ def make_inputs(seq_len: int) -> dict[str, torch.Tensor]:
     """Every op's inputs; RWKV-7's as its mixer makes them: log w in (-e^-0.5, 0),
     a = -kappa, b = kappa * (learning rate) for unit keys kappa."""
     B, H, K, V = SHAPE["batch"], SHAPE["heads"], SHAPE["head_k_dim"], SHAPE["head_v_dim"]
-    q = torch.randn(B, seq_len, H, K)
-    kappa = F.normalize(torch.randn(B, seq_len, H, K), dim=-1)
-    return {
-        "q": q,
+    inputs = {
+        "q": torch.randn(B, seq_len, H, K),
         "k": F.normalize(torch.randn(B, seq_len, H, K), dim=-1),
         "v": torch.randn(B, seq_len, H, V),
         "g": F.logsigmoid(torch.randn(B, seq_len, H) + 3),
         "beta": torch.rand(B, seq_len, H),
-        "r": q,
+    }
+    kappa = F.normalize(torch.randn(B, seq_len, H, K), dim=-1)
+    return {
+        **inputs,
+        "r": inputs["q"],
         "w": -0.6065 * torch.sigmoid(torch.randn(B, seq_len, H, K)),
         "a": -kappa,
         "b": kappa * torch.rand(B, seq_len, H, K),
