@@ -85,6 +85,11 @@ class MoM(nn.Module):
         self.o_norm.reset_parameters()
         init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
 
+    @property
+    def carry_writes(self) -> tuple[str, ...]:
+        """What forward adds to the carry dict (pipeline stages ship exactly these)."""
+        return ("aux_loss",) if self.cfg.aux_loss_scale else ()
+
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router probabilities [N, M] (fp32 at least), the chosen memories [N, k] and their
         renormalised weights [N, k]."""
