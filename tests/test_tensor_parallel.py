@@ -25,6 +25,7 @@ from tests.distributed import run_distributed
 
 TP, STEPS, BATCH, SEQ, VOCAB = 2, 3, 2, 16, 64
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
+GRAD_CLIP = 0.5
 ATOL, RTOL, LOSS_TOL = 2e-5, 1e-4, 2e-5
 MIXERS = dict(
     attention=dict(num_heads=4, num_kv_heads=2),
@@ -52,11 +53,11 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], dict[str, Tensor]]:
-    """First-step logits and gradients, the loss of every step and the final parameters, as
-    plain tensors (DTensors gathered)."""
+def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], list[float], dict[str, Tensor]]:
+    """First-step logits and gradients, every step's loss and gradient norm (clipped as the train
+    step clips) and the final parameters, as plain tensors (DTensors gathered)."""
     optimizer = build_optimizer(model, OPTIM)
-    losses, logits0, grads0 = [], None, None
+    losses, norms, logits0, grads0 = [], [], None, None
     for input_ids, labels, cu_seqlens in batches():
         logits = model(input_ids, cu_seqlens=cu_seqlens)
         with loss_parallel():
@@ -64,11 +65,12 @@ def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], dic
             loss.backward()
         if logits0 is None:
             logits0 = full(logits).detach()
-            grads0 = {n: full(p.grad) for n, p in model.named_parameters()}
+            grads0 = {n: full(p.grad).clone() for n, p in model.named_parameters()}
         losses.append(full(loss).item())
+        norms.append(full(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)).item())
         optimizer.step()
         optimizer.zero_grad()
-    return logits0, grads0, losses, {n: full(p).detach() for n, p in model.named_parameters()}
+    return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in model.named_parameters()}
 
 
 def tensor_parallel_rank(cfg: ModelConfig, sequence_parallels: tuple[bool, ...]) -> list:
@@ -109,20 +111,21 @@ def test_covered_mixers() -> None:
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_tp2_matches_single_process(tie_embeddings: bool) -> None:
-    """Logits, per-parameter gradients, 3 AdamW steps' losses and final parameters, without and
-    with sequence parallelism (the untied run checks the plain layout only)."""
+    """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
+    parameters, without and with sequence parallelism (untied: with it only)."""
     cfg = CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings))
     sequence_parallels = (False, True) if tie_embeddings else (True,)
     torch.manual_seed(0)
     reference = HybridLM(cfg)
-    want_logits, want_grads, want_losses, want_params = train(reference)
+    want_logits, want_grads, want_losses, want_norms, want_params = train(reference)
     want_grads, want_params = in_tensor_parallel_layout(reference, want_grads), in_tensor_parallel_layout(reference, want_params)
     ranks = run_distributed(tensor_parallel_rank, TP, cfg, sequence_parallels)
     for rank in ranks:
-        for logits, grads, losses, params in rank:
+        for logits, grads, losses, norms, params in rank:
             torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
             assert_close_dicts(grads, want_grads)
             assert losses == pytest.approx(want_losses, abs=LOSS_TOL)
+            assert norms == pytest.approx(want_norms, rel=RTOL)
             assert_close_dicts(params, want_params)
 
 
@@ -164,3 +167,26 @@ def test_mesh_shape() -> None:
     assert validate_layout(ParallelConfig(tp=2, dp_replicate=2, dp_shard=1), CONFIG, 4) == dict(
         pp=1, dp_replicate=2, dp_shard=1, tp=2
     )
+
+
+def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(HybridLM(cfg), mesh, loss_parallel=False)
+    cache = model.new_cache()
+    with torch.no_grad():
+        logits = [model(input_ids[:, :prefill], cache=cache)]
+        logits += [model(input_ids[:, t : t + 1], cache=cache) for t in range(prefill, input_ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
+def test_tp2_decoding_matches_single_process() -> None:
+    """Prefill then token-by-token decoding from each rank's cache of its own heads, with
+    gathered (plain) logits, equals one process's full forward."""
+    torch.manual_seed(0)
+    reference = HybridLM(CONFIG)
+    input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference(input_ids)
+    for got in run_distributed(decode_rank, TP, CONFIG, input_ids, 8):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
