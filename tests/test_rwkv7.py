@@ -13,6 +13,7 @@ import models.ops as ops
 from models.config import ModelConfig
 from models.mixers.rwkv7 import RWKV7, RWKV7ChannelMix, lora_rank
 from models.model import HybridLM
+from optim.adamw import wants_weight_decay
 from pretrain.generate import generate
 
 torch.set_num_threads(1)
@@ -267,8 +268,8 @@ def test_official_init():
     assert log_w.min() > -0.6066 and log_w.max() < 0
     assert torch.allclose(last.o_norm.weight, torch.ones(D_MODEL))  # ((l + 1) / L)^0.7 = 1 at the top
     vectors = [first.mu, first.w0, first.a0, first.k_k, first.k_a, first.r_k, blocks[1].v0]
-    assert all(getattr(p, "_no_weight_decay", False) for p in vectors)
-    assert not getattr(first.r_proj.weight, "_no_weight_decay", False)
+    assert not any(wants_weight_decay(p) for p in vectors)  # mu and r_k are matrices: marked
+    assert wants_weight_decay(first.r_proj.weight) and wants_weight_decay(first.w_lora.up.weight)
     assert (lora_rank(2.5, 4096), lora_rank(1.7, 4096), lora_rank(5.0, 4096), lora_rank(2.5, 256)) == (160, 96, 320, 32)
     assert RWKV7(small_config("R", decay_rank=16), 0).w_lora.down.out_features == 16
 

@@ -10,8 +10,10 @@ v <- v + (v_first - v) sigmoid(v0 + LoRA(x_v)). The entry crosses pipeline stage
 carry entry (`carry_writes`).
 
 Initialisation is the official one (4d), with l = the block's index in the whole stack and
-L = the number of blocks. The per-channel vectors skip weight decay; the official recipe also
-gives w0 twice the learning rate, which ebb does not do (no per-parameter LR multipliers).
+L = the number of blocks (model.init_std and rescale_residual do not apply; out_proj starts at
+zero). The per-channel vectors (mu, w0, a0, v0, k_k, k_a, r_k) skip weight decay; the official
+recipe also gives w0 twice the learning rate, which ebb does not do (no per-parameter LR
+multipliers).
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class RWKV7(nn.Module):
             vectors.append(self.v0)
         self.o_norm.weight.fill_(((self.layer_idx + 1) / self.n_layers) ** 0.7)
         nn.init.zeros_(self.o_norm.bias)
-        no_weight_decay(*vectors, self.o_norm.weight, self.o_norm.bias)
+        no_weight_decay(*vectors)
 
     def mix_values(self, v: Tensor, x_v: Tensor, carry: dict | None, shape: torch.Size) -> Tensor:
         """The value residual: the first R block stores v, later ones mix the stored v in."""
