@@ -37,9 +37,9 @@ GRAD_CLIP = 0.5
 TOL = 2e-5
 
 
-def tiny_config(pattern: str) -> ModelConfig:
+def tiny_config(pattern: str, tie_embeddings: bool = False) -> ModelConfig:
     return ModelConfig(
-        pattern=pattern, d_model=32, vocab_size=VOCAB, tie_embeddings=False,
+        pattern=pattern, d_model=32, vocab_size=VOCAB, tie_embeddings=tie_embeddings,
         mixers={
             "attention": {"num_heads": 2},
             "deltanet": {"num_heads": 2, "chunk_size": 8},

@@ -1,0 +1,43 @@
+"""Data parallelism with FSDP2, and activation checkpointing.
+
+`apply_fsdp` makes every block its own FSDP unit (its parameters are all-gathered just before it
+runs and freed after), then the root module takes what is left (embedding, final norm, head).
+Parameters and gradients are sharded, and so is the optimizer state once the optimizer is built on
+the sharded parameters. Given a 2-D mesh (dp_replicate, dp_shard), `fully_shard` does HSDP:
+shards within dp_shard, replicas across dp_replicate. Works on a HybridLM and on pipeline stage
+modules alike (anything with a `blocks` container).
+
+Apply activation checkpointing before FSDP, so each FSDP unit wraps a checkpointed block.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+CheckpointMode = Literal["none", "full", "selective"]
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mixed_precision: bool, reshard_after_forward: bool = True) -> None:
+    """Shard `model` in place over `dp_mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP). With
+    `mixed_precision`, blocks compute in bf16 and gradients are reduced in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for block in model.blocks.children():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: CheckpointMode, every: int = 2) -> None:
+    """Recompute blocks' activations in backward instead of keeping them: every block (`full`) or
+    every `every`-th block (`selective`: blocks every-1, 2 every-1, ...). The wrapper keeps
+    state-dict keys unchanged, so checkpoints load with or without it."""
+    if mode == "none":
+        return
+    period = 1 if mode == "full" else every
+    for i, (name, block) in enumerate(list(model.blocks.named_children())):
+        if (i + 1) % period == 0:
+            setattr(model.blocks, name, checkpoint_wrapper(block))

@@ -1,0 +1,106 @@
+"""FSDP2 (dp_shard=2) and HSDP (2 x 2) on gloo against one process that sees the whole global
+batch; activation checkpointing in process and under FSDP.
+
+The one process cuts the global batch into as many row groups as there are ranks and averages
+their losses: for the language-model loss that is the whole batch's mean (equal token counts),
+and it is what data parallelism means for SSE's auxiliary loss, a batch statistic that each rank
+computes on its own rows. Tolerance: float32, losses and final parameters within 2e-5."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+from models.config import ModelConfig
+from models.model import HybridLM
+from optim.adamw import build_optimizer
+from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
+from parallel.pipeline import cu_seqlens_of, document_starts
+from pretrain.step import lm_loss
+from tests.distributed import run_distributed
+from tests.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
+
+PATTERN = "SM*TG"
+
+
+def train_losses(model: nn.Module, groups: int, rank: int | None = None) -> list[torch.Tensor]:
+    """Three steps of AdamW with clipping; each global batch's rows are cut into `groups` equal
+    groups, and the loss is the mean of the groups' losses: over every group (`rank` None, one
+    process) or over this rank's group (with gradients averaged across ranks by FSDP)."""
+    optimizer = build_optimizer(model, OPTIM)
+    losses = []
+    for input_ids, labels, cu_seqlens in packed_batches():
+        starts = document_starts(cu_seqlens, BATCH, SEQ)
+        mine = range(groups) if rank is None else [rank]
+        step_loss = 0.0
+        for g in mine:
+            rows = slice(g * BATCH // groups, (g + 1) * BATCH // groups)
+            carry: dict[str, torch.Tensor] = {}
+            loss = lm_loss(model(input_ids[rows], cu_seqlens=cu_seqlens_of(starts[rows]), carry=carry), labels[rows]) + carry["aux_loss"]
+            (loss / len(mine)).backward()
+            step_loss += loss.detach() / len(mine)
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return losses
+
+
+def reference_run(cfg: ModelConfig, groups: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    losses = [loss.item() for loss in train_losses(model, groups)]
+    return losses, {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def fsdp_rank(cfg: ModelConfig, mesh_shape: tuple[int, ...], checkpointing: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    names = ("dp_replicate", "dp_shard")[-len(mesh_shape):]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    apply_activation_checkpointing(model, checkpointing, every=2)
+    apply_fsdp(model, mesh, mixed_precision=False)
+    first = next(model.parameters())
+    assert isinstance(first, DTensor) and first.placements[-1] == Shard(0)
+    losses = torch.stack(train_losses(model, dist.get_world_size(), dist.get_rank()))
+    dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    return losses.tolist(), {name: value.full_tensor() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, checkpointing", [((2,), "full"), ((2, 2), "selective")], ids=["fsdp2-full-ac", "hsdp2x2-selective-ac"]
+)
+def test_fsdp_matches_one_process(mesh_shape: tuple[int, ...], checkpointing: str) -> None:
+    cfg = tiny_config(PATTERN, tie_embeddings=True)
+    world = math.prod(mesh_shape)
+    ref_losses, ref_params = reference_run(cfg, world)
+    results = run_distributed(fsdp_rank, world, cfg, mesh_shape, checkpointing)
+    for losses, params in results:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=TOL)
+        assert params.keys() == ref_params.keys()
+        for name, value in params.items():
+            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("mode, wrapped", [("none", []), ("full", [0, 1, 2, 3, 4]), ("selective", [1, 3])])
+def test_activation_checkpointing_wraps_blocks_and_keeps_numerics(mode: str, wrapped: list[int]) -> None:
+    cfg = tiny_config(PATTERN)
+    torch.manual_seed(0)
+    plain = HybridLM(cfg)
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    apply_activation_checkpointing(model, mode, every=2)
+    assert [i for i, b in enumerate(model.blocks) if isinstance(b, CheckpointWrapper)] == wrapped
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    for m in (plain, model):
+        carry: dict[str, torch.Tensor] = {}
+        (m(ids, carry=carry).square().mean() + carry["aux_loss"]).backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
