@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from parallel.mesh import ParallelError, mesh_shape, validate_layout
+from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
 from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
 from parallel.tp.mamba2 import conv_segments, in_proj_segments
 from parallel.tp.styles import rank_major_rows
@@ -170,9 +170,10 @@ def test_mesh_shape() -> None:
 
 
 def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
-    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    mesh = build_mesh(ParallelConfig(tp=TP), TP, "cpu")
+    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp") and mesh.shape == (1, 1, 1, TP)
     torch.manual_seed(0)
-    model = apply_tensor_parallel(HybridLM(cfg), mesh, loss_parallel=False)
+    model = apply_tensor_parallel(HybridLM(cfg), mesh["tp"], loss_parallel=False)
     cache = model.new_cache()
     with torch.no_grad():
         logits = [model(input_ids[:, :prefill], cache=cache)]
@@ -181,8 +182,8 @@ def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
 
 
 def test_tp2_decoding_matches_single_process() -> None:
-    """Prefill then token-by-token decoding from each rank's cache of its own heads, with
-    gathered (plain) logits, equals one process's full forward."""
+    """On build_mesh's 4-dim mesh: prefill then token-by-token decoding from each rank's cache of
+    its own heads, with gathered (plain) logits, equals one process's full forward."""
     torch.manual_seed(0)
     reference = HybridLM(CONFIG)
     input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
