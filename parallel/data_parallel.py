@@ -24,8 +24,14 @@ CheckpointMode = Literal["none", "full", "selective"]
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mixed_precision: bool, reshard_after_forward: bool = True) -> None:
     """Shard `model` in place over `dp_mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP). With
-    `mixed_precision`, blocks compute in bf16 and gradients are reduced in fp32."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    `mixed_precision`, parameters are gathered in bf16 and gradients reduced in fp32. Forward
+    inputs are not cast: casting rebuilds the `carry` dict, so blocks' writes to it would be lost
+    (and the embedding already hands the blocks bf16 activations)."""
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if mixed_precision else None,
+        reduce_dtype=torch.float32 if mixed_precision else None,
+        cast_forward_inputs=False,
+    )
     for block in model.blocks.children():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

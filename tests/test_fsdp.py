@@ -104,3 +104,19 @@ def test_activation_checkpointing_wraps_blocks_and_keeps_numerics(mode: str, wra
         (m(ids, carry=carry).square().mean() + carry["aux_loss"]).backward()
     for (name, p), q in zip(plain.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def mixed_precision_rank(cfg: ModelConfig) -> tuple[torch.dtype, torch.dtype, bool]:
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
+    model = HybridLM(cfg)
+    apply_fsdp(model, mesh, mixed_precision=True, reshard_after_forward=False)
+    carry: dict[str, torch.Tensor] = {}
+    logits = model(torch.randint(0, cfg.vocab_size, (1, SEQ)), carry=carry)
+    (logits.float().square().mean() + carry["aux_loss"]).backward()
+    grad = next(model.parameters()).grad
+    return logits.dtype, grad.dtype, "aux_loss" in carry
+
+
+def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_the_carry() -> None:
+    results = run_distributed(mixed_precision_rank, 2, tiny_config(PATTERN, tie_embeddings=True))
+    assert results == [(torch.bfloat16, torch.float32, True)] * 2
