@@ -73,12 +73,13 @@ def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], lis
     return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in model.named_parameters()}
 
 
-def tensor_parallel_rank(cfg: ModelConfig, sequence_parallels: tuple[bool, ...]) -> list:
+def tensor_parallel_rank(runs: list[tuple[bool, bool]]) -> list:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = []
-    for sequence_parallel in sequence_parallels:
+    for tie_embeddings, sequence_parallel in runs:
         torch.manual_seed(0)
-        model = apply_tensor_parallel(HybridLM(cfg), mesh, sequence_parallel=sequence_parallel)
+        model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
+        apply_tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
         assert all(hasattr(p, "full_tensor") for p in model.parameters()), "every parameter is a DTensor"
         results.append(train(model))
     return results
@@ -109,19 +110,23 @@ def test_covered_mixers() -> None:
         mixer_plan("R")
 
 
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_tp2_matches_single_process(tie_embeddings: bool) -> None:
-    """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
-    parameters, without and with sequence parallelism (untied: with it only)."""
-    cfg = CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings))
-    sequence_parallels = (False, True) if tie_embeddings else (True,)
+def single_process(tie_embeddings: bool) -> tuple:
+    """What `train` gives in one process, gradients and parameters in TP's layout."""
     torch.manual_seed(0)
-    reference = HybridLM(cfg)
-    want_logits, want_grads, want_losses, want_norms, want_params = train(reference)
-    want_grads, want_params = in_tensor_parallel_layout(reference, want_grads), in_tensor_parallel_layout(reference, want_params)
-    ranks = run_distributed(tensor_parallel_rank, TP, cfg, sequence_parallels)
-    for rank in ranks:
-        for logits, grads, losses, norms, params in rank:
+    model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
+    logits, grads, losses, norms, params = train(model)
+    return logits, in_tensor_parallel_layout(model, grads), losses, norms, in_tensor_parallel_layout(model, params)
+
+
+def test_tp2_matches_single_process() -> None:
+    """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
+    parameters: tied embeddings without and with sequence parallelism, untied with it."""
+    runs = [(True, False), (True, True), (False, True)]  # (tie_embeddings, sequence_parallel)
+    want = {tie: single_process(tie) for tie in (True, False)}
+    for rank in run_distributed(tensor_parallel_rank, TP, runs):
+        for (tie, sequence_parallel), (logits, grads, losses, norms, params) in zip(runs, rank):
+            print(f"tie_embeddings={tie} sequence_parallel={sequence_parallel}")  # shown on failure
+            want_logits, want_grads, want_losses, want_norms, want_params = want[tie]
             torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
             assert_close_dicts(grads, want_grads)
             assert losses == pytest.approx(want_losses, abs=LOSS_TOL)

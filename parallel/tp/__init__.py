@@ -51,16 +51,19 @@ def mixer_plan(kind: str) -> MixerPlan:
 def apply_tensor_parallel(
     model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, loss_parallel: bool = True
 ) -> nn.Module:
-    """Shard a HybridLM in place over the 1-D `tp_mesh`; every parameter becomes a DTensor.
+    """Shard a HybridLM, or a pipeline stage of one (the parts it lacks are skipped), in place
+    over the 1-D `tp_mesh`; every parameter becomes a DTensor.
 
     With `loss_parallel` the logits stay a DTensor sharded on the vocabulary (Shard(-1)): compute
     the cross-entropy and its backward inside `torch.distributed.tensor.parallel.loss_parallel()`.
     Otherwise they are gathered into a plain tensor. With `sequence_parallel` the residual
     stream between blocks is split over the sequence and the norms run on the local tokens."""
     activations: Placement = Shard(1) if sequence_parallel else Replicate()
-    for block in model.blocks:
+    blocks = model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks
+    for block in blocks:
         _parallelize_block(block, tp_mesh, sequence_parallel, activations)
-    parallelize_module(model, tp_mesh, {
+    tied = model.embed is not None and model.lm_head is not None and model.lm_head.weight is model.embed.weight
+    ends = {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=activations),
         "norm": _norm_style(sequence_parallel),
         "lm_head": ColwiseParallel(
@@ -68,8 +71,9 @@ def apply_tensor_parallel(
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         ),
-    })
-    if model.cfg.tie_embeddings:
+    }
+    parallelize_module(model, tp_mesh, {name: style for name, style in ends.items() if getattr(model, name) is not None})
+    if tied:
         model.lm_head.weight = model.embed.weight  # both Shard(0) over the vocabulary
     return model
 
