@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -238,9 +239,13 @@ def build_schedule(
 
 
 def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float | None, group: dist.ProcessGroup) -> Tensor:
-    """Clip by the gradient norm over every pp rank's parameters (each holds only its stages')."""
+    """Clip by the gradient norm over every pp rank's parameters (each holds only its stages';
+    under FSDP the norm of a rank's shards is first completed over the dp mesh)."""
     grads = [p.grad for p in params if p.grad is not None]
-    squared = torch.nn.utils.get_total_norm(grads).float().square()
+    local = torch.nn.utils.get_total_norm(grads)
+    if isinstance(local, DTensor):
+        local = local.full_tensor()
+    squared = local.float().square()
     dist.all_reduce(squared, group=group)
     total = squared.sqrt()
     if max_norm is not None:

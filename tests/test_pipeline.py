@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
+from parallel.data_parallel import apply_fsdp
+from parallel.mesh import build_mesh
 from parallel.pipeline import (
     balanced_stage_sizes,
     block_costs,
@@ -27,7 +30,7 @@ from parallel.pipeline import (
     stage_block_ranges,
     stages_of_rank,
 )
-from pretrain.config import ConfigError, OptimConfig, build_config
+from pretrain.config import ConfigError, OptimConfig, ParallelConfig, build_config
 from pretrain.step import lm_loss
 from tests.distributed import run_distributed
 
@@ -171,3 +174,40 @@ def test_pipeline_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         build_config({}, overrides)
     assert "\n" not in str(info.value)
+
+
+def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
+    """pp=2 x dp_shard=2 on build_mesh: each dp rank pipelines its half of the global batch."""
+    mesh = build_mesh(ParallelConfig(pp=2, dp_shard=2), 4, "cpu")
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    modules, stage_ids = build_stage_modules(model, mesh["pp"].get_local_rank(), 2, 1, SEQ)
+    for module in modules:
+        apply_fsdp(module, mesh["dp_shard"], mixed_precision=False)
+    pipeline = build_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, lm_loss, torch.device("cpu"))
+    optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
+    dp_rank, rows = mesh["dp_shard"].get_local_rank(), BATCH // 2
+    mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
+    losses = []
+    for input_ids, labels, cu_seqlens in packed_batches():
+        starts = document_starts(cu_seqlens, BATCH, SEQ)[mine]
+        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_of(starts), GRAD_CLIP)
+        if loss is not None:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=mesh["dp_shard"].get_group())
+            losses.append(loss.item())
+    params = {name: value.full_tensor() for module in modules for name, value in module.state_dict().items()}
+    return (losses if pipeline.has_last else None), params
+
+
+def test_pipeline_with_fsdp_matches_one_process() -> None:
+    """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows)."""
+    cfg = tiny_config("SM | *TG")
+    ref_losses, ref_params = reference_run(cfg, 4)
+    results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2)
+    for losses, params in results:
+        if losses is not None:
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=TOL)
+        for name, value in params.items():
+            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
+    assert sum(r[0] is not None for r in results) == 2
+    assert set().union(*(r[1] for r in results)) == set(ref_params)
