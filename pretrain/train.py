@@ -17,6 +17,7 @@ from checkpoint.manager import CheckpointManager, find_latest
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.schedules import build_schedule
+from parallel.data_parallel import apply_activation_checkpointing
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import DataError, build_data
 from pretrain.flops import peak_flops
@@ -63,6 +64,7 @@ def train(cfg: RunConfig, resume: bool) -> None:
     t = cfg.train
     _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size)
     model = HybridLM(cfg.model).to(runtime.device)
+    apply_activation_checkpointing(model, t.activation_checkpoint, t.activation_checkpoint_every)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, t.steps)
     checkpoints = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, files={"config.yaml": dump_config(cfg)})

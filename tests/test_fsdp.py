@@ -7,6 +7,7 @@ and it is what data parallelism means for SSE's auxiliary loss, a batch statisti
 computes on its own rows. Tolerance: float32, losses and final parameters within 2e-5."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -22,7 +23,9 @@ from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.pipeline import cu_seqlens_of, document_starts
+from pretrain.config import load_config
 from pretrain.step import lm_loss
+from pretrain.train import train
 from tests.distributed import run_distributed
 from tests.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
 
@@ -120,3 +123,29 @@ def mixed_precision_rank(cfg: ModelConfig) -> tuple[torch.dtype, torch.dtype, bo
 def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_the_carry() -> None:
     results = run_distributed(mixed_precision_rank, 2, tiny_config(PATTERN, tie_embeddings=True))
     assert results == [(torch.bfloat16, torch.float32, True)] * 2
+
+
+TINY_RUN = [
+    "model.pattern=SM*TG", "model.d_model=32", "model.vocab_size=320",
+    "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
+    "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=8", "model.mixers.mamba2.chunk_size=8",
+    "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.head_dim=8",
+    "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8", "model.mixers.sse.num_partitions=2",
+    "data.embedded_max_bytes=50000", "train.threads=1", "train.steps=3", "train.seq_len=16", "train.batch_size=2",
+    "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "optim.warmup_steps=1", "logging.progress=false",
+    "logging.tensorboard=false",
+]
+
+
+def train_run(run_dir, *extra: str, resume: bool = False) -> list[float]:
+    train(load_config(None, [*TINY_RUN, f"train.run_dir={run_dir}", *extra]), resume)
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+
+
+def test_train_loop_with_activation_checkpointing_matches_and_resumes(tmp_path) -> None:
+    """train.activation_checkpoint changes no loss, and a checkpoint saved without it resumes with it."""
+    plain = train_run(tmp_path / "plain")
+    assert train_run(tmp_path / "full", "train.activation_checkpoint=full") == pytest.approx(plain, abs=1e-6)
+    train_run(tmp_path / "resumed", "train.stop_at_step=2")
+    resumed = train_run(tmp_path / "resumed", "train.activation_checkpoint=selective", resume=True)
+    assert resumed[-1] == pytest.approx(plain[-1], abs=1e-6)
