@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from models.config import ModelConfig
@@ -50,7 +51,7 @@ def batches() -> list[tuple[Tensor, Tensor, Tensor | None]]:
 
 
 def full(t: Tensor) -> Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], list[float], dict[str, Tensor]]:
@@ -80,7 +81,7 @@ def tensor_parallel_rank(runs: list[tuple[bool, bool]]) -> list:
         torch.manual_seed(0)
         model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
         apply_tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
-        assert all(hasattr(p, "full_tensor") for p in model.parameters()), "every parameter is a DTensor"
+        assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter is a DTensor"
         results.append(train(model))
     return results
 
