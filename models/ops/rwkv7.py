@@ -57,8 +57,10 @@ def chunk_rwkv7(
 ) -> tuple[Tensor, Tensor | None]:
     """r, w, k, a, b [B, T, H, K], v [B, T, H, V] -> (o [B, T, H, V], final state [N, H, K, V]).
 
-    fla's kernel defaults to output_final_state=True; ebb's ops all default to False, and its
-    mixers always pass the flag, so the dispatch to fla never depends on the default."""
+    fla's kernel defaults to output_final_state=True, ebb's ops all to False: a call that omits
+    the flag gets a final state from fla on CUDA and None here (ebb's mixers always pass it).
+    The within-chunk decays are factorised (`ChannelDecays`): in float32 the log decay summed
+    over half a chunk must stay above -88 (RWKV-7's log w > -0.61 gives at least -20 at chunk 64)."""
     layout, unit_states, initial_state, R, K, V, (W_log, A, B) = chunked_inputs(
         r, k, v, [w, a, b], scale, initial_state, cu_seqlens, chunk_size
     )
