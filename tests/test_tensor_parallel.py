@@ -6,6 +6,8 @@ rtol 1e-4, losses within 2e-5 (the same computation, split over heads: only the 
 sums over heads and vocabulary shards differs)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
+from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
 from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
 from parallel.tp.mamba2 import conv_segments, in_proj_segments
@@ -54,6 +57,11 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameter names as in the state dict (without activation-checkpoint wrappers' prefix)."""
+    return ((n.replace("_checkpoint_wrapped_module.", ""), p) for n, p in model.named_parameters())
+
+
 def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], list[float], dict[str, Tensor]]:
     """First-step logits and gradients, every step's loss and gradient norm (clipped as the train
     step clips) and the final parameters, as plain tensors (DTensors gathered)."""
@@ -66,20 +74,22 @@ def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], lis
             loss.backward()
         if logits0 is None:
             logits0 = full(logits).detach()
-            grads0 = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+            grads0 = {n: full(p.grad).clone() for n, p in named_parameters(model)}
         losses.append(full(loss).item())
         norms.append(full(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)).item())
         optimizer.step()
         optimizer.zero_grad()
-    return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in model.named_parameters()}
+    return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in named_parameters(model)}
 
 
-def tensor_parallel_rank(runs: list[tuple[bool, bool]]) -> list:
+def tensor_parallel_rank(runs: list[tuple[bool, bool, bool]]) -> list:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = []
-    for tie_embeddings, sequence_parallel in runs:
+    for tie_embeddings, sequence_parallel, checkpointed in runs:
         torch.manual_seed(0)
         model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
+        if checkpointed:  # wrappers first: the harder order for the plans to find their modules
+            apply_activation_checkpointing(model, "full")
         apply_tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
         assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter is a DTensor"
         results.append(train(model))
@@ -121,12 +131,13 @@ def single_process(tie_embeddings: bool) -> tuple:
 
 def test_tp2_matches_single_process() -> None:
     """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
-    parameters: tied embeddings without and with sequence parallelism, untied with it."""
-    runs = [(True, False), (True, True), (False, True)]  # (tie_embeddings, sequence_parallel)
+    parameters: tied embeddings without and with sequence parallelism, untied with it and with
+    activation checkpointing applied before TP."""
+    runs = [(True, False, False), (True, True, False), (False, True, True)]  # tied, SP, activation checkpointing
     want = {tie: single_process(tie) for tie in (True, False)}
     for rank in run_distributed(tensor_parallel_rank, TP, runs):
-        for (tie, sequence_parallel), (logits, grads, losses, norms, params) in zip(runs, rank):
-            print(f"tie_embeddings={tie} sequence_parallel={sequence_parallel}")  # shown on failure
+        for (tie, sequence_parallel, checkpointed), (logits, grads, losses, norms, params) in zip(runs, rank):
+            print(f"tied={tie} sequence_parallel={sequence_parallel} checkpointed={checkpointed}")  # shown on failure
             want_logits, want_grads, want_losses, want_norms, want_params = want[tie]
             torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
             assert_close_dicts(grads, want_grads)

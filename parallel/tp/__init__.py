@@ -63,16 +63,15 @@ def apply_tensor_parallel(
     for block in blocks:
         _parallelize_block(block, tp_mesh, sequence_parallel, activations)
     tied = model.embed is not None and model.lm_head is not None and model.lm_head.weight is model.embed.weight
-    ends = {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=activations),
-        "norm": _norm_style(sequence_parallel),
-        "lm_head": ColwiseParallel(
+    _apply_styles(tp_mesh, [
+        (model.embed, RowwiseParallel(input_layouts=Replicate(), output_layouts=activations)),
+        (model.norm, _norm_style(sequence_parallel)),
+        (model.lm_head, ColwiseParallel(
             input_layouts=activations,
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
-        ),
-    }
-    parallelize_module(model, tp_mesh, {name: style for name, style in ends.items() if getattr(model, name) is not None})
+        )),
+    ])
     if tied:
         model.lm_head.weight = model.embed.weight  # both Shard(0) over the vocabulary
     return model
@@ -84,20 +83,29 @@ def _norm_style(sequence_parallel: bool) -> ParallelStyle:
     return SequenceParallel() if sequence_parallel else LocalParameters(replicated=("weight",))
 
 
+def _apply_styles(tp_mesh: DeviceMesh, styles: list[tuple[nn.Module | None, ParallelStyle]]) -> None:
+    """Styles applied to modules reached as attributes rather than by name: attribute access sees
+    through activation-checkpoint wrappers, so TP may be applied before or after them."""
+    for module, style in styles:
+        if module is not None:
+            parallelize_module(module, tp_mesh, style)
+
+
 def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, activations: Placement) -> None:
-    parallelize_module(block.mixer, tp_mesh, mixer_plan(block.kind).plan(block.mixer))
-    plan: dict[str, ParallelStyle] = {
-        "mixer_norm": _norm_style(sequence_parallel),
-        "mixer.out_proj": RowwiseParallel(output_layouts=activations),
-    }
-    if block.mlp is not None:
-        plan |= {
-            "mlp_norm": _norm_style(sequence_parallel),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=activations),
-        }
+    mixer, mlp = block.mixer, block.mlp
+    parallelize_module(mixer, tp_mesh, mixer_plan(block.kind).plan(mixer))
+    styles: list[tuple[nn.Module | None, ParallelStyle]] = [
+        (block.mixer_norm, _norm_style(sequence_parallel)),
+        (mixer.out_proj, RowwiseParallel(output_layouts=activations)),
+    ]
+    if mlp is not None:
+        styles += [
+            (block.mlp_norm, _norm_style(sequence_parallel)),
+            (mlp.gate_proj, ColwiseParallel()),
+            (mlp.up_proj, ColwiseParallel()),
+            (mlp.down_proj, RowwiseParallel(output_layouts=activations)),
+        ]
     if sequence_parallel:  # gather the tokens before each branch; its rowwise output scatters them again
         gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-        plan |= {"mixer": gather} | ({"mlp": gather} if block.mlp is not None else {})
-    parallelize_module(block, tp_mesh, plan)
+        styles += [(mixer, gather), (mlp, gather)]
+    _apply_styles(tp_mesh, styles)
