@@ -7,6 +7,7 @@ sums over heads and vocabulary shards differs)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -82,15 +83,32 @@ def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], lis
     return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in named_parameters(model)}
 
 
-def tensor_parallel_rank(runs: list[tuple[bool, bool, bool]]) -> list:
+class Run(NamedTuple):
+    model: tuple[tuple[str, object], ...]  # ModelConfig changes
+    sequence_parallel: bool
+    checkpointed: bool = False  # activation checkpointing, applied before TP (the harder order)
+
+    def config(self) -> ModelConfig:
+        return CONFIG.model_copy(update=dict(self.model))
+
+
+RUNS = [
+    Run((), sequence_parallel=False),
+    Run((), sequence_parallel=True),
+    Run((("tie_embeddings", False),), sequence_parallel=True, checkpointed=True),
+    Run((("mlp", "none"),), sequence_parallel=True),
+]
+
+
+def tensor_parallel_rank(runs: list[Run]) -> list:
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
     results = []
-    for tie_embeddings, sequence_parallel, checkpointed in runs:
+    for run in runs:
         torch.manual_seed(0)
-        model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
-        if checkpointed:  # wrappers first: the harder order for the plans to find their modules
+        model = HybridLM(run.config())
+        if run.checkpointed:
             apply_activation_checkpointing(model, "full")
-        apply_tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
+        apply_tensor_parallel(model, mesh, sequence_parallel=run.sequence_parallel)
         assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter is a DTensor"
         results.append(train(model))
     return results
@@ -121,24 +139,23 @@ def test_covered_mixers() -> None:
         mixer_plan("R")
 
 
-def single_process(tie_embeddings: bool) -> tuple:
+def single_process(cfg: ModelConfig) -> tuple:
     """What `train` gives in one process, gradients and parameters in TP's layout."""
     torch.manual_seed(0)
-    model = HybridLM(CONFIG.model_copy(update=dict(tie_embeddings=tie_embeddings)))
+    model = HybridLM(cfg)
     logits, grads, losses, norms, params = train(model)
     return logits, in_tensor_parallel_layout(model, grads), losses, norms, in_tensor_parallel_layout(model, params)
 
 
 def test_tp2_matches_single_process() -> None:
     """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
-    parameters: tied embeddings without and with sequence parallelism, untied with it and with
-    activation checkpointing applied before TP."""
-    runs = [(True, False, False), (True, True, False), (False, True, True)]  # tied, SP, activation checkpointing
-    want = {tie: single_process(tie) for tie in (True, False)}
-    for rank in run_distributed(tensor_parallel_rank, TP, runs):
-        for (tie, sequence_parallel, checkpointed), (logits, grads, losses, norms, params) in zip(runs, rank):
-            print(f"tied={tie} sequence_parallel={sequence_parallel} checkpointed={checkpointed}")  # shown on failure
-            want_logits, want_grads, want_losses, want_norms, want_params = want[tie]
+    parameters: tied embeddings without and with sequence parallelism; with SP, untied under
+    activation checkpointing, and mixer-only blocks (mlp: none)."""
+    want = {run.model: single_process(run.config()) for run in RUNS}
+    for rank in run_distributed(tensor_parallel_rank, TP, RUNS):
+        for run, (logits, grads, losses, norms, params) in zip(RUNS, rank):
+            print(run)  # shown on failure
+            want_logits, want_grads, want_losses, want_norms, want_params = want[run.model]
             torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
             assert_close_dicts(grads, want_grads)
             assert losses == pytest.approx(want_losses, abs=LOSS_TOL)
