@@ -5,7 +5,12 @@ The fused in_proj [z | x | B | C | dt] and the conv over [x | B | C] are reorder
 (`FusedColwiseParallel`, `LocalParameters(segments=...)`): each rank's shard is
 [z_r | x_r | B_r | C_r | dt_r], the layout of a Mamba2 with tp times fewer groups. n_groups = 1
 cannot be split; replicating B and C instead would need a second, partly replicated in_proj
-parameter, so tp must divide n_groups (as in Megatron-LM)."""
+parameter, so tp must divide n_groups (as in Megatron-LM).
+
+The rank-major row order depends on tp, so these two parameters and their optimizer states are
+saved in a tp-specific order (`rank_major_rows` maps it back). A group-major order in the model
+itself ([z_g | x_g | B_g | C_g | dt_g] per group, HF order restored on import/export) would make
+it the same at every tp, and both plain Colwise/Shard(0)."""
 from __future__ import annotations
 
 from torch import nn
