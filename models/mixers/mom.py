@@ -16,7 +16,7 @@ from models.mixers.flops import chunked_recurrence_flops
 from models.mixers.gated_deltanet import log_decay
 from models.mixers.init import init_decay_, residual_scale
 from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import Routes, build_routes, documents_of_tokens, switch_aux_loss, top_k
+from models.mixers.routing import Routes, build_routes, documents_of_tokens, route_top_k, switch_aux_loss
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
 
@@ -39,7 +39,8 @@ class MoM(nn.Module):
     not renormalised. It is non-causal (whether a token is kept depends on later routing), so
     decoding from a cache ignores it. None or 0: unlimited.
 
-    Aux loss (Switch): aux_loss_scale * M sum_m f_m P_m per layer, added to carry["aux_loss"].
+    Aux loss (Switch): aux_loss_scale * M sum_m f_m P_m, added to carry["aux_loss"] per layer
+    (the reference pools the router logits of all layers into one such term).
     The decode cache holds one state and one conv tail per (memory, batch row); a memory's are
     advanced only when a token is routed to it.
     """
@@ -91,13 +92,10 @@ class MoM(nn.Module):
         return ("aux_loss",) if self.cfg.aux_loss_scale else ()
 
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router probabilities [N, M] (fp32 at least), the chosen memories [N, k] and their
-        renormalised weights [N, k]."""
-        dtype = torch.promote_types(flat.dtype, torch.float32)
-        probs = F.linear(flat.to(dtype), self.router.weight.to(dtype)).softmax(-1)
-        chosen = top_k(probs, self.cfg.topk)
-        weights = probs.gather(1, chosen)
-        return probs, chosen, weights / weights.sum(-1, keepdim=True)
+        """Router probabilities [N, M], the chosen memories [N, k] and their weights [N, k]
+        (probabilities renormalised over the chosen)."""
+        probs, chosen, chosen_probs = route_top_k(self.router, flat, self.cfg.topk)
+        return probs, chosen, chosen_probs / chosen_probs.sum(-1, keepdim=True)
 
     def capacity_limits(self, batch: int, length: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor | None:
         """Routes kept per (memory, document) segment, memory-major; the shared memory keeps all."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models.mixers.packing import document_ids
 
@@ -21,7 +22,6 @@ from models.mixers.packing import document_ids
 @dataclass(frozen=True)
 class Routes:
     token: Tensor  # [R]: flat token index of each route, sorted by (memory, document, position)
-    memory: Tensor  # [R]
     weight: Tensor  # [R]: the routing weight its read-out is multiplied by
     cu_seqlens: Tensor  # [memories * documents + 1]: segment (memory, document) bounds over routes
     per_memory: list[int]  # routes of each memory (contiguous, in memory order)
@@ -44,9 +44,13 @@ def documents_of_tokens(batch: int, length: int, cu_seqlens: Tensor | None, devi
     return document_ids(cu_seqlens, batch * length), cu_seqlens.numel() - 1
 
 
-def top_k(probs: Tensor, k: int) -> Tensor:
-    """Indices [N, k] of each token's k most probable memories."""
-    return probs.topk(k, dim=-1).indices
+def route_top_k(router: nn.Linear, flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The router's softmax probabilities [N, M] (no bias, float32 at least), each token's k most
+    probable memories [N, k] and their probabilities [N, k]."""
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    probs = F.linear(flat.to(dtype), router.weight.to(dtype)).softmax(-1)
+    chosen = probs.topk(k, dim=-1).indices
+    return probs, chosen, probs.gather(1, chosen)
 
 
 def build_routes(
@@ -76,7 +80,7 @@ def build_routes(
         kept = ends[segment] - torch.arange(segment.numel(), device=segment.device) <= keep_last[segment]
         segment, token, memory, weight = segment[kept], token[kept], memory[kept], weight[kept]
     per_memory = torch.bincount(memory, minlength=memories).tolist()
-    return Routes(token, memory, weight, segment_bounds(segment, memories * n_documents), per_memory)
+    return Routes(token, weight, segment_bounds(segment, memories * n_documents), per_memory)
 
 
 def segment_bounds(segment: Tensor, n_segments: int) -> Tensor:

@@ -16,7 +16,7 @@ from models.mixers.gated_deltanet import log_decay
 from models.mixers.init import init_decay_, init_normal_, residual_scale
 from models.mixers.packing import as_one_sequence
 from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import build_routes, documents_of_tokens, switch_aux_loss, top_k
+from models.mixers.routing import build_routes, documents_of_tokens, route_top_k, switch_aux_loss
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
 
@@ -109,14 +109,6 @@ class SSE(nn.Module):
         """What forward adds to the carry dict (pipeline stages ship exactly these)."""
         return ("aux_loss",) if self.cfg.aux_loss_scale else ()
 
-    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router probabilities [N, P] (fp32 at least), the chosen partitions [N, k] and their
-        probabilities, the weights of their read-outs (not renormalised)."""
-        dtype = torch.promote_types(flat.dtype, torch.float32)
-        probs = F.linear(flat.to(dtype), self.router.weight.to(dtype)).softmax(-1)
-        chosen = top_k(probs, self.cfg.topk)
-        return probs, chosen, probs.gather(1, chosen)
-
     def forward(
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
     ) -> Tensor:
@@ -124,7 +116,7 @@ class SSE(nn.Module):
         seq = as_one_sequence(x, cu_seqlens, cache)
         flat = x.reshape(B * T, -1)
         dense, partition, v = self.streams(seq, cu_seqlens, cache)
-        probs, chosen, weights = self.route(flat)
+        probs, chosen, weights = route_top_k(self.router, flat, self.cfg.topk)  # weights: not renormalised
         if self.cfg.impl == "varlen":
             documents, n_documents = documents_of_tokens(B, T, cu_seqlens, x.device)
             o = self.varlen_readout(dense, partition, v, chosen, weights, documents, n_documents, cache)
