@@ -48,7 +48,8 @@ def route_top_k(router: nn.Linear, flat: Tensor, k: int) -> tuple[Tensor, Tensor
     """The router's softmax probabilities [N, M] (no bias, float32 at least), each token's k most
     probable memories [N, k] and their probabilities [N, k]."""
     dtype = torch.promote_types(flat.dtype, torch.float32)
-    probs = F.linear(flat.to(dtype), router.weight.to(dtype)).softmax(-1)
+    with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
+        probs = F.linear(flat.to(dtype), router.weight.to(dtype)).softmax(-1)
     chosen = probs.topk(k, dim=-1).indices
     return probs, chosen, probs.gather(1, chosen)
 
