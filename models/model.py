@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import UserDict
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,15 @@ def build_mlp(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module | None:
     if kind == "R" and cfg.mixers.rwkv7.channel_mix:
         return RWKV7ChannelMix(cfg, layer_idx)
     return SwiGLU(cfg.d_model, cfg.mlp_width)
+
+
+class CarryView(UserDict):
+    """The carry dict as blocks receive it: the caller's dict itself, behind a mapping that is not
+    a dict. Wrappers that rebuild dict arguments holding tensors that need grad (FSDP2 does, for
+    every wrapped block) hand this very object on, so blocks' writes reach the caller."""
+
+    def __init__(self, carry: dict[str, Tensor]):
+        self.data = carry  # shared, not copied
 
 
 class Block(nn.Module):
@@ -97,7 +107,7 @@ class HybridLM(nn.Module):
             raise ValueError("decoding from a cache does not take cu_seqlens")
         if cu_seqlens is not None:
             cu_seqlens = with_row_starts(cu_seqlens, *input_ids.shape)
-        carry = {} if carry is None else carry
+        carry = CarryView({} if carry is None else carry)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i], carry=carry)

@@ -32,9 +32,18 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mixed_precision: bool, res
         reduce_dtype=torch.float32 if mixed_precision else None,
         cast_forward_inputs=False,
     )
+    marks = parameter_marks(model)
     for block in model.blocks.children():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for name, param in model.named_parameters():
+        vars(param).update(marks.get(name, {}))
+
+
+def parameter_marks(model: nn.Module) -> dict[str, dict]:
+    """Attributes set on parameters (e.g. `_no_weight_decay`), by name: `fully_shard` replaces
+    every parameter with a new DTensor one, which would drop them."""
+    return {name: dict(vars(param)) for name, param in model.named_parameters() if vars(param)}
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: CheckpointMode, every: int = 2) -> None:

@@ -39,7 +39,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from models.config import ModelConfig
-from models.model import HybridLM, with_row_starts
+from models.model import CarryView, HybridLM, with_row_starts
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -153,7 +153,7 @@ class StageModule(nn.Module):
 
     def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor) -> Tensor | tuple[Tensor, ...]:
         cu_seqlens = cu_seqlens_of(doc_starts)
-        carry = dict(zip(self.carry_in, carry_in))
+        carry = CarryView(dict(zip(self.carry_in, carry_in)))
         h = x if self.embed is None else self.embed(x)
         for block in self.blocks.values():
             h = block(h, cu_seqlens=cu_seqlens, carry=carry)

@@ -29,7 +29,7 @@ from pretrain.train import train
 from tests.distributed import run_distributed
 from tests.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
 
-PATTERN = "SM*TG"
+PATTERN = "SRM*TGRO"
 
 
 def train_losses(model: nn.Module, groups: int, rank: int | None = None) -> list[torch.Tensor]:
@@ -91,7 +91,7 @@ def test_fsdp_matches_one_process(mesh_shape: tuple[int, ...], checkpointing: st
             torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
 
 
-@pytest.mark.parametrize("mode, wrapped", [("none", []), ("full", [0, 1, 2, 3, 4]), ("selective", [1, 3])])
+@pytest.mark.parametrize("mode, wrapped", [("none", []), ("full", list(range(8))), ("selective", [1, 3, 5, 7])])
 def test_activation_checkpointing_wraps_blocks_and_keeps_numerics(mode: str, wrapped: list[int]) -> None:
     cfg = tiny_config(PATTERN)
     torch.manual_seed(0)
@@ -126,11 +126,14 @@ def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_the_carry() -> None:
 
 
 TINY_RUN = [
-    "model.pattern=SM*TG", "model.d_model=32", "model.vocab_size=320",
+    "model.pattern=SRM*TGRO", "model.d_model=32", "model.vocab_size=320",
     "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
     "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=8", "model.mixers.mamba2.chunk_size=8",
     "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.head_dim=8",
     "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8", "model.mixers.sse.num_partitions=2",
+    "model.mixers.rwkv7.head_dim=16", "model.mixers.rwkv7.decay_rank=8", "model.mixers.rwkv7.a_rank=8",
+    "model.mixers.rwkv7.v_rank=8", "model.mixers.rwkv7.gate_rank=8",
+    "model.mixers.mom.num_memories=2", "model.mixers.mom.topk=1", "model.mixers.mom.num_heads=2", "model.mixers.mom.head_dim=8",
     "data.embedded_max_bytes=50000", "train.threads=1", "train.steps=3", "train.seq_len=16", "train.batch_size=2",
     "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "optim.warmup_steps=1", "logging.progress=false",
     "logging.tensorboard=false",

@@ -1,7 +1,7 @@
 """Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B, ZeroBubble, GPipe)
 and PP=4 on gloo against one process doing the same gradient accumulation over the same
-microbatches. The tiny models hold every mixer; SSE comes first, so its auxiliary loss crosses
-every stage boundary in the carry.
+microbatches. The tiny models hold every mixer; SSE and the first RWKV-7 block come first, so the
+auxiliary loss (SSE, MoM) and RWKV-7's v_first cross stage boundaries in the carry.
 
 Tolerance: float32, losses and final parameters within 2e-5 (the computations per microbatch are
 the same; only the order of gradient accumulation and the norm reduction differ)."""
@@ -49,6 +49,8 @@ def tiny_config(pattern: str, tie_embeddings: bool = False) -> ModelConfig:
             "mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 8},
             "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
             "sse": {"num_heads": 2, "head_dim": 8, "num_partitions": 2, "chunk_size": 8, "aux_loss_scale": 0.1},
+            "rwkv7": {"head_dim": 16, "decay_rank": 8, "a_rank": 8, "v_rank": 8, "gate_rank": 8, "chunk_size": 8},
+            "mom": {"num_memories": 2, "topk": 1, "num_heads": 2, "head_dim": 8, "chunk_size": 8, "aux_loss_scale": 0.1},
         },
     )
 
@@ -104,11 +106,11 @@ def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str,
 @pytest.mark.parametrize(
     "pattern, pp, virtual_stages, schedule",
     [
-        ("SM*TG", 2, 1, "1f1b"),
-        ("SM*TG", 2, 2, "interleaved_1f1b"),
-        ("SM*TG", 2, 2, "zero_bubble"),
-        ("SM*TG", 2, 1, "gpipe"),
-        ("S* | TG | M* | TG", 4, 1, "1f1b"),
+        ("SRM*TGRO", 2, 1, "1f1b"),
+        ("SR | M* | TG | RO", 2, 2, "interleaved_1f1b"),
+        ("SR | M* | TG | RO", 2, 2, "zero_bubble"),
+        ("SRM*TGRO", 2, 1, "gpipe"),
+        ("SR | M* | TG | RO", 4, 1, "1f1b"),
     ],
     ids=["pp2-1f1b", "pp2-interleaved", "pp2-zero-bubble", "pp2-gpipe", "pp4-1f1b"],
 )
@@ -150,8 +152,9 @@ def test_automatic_balance() -> None:
 
 def test_placement_carry_layout_and_document_starts() -> None:
     assert stages_of_rank(1, 2, 2) == [1, 3]
-    model = HybridLM(tiny_config("M* S T"))
-    assert carry_layout(model.blocks[:2]) == () and carry_layout(model.blocks) == ("aux_loss",)
+    model = HybridLM(tiny_config("M* S R T R"))
+    assert carry_layout(model.blocks[:2]) == ()
+    assert carry_layout(model.blocks) == ("aux_loss", "v_first")
     cu_seqlens = torch.tensor([0, 3, 8, 11, 16], dtype=torch.int32)
     starts = document_starts(cu_seqlens, 2, 8)
     assert torch.equal(cu_seqlens_of(starts), cu_seqlens)
@@ -201,7 +204,7 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
 
 def test_pipeline_with_fsdp_matches_one_process() -> None:
     """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows)."""
-    cfg = tiny_config("SM | *TG")
+    cfg = tiny_config("SRM* | TGRO")
     ref_losses, ref_params = reference_run(cfg, 4)
     results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2)
     for losses, params in results:
