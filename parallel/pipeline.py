@@ -180,14 +180,10 @@ def with_aux_loss(lm_loss: LossFn) -> LossFn:
 
 # ---- building and stepping ------------------------------------------------------------------
 
-def check_pipeline_model(cfg: ModelConfig) -> None:
-    if cfg.tie_embeddings:
-        raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
-
-
 def build_stage_modules(model: HybridLM, pp_rank: int, pp: int, virtual_stages: int, seq_len: int) -> tuple[list[StageModule], list[int]]:
     """This pp rank's stage modules and their stage indices."""
-    check_pipeline_model(model.cfg)
+    if model.cfg.tie_embeddings:
+        raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
     n_stages = pp * virtual_stages
     ranges = stage_block_ranges(model, n_stages, seq_len)
     indices = stages_of_rank(pp_rank, pp, virtual_stages)
