@@ -283,6 +283,15 @@ def test_flops_follow_width_not_context():
 # --- whole models -----------------------------------------------------------------------------
 
 
+def test_model_flops_count_the_channel_mix_of_r_blocks():
+    model = HybridLM(small_config("R*", channel_mix_hidden=96))
+    r_block, attention_block = model.blocks
+    assert r_block.mlp.flops_per_token() == 2 * 2 * D_MODEL * 96
+    expected = sum(b.mixer.flops_per_token(64) + b.mlp.flops_per_token() for b in model.blocks) + 2 * D_MODEL * 64
+    assert model.flops_per_token(64) == pytest.approx(expected)
+    assert isinstance(r_block.mlp, RWKV7ChannelMix) and not isinstance(attention_block.mlp, RWKV7ChannelMix)
+
+
 @pytest.mark.parametrize("pattern", ["RRR*", "MRTG*"])
 def test_model_trains_with_falling_loss(pattern):
     torch.manual_seed(0)
