@@ -107,6 +107,21 @@ def test_packed_documents_equal_documents_one_by_one(with_initial_states):
     assert_same(got, outputs_and_gradients(one_by_one, inputs))
 
 
+def test_recurrence_is_the_papers_update_transposed():
+    """The papers' layout, S [V, K]: S_t = S_{t-1}(diag(exp w_t) + a_t b_t^T) + v_t k_t^T and
+    o_t = S_t r_t; ebb's state is S^T [K, V]."""
+    inputs = {name: x.detach() for name, x in rwkv7_inputs(1, 9, 1).items()}
+    o, final = run(ops.recurrent_rwkv7, inputs)
+    S = inputs["initial_state"][0].transpose(-1, -2)  # [H, V, K]
+    step = {name: inputs[name][0] for name in ("r", "w", "k", "v", "a", "b")}
+    for t in range(9):
+        r, w, k, v, a, b = (step[name][t] for name in ("r", "w", "k", "v", "a", "b"))
+        transition = torch.diag_embed(w.exp()) + a[:, :, None] * b[:, None, :]
+        S = S @ transition + v[:, :, None] * k[:, None, :]
+        torch.testing.assert_close(o[0, t], (S @ r[:, :, None])[..., 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(final[0], S.transpose(-1, -2), atol=ATOL, rtol=0)
+
+
 def test_no_decay_and_a_minus_beta_k_b_k_is_the_delta_rule():
     """With unit keys k, w = 0 (no decay), a = -beta k, b = k and the write key beta k, the DPLR
     update S + b (a^T S) + k' v^T = S - beta k k^T S + beta k v^T = S + k (beta (v - S^T k))^T is
@@ -185,6 +200,46 @@ def rwkv7_block(layer_idx: int, pattern: str = "RTR", **options) -> RWKV7:
 
 def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def time_mix_by_the_papers(m: RWKV7, x: torch.Tensor, v_first: torch.Tensor) -> torch.Tensor:
+    """specs/layers.md 4a-b token by token for one sequence x [T, C], the state in the papers'
+    layout [V, K] and the decay in its softplus form w = exp(-exp(-softplus(-d) - 0.5))."""
+    H, N = m.r_k.shape
+    lora = lambda l, x: l.up.weight @ (l.activation or (lambda h: h))(l.down.weight @ x)  # noqa: E731
+    S = x.new_zeros(H, N, N)
+    previous, outputs = x.new_zeros(x.shape[1]), []
+    for t, x_t in enumerate(x):
+        x_r, x_w, x_k, x_v, x_a, x_g = (x_t + (previous - x_t) * mu for mu in m.mu)
+        previous = x_t
+        r, k, v = m.r_proj.weight @ x_r, m.k_proj.weight @ x_k, m.v_proj.weight @ x_v
+        w = torch.exp(-torch.exp(-F.softplus(-(m.w0 + lora(m.w_lora, x_w))) - 0.5))
+        a = torch.sigmoid(m.a0 + lora(m.a_lora, x_a))
+        if not m.is_first:
+            v = v + (v_first[t] - v) * torch.sigmoid(m.v0 + lora(m.v_lora, x_v))
+        kappa = (k * m.k_k).view(H, N)
+        kappa = kappa / kappa.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k = k * (1 + (a - 1) * m.k_a)
+        r, w, k, v, a = (t.view(H, N) for t in (r, w, k, v, a))
+        transition = torch.diag_embed(w) - kappa[:, :, None] * (a * kappa)[:, None, :]
+        S = S @ transition + v[:, :, None] * k[:, None, :]
+        y = (S @ r[:, :, None])[..., 0]
+        mean, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+        y = ((y - mean) / torch.sqrt(var + m.o_norm.eps)).flatten() * m.o_norm.weight + m.o_norm.bias
+        y = y + ((r * k * m.r_k).sum(-1, keepdim=True) * v).flatten()
+        outputs.append(m.out_proj.weight @ (y * lora(m.g_lora, x_g)))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 2], ids=["first-R-block", "later-R-block"])
+def test_mixer_matches_the_papers_formulas(layer_idx):
+    mixer = rwkv7_block(layer_idx)
+    x, v_first = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        ours = mixer(x[None], carry={"v_first": v_first[None]})[0]
+        expected = time_mix_by_the_papers(mixer, x, v_first)
+    assert expected.abs().max() > 0.1
+    assert_close64(ours, expected)
 
 
 @pytest.mark.parametrize("layer_idx", [0, 2], ids=["first-R-block", "later-R-block"])
