@@ -246,11 +246,24 @@ class ChannelDecays:
     reader: Tensor  # [.., C, K]: exp(Gamma_i - m), reads the writes up to and including token i
     reader_before: Tensor  # [.., C, K]: exp(Gamma_{i-1} - m), reads the writes before token i
     writer: Tensor  # [.., C, K]: exp(m - Gamma_j)
-    from_start: Tensor  # [.., C, K]: exp(Gamma_i), the incoming state's decay at token i
-    from_start_before: Tensor  # [.., C, K]: exp(Gamma_{i-1}), its decay before token i
-    to_end: Tensor  # [.., C, K]: exp(Gamma_C - Gamma_j), token j's write decayed to the chunk end
-    total: Tensor  # [.., K]: exp(Gamma_C)
+    start_to_mid: Tensor  # [.., 1, K]: exp(m)
+    mid_to_end: Tensor  # [.., 1, K]: exp(Gamma_C - m)
+    total: Tensor  # [.., K]: exp(Gamma_C), 0 when a document starts in the chunk
     linked: Tensor  # [.., C, C] bool: j <= i in the same segment
+    first: Tensor | None  # [.., C, 1]: the tokens of the first segment (None without resets)
+    last: Tensor | None  # [.., C, 1]: the tokens of the last segment
+
+    def from_start(self, read: Tensor) -> Tensor:
+        """x o exp(Gamma_i) (x o exp(Gamma_{i-1})) from `read` = x o reader (x o reader_before):
+        the incoming state's decay at (before) each token, zero after a document start."""
+        read = read * self.start_to_mid
+        return read if self.first is None else read * self.first
+
+    def to_end(self, written: Tensor) -> Tensor:
+        """x o exp(Gamma_C - Gamma_j) from `written` = x o writer: each write decayed to the
+        chunk end, zero before the chunk's last document start."""
+        written = written * self.mid_to_end
+        return written if self.last is None else written * self.last
 
     def up_to(self, scores: Tensor) -> Tensor:
         """Scores [.., C, C] of token i on the tokens j <= i of its segment, zero elsewhere."""
@@ -268,22 +281,21 @@ def channel_decays(w: Tensor, resets: Tensor | None) -> ChannelDecays:
     log_before = log - w
     mid = log[..., C // 2 : C // 2 + 1, :]
     linked, first, last = segments(resets, C, w.device)
-    from_start, from_start_before = log.exp(), log_before.exp()
-    to_end, total = (log[..., -1:, :] - log).exp(), log[..., -1, :].exp()
+    total = log[..., -1, :].exp()
     if first is not None:
-        first, last = first[..., None], last[..., None]
-        from_start, from_start_before, to_end = from_start * first, from_start_before * first, to_end * last
+        first, last = first[..., None].to(w.dtype), last[..., None].to(w.dtype)
         total = total * first[..., -1, :]
     return ChannelDecays(
         log=log,
         reader=(log - mid).exp(),
         reader_before=(log_before - mid).exp(),
         writer=(mid - log).exp(),
-        from_start=from_start,
-        from_start_before=from_start_before,
-        to_end=to_end,
+        start_to_mid=mid.exp(),
+        mid_to_end=(log[..., -1:, :] - mid).exp(),
         total=total,
         linked=linked.expand(*w.shape[:-2], C, C),
+        first=first,
+        last=last,
     )
 
 
@@ -299,7 +311,10 @@ def channel_final_states(
     nonempty, c, p = _document_ends(layout)
     reach = decays.linked[c, :, p][..., None]  # [n, H, C, 1]: j <= p in p's segment
     weights = (decays.log[c, :, p][:, :, None, :] - decays.log[c]).masked_fill(~reach, float("-inf")).exp()
-    states = decays.from_start[c, :, p][..., None] * entering[c]
+    decay = decays.log[c, :, p].exp()  # [n, H, K]
+    if decays.first is not None:
+        decay = decay * decays.first[c, :, p]
+    states = decay[..., None] * entering[c]
     for key, written in writes:
         states = states + (key[c] * weights).transpose(-1, -2) @ written[c]
     return _with_document_states(layout, initial_state, nonempty, states)

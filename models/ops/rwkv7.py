@@ -29,7 +29,7 @@ def _reads_without_state(
     A_in = A * decays.reader_before
     A_ab = decays.before(A_in @ B_out.transpose(-1, -2))
     A_ak = decays.before(A_in @ K_out.transpose(-1, -2))
-    rhs = torch.cat([A_ak @ V, A * decays.from_start_before], dim=-1)
+    rhs = torch.cat([A_ak @ V, decays.from_start(A_in)], dim=-1)
     UW = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)
     return UW.split([V.shape[-1], A.shape[-1]], dim=-1)
 
@@ -67,14 +67,14 @@ def chunk_rwkv7(
     decays = channel_decays(W_log, layout.resets)
     K_out, B_out = K * decays.writer, B * decays.writer
     U0, W = _reads_without_state(A, K_out, B_out, V, decays)
-    K_to_end, B_to_end = K * decays.to_end, B * decays.to_end
+    K_to_end, B_to_end = decays.to_end(K_out), decays.to_end(B_out)
     chunk_write = K_to_end.transpose(-1, -2) @ V
     entering, (reads,) = scan_chunks(
         layout, unit_states, [U0, W, B_to_end, chunk_write, decays.total], _read_and_write
     )
     R_in = R * decays.reader
     o = (
-        (R * decays.from_start) @ entering
+        decays.from_start(R_in) @ entering
         + decays.up_to(R_in @ K_out.transpose(-1, -2)) @ V
         + decays.up_to(R_in @ B_out.transpose(-1, -2)) @ reads
     )
