@@ -267,11 +267,11 @@ class ChannelDecays:
 
     def up_to(self, scores: Tensor) -> Tensor:
         """Scores [.., C, C] of token i on the tokens j <= i of its segment, zero elsewhere."""
-        return scores * self.linked
+        return scores.tril() if self.first is None else scores * self.linked
 
     def before(self, scores: Tensor) -> Tensor:
         """Scores [.., C, C] of token i on the tokens j < i of its segment, zero elsewhere."""
-        return scores * self.linked.tril(-1)
+        return scores.tril(-1) if self.first is None else scores * self.linked.tril(-1)
 
 
 def channel_decays(w: Tensor, resets: Tensor | None) -> ChannelDecays:
