@@ -238,8 +238,8 @@ class ChannelDecays:
     The decay exp(Gamma_i - Gamma_j) from token j to token i is split into a reader factor of i
     and a writer factor of j, so that the decayed scores of all pairs are one matmul. Both factors
     are taken relative to m = Gamma at mid-chunk, which halves the exponents' range: they overflow
-    only when half a chunk decays by more than exp(-88) in float32 (RWKV-7's log w > -0.61 gives
-    at most exp(-20) at chunk 64). Resets cut the chunk into segments as in `chunk_gates`.
+    only when half a chunk decays by more than exp(-88) in float32 (RWKV-7's log w > -0.61 keeps
+    it above exp(-20) at chunk 64). Resets cut the chunk into segments as in `chunk_gates`.
     """
 
     log: Tensor  # [.., C, K]: Gamma_i
@@ -250,8 +250,8 @@ class ChannelDecays:
     mid_to_end: Tensor  # [.., 1, K]: exp(Gamma_C - m)
     total: Tensor  # [.., K]: exp(Gamma_C), 0 when a document starts in the chunk
     linked: Tensor  # [.., C, C] bool: j <= i in the same segment
-    first: Tensor | None  # [.., C, 1]: the tokens of the first segment (None without resets)
-    last: Tensor | None  # [.., C, 1]: the tokens of the last segment
+    first: Tensor | None  # [.., C, 1]: 1 on the tokens of the first segment (None without resets)
+    last: Tensor | None  # [.., C, 1]: 1 on the tokens of the last segment
 
     def from_start(self, read: Tensor) -> Tensor:
         """x o exp(Gamma_i) (x o exp(Gamma_{i-1})) from `read` = x o reader (x o reader_before):
