@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.hf.mamba2_layout import from_transformers_layout, to_transformers_layout
 from models.mixers import MIXERS, build_mixer
 from models.mixers.conv import ShortConv
 
@@ -69,8 +70,8 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_mamba2_matches_transformers(n_groups):
-    """Same weights (our state dict loads into transformers' Mamba2Mixer as is), same output.
-    transformers' pure-PyTorch path (eval mode on CPU: causal_conv1d_fn + mamba2_chunk_scan)
+    """Same weights (our state dict in transformers' layout, `to_transformers_layout`), same
+    output. transformers' pure-PyTorch path (eval mode on CPU: causal_conv1d_fn + mamba2_chunk_scan)
     runs its scan in float32 whatever the input dtype, hence a float32 comparison."""
     from transformers import Mamba2Config as HFMamba2Config
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -83,7 +84,10 @@ def test_mamba2_matches_transformers(n_groups):
         use_bias=False, use_conv_bias=True, layer_norm_epsilon=c.norm_eps, num_hidden_layers=1,
     )
     theirs = Mamba2Mixer(hf_config, layer_idx=0).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    layout = (ours.d_inner, c.d_state, n_groups, ours.num_heads)
+    theirs.load_state_dict(to_transformers_layout(ours.state_dict(), *layout), strict=True)
+    round_trip = from_transformers_layout(theirs.state_dict(), *layout)
+    assert all(torch.equal(round_trip[name], p) for name, p in ours.state_dict().items())
 
     x = torch.randn(2, 21, D_MODEL)  # 21: a partial last chunk
     with torch.no_grad():

@@ -22,8 +22,6 @@ from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
 from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
-from parallel.tp.mamba2 import conv_segments, in_proj_segments
-from parallel.tp.styles import rank_major_rows
 from pretrain.config import OptimConfig, ParallelConfig
 from pretrain.step import IGNORE_INDEX, lm_loss
 from tests.distributed import run_distributed
@@ -114,19 +112,6 @@ def tensor_parallel_rank(runs: list[Run]) -> list:
     return results
 
 
-def in_tensor_parallel_layout(model: HybridLM, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Single-process tensors with Mamba2's fused in_proj and conv rows in TP's rank-major order."""
-    out = dict(tensors)
-    for i, block in enumerate(model.blocks):
-        if block.kind != "M":
-            continue
-        for name, segments in (("in_proj.weight", in_proj_segments(block.mixer)),
-                               ("conv1d.weight", conv_segments(block.mixer)), ("conv1d.bias", conv_segments(block.mixer))):
-            key = f"blocks.{i}.mixer.{name}"
-            out[key] = tensors[key][rank_major_rows(segments, TP)]
-    return out
-
-
 def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
     assert got.keys() == want.keys()
     for name in want:
@@ -140,11 +125,9 @@ def test_covered_mixers() -> None:
 
 
 def single_process(cfg: ModelConfig) -> tuple:
-    """What `train` gives in one process, gradients and parameters in TP's layout."""
+    """What `train` gives in one process (the same parameter layout as TP's gathered one)."""
     torch.manual_seed(0)
-    model = HybridLM(cfg)
-    logits, grads, losses, norms, params = train(model)
-    return logits, in_tensor_parallel_layout(model, grads), losses, norms, in_tensor_parallel_layout(model, params)
+    return train(HybridLM(cfg))
 
 
 def test_tp2_matches_single_process() -> None:

@@ -1,10 +1,16 @@
 """Mamba2 (SSD) mixer, specs/layers.md section 1.
 
-Parameter names and the in_proj layout [z | xBC | dt] are those of transformers' `Mamba2Mixer`
-(and mamba_ssm), so its state dict loads 1:1. The SSD recurrence is `chunk_simple_gla` with
-q = C, k = B, v = x * dt, g = A * dt and no scale.
+Parameter names are those of transformers' `Mamba2Mixer` (and mamba_ssm). The in_proj rows are
+stored group-major, [z_g | x_g | B_g | C_g | dt_g] for each group g, and the conv channels
+[x_g | B_g | C_g]: a contiguous slice of whole groups is then a Mamba2 with fewer groups, which is
+what a tensor-parallel rank holds, at every tp. With n_groups = 1 this is transformers' layout
+[z | x | B | C | dt]; otherwise `models.hf.mamba2_layout` converts. The SSD recurrence is
+`chunk_simple_gla` with q = C, k = B, v = x * dt, g = A * dt and no scale.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,34 @@ from models.norms import GatedRMSNorm
 from models.ops import chunk_simple_gla
 
 
+class GroupWidths(NamedTuple):
+    """Widths of one group's slice of the in_proj output."""
+
+    inner: int  # z_g and x_g: heads_per_group * head_dim
+    state: int  # B_g and C_g: d_state
+    heads: int  # dt_g: heads_per_group
+
+    def in_proj(self) -> list[int]:
+        """[z_g | x_g | B_g | C_g | dt_g]"""
+        return [self.inner, self.inner, self.state, self.state, self.heads]
+
+    def conv(self) -> list[int]:
+        """[x_g | B_g | C_g]"""
+        return [self.inner, self.state, self.state]
+
+
+def group_widths(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> GroupWidths:
+    return GroupWidths(d_inner // n_groups, d_state, n_heads // n_groups)
+
+
+def split_groups(t: Tensor, widths: Sequence[int], dim: int = -1) -> list[Tensor]:
+    """Split a group-major `dim` ([part_0 | part_1 | ...] for each group, parts `widths` wide)
+    into one tensor per part holding that part of every group in group order."""
+    dim = dim % t.dim()
+    groups = t.unflatten(dim, (-1, sum(widths)))
+    return [part.flatten(dim, dim + 1) for part in groups.split(list(widths), dim=dim + 1)]
+
+
 class Mamba2(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -30,6 +64,7 @@ class Mamba2(nn.Module):
         self.d_inner = c.expand * d
         self.num_heads = self.d_inner // c.head_dim
         self.conv_dim = self.d_inner + 2 * c.n_groups * c.d_state
+        self.widths = group_widths(self.d_inner, c.d_state, c.n_groups, self.num_heads)
 
         self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.num_heads, bias=False)
         self.conv1d = ShortConv(self.conv_dim, c.d_conv, bias=c.conv_bias)
@@ -58,16 +93,14 @@ class Mamba2(nn.Module):
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
     ) -> Tensor:
         flat = as_one_sequence(x, cu_seqlens, cache)
-        c = self.cfg
-        # Heads and groups held here: all of them, or this rank's under tensor parallelism.
-        H = self.A_log.shape[0]
-        heads_per_group = self.num_heads // c.n_groups  # head h reads group h // heads_per_group
-        d_inner, d_bc = H * c.head_dim, H // heads_per_group * c.d_state
-        z, xBC, dt = self.in_proj(flat).split([d_inner, d_inner + 2 * d_bc, H], dim=-1)
+        c, w = self.cfg, self.widths
+        # The groups held here (all of them, or this rank's under tensor parallelism) follow from
+        # the projection's width; head h reads group h // heads_per_group.
+        z, xBC, dt = split_groups(self.in_proj(flat), [w.inner, sum(w.conv()), w.heads])  # [z_g | xBC_g | dt_g]
         xBC = conv_features(self.conv1d, xBC, cu_seqlens, cache, "conv")
-        xs, Bs, Cs = xBC.split([d_inner, d_bc, d_bc], dim=-1)
-        xs = xs.unflatten(-1, (H, c.head_dim))
-        Bs, Cs = (t.unflatten(-1, (-1, c.d_state)).repeat_interleave(heads_per_group, dim=2) for t in (Bs, Cs))
+        xs, Bs, Cs = split_groups(xBC, w.conv())
+        xs = xs.unflatten(-1, (-1, c.head_dim))
+        Bs, Cs = (t.unflatten(-1, (-1, c.d_state)).repeat_interleave(w.heads, dim=2) for t in (Bs, Cs))
         dt = F.softplus(dt + self.dt_bias).clamp(*c.dt_limit)
         A = -torch.exp(self.A_log)
         y = cached_recurrence(
