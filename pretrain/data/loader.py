@@ -4,6 +4,12 @@ Documents are split into train/validation by held-out documents, tokenized once 
 after each, and packed: the documents (reshuffled every epoch for training) form one token
 stream cut into rows of seq_len+1 tokens that overlap by one, so a batch of B rows is one
 contiguous slice of B*seq_len+1 tokens; inputs are its first B*seq_len tokens, labels the last.
+
+Data parallelism: a training batch is global, `dp_size * batch_size` rows, and data-parallel rank
+r (the `dp_replicate x dp_shard` coordinate, replica-major) takes rows r*batch_size ..
+(r+1)*batch_size - 1 of it. Every rank packs the same stream, so the slices are disjoint and
+deterministic, tensor- and pipeline-parallel ranks of one replica read the same rows, and one
+process with `batch_size = dp_size * batch_size` sees exactly the union.
 """
 from __future__ import annotations
 
@@ -80,17 +86,23 @@ def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 class TokenBatches:
-    """Training batches forever. Each epoch shuffles the documents with seed+epoch and packs them;
-    the rows left over at an epoch's end that do not fill a batch are skipped. `state_dict()` is the
-    exact position, so a resumed run sees the batches the uninterrupted run would have."""
+    """Training batches forever: this data-parallel rank's `batch_size` rows of every global batch.
+    Each epoch shuffles the documents with seed+epoch and packs them; the rows left over at an
+    epoch's end that do not fill a global batch are skipped. `state_dict()` is the exact position
+    (in global rows, the same on every rank), so a resumed run sees the batches the uninterrupted
+    run would have."""
 
-    def __init__(self, docs: TokenizedDocuments, seq_len: int, batch_size: int, seed: int, eos_id: int):
+    def __init__(
+        self, docs: TokenizedDocuments, seq_len: int, batch_size: int, seed: int, eos_id: int, dp_rank: int = 0, dp_size: int = 1
+    ):
         self.docs, self.seq_len, self.batch_size, self.seed, self.eos_id = docs, seq_len, batch_size, seed, eos_id
+        self.dp_rank, self.global_batch_size = dp_rank, dp_size * batch_size
         self.rows_per_epoch = max(len(docs) - 1, 0) // seq_len
-        if self.rows_per_epoch < batch_size:
+        if self.rows_per_epoch < self.global_batch_size:
+            each = f" on each of {dp_size} data-parallel ranks" if dp_size > 1 else ""
             raise DataError(
                 f"the training split has {len(docs)} tokens, too few for one batch of "
-                f"train.batch_size={batch_size} x train.seq_len={seq_len} (+1); use more data or smaller values"
+                f"train.batch_size={batch_size} x train.seq_len={seq_len} (+1){each}; use more data or smaller values"
             )
         self.epoch, self.row = 0, 0
         self._stream_epoch, self._stream = -1, docs.tokens
@@ -99,11 +111,11 @@ class TokenBatches:
         return self
 
     def __next__(self) -> Batch:
-        if self.row + self.batch_size > self.rows_per_epoch:
+        if self.row + self.global_batch_size > self.rows_per_epoch:
             self.epoch, self.row = self.epoch + 1, 0
-        start = self.row * self.seq_len
+        start = (self.row + self.dp_rank * self.batch_size) * self.seq_len
         chunk = self._epoch_stream()[start : start + self.batch_size * self.seq_len + 1]
-        self.row += self.batch_size
+        self.row += self.global_batch_size
         return make_batch(chunk, self.seq_len, self.eos_id)
 
     def _epoch_stream(self) -> torch.Tensor:
@@ -141,12 +153,15 @@ def check_vocab(tokenizer: Tokenizer, spec: str, model_vocab_size: int) -> None:
         )
 
 
-def build_data(data_cfg: DataConfig, train_cfg: TrainConfig, model_vocab_size: int) -> tuple[Tokenizer, TokenBatches, list[Batch]]:
-    """The tokenizer, the endless training batches and the fixed validation batches of a run."""
+def build_data(
+    data_cfg: DataConfig, train_cfg: TrainConfig, model_vocab_size: int, dp_rank: int = 0, dp_size: int = 1
+) -> tuple[Tokenizer, TokenBatches, list[Batch]]:
+    """The tokenizer, this data-parallel rank's endless training batches, and the fixed validation
+    batches of a run (the same on every rank)."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     check_vocab(tokenizer, data_cfg.tokenizer, model_vocab_size)
     train_docs, val_docs = split_documents(load_documents(data_cfg), data_cfg.val_fraction, train_cfg.seed)
     t = train_cfg
-    train = TokenBatches(tokenize_documents(tokenizer, train_docs), t.seq_len, t.batch_size, t.seed, tokenizer.eos_id)
+    train = TokenBatches(tokenize_documents(tokenizer, train_docs), t.seq_len, t.batch_size, t.seed, tokenizer.eos_id, dp_rank, dp_size)
     val = eval_batches(tokenize_documents(tokenizer, val_docs), t.seq_len, t.batch_size, t.eval_batches, tokenizer.eos_id)
     return tokenizer, train, val
