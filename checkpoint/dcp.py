@@ -4,9 +4,14 @@ A checkpoint directory holds:
 - `.metadata` + `*.distcp`: DCP, with keys `model.<fqn>` and `optimizer.<...>` (the FQN-keyed
   forms of `torch.distributed.checkpoint.state_dict`), so it reshards across layouts and can be
   loaded offline;
-- `trainer_state.pt`: the small non-tensor state, `{step, schedule, data, rng}`, written with
-  `torch.save` and read with `weights_only=True` (every rank's data position and RNG will differ
-  once there is more than one, so it stays out of the sharded DCP part).
+- `trainer_state.pt`: the small non-tensor state, `{step, schedule, data, rng}`, written by
+  rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
+  in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
+
+Under a process group every rank calls `save`/`load` with its own part of the model and optimizer
+(DTensors under TP/FSDP, its stages under PP). The optimizer state is flattened
+(`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
+whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads under another.
 """
 from __future__ import annotations
 
@@ -20,13 +25,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from checkpoint.errors import CheckpointError
 from checkpoint.rng import rng_state, set_rng_state
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class Stateful(Protocol):
@@ -39,6 +51,10 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+def is_main_rank() -> bool:
+    return _no_dist() or dist.get_rank() == 0
+
+
 @contextmanager
 def _single_process_quietly() -> Iterator[None]:
     """DCP warns on every call made without a process group, which is our single-process mode."""
@@ -48,21 +64,22 @@ def _single_process_quietly() -> Iterator[None]:
 
 
 def save(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> None:
-    """Write the full training state into the (new, empty) directory `path`."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    """Write the full training state into the (new, empty) directory `path`; every rank calls it."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     with _single_process_quietly():
         dist_cp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=_no_dist())
-    trainer = {"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()}
-    torch.save(trainer, path / TRAINER_STATE)
+    if is_main_rank():
+        trainer = {"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()}
+        torch.save(trainer, path / TRAINER_STATE)
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> int:
     """Restore everything `save` wrote, RNG included; returns the step the checkpoint was taken after."""
     trainer = _read_trainer_state(path)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optimizer": optim_state}
     _dcp_load(path, state)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=OPTIONS)
     schedule.load_state_dict(trainer["schedule"])
     data.load_state_dict(trainer["data"])
     set_rng_state(trainer["rng"])

@@ -4,6 +4,11 @@ A save is written into `<root>/.tmp-step-.../` and committed by renaming it to `
 (atomic on one filesystem), so every `step-*` directory is complete. `latest` (a text file
 holding the directory name) is rewritten, atomically, only after that rename, and older
 checkpoints are deleted only after a newer one has committed.
+
+Under a process group every rank calls `save` (DCP writes each rank's shards) on a filesystem all
+ranks share; rank 0 alone creates the staging directory, writes the small files, renames, updates
+`latest` and prunes, with barriers so that no rank writes before the directory exists or returns
+before the commit.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from checkpoint import dcp
@@ -51,6 +57,11 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected a step-* directory, or one under {path} or {path / 'checkpoints'})")
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class CheckpointManager:
     """Saves into and resumes from `root`; `files` (name -> text, e.g. the run's config.yaml) are
     written into every checkpoint so that it is self-describing."""
@@ -62,29 +73,33 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> Path:
         name = step_dir_name(step)
-        staging = self.root / f".tmp-{name}"
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
-        staging.mkdir(parents=True)
+        staging, final = self.root / f".tmp-{name}", self.root / name
+        if final.exists():  # checked by every rank, before any of them writes
+            raise CheckpointError(f"checkpoint {final} already exists; resume from it or use another checkpoint.dir")
+        if dcp.is_main_rank():
+            shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+            staging.mkdir(parents=True)
+        _barrier()
         self._write(staging, step, model, optimizer, schedule, data)
-        final = self._commit(staging, name)
-        self._prune()
+        _barrier()
+        if dcp.is_main_rank():
+            self._commit(staging, final)
+            self._prune()
+        _barrier()
         return final
 
     def _write(self, path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> None:
         """The seam for asynchronous modes: everything that produces the checkpoint's files."""
         dcp.save(path, step, model, optimizer, schedule, data)
-        for filename, text in self.files.items():
-            (path / filename).write_text(text)
+        if dcp.is_main_rank():
+            for filename, text in self.files.items():
+                (path / filename).write_text(text)
 
-    def _commit(self, staging: Path, name: str) -> Path:
-        final = self.root / name
-        if final.exists():
-            raise CheckpointError(f"checkpoint {final} already exists; resume from it or use another checkpoint.dir")
+    def _commit(self, staging: Path, final: Path) -> None:
         os.rename(staging, final)
         pointer = self.root / f".{LATEST}.tmp"
-        pointer.write_text(name + "\n")
+        pointer.write_text(final.name + "\n")
         os.replace(pointer, self.root / LATEST)
-        return final
 
     def _prune(self) -> None:
         for old in committed_checkpoints(self.root)[: -self.keep_last]:
