@@ -137,10 +137,11 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _single_process_only_for_now(self) -> "RunConfig":
-        p = self.parallel
-        if p.tp > 1 or p.pp > 1 or p.dp_replicate > 1 or p.dp_shard > 1:
-            raise ValueError("tensor, pipeline and data parallelism are not implemented yet (use 1)")
+    def _one_accumulation_under_pipeline(self) -> "RunConfig":
+        """Under PP the schedule's microbatches are the gradient accumulation. (What depends on
+        the world size is checked at startup by parallel.mesh.validate_layout.)"""
+        if self.parallel.pp > 1 and self.train.grad_accum > 1:
+            raise ValueError("train.grad_accum must be 1 with parallel.pp > 1: the pipeline accumulates over parallel.pp_microbatches")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Process set-up for a run: world size, threads, seeds, device and autocast dtype."""
+"""Process set-up for a run: threads, seeds, device and autocast dtype."""
 from __future__ import annotations
 
 import contextlib
@@ -28,11 +28,7 @@ class Runtime:
 
 
 def local_rank() -> int:
-    """This process's rank on its node. Under torchrun WORLD_SIZE must be 1 until parallelism lands,
-    so no process group is ever initialised yet."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        raise ConfigError(f"WORLD_SIZE={world_size}: multi-process training is not implemented yet; run one process (--nproc-per-node 1)")
+    """This process's rank on its node (torchrun sets LOCAL_RANK); it picks the GPU."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -47,7 +43,9 @@ def select_device(train_cfg: TrainConfig) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("config key train.device: cuda was asked for but no CUDA device is available")
-    return torch.device("cuda", local_rank())
+    device = torch.device("cuda", local_rank())
+    torch.cuda.set_device(device)
+    return device
 
 
 def select_dtype(train_cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -59,8 +57,8 @@ def select_dtype(train_cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def set_up(train_cfg: TrainConfig) -> Runtime:
-    """Check the world size, set threads and seeds, pick the device and dtype (in that order)."""
-    local_rank()
+    """Set threads and seeds (the same seed on every rank: each builds the same full model before
+    sharding it), pick the device and dtype."""
     if train_cfg.threads is not None:
         torch.set_num_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)

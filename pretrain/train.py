@@ -1,7 +1,10 @@
 """Pretrain a HybridLM from a config file.
 
     python -m pretrain.train --config configs/quickstart.yaml [--resume] [section.key=value ...]
-    torchrun --nproc-per-node 1 -m pretrain.train --config ...
+    torchrun --nproc-per-node 4 -m pretrain.train --config ... parallel.tp=2   # see launch/torchrun.sh
+
+Under torchrun every rank runs this loop on its part of the model (pretrain/parallelize.py); rank
+0 alone prints, logs metrics and writes the run directory's files.
 """
 from __future__ import annotations
 
@@ -17,15 +20,16 @@ from checkpoint.manager import CheckpointManager, find_latest
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.schedules import build_schedule
-from parallel.data_parallel import apply_activation_checkpointing
+from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import DataError, build_data
 from pretrain.flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
+from pretrain.parallelize import Parallel, parallelize, start
 from pretrain.runtime import Runtime, set_up
 from pretrain.step import StepResult, evaluate, train_step
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def tokens_per_step(t: TrainConfig) -> int:
-    return t.batch_size * t.seq_len * t.grad_accum
+def tokens_per_step(t: TrainConfig, dp_size: int) -> int:
+    """Tokens in one step's global batch: every data-parallel rank's batches."""
+    return dp_size * t.batch_size * t.seq_len * t.grad_accum
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -49,41 +54,53 @@ def refuse_to_overwrite(root: Path) -> None:
         raise CheckpointError(f"{root} already holds checkpoints (latest {latest.name}); pass --resume to continue, or use another train.run_dir")
 
 
-def print_header(cfg: RunConfig, model: HybridLM, runtime: Runtime, start: int, end: int) -> None:
+def print_header(cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtime, first: int, end: int, eval_skipped: bool) -> None:
     t = cfg.train
+    layout = " x ".join(f"{dim} {size}" for dim, size in par.shape.items() if size > 1) or "one process"
     print(
-        f"ebb: {model.num_params() / 1e6:.2f}M params ({cfg.model.pattern!r}), {tokens_per_step(t)} tokens/step, "
-        f"steps {start + 1}..{end} of {t.steps}, device {runtime.device} ({str(runtime.dtype).removeprefix('torch.')}), "
+        f"ebb: {num_params / 1e6:.2f}M params ({cfg.model.pattern!r}), {tokens_per_step(t, par.dp_size)} tokens/step, "
+        f"steps {first + 1}..{end} of {t.steps}, {layout}, device {runtime.device} ({str(runtime.dtype).removeprefix('torch.')}), "
         f"threads {torch.get_num_threads()}, run dir {t.run_dir}",
         flush=True,
     )
+    if eval_skipped:
+        print("ebb: no evaluation under pipeline parallelism (the schedules have no eval step); train.eval_interval is ignored", flush=True)
 
 
 def train(cfg: RunConfig, resume: bool) -> None:
     runtime = set_up(cfg.train)
+    par = start(cfg, runtime)
     t = cfg.train
-    _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size)
+    _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size, par.dp_rank, par.dp_size)
+    eval_skipped = par.shape["pp"] > 1 and bool(val_batches) and t.eval_interval > 0
+    if par.shape["pp"] > 1:
+        val_batches = []
     model = HybridLM(cfg.model).to(runtime.device)
-    apply_activation_checkpointing(model, t.activation_checkpoint, t.activation_checkpoint_every)
-    optimizer = build_optimizer(model, cfg.optim)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
+    parallelize(par, model, cfg, runtime)
+    optimizer = build_optimizer(par.module, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, t.steps)
     checkpoints = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, files={"config.yaml": dump_config(cfg)})
     if resume:
-        start = checkpoints.resume(model, optimizer, schedule, train_batches)
+        first = checkpoints.resume(par.module, optimizer, schedule, train_batches)
     else:
         refuse_to_overwrite(checkpoints.root)
-        start = 0
-    run_dir = Path(t.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+        first = 0
     end = min(t.steps, t.stop_at_step or t.steps)
-    print_header(cfg, model, runtime, start, end)
-    throughput = Throughput(tokens_per_step(t), 3 * model.flops_per_token(t.seq_len), peak_flops(runtime.device))
-    metrics = MetricsLogger(run_dir, cfg.logging, t.steps, start, cfg.model_dump(mode="json"))
+    run_dir = Path(t.run_dir)
+    metrics = None
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        print_header(cfg, num_params, par, runtime, first, end, eval_skipped)
+        metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
+    peak = peak_flops(runtime.device)
+    cluster_peak = None if peak is None else peak * par.world_size
+    throughput = Throughput(tokens_per_step(t, par.dp_size), 3 * flops_per_token, cluster_peak)
     began, record, saved = time.perf_counter(), {}, None
-    for step in range(start + 1, end + 1):
+    for step in range(first + 1, end + 1):
         lr, tick = optimizer.param_groups[0]["lr"], time.perf_counter()
-        result = train_step(model, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
+        result = train_step(par, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
         schedule.step()
         log_now = step % t.log_interval == 0 or step == end
         if log_now:
@@ -91,13 +108,14 @@ def train(cfg: RunConfig, resume: bool) -> None:
         throughput.add_step(time.perf_counter() - tick)
         record = {"step": step} | (train_record(result, lr, throughput, runtime) if log_now else {})
         if val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == end):
-            record |= evaluate(model, val_batches, runtime)
-        if len(record) > 1:
+            record |= evaluate(par, val_batches, runtime)
+        if metrics is not None and len(record) > 1:
             metrics.log(record)
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == end and cfg.checkpoint.save_final):
-            saved = checkpoints.save(step, model, optimizer, schedule, train_batches)
-    metrics.close()
-    print(summary(start, end, time.perf_counter() - began, record, saved))
+            saved = checkpoints.save(step, par.module, optimizer, schedule, train_batches)
+    if metrics is not None:
+        metrics.close()
+        print(summary(first, end, time.perf_counter() - began, record, saved))
 
 
 def train_record(result: StepResult, lr: float, throughput: Throughput, runtime: Runtime) -> dict:

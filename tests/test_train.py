@@ -104,7 +104,7 @@ def test_generate_cli_prints_text_from_a_saved_run(baseline):
         (["model.d_model=100", "model.mixers.attention.num_heads=3"], {}, "must be divisible by mixers.attention.num_heads"),
         (["data.path=/nonexistent/corpus.jsonl"], {}, "/nonexistent/corpus.jsonl"),
         (["--resume"], {}, "nothing to resume"),
-        ([], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),
+        (["parallel.tp=3"], {}, "world size 1 is not divisible by pp*dp_replicate*tp = 3"),
     ],
 )
 def test_bad_runs_fail_with_one_line(tmp_path, overrides, env, expected):

@@ -1,0 +1,165 @@
+"""This process's part of a tp x pp x dp run: process group, device mesh, and the model turned into
+what this rank holds and runs.
+
+Order (`parallelize`): tensor parallelism on the whole model, this pp rank's pipeline stages,
+activation checkpointing, FSDP/HSDP on each stage (or the model), the pipeline schedule. Build the
+optimizer afterwards, on `Parallel.module`, whose parameter names are the single-process model's
+(so optimizer state and checkpoints are keyed the same under every layout).
+
+Loss normalisation. The language-model loss of a step is the mean over every valid label of the
+global batch, as in one process: each rank sums its tokens' losses and divides by the global
+count (all-reduced), times what the averaging after it divides by (FSDP averages gradients over
+the dp ranks; the pipeline schedule averages over its microbatches).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import loss_parallel
+
+from models.model import HybridLM
+from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
+from parallel.mesh import build_mesh, validate_layout
+from parallel.pipeline import Pipeline, StageModule, build_schedule, build_stage_modules
+from parallel.tp import apply_tensor_parallel
+from pretrain.config import RunConfig
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.runtime import Runtime
+from pretrain.step import lm_loss, local
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(device: torch.device) -> None:
+    """From torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); gloo on CPU, and on GPUs
+    NCCL with a gloo group beside it for CPU tensors. A no-op for one process or when the caller
+    (a test) has already initialised it."""
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+
+
+class ScaledTokenLoss:
+    """`lm_loss` summed over this rank's tokens times `scale` (set before every step)."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return lm_loss(logits, labels, reduction="sum") * self.scale
+
+
+class RankStages(nn.Module):
+    """This pp rank's stage modules as one module named like the model (`embed`, `blocks.<i>`,
+    `norm`, `lm_head`), for the optimizer and checkpoints."""
+
+    def __init__(self, stages: list[StageModule]):
+        super().__init__()
+        self.embed = next((s.embed for s in stages if s.embed is not None), None)
+        self.blocks = nn.ModuleDict({name: block for s in stages for name, block in s.blocks.items()})
+        self.norm = next((s.norm for s in stages if s.norm is not None), None)
+        self.lm_head = next((s.lm_head for s in stages if s.lm_head is not None), None)
+
+
+@dataclass
+class Parallel:
+    """Where this process sits in the layout, and (after `parallelize`) what it holds: `module`
+    (the model, or its pipeline stages as `RankStages`) and the `pipeline` when pp > 1."""
+
+    shape: dict[str, int]
+    rank: int = 0
+    mesh: DeviceMesh | None = None
+    module: nn.Module | None = None
+    pipeline: Pipeline | None = None
+    microbatches: int = 1  # the pipeline's per step
+    loss: ScaledTokenLoss = field(default_factory=ScaledTokenLoss)
+
+    @property
+    def world_size(self) -> int:
+        return self.shape["pp"] * self.shape["dp_replicate"] * self.shape["dp_shard"] * self.shape["tp"]
+
+    @property
+    def dp_size(self) -> int:
+        return self.shape["dp_replicate"] * self.shape["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        """The (dp_replicate, dp_shard) coordinate, replica-major."""
+        if self.mesh is None:
+            return 0
+        return self.mesh["dp_replicate"].get_local_rank() * self.shape["dp_shard"] + self.mesh["dp_shard"].get_local_rank()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, logs metrics and writes the run directory's files."""
+        return self.rank == 0
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Cross-entropy (and its backward) on vocabulary-sharded logits under TP without PP."""
+        return loss_parallel() if self.shape["tp"] > 1 and self.pipeline is None else contextlib.nullcontext()
+
+    def sum_over_world(self, value: Tensor) -> Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def global_token_count(self, labels: Tensor) -> Tensor:
+        """Valid labels in the global batch: every replica's count, which its tp x pp ranks share."""
+        count = (labels != IGNORE_INDEX).sum().float()
+        return self.sum_over_world(count) / (self.world_size // self.dp_size)
+
+    def mean_over_replicas(self, value: Tensor | None) -> Tensor:
+        """The mean over dp ranks of a per-replica value held by the ranks of the last pipeline
+        stage (None elsewhere), the same on every rank."""
+        value = local(value) if value is not None else torch.zeros((), device=self.loss_device)
+        return self.sum_over_world(value.float()) / (self.world_size // self.shape["pp"])
+
+    @property
+    def loss_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+
+def start(cfg: RunConfig, runtime: Runtime) -> Parallel:
+    """Check the layout (a one-line ParallelError before any rendezvous), then join the process
+    group and build the mesh."""
+    shape = validate_layout(cfg.parallel, cfg.model, world_size())
+    init_process_group(runtime.device)
+    if world_size() == 1:
+        return Parallel(shape)
+    return Parallel(shape, dist.get_rank(), build_mesh(cfg.parallel, world_size(), runtime.device.type))
+
+
+def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime) -> None:
+    """Shard `model` into this rank's part (see the module docstring for the order)."""
+    p, t = cfg.parallel, cfg.train
+    tp, pp = par.shape["tp"], par.shape["pp"]
+    if tp > 1:
+        # under PP the loss runs inside the schedule, so the head gathers the logits
+        apply_tensor_parallel(model, par.mesh["tp"], loss_parallel=pp == 1)
+    stages, stage_ids = [model], []
+    if pp > 1:
+        stages, stage_ids = build_stage_modules(model, par.mesh["pp"].get_local_rank(), pp, p.pp_virtual_stages, t.seq_len)
+    for module in stages:
+        apply_activation_checkpointing(module, t.activation_checkpoint, t.activation_checkpoint_every)
+        if par.dp_size > 1:
+            apply_fsdp(module, data_parallel_mesh(par), runtime.dtype == torch.bfloat16, p.fsdp_reshard_after_forward)
+    par.module = model
+    if pp > 1:
+        par.microbatches = p.microbatches
+        par.pipeline = build_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, par.loss, runtime.device)
+        par.module = RankStages(stages)
+
+
+def data_parallel_mesh(par: Parallel) -> DeviceMesh:
+    """dp_shard alone (FSDP), or (dp_replicate, dp_shard) for HSDP."""
+    if par.shape["dp_replicate"] == 1:
+        return par.mesh["dp_shard"]
+    return par.mesh["dp_replicate", "dp_shard"]
