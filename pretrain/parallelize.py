@@ -47,7 +47,8 @@ def init_process_group(device: torch.device) -> None:
 
 
 class ScaledTokenLoss:
-    """`lm_loss` summed over this rank's tokens times `scale` (set before every step)."""
+    """The pipeline's loss function: `lm_loss` summed over the microbatch's tokens times `scale`
+    (set before every step)."""
 
     def __init__(self) -> None:
         self.scale = 1.0
@@ -116,15 +117,10 @@ class Parallel:
         count = (labels != IGNORE_INDEX).sum().float()
         return self.sum_over_world(count) / (self.world_size // self.dp_size)
 
-    def mean_over_replicas(self, value: Tensor | None) -> Tensor:
-        """The mean over dp ranks of a per-replica value held by the ranks of the last pipeline
-        stage (None elsewhere), the same on every rank."""
-        value = local(value) if value is not None else torch.zeros((), device=self.loss_device)
-        return self.sum_over_world(value.float()) / (self.world_size // self.shape["pp"])
-
-    @property
-    def loss_device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    def mean_over_replicas(self, value: Tensor) -> Tensor:
+        """The mean over dp ranks of a per-replica value that the ranks of the last pipeline stage
+        hold (the others pass 0), the same on every rank afterwards."""
+        return self.sum_over_world(local(value).float()) / (self.world_size // self.shape["pp"])
 
 
 def start(cfg: RunConfig, runtime: Runtime) -> Parallel:

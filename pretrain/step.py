@@ -59,10 +59,10 @@ def train_step(
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
         batch = next(batches).to(runtime.device)
-        par.loss.scale = par.dp_size / par.global_token_count(batch.labels)  # FSDP divides by dp_size again
+        scale = par.dp_size / par.global_token_count(batch.labels)  # FSDP divides by dp_size again
         with par.loss_context():
             loss, aux_loss = forward_loss(model, batch, runtime, reduction="sum")
-            loss = loss * par.loss.scale
+            loss = loss * scale
             total = loss if aux_loss is None else loss + aux_loss
             (total / grad_accum).backward()
         loss_sum += local(loss.detach()) / grad_accum
@@ -82,6 +82,8 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
     par.loss.scale = par.microbatches * par.dp_size / par.global_token_count(batch.labels)
     with runtime.autocast():
         loss, grad_norm = pipeline_train_step(par.pipeline, optimizer, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip)
+    if loss is None:  # not on the last stage
+        loss = torch.zeros((), device=runtime.device)
     return StepResult(par.mean_over_replicas(loss), grad_norm, None)
 
 

@@ -1,6 +1,6 @@
 """The train loop (`pretrain.train.train`) under tp x pp x dp in 4 real gloo processes against one
 process with the same seed and the same global batch (dp_size * train.batch_size rows), and
-checkpoints saved under tp 2 x pp 2 loaded in one process.
+checkpoints saved under tp 2 x pp 2 loaded in one process; launch/torchrun.sh with 2 processes.
 
 Tolerance: float32; per-step losses and gradient norms within 5e-5 (the same computation: only the
 order of sums over heads, vocabulary shards, dp ranks and microbatches differs). Loaded logits
@@ -8,6 +8,8 @@ within 1e-5 of the ones the ranks' own weights give (DCP only moves bytes)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,19 @@ def test_data_parallel_ranks_read_disjoint_rows_of_the_global_batch() -> None:
 def test_layout_errors_come_before_any_process_group(tmp_path: Path) -> None:
     with pytest.raises(ParallelError, match="world size 1 is not divisible by pp\\*dp_replicate\\*tp = 2"):
         train(config(tmp_path, "model.pattern=M*TG", "parallel.tp=2"), resume=False)
+
+
+def test_launch_script_runs_two_processes_and_shows_rank_0(tmp_path: Path) -> None:
+    """launch/torchrun.sh: 2 processes (FSDP 2); only local rank 0 on the console, every rank's
+    output in LOG_DIR; a layout that cannot run exits 2 with one `error:` line per rank."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs")}
+    args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *TINY, "train.steps=2", f"train.run_dir={tmp_path / 'run'}"]
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[default0]:ebb:" in result.stdout and "dp_shard 2" in result.stdout and "[default1]" not in result.stdout
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    assert {p.parent.name for p in (tmp_path / "logs").glob("*/attempt_0/*/stdout.log")} == {"0", "1"}
+    bad = subprocess.run([*args, "parallel.tp=3"], cwd=repo, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.count("error: world size 2 is not divisible by pp*dp_replicate*tp = 3") == 2
