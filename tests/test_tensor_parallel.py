@@ -62,14 +62,16 @@ def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], list[float], dict[str, Tensor]]:
-    """First-step logits and gradients, every step's loss and gradient norm (clipped as the train
+    """First-step logits and gradients, every step's loss (with the mixers' auxiliary losses, as
+    the train step adds them) and gradient norm (clipped as the train
     step clips) and the final parameters, as plain tensors (DTensors gathered)."""
     optimizer = build_optimizer(model, OPTIM)
     losses, norms, logits0, grads0 = [], [], None, None
     for input_ids, labels, cu_seqlens in batches():
-        logits = model(input_ids, cu_seqlens=cu_seqlens)
+        carry: dict[str, Tensor] = {}
+        logits = model(input_ids, cu_seqlens=cu_seqlens, carry=carry)
         with loss_parallel():
-            loss = lm_loss(logits, labels)
+            loss = lm_loss(logits, labels) + carry.get("aux_loss", 0.0)
             loss.backward()
         if logits0 is None:
             logits0 = full(logits).detach()
@@ -85,9 +87,10 @@ class Run(NamedTuple):
     model: tuple[tuple[str, object], ...]  # ModelConfig changes
     sequence_parallel: bool
     checkpointed: bool = False  # activation checkpointing, applied before TP (the harder order)
+    base: ModelConfig = CONFIG
 
     def config(self) -> ModelConfig:
-        return CONFIG.model_copy(update=dict(self.model))
+        return self.base.model_copy(update=dict(self.model))
 
 
 RUNS = [
@@ -119,9 +122,9 @@ def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
 
 
 def test_covered_mixers() -> None:
-    assert set(TP_PLANS) == {"*", "M", "T", "G"}
-    with pytest.raises(NotImplementedError, match=r"mixer 'R' has no tensor-parallel plan"):
-        mixer_plan("R")
+    assert set(TP_PLANS) == {"*", "M", "T", "G", "R"}
+    with pytest.raises(NotImplementedError, match=r"mixer 'O' has no tensor-parallel plan"):
+        mixer_plan("O")
 
 
 def single_process(cfg: ModelConfig) -> tuple:
@@ -130,13 +133,13 @@ def single_process(cfg: ModelConfig) -> tuple:
     return train(HybridLM(cfg))
 
 
-def test_tp2_matches_single_process() -> None:
+def assert_tp_matches_single_process(runs: list[Run]) -> None:
     """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
-    parameters: tied embeddings without and with sequence parallelism; with SP, untied under
-    activation checkpointing, and mixer-only blocks (mlp: none)."""
-    want = {run.model: single_process(run.config()) for run in RUNS}
-    for rank in run_distributed(tensor_parallel_rank, TP, RUNS):
-        for run, (logits, grads, losses, norms, params) in zip(RUNS, rank):
+    parameters of every run under TP=2 equal one process's (runs with the same model changes
+    share one single-process reference)."""
+    want = {run.model: single_process(run.config()) for run in runs}
+    for rank in run_distributed(tensor_parallel_rank, TP, runs):
+        for run, (logits, grads, losses, norms, params) in zip(runs, rank):
             print(run)  # shown on failure
             want_logits, want_grads, want_losses, want_norms, want_params = want[run.model]
             torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
@@ -144,6 +147,12 @@ def test_tp2_matches_single_process() -> None:
             assert losses == pytest.approx(want_losses, abs=LOSS_TOL)
             assert norms == pytest.approx(want_norms, rel=RTOL)
             assert_close_dicts(params, want_params)
+
+
+def test_tp2_matches_single_process() -> None:
+    """Tied embeddings without and with sequence parallelism; with SP, untied under activation
+    checkpointing, and mixer-only blocks (mlp: none)."""
+    assert_tp_matches_single_process(RUNS)
 
 
 def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
@@ -162,6 +171,10 @@ def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
         (dict(tp=2), with_mixers("M*TG", mamba2=dict(n_groups=1)), 2, r"mixers.mamba2.n_groups \(1\) must be divisible"),
         (dict(tp=4), with_mixers("T", deltanet=dict(num_heads=2)), 4, r"mixers.deltanet.num_heads \(2\)"),
         (dict(tp=4), with_mixers("G", gated_deltanet=dict(num_heads=2, num_v_heads=4)), 4, r"mixers.gated_deltanet.num_heads \(2\)"),
+        (dict(tp=4), ModelConfig(pattern="R", d_model=48, mixers=dict(rwkv7=dict(head_dim=8))), 4,
+         r"RWKV-7 heads \(d_model / mixers.rwkv7.head_dim = 6\) must be divisible by parallel.tp \(4\)"),
+        (dict(tp=4), ModelConfig(pattern="R", d_model=32, mixers=dict(rwkv7=dict(head_dim=8, channel_mix_hidden=34))), 4,
+         r"mixers.rwkv7.channel_mix_hidden \(34\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(mlp_hidden=65)), 2, r"MLP width \(65\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(vocab_size=65)), 2, r"model.vocab_size \(65\)"),
         (dict(pp=8, dp_shard=1), CONFIG, 8, r"4 blocks cannot fill parallel.pp = 8 pipeline stages"),

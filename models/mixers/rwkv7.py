@@ -4,8 +4,9 @@ section 4 (BlinkDL's `RWKV_Tmix_x070` / `RWKV_CMix_x070`).
 Per head (N = head_dim) the state follows S_t = S_{t-1}(diag(w_t) - kappa_t (a_t o kappa_t)^T)
 + v_t k_t^T, y_t = S_t r_t, run by `chunk_rwkv7` with a = -kappa, b = kappa o a and scale 1.
 
-Value residual: the first R block of the stack stores its values in `carry["v_first"]` (shaped
-like the block input); every later R block mixes them into its own values,
+Value residual: the first R block of the stack stores its values in `carry["v_first"]` ([B, T, the
+value channels of the heads it holds]: all d_model in one process, this rank's heads under tensor
+parallelism, the same in every R block); every later R block mixes them into its own values,
 v <- v + (v_first - v) sigmoid(v0 + LoRA(x_v)). The entry crosses pipeline stages like any other
 carry entry (`carry_writes`).
 
@@ -62,6 +63,14 @@ class LoRA(nn.Module):
         return self.up(h if self.activation is None else self.activation(h))
 
 
+class HeadGroupNorm(nn.GroupNorm):
+    """GroupNorm over [..., heads, head_dim] with one group per head, the group count read from
+    the input: a tensor-parallel rank normalises only the heads it holds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x.flatten(0, -3).flatten(-2), x.shape[-2], self.weight, self.bias, self.eps).view_as(x)
+
+
 def depth_ratios(layer_idx: int, n_layers: int) -> tuple[float, float]:
     """The official (l / (L - 1), 1 - l / L) that shape every per-channel init."""
     return layer_idx / max(n_layers - 1, 1), 1.0 - layer_idx / n_layers
@@ -97,7 +106,7 @@ class RWKV7(nn.Module):
         self.k_k = nn.Parameter(torch.empty(d))
         self.k_a = nn.Parameter(torch.empty(d))
         self.r_k = nn.Parameter(torch.empty(heads, c.head_dim))
-        self.o_norm = nn.GroupNorm(heads, d, eps=c.norm_eps)
+        self.o_norm = HeadGroupNorm(heads, d, eps=c.norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
         self.reset_parameters()
 
@@ -133,10 +142,11 @@ class RWKV7(nn.Module):
         no_weight_decay(*vectors)
 
     def mix_values(self, v: Tensor, x_v: Tensor, carry: dict | None, shape: torch.Size) -> Tensor:
-        """The value residual: the first R block stores v, later ones mix the stored v in."""
+        """The value residual: the first R block stores v ([B, T, channels of the heads held]),
+        later ones mix the stored v in."""
         if self.is_first:
             if carry is not None:
-                carry["v_first"] = v.reshape(shape)
+                carry["v_first"] = v.reshape(*shape[:-1], -1)
             return v
         if carry is None or "v_first" not in carry:
             raise ValueError(f"R block {self.layer_idx} needs carry['v_first'] from the first R block")
@@ -159,8 +169,8 @@ class RWKV7(nn.Module):
             chunk_rwkv7, r, log_w, k, v, -kappa, kappa * a,
             scale=1.0, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
         )
-        y = self.o_norm(y.flatten(-2).flatten(0, -2)).view_as(y) + (r * k * self.r_k).sum(-1, keepdim=True) * v
-        return self.out_proj(y.flatten(-2) * self.g_lora(x_g)).reshape(x.shape)
+        y = self.o_norm(y) + (r * k * self.r_k).sum(-1, keepdim=True) * v
+        return self.out_proj((y.flatten(-2) * self.g_lora(x_g)).reshape(*x.shape[:-1], -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         heads = self.r_k.shape[0]
@@ -196,7 +206,7 @@ class RWKV7ChannelMix(nn.Module):
         flat = as_one_sequence(x, cu_seqlens, cache)
         previous = token_shift(flat, cu_seqlens, cache, "channel_mix_shift")
         hidden = torch.relu(self.up_proj(torch.lerp(flat, previous, self.mu_k))).square()
-        return self.down_proj(hidden).reshape(x.shape)
+        return self.down_proj(hidden.reshape(*x.shape[:-1], -1))
 
     def flops_per_token(self) -> float:
         return 2.0 * 2 * self.up_proj.in_features * self.up_proj.out_features

@@ -5,7 +5,9 @@ cross-entropy), optionally with sequence-parallel norms (Megatron-style SP).
 Each mixer brings its own plan and divisibility rule (`TP_PLANS`, keyed by pattern character);
 a mixer without one is rejected by `validate_layout` and `apply_tensor_parallel`. Inside a mixer
 the projections are colwise (local outputs), so mixers run on plain tensors holding this rank's
-heads; every mixer's `out_proj` is rowwise."""
+heads; every mixer's `out_proj` is rowwise. Mixers and MLPs receive the replicated residual
+stream as a plain tensor (gathered first under SP), so routers and token shifts run on it
+unchanged."""
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -23,7 +25,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.config import ModelConfig
-from parallel.tp import attention, delta_rule, mamba2
+from models.mixers.rwkv7 import RWKV7ChannelMix
+from parallel.tp import attention, delta_rule, mamba2, rwkv7
 from parallel.tp.styles import LocalParameters
 
 
@@ -37,6 +40,7 @@ TP_PLANS: dict[str, MixerPlan] = {
     "M": MixerPlan(mamba2.plan, mamba2.divisibility_error),
     "T": MixerPlan(delta_rule.plan, delta_rule.deltanet_divisibility_error),
     "G": MixerPlan(delta_rule.plan, delta_rule.gated_deltanet_divisibility_error),
+    "R": MixerPlan(rwkv7.plan, rwkv7.divisibility_error),
 }
 
 
@@ -99,13 +103,21 @@ def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, sequence_parallel:
         (mixer.out_proj, RowwiseParallel(output_layouts=activations)),
     ]
     if mlp is not None:
-        styles += [
-            (block.mlp_norm, _norm_style(sequence_parallel)),
-            (mlp.gate_proj, ColwiseParallel()),
-            (mlp.up_proj, ColwiseParallel()),
-            (mlp.down_proj, RowwiseParallel(output_layouts=activations)),
-        ]
+        styles += [(block.mlp_norm, _norm_style(sequence_parallel)), *_mlp_styles(mlp, activations)]
     if sequence_parallel:  # gather the tokens before each branch; its rowwise output scatters them again
-        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
         styles += [(mixer, gather), (mlp, gather)]
     _apply_styles(tp_mesh, styles)
+
+
+def _mlp_styles(mlp: nn.Module, activations: Placement) -> list[tuple[nn.Module | None, ParallelStyle]]:
+    """SwiGLU (gate and up colwise) or RWKV's channel-mix (up colwise; its token-shift mix mu_k
+    acts on the model width: replicated); down rowwise."""
+    styles: list[tuple[nn.Module | None, ParallelStyle]] = [
+        (getattr(mlp, "gate_proj", None), ColwiseParallel()),
+        (mlp.up_proj, ColwiseParallel()),
+        (mlp.down_proj, RowwiseParallel(output_layouts=activations)),
+    ]
+    if isinstance(mlp, RWKV7ChannelMix):
+        styles.append((mlp, LocalParameters(replicated=("mu_k",))))
+    return styles

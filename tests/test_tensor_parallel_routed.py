@@ -1,0 +1,18 @@
+"""Tensor parallelism for RWKV-7 (with its channel-mix and value residual), MoM and SSE: TP=2 on
+gloo, without and with sequence parallelism, against one process with the same seed (the
+harness and tolerances of test_tensor_parallel)."""
+from __future__ import annotations
+
+from models.config import ModelConfig
+from tests.test_tensor_parallel import VOCAB, Run, assert_tp_matches_single_process
+
+MIXERS = dict(
+    attention=dict(num_heads=4, num_kv_heads=2),
+    rwkv7=dict(head_dim=8, decay_rank=8, a_rank=8, v_rank=8, gate_rank=8, channel_mix_hidden=64, chunk_size=8),
+)
+CONFIG = ModelConfig(pattern="R*R", d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS)
+
+
+def test_tp2_matches_single_process() -> None:
+    """R blocks: the second reads the first's carry["v_first"] across an attention block."""
+    assert_tp_matches_single_process([Run((), sequence_parallel=False, base=CONFIG), Run((), sequence_parallel=True, base=CONFIG)])
