@@ -40,6 +40,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from models.config import ModelConfig
 from models.model import CarryView, HybridLM, with_row_starts
+from parallel.tp import add_aux_loss
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -173,7 +174,7 @@ def with_aux_loss(lm_loss: LossFn) -> LossFn:
         if isinstance(output, Tensor):
             return lm_loss(output, labels)
         logits, aux_loss = output
-        return lm_loss(logits, labels) + aux_loss
+        return add_aux_loss(lm_loss(logits, labels), aux_loss)
 
     return loss
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from parallel.pipeline import pipeline_train_step
+from parallel.tp import add_aux_loss
 from pretrain.data import Batch
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.runtime import Runtime
@@ -63,7 +64,7 @@ def train_step(
         with par.loss_context():
             loss, aux_loss = forward_loss(model, batch, runtime, reduction="sum")
             loss = loss * scale
-            total = loss if aux_loss is None else loss + aux_loss
+            total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
             (total / grad_accum).backward()
         loss_sum += local(loss.detach()) / grad_accum
         if aux_loss is not None:

@@ -85,7 +85,8 @@ def mom_reference(mixer, x: torch.Tensor, capacity: float | None = None) -> torc
             tokens = tokens[-math.ceil(capacity * x.shape[0] / c.topk) :]
         xs = x[tokens]
         q = mixer.q_proj(xs)
-        k, v, b, a = proj(xs).split([H * K, H * V, H, H], dim=-1)
+        k, v, b, a = proj(xs).view(-1, H, K + V + 2).split([K, V, 1, 1], dim=-1)  # stored head-major
+        k, v, b, a = (t.flatten(1) for t in (k, v, b, a))
         if c.use_short_conv:
             q, k, v = causal_conv(mixer.q_conv1d, q), causal_conv(mixer.k_conv1d, k), causal_conv(mixer.v_conv1d, v)
         else:

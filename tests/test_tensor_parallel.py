@@ -21,7 +21,7 @@ from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
-from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
+from parallel.tp import TP_PLANS, add_aux_loss, apply_tensor_parallel, mixer_plan
 from pretrain.config import OptimConfig, ParallelConfig
 from pretrain.step import IGNORE_INDEX, lm_loss
 from tests.distributed import run_distributed
@@ -71,7 +71,9 @@ def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], lis
         carry: dict[str, Tensor] = {}
         logits = model(input_ids, cu_seqlens=cu_seqlens, carry=carry)
         with loss_parallel():
-            loss = lm_loss(logits, labels) + carry.get("aux_loss", 0.0)
+            loss = lm_loss(logits, labels)
+            if "aux_loss" in carry:
+                loss = add_aux_loss(loss, carry["aux_loss"])
             loss.backward()
         if logits0 is None:
             logits0 = full(logits).detach()
@@ -122,9 +124,9 @@ def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
 
 
 def test_covered_mixers() -> None:
-    assert set(TP_PLANS) == {"*", "M", "T", "G", "R"}
-    with pytest.raises(NotImplementedError, match=r"mixer 'O' has no tensor-parallel plan"):
-        mixer_plan("O")
+    assert set(TP_PLANS) == {"*", "M", "T", "G", "R", "O"}
+    with pytest.raises(NotImplementedError, match=r"mixer 'S' has no tensor-parallel plan"):
+        mixer_plan("S")
 
 
 def single_process(cfg: ModelConfig) -> tuple:
@@ -175,6 +177,7 @@ def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
          r"RWKV-7 heads \(d_model / mixers.rwkv7.head_dim = 6\) must be divisible by parallel.tp \(4\)"),
         (dict(tp=4), ModelConfig(pattern="R", d_model=32, mixers=dict(rwkv7=dict(head_dim=8, channel_mix_hidden=34))), 4,
          r"mixers.rwkv7.channel_mix_hidden \(34\)"),
+        (dict(tp=4), ModelConfig(pattern="O", d_model=32, mixers=dict(mom=dict(num_heads=2))), 4, r"mixers.mom.num_heads \(2\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(mlp_hidden=65)), 2, r"MLP width \(65\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(vocab_size=65)), 2, r"model.vocab_size \(65\)"),
         (dict(pp=8, dp_shard=1), CONFIG, 8, r"4 blocks cannot fill parallel.pp = 8 pipeline stages"),

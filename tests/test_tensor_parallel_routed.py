@@ -9,10 +9,12 @@ from tests.test_tensor_parallel import VOCAB, Run, assert_tp_matches_single_proc
 MIXERS = dict(
     attention=dict(num_heads=4, num_kv_heads=2),
     rwkv7=dict(head_dim=8, decay_rank=8, a_rank=8, v_rank=8, gate_rank=8, channel_mix_hidden=64, chunk_size=8),
+    mom=dict(num_memories=3, topk=2, num_heads=2, head_dim=8, chunk_size=8),
 )
-CONFIG = ModelConfig(pattern="R*R", d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS)
+CONFIG = ModelConfig(pattern="R*RO", d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS)
 
 
 def test_tp2_matches_single_process() -> None:
-    """R blocks: the second reads the first's carry["v_first"] across an attention block."""
+    """R blocks (the second reads the first's carry["v_first"] across an attention block) and
+    MoM (with its shared memory, short convs and aux loss)."""
     assert_tp_matches_single_process([Run((), sequence_parallel=False, base=CONFIG), Run((), sequence_parallel=True, base=CONFIG)])

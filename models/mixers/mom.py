@@ -14,9 +14,10 @@ from models.mixers.conv import ShortConv, segment_conv
 from models.mixers.deltanet import write_strength
 from models.mixers.flops import chunked_recurrence_flops
 from models.mixers.gated_deltanet import log_decay
-from models.mixers.init import init_decay_, residual_scale
+from models.mixers.mamba2 import split_groups
+from models.mixers.init import init_decay_, residual_scale, store_head_major_
 from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import Routes, build_routes, documents_of_tokens, route_top_k, switch_aux_loss
+from models.mixers.routing import Routes, TopKRouter, build_routes, documents_of_tokens, switch_aux_loss
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
 
@@ -24,8 +25,8 @@ from models.ops import chunk_gated_delta_rule
 class MoM(nn.Module):
     """p_t = softmax(W_r x_t) in fp32 (no bias); each token goes to its top-k memories with
     weights p renormalised over them. q_proj, A_log, dt_bias and the three short convolutions
-    are shared; each memory m has its own k, v, b, a projection (`memories[m]`, fused, in that
-    order; the shared memory is the last). Memory m is a Gated DeltaNet advanced only on the
+    are shared; each memory m has its own k, v, b, a projection (`memories[m]`, fused and stored
+    head-major, [k_h | v_h | b_h | a_h] for each head h; the shared memory is the last). Memory m is a Gated DeltaNet advanced only on the
     tokens routed to it: o_t = sum_{m in top-k} w_tm S^m_t q_t/sqrt(d_k) + S^shared_t q_t/sqrt(d_k),
     then the gated RMSNorm with g_proj(x) and out_proj.
 
@@ -56,7 +57,7 @@ class MoM(nn.Module):
         self.head_k_dim, self.head_v_dim = c.head_dim, int(c.expand_v * c.head_dim)
         self.key_dim, self.value_dim = H * self.head_k_dim, H * self.head_v_dim
         self.n_memories = c.num_memories + int(c.shared_memory)
-        self.router = nn.Linear(d, c.num_memories, bias=False)
+        self.router = TopKRouter(d, c.num_memories, c.topk)
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.memories = nn.ModuleList(
             nn.Linear(d, self.key_dim + self.value_dim + 2 * H, bias=False) for _ in range(self.n_memories)
@@ -82,6 +83,9 @@ class MoM(nn.Module):
                 nn.init.xavier_uniform_(m.weight, gain=2**-2.5)
             elif isinstance(m, ShortConv):
                 m.reset_parameters()
+        H = c.num_heads
+        for memory in self.memories:
+            store_head_major_(memory.weight, [self.key_dim, self.value_dim, H, H], H)
         self.out_proj.weight.mul_(self.out_scale)
         self.o_norm.reset_parameters()
         init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
@@ -94,7 +98,7 @@ class MoM(nn.Module):
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router probabilities [N, M], the chosen memories [N, k] and their weights [N, k]
         (probabilities renormalised over the chosen)."""
-        probs, chosen, chosen_probs = route_top_k(self.router, flat, self.cfg.topk)
+        probs, chosen, chosen_probs = self.router(flat)
         return probs, chosen, chosen_probs / chosen_probs.sum(-1, keepdim=True)
 
     def capacity_limits(self, batch: int, length: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor | None:
@@ -124,23 +128,23 @@ class MoM(nn.Module):
         if carry is not None and self.cfg.aux_loss_scale:
             aux = self.cfg.aux_loss_scale * switch_aux_loss(probs, chosen, self.cfg.num_memories)
             carry["aux_loss"] = carry.get("aux_loss", 0.0) + aux
-        return self.out_proj(o.flatten(-2)).reshape(x.shape)
+        return self.out_proj(o.reshape(B, T, -1))
 
     def memory_readouts(self, flat: Tensor, routes: Routes, cache: dict | None) -> Tensor:
-        """Each route's read-out S^m_t q_t / sqrt(d_k) [R, H, d_v], all memories in one op call."""
-        H = self.cfg.num_heads
+        """Each route's read-out S^m_t q_t / sqrt(d_k) [R, H, d_v], all memories in one op call
+        (H: the heads this module holds)."""
         q = routes.gather(self.q_proj(flat))
         parts = routes.gather(flat).split(routes.per_memory)
         kvba = torch.cat([proj(part) for proj, part in zip(self.memories, parts)])
-        k, v, b, a = kvba.split([self.key_dim, self.value_dim, H, H], dim=-1)
+        k, v, b, a = split_groups(kvba, [self.head_k_dim, self.head_v_dim, 1, 1])
         q = self.stream_conv(self.q_conv1d, q, routes, cache, "conv_q")
         k = self.stream_conv(self.k_conv1d, k, routes, cache, "conv_k")
         v = self.stream_conv(self.v_conv1d, v, routes, cache, "conv_v")
-        q, k = (l2_norm(t.unflatten(-1, (H, self.head_k_dim))) for t in (q, k))
+        q, k = (l2_norm(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k))
         g = log_decay(a, self.A_log, self.dt_bias)
         beta = write_strength(b.sigmoid(), self.cfg.allow_neg_eigval)
         o = cached_recurrence(
-            self.op, q[None], k[None], v.unflatten(-1, (H, self.head_v_dim))[None], g[None], beta[None],
+            self.op, q[None], k[None], v.unflatten(-1, (-1, self.head_v_dim))[None], g[None], beta[None],
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=routes.cu_seqlens, cache=cache,
         )
         return o[0]

@@ -44,14 +44,23 @@ def documents_of_tokens(batch: int, length: int, cu_seqlens: Tensor | None, devi
     return document_ids(cu_seqlens, batch * length), cu_seqlens.numel() - 1
 
 
-def route_top_k(router: nn.Linear, flat: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The router's softmax probabilities [N, M] (no bias, float32 at least), each token's k most
-    probable memories [N, k] and their probabilities [N, k]."""
-    dtype = torch.promote_types(flat.dtype, torch.float32)
-    with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
-        probs = F.linear(flat.to(dtype), router.weight.to(dtype)).softmax(-1)
-    chosen = probs.topk(k, dim=-1).indices
-    return probs, chosen, probs.gather(1, chosen)
+class TopKRouter(nn.Linear):
+    """A softmax router (no bias) choosing each token's k most probable memories. A module, so
+    that tensor parallelism can replicate it and sum the gradient of the chosen probabilities,
+    which weight read-outs of each rank's own heads (parallel.tp.routing)."""
+
+    def __init__(self, d_model: int, n_memories: int, k: int):
+        super().__init__(d_model, n_memories, bias=False)
+        self.k = k
+
+    def forward(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The softmax probabilities [N, M] (float32 at least), the chosen memories [N, k] and
+        their probabilities [N, k]."""
+        dtype = torch.promote_types(flat.dtype, torch.float32)
+        with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
+            probs = F.linear(flat.to(dtype), self.weight.to(dtype)).softmax(-1)
+        chosen = probs.topk(self.k, dim=-1).indices
+        return probs, chosen, probs.gather(1, chosen)
 
 
 def build_routes(

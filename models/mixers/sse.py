@@ -16,7 +16,7 @@ from models.mixers.gated_deltanet import log_decay
 from models.mixers.init import init_decay_, init_normal_, residual_scale
 from models.mixers.packing import as_one_sequence
 from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import build_routes, documents_of_tokens, route_top_k, switch_aux_loss
+from models.mixers.routing import TopKRouter, build_routes, documents_of_tokens, switch_aux_loss
 from models.norms import GatedRMSNorm, l2_norm
 from models.ops import chunk_gated_delta_rule
 
@@ -74,7 +74,7 @@ class SSE(nn.Module):
         self.b_proj = nn.Linear(d, 2 * H, bias=False)
         self.A_log = nn.Parameter(torch.empty(2 * H))
         self.dt_bias = nn.Parameter(torch.empty(2 * H))
-        self.router = nn.Linear(d, c.num_partitions, bias=False)
+        self.router = TopKRouter(d, c.num_partitions, c.topk)
         self.g_proj = nn.Sequential(nn.Linear(d, self.head_v_dim, bias=False), nn.Linear(self.head_v_dim, value_dim, bias=False))
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=c.norm_eps)
         self.out_proj = nn.Linear(value_dim, d, bias=False)
@@ -116,7 +116,7 @@ class SSE(nn.Module):
         seq = as_one_sequence(x, cu_seqlens, cache)
         flat = x.reshape(B * T, -1)
         dense, partition, v = self.streams(seq, cu_seqlens, cache)
-        probs, chosen, weights = route_top_k(self.router, flat, self.cfg.topk)  # weights: not renormalised
+        probs, chosen, weights = self.router(flat)  # weights: not renormalised
         if self.cfg.impl == "varlen":
             documents, n_documents = documents_of_tokens(B, T, cu_seqlens, x.device)
             o = self.varlen_readout(dense, partition, v, chosen, weights, documents, n_documents, cache)

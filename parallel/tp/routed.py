@@ -1,0 +1,62 @@
+"""The routed mixers, sharded by head: Mixture-of-Memories ('O') and Sparse State Expansion ('S').
+
+The router is replicated and reads the replicated input, so every rank routes every token the
+same way and the routes (and the memories' token streams) are identical across ranks. Its
+chosen probabilities weight read-outs of this rank's heads only, so their gradient is summed
+over the mesh (`ReplicatedRouter`); the auxiliary balance loss is computed from the router's
+probabilities alone: identical on every rank and added once to each rank's (replicated) loss, so
+its gradient is already whole and is not summed again.
+
+MoM: q and every memory's fused k/v/b/a projection (stored head-major) colwise, the shared
+A_log and dt_bias by head, the short convs by channel, g_proj colwise. The output norm's weight
+(one head's width, shared by all heads) is replicated with its gradient summed over ranks."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
+
+from models.config import ModelConfig
+from parallel.tp.styles import LocalParameters
+
+SHORT_CONVS = ("q_conv1d", "k_conv1d", "v_conv1d")
+
+
+class ReplicatedRouter(LocalParameters):
+    """A TopKRouter with its weight replicated; the gradient of its chosen probabilities (third
+    output) is summed over the mesh, that of its probabilities (first output, the aux loss's
+    input) is not."""
+
+    def __init__(self) -> None:
+        super().__init__(replicated=("weight",))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        super()._apply(module, device_mesh)
+
+        def sum_chosen_grads(mod: nn.Module, args: tuple, output: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+            probs, chosen, chosen_probs = output
+            return probs, chosen, _grad_summed_over(chosen_probs, device_mesh)
+
+        module.register_forward_hook(sum_chosen_grads)
+        return module
+
+
+def _grad_summed_over(t: Tensor, mesh: DeviceMesh) -> Tensor:
+    """`t` unchanged; in backward its gradient is all-reduced (each rank's is partial)."""
+    return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def mom_plan(mixer: nn.Module) -> dict[str, ParallelStyle]:
+    children = dict(mixer.named_children())
+    styles: dict[str, ParallelStyle] = {"router": ReplicatedRouter(), "q_proj": ColwiseParallel(), "g_proj": ColwiseParallel()}
+    styles |= {f"memories.{i}": ColwiseParallel() for i in range(len(mixer.memories))}
+    styles |= {name: LocalParameters(sharded=("weight", "bias")) for name in SHORT_CONVS if children.get(name) is not None}
+    styles["o_norm"] = LocalParameters(replicated=("weight",), partial_grads=True)
+    styles[""] = LocalParameters(sharded=("A_log", "dt_bias"))
+    return styles
+
+
+def mom_divisibility_error(cfg: ModelConfig, tp: int) -> str | None:
+    heads = cfg.mixers.mom.num_heads
+    return f"mixers.mom.num_heads ({heads}) must be divisible by parallel.tp ({tp})" if heads % tp else None
