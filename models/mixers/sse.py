@@ -13,7 +13,7 @@ from models.config import ModelConfig
 from models.mixers.conv import ShortConv, conv_features
 from models.mixers.flops import chunked_recurrence_flops, projection_flops
 from models.mixers.gated_deltanet import log_decay
-from models.mixers.init import init_decay_, init_normal_, residual_scale
+from models.mixers.init import init_decay_, init_normal_, residual_scale, store_head_major_
 from models.mixers.packing import as_one_sequence
 from models.mixers.recurrence import ChunkOp, cached_recurrence
 from models.mixers.routing import TopKRouter, build_routes, documents_of_tokens, switch_aux_loss
@@ -32,8 +32,8 @@ class Stream(NamedTuple):
 
 class SSE(nn.Module):
     """Dense stream: GDN on (q1, k1, v, alpha0, beta0), q1 = W_q x, k1 = W_k x. Partition stream:
-    q2 = q1 + LoRA_q(x), k2 = k1 + LoRA_k(x), gates alpha1, beta1 (a_proj and b_proj give 2H:
-    dense heads, then partition heads); partition n is advanced only on the tokens whose top-k
+    q2 = q1 + LoRA_q(x), k2 = k1 + LoRA_k(x), gates alpha1, beta1 (a_proj and b_proj give 2H,
+    stored head-major: [dense_h, partition_h] for each head h, as are A_log and dt_bias); partition n is advanced only on the tokens whose top-k
     router choices e_t = softmax(W_e x_t) include n. q, k, v pass through SiLU and q, k are
     l2-normalised; an optional short convolution (no activation) acts on q1, k1.
 
@@ -89,19 +89,21 @@ class SSE(nn.Module):
         self.out_proj.weight.mul_(self.out_scale)
         self.o_norm.reset_parameters()
         init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
+        for gate in (self.a_proj.weight, self.b_proj.weight, self.A_log, self.dt_bias):
+            store_head_major_(gate, [c.num_heads, c.num_heads], c.num_heads)
 
     def streams(self, x: Tensor, cu_seqlens: Tensor | None, cache: dict | None) -> tuple[Stream, Stream, Tensor]:
-        """The dense and partition streams' inputs and the shared v [N, H, d_v], flat over tokens."""
-        H = self.cfg.num_heads
+        """The dense and partition streams' inputs and the shared v [N, H, d_v], flat over tokens
+        (H: the heads this module holds)."""
         q1, k1 = self.q_proj(x), self.k_proj(x)
         if self.q_conv1d is not None:
             q1 = conv_features(self.q_conv1d, q1, cu_seqlens, cache, "conv_q")
             k1 = conv_features(self.k_conv1d, k1, cu_seqlens, cache, "conv_k")
         q2, k2 = q1 + self.q_lora(x), k1 + self.k_lora(x)
-        q1, k1, q2, k2 = (l2_norm(F.silu(t).flatten(0, 1).unflatten(-1, (H, self.head_k_dim))) for t in (q1, k1, q2, k2))
-        v = F.silu(self.v_proj(x)).flatten(0, 1).unflatten(-1, (H, self.head_v_dim))
-        g0, g1 = log_decay(self.a_proj(x), self.A_log, self.dt_bias).flatten(0, 1).split(H, dim=-1)
-        beta0, beta1 = self.b_proj(x).sigmoid().flatten(0, 1).split(H, dim=-1)
+        q1, k1, q2, k2 = (l2_norm(F.silu(t).flatten(0, 1).unflatten(-1, (-1, self.head_k_dim))) for t in (q1, k1, q2, k2))
+        v = F.silu(self.v_proj(x)).flatten(0, 1).unflatten(-1, (-1, self.head_v_dim))
+        g0, g1 = log_decay(self.a_proj(x), self.A_log, self.dt_bias).flatten(0, 1).unflatten(-1, (-1, 2)).unbind(-1)
+        beta0, beta1 = self.b_proj(x).sigmoid().flatten(0, 1).unflatten(-1, (-1, 2)).unbind(-1)
         return Stream(q1, k1, g0, beta0), Stream(q2, k2, g1, beta1), v
 
     @property
@@ -126,7 +128,7 @@ class SSE(nn.Module):
         if carry is not None and self.cfg.aux_loss_scale:
             balance = switch_aux_loss(probs, chosen, self.cfg.num_partitions) / self.cfg.topk
             carry["aux_loss"] = carry.get("aux_loss", 0.0) + self.cfg.aux_loss_scale * balance
-        return self.out_proj(o.flatten(-2)).reshape(x.shape)
+        return self.out_proj(o.reshape(B, T, -1))
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor | None, cache: dict | None) -> Tensor:
         return cached_recurrence(

@@ -42,6 +42,7 @@ TP_PLANS: dict[str, MixerPlan] = {
     "G": MixerPlan(delta_rule.plan, delta_rule.gated_deltanet_divisibility_error),
     "R": MixerPlan(rwkv7.plan, rwkv7.divisibility_error),
     "O": MixerPlan(routed.mom_plan, routed.mom_divisibility_error),
+    "S": MixerPlan(routed.sse_plan, routed.sse_divisibility_error),
 }
 
 

@@ -9,7 +9,15 @@ its gradient is already whole and is not summed again.
 
 MoM: q and every memory's fused k/v/b/a projection (stored head-major) colwise, the shared
 A_log and dt_bias by head, the short convs by channel, g_proj colwise. The output norm's weight
-(one head's width, shared by all heads) is replicated with its gradient summed over ranks."""
+(one head's width, shared by all heads) is replicated with its gradient summed over ranks.
+
+SSE: q, k, v projections colwise, the LoRAs' first matrices (model width -> rank) replicated and
+their second colwise, as for g_proj's two factors; the short convs by channel. a_proj, b_proj,
+A_log and dt_bias (2H, stored head-major: [dense_h, partition_h] per head) split by head, so each
+rank keeps both gates of its heads. The output norm as in MoM.
+
+Replicated parameters other than the norm's see the replicated input, whose gradient through
+the colwise projections is already summed, so every rank computes their whole gradient."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -57,6 +65,23 @@ def mom_plan(mixer: nn.Module) -> dict[str, ParallelStyle]:
     return styles
 
 
+def sse_plan(mixer: nn.Module) -> dict[str, ParallelStyle]:
+    styles: dict[str, ParallelStyle] = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj")}
+    for low_rank in ("q_lora", "k_lora", "g_proj"):
+        styles[f"{low_rank}.0"] = LocalParameters(replicated=("weight",))
+        styles[f"{low_rank}.1"] = ColwiseParallel()
+    styles |= {name: LocalParameters(sharded=("weight", "bias")) for name in SHORT_CONVS if getattr(mixer, name, None) is not None}
+    styles["router"] = ReplicatedRouter()
+    styles["o_norm"] = LocalParameters(replicated=("weight",), partial_grads=True)
+    styles[""] = LocalParameters(sharded=("A_log", "dt_bias"))
+    return styles
+
+
 def mom_divisibility_error(cfg: ModelConfig, tp: int) -> str | None:
     heads = cfg.mixers.mom.num_heads
     return f"mixers.mom.num_heads ({heads}) must be divisible by parallel.tp ({tp})" if heads % tp else None
+
+
+def sse_divisibility_error(cfg: ModelConfig, tp: int) -> str | None:
+    heads = cfg.mixers.sse.num_heads
+    return f"mixers.sse.num_heads ({heads}) must be divisible by parallel.tp ({tp})" if heads % tp else None
