@@ -1,12 +1,16 @@
 """Tensor parallelism for RWKV-7 (with its channel-mix and value residual), MoM and SSE: TP=2 on
-gloo, without and with sequence parallelism, against one process with the same seed (the
+gloo, training without and with sequence parallelism, and decoding, against one process with the same seed (the
 harness and tolerances of test_tensor_parallel), except the final parameters: atol 1e-4, a
 thirtieth of the learning rate, since AdamW's m / sqrt(v) turns the float32 rounding difference
 of an element whose gradient is near zero into up to a whole step."""
 from __future__ import annotations
 
+import torch
+
 from models.config import ModelConfig
-from tests.test_tensor_parallel import VOCAB, Run, assert_tp_matches_single_process
+from models.model import HybridLM
+from tests.distributed import run_distributed
+from tests.test_tensor_parallel import ATOL, BATCH, RTOL, TP, VOCAB, Run, assert_tp_matches_single_process, decode_rank
 
 PARAMS_ATOL = 1e-4
 
@@ -24,3 +28,16 @@ def test_tp2_matches_single_process() -> None:
     MoM and SSE (varlen; with short convs and their aux losses)."""
     runs = [Run((), sequence_parallel=False, base=CONFIG), Run((), sequence_parallel=True, base=CONFIG)]
     assert_tp_matches_single_process(runs, PARAMS_ATOL)
+
+
+def test_tp2_decoding_matches_single_process() -> None:
+    """Prefill then token-by-token decoding from each rank's cache of its own heads (RWKV-7's
+    shift and state, every memory's and partition's state and conv tails) equals one process's
+    full forward."""
+    torch.manual_seed(0)
+    reference = HybridLM(CONFIG)
+    input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference(input_ids)
+    for got in run_distributed(decode_rank, TP, CONFIG, input_ids, 8):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
