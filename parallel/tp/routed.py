@@ -26,9 +26,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle
 
 from models.config import ModelConfig
+from parallel.tp.delta_rule import SHORT_CONVS
 from parallel.tp.styles import LocalParameters
-
-SHORT_CONVS = ("q_conv1d", "k_conv1d", "v_conv1d")
 
 
 class ReplicatedRouter(LocalParameters):
@@ -55,11 +54,15 @@ def _grad_summed_over(t: Tensor, mesh: DeviceMesh) -> Tensor:
     return DTensor.from_local(t, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
 
 
+def _short_conv_styles(mixer: nn.Module) -> dict[str, ParallelStyle]:
+    """By channel, for the convolutions the mixer has (optional; SSE has none on v)."""
+    return {name: LocalParameters(sharded=("weight", "bias")) for name in SHORT_CONVS if getattr(mixer, name, None) is not None}
+
+
 def mom_plan(mixer: nn.Module) -> dict[str, ParallelStyle]:
-    children = dict(mixer.named_children())
     styles: dict[str, ParallelStyle] = {"router": ReplicatedRouter(), "q_proj": ColwiseParallel(), "g_proj": ColwiseParallel()}
     styles |= {f"memories.{i}": ColwiseParallel() for i in range(len(mixer.memories))}
-    styles |= {name: LocalParameters(sharded=("weight", "bias")) for name in SHORT_CONVS if children.get(name) is not None}
+    styles |= _short_conv_styles(mixer)
     styles["o_norm"] = LocalParameters(replicated=("weight",), partial_grads=True)
     styles[""] = LocalParameters(sharded=("A_log", "dt_bias"))
     return styles
@@ -70,7 +73,7 @@ def sse_plan(mixer: nn.Module) -> dict[str, ParallelStyle]:
     for low_rank in ("q_lora", "k_lora", "g_proj"):
         styles[f"{low_rank}.0"] = LocalParameters(replicated=("weight",))
         styles[f"{low_rank}.1"] = ColwiseParallel()
-    styles |= {name: LocalParameters(sharded=("weight", "bias")) for name in SHORT_CONVS if getattr(mixer, name, None) is not None}
+    styles |= _short_conv_styles(mixer)
     styles["router"] = ReplicatedRouter()
     styles["o_norm"] = LocalParameters(replicated=("weight",), partial_grads=True)
     styles[""] = LocalParameters(sharded=("A_log", "dt_bias"))
