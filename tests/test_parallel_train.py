@@ -35,6 +35,12 @@ TINY = [
     "model.mixers.mamba2.chunk_size=8", "model.mixers.deltanet.num_heads=2",
     "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.num_v_heads=4",
     "model.mixers.gated_deltanet.head_dim=8", "model.mixers.gated_deltanet.expand_v=1.0",
+    "model.mixers.rwkv7.head_dim=8", "model.mixers.mom.num_heads=2", "model.mixers.mom.head_dim=8",
+    "model.mixers.mom.chunk_size=8", "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8",
+    "model.mixers.sse.chunk_size=8",
+    # aux losses are per-rank batch statistics under dp, so one process cannot match them: off here
+    # (tests/test_pipeline.py and test_fsdp.py check that they cross stages and survive FSDP)
+    "model.mixers.mom.aux_loss_scale=0", "model.mixers.sse.aux_loss_scale=0",
     "data.embedded_max_bytes=30000", "train.threads=1", "train.steps=3", "train.seq_len=16",
     "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "train.grad_clip=0.5",
     "optim.lr=3e-3", "optim.warmup_steps=1", "optim.fused=false", "logging.progress=false", "logging.tensorboard=false",
@@ -60,14 +66,14 @@ def train_rank(cfg: RunConfig) -> None:
 @pytest.mark.parametrize(
     "pattern, layout, batch_size, eval_interval",
     [
-        ("M*TG", ["parallel.tp=2", "parallel.dp_shard=2"], 2, 3),
-        ("M* | TG", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 0),
-        ("M* | TG", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 0),
+        ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2"], 2, 3),
+        ("RM*O | RTGS", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 0),
+        ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 0),
     ],
     ids=["tp2xdp2", "pp2xtp2", "pp2xdp2"],
 )
 def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[str], batch_size: int, eval_interval: int) -> None:
-    """tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
+    """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
     checkpoint with all 4 ranks."""
     common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}"]
     parallel_cfg = config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
