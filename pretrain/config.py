@@ -79,6 +79,7 @@ class ParallelConfig(Strict):
     pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
     pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
     fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
+    sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals sharded over the sequence")
 
     @property
     def microbatches(self) -> int:
@@ -91,6 +92,8 @@ class ParallelConfig(Strict):
             raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
         if not interleaved and self.pp_virtual_stages != 1:
             raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
+        if self.sequence_parallel and (self.tp == 1 or self.pp > 1):
+            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 yet")
         return self
 
 

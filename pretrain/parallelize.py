@@ -139,7 +139,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     tp, pp = par.shape["tp"], par.shape["pp"]
     if tp > 1:
         # under PP the loss runs inside the schedule, so the head gathers the logits
-        apply_tensor_parallel(model, par.mesh["tp"], loss_parallel=pp == 1)
+        apply_tensor_parallel(model, par.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=pp == 1)
     stages, stage_ids = [model], []
     if pp > 1:
         stages, stage_ids = build_stage_modules(model, par.mesh["pp"].get_local_rank(), pp, p.pp_virtual_stages, t.seq_len)

@@ -67,10 +67,11 @@ def train_rank(cfg: RunConfig) -> None:
     "pattern, layout, batch_size, eval_interval",
     [
         ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2"], 2, 3),
+        ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2", "parallel.sequence_parallel=true"], 2, 0),
         ("RM*O | RTGS", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 0),
         ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 0),
     ],
-    ids=["tp2xdp2", "pp2xtp2", "pp2xdp2"],
+    ids=["tp2xdp2", "tp2xdp2_sp", "pp2xtp2", "pp2xdp2"],
 )
 def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[str], batch_size: int, eval_interval: int) -> None:
     """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
