@@ -58,7 +58,20 @@ class DeltaNetConfig(Strict):
     norm_eps: float = Field(1e-5, gt=0)
 
 
-class GatedDeltaNetConfig(Strict):
+class GatedDecayConfig(Strict):
+    """What the mixers built from Gated DeltaNet states share (GDN, MoM, SSE): the decay
+    g = -exp(A_log) softplus(a + dt_bias) and its initialisation (spec 3d), the op's chunk size
+    and the output norm's eps."""
+
+    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    chunk_size: int = Field(64, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+
+
+class GatedDeltaNetConfig(GatedDecayConfig):
     num_heads: int = Field(4, gt=0, description="query/key heads")
     num_v_heads: int | None = Field(None, gt=0, description="value heads (GVA); a multiple of num_heads")
     head_dim: int = Field(64, gt=0)
@@ -66,12 +79,6 @@ class GatedDeltaNetConfig(Strict):
     use_short_conv: bool = True
     conv_size: int = Field(4, gt=0)
     allow_neg_eigval: bool = False
-    chunk_size: int = Field(64, gt=0)
-    norm_eps: float = Field(1e-6, gt=0)
-    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
-    dt_min: float = Field(1e-3, gt=0)
-    dt_max: float = Field(0.1, gt=0)
-    dt_init_floor: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _gva(self) -> "GatedDeltaNetConfig":
@@ -98,7 +105,7 @@ class RWKV7Config(Strict):
     norm_eps: float = Field(64e-5, gt=0, description="eps of the per-head GroupNorm")
 
 
-class MoMConfig(Strict):
+class MoMConfig(GatedDecayConfig):
     """Mixture-of-Memories (specs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
 
     num_memories: int = Field(4, gt=0)
@@ -114,12 +121,6 @@ class MoMConfig(Strict):
     use_short_conv: bool = True
     conv_size: int = Field(4, gt=1)
     allow_neg_eigval: bool = False
-    chunk_size: int = Field(64, gt=0)
-    norm_eps: float = Field(1e-6, gt=0)
-    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
-    dt_min: float = Field(1e-3, gt=0)
-    dt_max: float = Field(0.1, gt=0)
-    dt_init_floor: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _topk(self) -> "MoMConfig":
@@ -128,7 +129,7 @@ class MoMConfig(Strict):
         return self
 
 
-class SSEConfig(Strict):
+class SSEConfig(GatedDecayConfig):
     """Sparse State Expansion, SSEGDN form (specs/layers.md section 6)."""
 
     num_partitions: int = Field(4, gt=0)
@@ -141,12 +142,6 @@ class SSEConfig(Strict):
     conv_size: int = Field(4, gt=1)
     impl: Literal["varlen", "mask"] = Field("varlen", description="varlen: routed tokens as segments; mask: N+1 masked head copies")
     aux_loss_scale: float = Field(0.01, ge=0)
-    chunk_size: int = Field(64, gt=0)
-    norm_eps: float = Field(1e-6, gt=0)
-    A_init_range: tuple[float, float] = Field((0.0, 16.0), description="A ~ U(range), A_log = log A")
-    dt_min: float = Field(1e-3, gt=0)
-    dt_max: float = Field(0.1, gt=0)
-    dt_init_floor: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _topk(self) -> "SSEConfig":
