@@ -13,6 +13,7 @@ from models.config import ModelConfig
 from models.hf.mamba2_layout import from_transformers_layout, to_transformers_layout
 from models.mixers import MIXERS, build_mixer
 from models.mixers.conv import ShortConv
+from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
 torch.set_num_threads(1)
 
@@ -61,10 +62,6 @@ def small_mixer(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **
     return mixer
 
 
-def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
-
-
 # --- Mamba2 against transformers ------------------------------------------------------------
 
 
@@ -102,22 +99,7 @@ def test_mamba2_matches_transformers(n_groups):
 
 @pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
 def test_decoding_matches_full_forward(kind, options):
-    """One token at a time, and a prefix prefill then the rest, equal the full forward."""
-    mixer = small_mixer(kind, **options)
-    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        full = mixer(x)
-        cache: dict = {}
-        stepwise = torch.cat([mixer(x[:, t : t + 1], cache=cache) for t in range(x.shape[1])], dim=1)
-        cache = {}
-        prefill_then_decode = torch.cat(
-            [mixer(x[:, :6], cache=cache), mixer(x[:, 6:9], cache=cache)]
-            + [mixer(x[:, t : t + 1], cache=cache) for t in range(9, 11)],
-            dim=1,
-        )
-    assert full.abs().max() > 0.1
-    assert_close64(stepwise, full)
-    assert_close64(prefill_then_decode, full)
+    assert_decoding_matches_full_forward(small_mixer(kind, **options), D_MODEL)
 
 
 @pytest.mark.parametrize("kind", ["M", "T", "G"])
@@ -145,18 +127,7 @@ def test_sliding_window_cache_keeps_only_the_window():
 
 @pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
 def test_packed_documents_match_each_document_alone(kind, options):
-    """Rows of 10 tokens hold documents of 3, 7 | 4, 1, 5 tokens: with cu_seqlens (row starts
-    included) every document's output equals running it alone."""
-    mixer = small_mixer(kind, **options)
-    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
-    cu_seqlens = torch.tensor([0, 3, 10, 14, 15, 20])
-    with torch.no_grad():
-        packed = mixer(x, cu_seqlens=cu_seqlens).reshape(20, D_MODEL)
-        tokens = x.reshape(20, D_MODEL)
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            alone = mixer(tokens[None, start:end])[0]
-            assert_close64(packed[start:end], alone)
+    assert_packed_documents_match_each_alone(small_mixer(kind, **options), D_MODEL)
 
 
 def test_short_conv_matches_conv1d_and_stops_at_document_starts():

@@ -18,6 +18,7 @@ from models.mixers.routing import switch_aux_loss
 from models.model import HybridLM
 from models.ops import recurrent_gated_delta_rule
 from pretrain.config import ConfigError, load_config
+from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
 torch.set_num_threads(1)
 
@@ -51,10 +52,6 @@ def small_mixer(kind: str, seed: int = 0, **options) -> torch.nn.Module:
                 if isinstance(m, torch.nn.Linear):
                     m.weight.mul_(8.0)
     return mixer
-
-
-def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 # --- MoM against a per-memory step recurrence -------------------------------------------------
@@ -215,31 +212,12 @@ def test_sse_aux_loss_is_one_at_uniform_routing():
 
 @pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
 def test_decoding_matches_full_forward(kind, options):
-    mixer = small_mixer(kind, **options)
-    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
-    with torch.no_grad():
-        full = mixer(x)
-        cache: dict = {}
-        stepwise = torch.cat([mixer(x[:, t : t + 1], cache=cache) for t in range(11)], dim=1)
-        cache = {}
-        prefill = [mixer(x[:, :6], cache=cache), mixer(x[:, 6:9], cache=cache)]
-        prefill_then_decode = torch.cat(prefill + [mixer(x[:, t : t + 1], cache=cache) for t in range(9, 11)], dim=1)
-    assert full.abs().max() > 0.1
-    assert_close64(stepwise, full)
-    assert_close64(prefill_then_decode, full)
+    assert_decoding_matches_full_forward(small_mixer(kind, **options), D_MODEL)
 
 
 @pytest.mark.parametrize("kind, options", CASES, ids=CASE_IDS)
 def test_packed_documents_match_each_document_alone(kind, options):
-    mixer = small_mixer(kind, **options)
-    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
-    cu_seqlens = torch.tensor([0, 3, 10, 14, 15, 20])
-    with torch.no_grad():
-        packed = mixer(x, cu_seqlens=cu_seqlens).reshape(20, D_MODEL)
-        tokens = x.reshape(20, D_MODEL)
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            assert_close64(packed[start:end], mixer(tokens[None, start:end])[0])
+    assert_packed_documents_match_each_alone(small_mixer(kind, **options), D_MODEL)
 
 
 def test_flops_count_only_the_routed_work():

@@ -15,6 +15,7 @@ from models.mixers.rwkv7 import RWKV7, RWKV7ChannelMix, lora_rank
 from models.model import HybridLM
 from optim.adamw import wants_weight_decay
 from pretrain.generate import generate
+from tests.mixer_checks import assert_close64
 
 torch.set_num_threads(1)
 
@@ -196,10 +197,6 @@ def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def rwkv7_block(layer_idx: int, pattern: str = "RTR", **options) -> RWKV7:
     return randomised(RWKV7(small_config(pattern, **options), layer_idx), seed=layer_idx)
-
-
-def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 def time_mix_by_the_papers(m: RWKV7, x: torch.Tensor, v_first: torch.Tensor) -> torch.Tensor:
