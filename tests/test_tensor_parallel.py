@@ -215,13 +215,18 @@ def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
     return torch.cat(logits, dim=1)
 
 
-def test_tp2_decoding_matches_single_process() -> None:
-    """On build_mesh's 4-dim mesh: prefill then token-by-token decoding from each rank's cache of
-    its own heads, with gathered (plain) logits, equals one process's full forward."""
+def assert_tp_decoding_matches_single_process(cfg: ModelConfig) -> None:
+    """Prefill then token-by-token decoding from each rank's cache of its own heads, with gathered
+    (plain) logits, equals one process's full forward."""
     torch.manual_seed(0)
-    reference = HybridLM(CONFIG)
+    reference = HybridLM(cfg)
     input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = reference(input_ids)
-    for got in run_distributed(decode_rank, TP, CONFIG, input_ids, 8):
+    for got in run_distributed(decode_rank, TP, cfg, input_ids, 8):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_tp2_decoding_matches_single_process() -> None:
+    """On build_mesh's 4-dim mesh."""
+    assert_tp_decoding_matches_single_process(CONFIG)

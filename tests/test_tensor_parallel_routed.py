@@ -5,12 +5,8 @@ thirtieth of the learning rate, since AdamW's m / sqrt(v) turns the float32 roun
 of an element whose gradient is near zero into up to a whole step."""
 from __future__ import annotations
 
-import torch
-
 from models.config import ModelConfig
-from models.model import HybridLM
-from tests.distributed import run_distributed
-from tests.test_tensor_parallel import ATOL, BATCH, RTOL, TP, VOCAB, Run, assert_tp_matches_single_process, decode_rank
+from tests.test_tensor_parallel import VOCAB, Run, assert_tp_decoding_matches_single_process, assert_tp_matches_single_process
 
 PARAMS_ATOL = 1e-4
 
@@ -31,13 +27,5 @@ def test_tp2_matches_single_process() -> None:
 
 
 def test_tp2_decoding_matches_single_process() -> None:
-    """Prefill then token-by-token decoding from each rank's cache of its own heads (RWKV-7's
-    shift and state, every memory's and partition's state and conv tails) equals one process's
-    full forward."""
-    torch.manual_seed(0)
-    reference = HybridLM(CONFIG)
-    input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = reference(input_ids)
-    for got in run_distributed(decode_rank, TP, CONFIG, input_ids, 8):
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    """RWKV-7's shift and state, every memory's and partition's state and conv tails, per rank."""
+    assert_tp_decoding_matches_single_process(CONFIG)
