@@ -95,7 +95,8 @@ def train(cfg: RunConfig, resume: bool) -> None:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         print_header(cfg, num_params, par, runtime, first, end, eval_skipped)
         metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
-    peak = peak_flops(runtime.device)
+    # only rank 0 reports MFU; on CPU the other ranks measuring at once would also skew its peak
+    peak = peak_flops(runtime.device) if par.is_main else None
     cluster_peak = None if peak is None else peak * par.world_size
     throughput = Throughput(tokens_per_step(t, par.dp_size), 3 * flops_per_token, cluster_peak)
     began, record, saved = time.perf_counter(), {}, None
