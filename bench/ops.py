@@ -1,9 +1,11 @@
-"""Forward + backward time of each chunked op vs its step recurrence on CPU, same inputs, same run.
+"""Forward + backward time of each chunked op vs its step recurrence, same inputs, same run.
 
-    python bench/ops.py [--seq-len 2048] [--threads N] [--repeats 5]
+    python bench/ops.py [--seq-len 2048] [--threads N] [--repeats 5] [--device cuda]
 
 Shape B=1, H=4, K=V=64, float32, chunk 64. Each time is the median of --repeats runs after a
 warm-up, the chunked and recurrent runs alternating. The issue asks for a speedup of at least 20x.
+"chunked" is ebb's pure-PyTorch chunked form on every device; on CUDA with fla installed the
+fla Triton kernel of the same name is timed as a third form.
 """
 from __future__ import annotations
 
@@ -19,15 +21,32 @@ import torch
 import torch.nn.functional as F
 
 import models.ops as ops
+from models.ops import delta_rule, gated_delta_rule, rwkv7, simple_gla
 
 SHAPE = dict(batch=1, heads=4, head_k_dim=64, head_v_dim=64, chunk_size=64)
 REQUIRED_SPEEDUP = 20.0
-OPS = {  # (chunked, recurrent, the inputs each takes)
-    "simple_gla": (ops.chunk_simple_gla, ops.recurrent_simple_gla, ("q", "k", "v", "g")),
-    "delta_rule": (ops.chunk_delta_rule, ops.recurrent_delta_rule, ("q", "k", "v", "beta")),
-    "gated_delta_rule": (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule, ("q", "k", "v", "g", "beta")),
-    "rwkv7": (ops.chunk_rwkv7, ops.recurrent_rwkv7, ("r", "w", "k", "v", "a", "b")),
+OPS = {  # (ebb's torch chunked form, the dispatching op (fla on CUDA), recurrent, the inputs each takes)
+    "simple_gla": (simple_gla.chunk_simple_gla, ops.chunk_simple_gla, ops.recurrent_simple_gla, ("q", "k", "v", "g")),
+    "delta_rule": (delta_rule.chunk_delta_rule, ops.chunk_delta_rule, ops.recurrent_delta_rule, ("q", "k", "v", "beta")),
+    "gated_delta_rule": (
+        gated_delta_rule.chunk_gated_delta_rule, ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule,
+        ("q", "k", "v", "g", "beta"),
+    ),
+    "rwkv7": (rwkv7.chunk_rwkv7, ops.chunk_rwkv7, ops.recurrent_rwkv7, ("r", "w", "k", "v", "a", "b")),
 }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def has_fla() -> bool:
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def make_inputs(seq_len: int) -> dict[str, torch.Tensor]:
@@ -56,34 +75,42 @@ def forward_backward(
 ) -> tuple[float, torch.Tensor]:
     """Seconds for one forward + backward, and the output."""
     leaves = {name: x.detach().requires_grad_() for name, x in inputs.items()}
+    synchronize(grad_out.device)
     start = time.perf_counter()
     o, _ = fn(**leaves)
     (o * grad_out).sum().backward()
+    synchronize(grad_out.device)
     return time.perf_counter() - start, o.detach()
 
 
-def bench_op(name: str, seq_len: int, repeats: int) -> dict:
-    chunked, recurrent, names = OPS[name]
+def bench_op(name: str, seq_len: int, repeats: int, device: torch.device) -> dict:
+    chunked, dispatching, recurrent, names = OPS[name]
     torch.manual_seed(0)
-    all_inputs = make_inputs(seq_len)
+    all_inputs = {n: x.to(device) for n, x in make_inputs(seq_len).items()}
     inputs = {n: all_inputs[n] for n in names}
     grad_out = torch.randn_like(all_inputs["v"])
-    chunked_fn = functools.partial(chunked, chunk_size=SHAPE["chunk_size"])
+    forms: dict[str, Callable] = {"chunked": functools.partial(chunked, chunk_size=SHAPE["chunk_size"]), "recurrent": recurrent}
+    if device.type == "cuda" and has_fla():
+        forms["fla"] = functools.partial(dispatching, chunk_size=SHAPE["chunk_size"])
 
-    runs: dict[Callable, list[tuple[float, torch.Tensor]]] = {chunked_fn: [], recurrent: []}
-    for fn in runs:
+    runs: dict[str, list[tuple[float, torch.Tensor]]] = {form: [] for form in forms}
+    for fn in forms.values():
         forward_backward(fn, inputs, grad_out)  # warm-up
     for _ in range(repeats):
-        for fn, times in runs.items():
-            times.append(forward_backward(fn, inputs, grad_out))
-    chunked_ms, recurrent_ms = (1e3 * statistics.median(t for t, _ in runs[fn]) for fn in (chunked_fn, recurrent))
-    o, o_ref = runs[chunked_fn][-1][1], runs[recurrent][-1][1]
-    return {
-        "chunked_ms": chunked_ms,
-        "recurrent_ms": recurrent_ms,
-        "speedup": recurrent_ms / chunked_ms,
-        "max_abs_diff": (o - o_ref).abs().max().item(),
+        for form, fn in forms.items():
+            runs[form].append(forward_backward(fn, inputs, grad_out))
+    ms = {form: 1e3 * statistics.median(t for t, _ in times) for form, times in runs.items()}
+    o_ref = runs["recurrent"][-1][1]
+    row = {
+        "chunked_ms": ms["chunked"],
+        "recurrent_ms": ms["recurrent"],
+        "speedup": ms["recurrent"] / ms["chunked"],
+        "max_abs_diff": (runs["chunked"][-1][1] - o_ref).abs().max().item(),
     }
+    if "fla" in ms:
+        row |= {"fla_ms": ms["fla"], "fla_speedup": ms["recurrent"] / ms["fla"],
+                "fla_max_abs_diff": (runs["fla"][-1][1] - o_ref).abs().max().item()}
+    return row
 
 
 def main() -> None:
@@ -93,13 +120,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op and form (after one warm-up)")
     parser.add_argument("--out", default="bench/results/ops.json")
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
-    rows = {name: bench_op(name, args.seq_len, args.repeats) for name in args.ops}
+    rows = {name: bench_op(name, args.seq_len, args.repeats, device) for name in args.ops}
 
-    print(f"ops fwd+bwd {SHAPE} float32 T={args.seq_len} threads={torch.get_num_threads()}")
+    print(f"ops fwd+bwd {SHAPE} float32 T={args.seq_len} device={device} threads={torch.get_num_threads()}")
     print(f"{'op':<18}{'chunked ms':>12}{'recurrent ms':>14}{'speedup':>10}{'max |o diff|':>14}")
     for name, row in rows.items():
         flag = "" if row["speedup"] >= REQUIRED_SPEEDUP else f"  below {REQUIRED_SPEEDUP:.0f}x"
@@ -107,10 +136,12 @@ def main() -> None:
             f"{name:<18}{row['chunked_ms']:>12.1f}{row['recurrent_ms']:>14.1f}"
             f"{row['speedup']:>9.1f}x{row['max_abs_diff']:>14.1e}{flag}"
         )
+        if "fla_ms" in row:
+            print(f"{'  fla kernel':<18}{row['fla_ms']:>12.1f}{'':>14}{row['fla_speedup']:>9.1f}x{row['fla_max_abs_diff']:>14.1e}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"shape": SHAPE, "dtype": "float32", "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+    result = {"shape": SHAPE, "dtype": "float32", "seq_len": args.seq_len, "device": str(device), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "required_speedup": REQUIRED_SPEEDUP, "ops": rows}
     out.write_text(json.dumps(result, indent=2))
 

@@ -32,3 +32,45 @@ def test_every_mixer_hybrid_trains_with_falling_loss(tmp_path):
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     assert all(r["aux_loss"] > 0 for r in records if "loss" in r)  # MoM and SSE add theirs
+
+
+def test_every_mixer_trains_under_bf16_autocast():
+    """The chunked ops leave autocast (they compute in float32): under bf16 autocast every mixer's
+    forward and backward run (RWKV-7's WY solve has no bf16 kernel) and the ops' outputs are the
+    float32 ones."""
+    import torch
+
+    from models.model import HybridLM
+
+    cfg = load_config(REPO / "configs/all_mixers.yaml")
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 48))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_chunked_ops_ignore_autocast():
+    import torch
+    import torch.nn.functional as F
+
+    import models.ops as ops
+
+    torch.manual_seed(0)
+    q, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+    k, kappa = F.normalize(torch.randn(1, 40, 2, 16), dim=-1), F.normalize(torch.randn(1, 40, 2, 16), dim=-1)
+    g, beta, w = F.logsigmoid(torch.randn(1, 40, 2)), torch.rand(1, 40, 2), -0.6 * torch.rand(1, 40, 2, 16)
+    calls = {
+        "simple_gla": lambda: ops.chunk_simple_gla(q, k, v, g, chunk_size=16),
+        "delta_rule": lambda: ops.chunk_delta_rule(q, k, v, beta, chunk_size=16),
+        "gated_delta_rule": lambda: ops.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16),
+        "rwkv7": lambda: ops.chunk_rwkv7(q, w, k, v, -kappa, kappa * 0.5, chunk_size=16),
+    }
+    for name, call in calls.items():
+        expected, _ = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = call()
+        assert torch.equal(got, expected), name

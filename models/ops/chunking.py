@@ -15,6 +15,7 @@ step's. The intra-chunk work is one batched tensor op over all chunks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -24,6 +25,19 @@ from torch import Tensor
 from models.ops.recurrent import sequence_spans
 
 StepFn = Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
+
+
+def autocast_off(op: Callable) -> Callable:
+    """Run a chunked op outside autocast: it computes in float32 (float64 for float64 inputs)
+    whatever the caller's autocast, since bf16 within-chunk products lose the decays' precision
+    and the WY solve has no bf16 kernel."""
+
+    @functools.wraps(op)
+    def full_precision_op(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return op(*args, **kwargs)
+
+    return full_precision_op
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

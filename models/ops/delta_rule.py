@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.ops.chunking import ChunkGates, chunk_gates, chunked_inputs, final_states, scan_chunks
+from models.ops.chunking import ChunkGates, autocast_off, chunk_gates, chunked_inputs, final_states, scan_chunks
 
 
 def _wy_representation(K: Tensor, V: Tensor, beta: Tensor, gates: ChunkGates) -> tuple[Tensor, Tensor]:
@@ -57,6 +57,7 @@ def gated_delta_rule_chunks(
     return layout.from_chunks(o).to(v.dtype), final
 
 
+@autocast_off
 def chunk_delta_rule(
     q: Tensor,
     k: Tensor,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from models.ops.chunking import autocast_off
 from models.ops.delta_rule import gated_delta_rule_chunks
 
 
+@autocast_off
 def chunk_gated_delta_rule(
     q: Tensor,
     k: Tensor,

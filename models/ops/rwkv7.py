@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.ops.chunking import ChannelDecays, channel_decays, channel_final_states, chunked_inputs, scan_chunks
+from models.ops.chunking import ChannelDecays, autocast_off, channel_decays, channel_final_states, chunked_inputs, scan_chunks
 
 
 def _reads_without_state(
@@ -42,6 +42,7 @@ def _read_and_write(
     return state, (reads,)
 
 
+@autocast_off
 def chunk_rwkv7(
     r: Tensor,
     w: Tensor,

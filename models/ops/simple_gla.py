@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models.ops.chunking import chunk_gates, chunked_inputs, final_states, scan_chunks
+from models.ops.chunking import autocast_off, chunk_gates, chunked_inputs, final_states, scan_chunks
 
 
 def _decay_and_add(state: Tensor, total_decay: Tensor, chunk_write: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
     return total_decay[..., None, None] * state + chunk_write, ()
 
 
+@autocast_off
 def chunk_simple_gla(
     q: Tensor,
     k: Tensor,
