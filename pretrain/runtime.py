@@ -45,6 +45,8 @@ def select_device(train_cfg: TrainConfig) -> torch.device:
         raise ConfigError("config key train.device: cuda was asked for but no CUDA device is available")
     device = torch.device("cuda", local_rank())
     torch.cuda.set_device(device)
+    # float32 matmuls (the PyTorch chunked ops compute in float32) on TF32 tensor cores
+    torch.set_float32_matmul_precision("high")
     return device
 
 
