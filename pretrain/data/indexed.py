@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
+from types import ModuleType
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,15 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence and document counts
 # megatron-core's DType codes (megatron/core/datasets/indexed_dataset.py)
 DTYPE_BY_CODE = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+def megatron_indexed() -> ModuleType:
+    """megatron-core's indexed_dataset module (a heavy import, done only for indexed data, without
+    the warnings megatron-core prints about optional GPU packages)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def sidecar_path(prefix: str | Path) -> Path:
@@ -39,11 +50,9 @@ class IndexedDocuments:
     which are contiguous in the .bin), memory-mapped by megatron-core's `IndexedDataset`."""
 
     def __init__(self, prefix: str):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset  # heavy import, only for indexed data
-
         check_index_matches_bin(prefix)
         try:
-            self.dataset = IndexedDataset(prefix, mmap=True)
+            self.dataset = megatron_indexed().IndexedDataset(prefix, mmap=True)
         except (AssertionError, ValueError, OSError) as exc:
             raise DataError(f"data source {prefix}: megatron-core cannot read it: {first_line(exc)}") from exc
         self.name = prefix

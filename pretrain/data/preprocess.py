@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pretrain.data.corpus import open_files, open_hf
 from pretrain.data.errors import DataError
-from pretrain.data.indexed import write_sidecar
+from pretrain.data.indexed import megatron_indexed, write_sidecar
 from pretrain.data.sources import HF_PREFIX
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -75,12 +75,10 @@ def _encode(texts: list[str]) -> tuple[int, list[np.ndarray]]:
 
 def preprocess(args: argparse.Namespace) -> tuple[int, int]:
     """Write the indexed dataset; returns (documents, tokens)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # heavy import
-
     tokenizer = load_tokenizer(args.tokenizer)
     batches, num_docs = text_batches(args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    builder = IndexedDatasetBuilder(f"{args.output}.bin", dtype=token_dtype(tokenizer.vocab_size))
+    builder = megatron_indexed().IndexedDatasetBuilder(f"{args.output}.bin", dtype=token_dtype(tokenizer.vocab_size))
     documents = tokens = 0
     with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (args.tokenizer,)) as pool, tqdm(
         total=num_docs, unit="doc", desc="tokenizing", file=sys.stderr
