@@ -17,6 +17,7 @@ from pretrain.data.indexed import sidecar_path
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record, tokenize_documents
 from pretrain.data.preprocess import main as preprocess_main
 from pretrain.data.sources import source_kind
+from pretrain.data.streaming import held_out
 from pretrain.data.tokenizer import ByteTokenizer
 from pretrain.train import main as train_main
 from tests.distributed import run_distributed
@@ -92,6 +93,41 @@ def test_saved_hf_dataset_is_a_source(tmp_path):
     _, train, _ = build_data(cfg, TrainConfig(seq_len=16, batch_size=2), 320)
     stream = bytes(t for t in next(train).input_ids[0].tolist() if t != EOS).decode(errors="ignore")
     assert "record" in stream or "lorem" in stream
+
+
+def streamed_config(tmp_path, **kw) -> DataConfig:
+    jsonl = write_jsonl(tmp_path / "stream.jsonl", DOCS)
+    sources = [{"path": str(jsonl), "streaming": True, "weight": 1}, {"path": None, "weight": 1}]
+    return DataConfig(sources=sources, embedded_max_bytes=20_000, cache_dir=str(tmp_path / "c"), **kw)
+
+
+def test_a_streamed_source_is_its_documents_in_order_epoch_after_epoch(tmp_path):
+    source = {"path": str(write_jsonl(tmp_path / "s.jsonl", DOCS[:20])), "streaming": True}
+    cfg = DataConfig(sources=[source], val_fraction=0, prefetch=0, cache_dir=str(tmp_path / "c"))
+    _, train, val = build_data(cfg, TrainConfig(seq_len=16, batch_size=2), 320)
+    stream = [t for d in DOCS[:20] for t in [*d.encode(), EOS]]
+    rows = [row.tolist() for b in take(train, 30) for row in b]
+    endless = stream * (1 + 60 * 16 // len(stream))
+    assert rows == [endless[j * 16 : j * 16 + 16] for j in range(60)] and val == []
+
+
+def test_streamed_source_holds_out_documents_and_resumes_exactly_in_a_blend(tmp_path):
+    cfg, t = streamed_config(tmp_path, val_fraction=0.2, prefetch=2), TrainConfig(seq_len=16, batch_size=3, eval_batches=1)
+    _, uninterrupted, val = build_data(cfg, t, 320)
+    reference = take(uninterrupted, 12)
+    kept = [d for i, d in enumerate(DOCS) if not held_out(0, i, 0.2)]
+    first_held_out = next(d for i, d in enumerate(DOCS) if held_out(0, i, 0.2))
+    assert 0 < len(kept) < len(DOCS) and val[0].input_ids[0].tolist() == list(first_held_out.encode()[:16])
+    stream = [t for d in kept for t in [*d.encode(), EOS]]
+    streamed_rows = torch.cat(reference)[0::2]  # equal weights: the blend alternates, the stream first
+    assert streamed_rows.tolist() == [stream[j * 16 : j * 16 + 16] for j in range(18)]
+    interrupted = build_data(cfg, t, 320)[1]
+    take(interrupted, 7)
+    state = interrupted.state_dict()
+    interrupted.close()
+    resumed = build_data(cfg, t, 320)[1]
+    resumed.load_state_dict(state)
+    assert state["streams"]["0"]["doc"] > 0 and all(torch.equal(x, y) for x, y in zip(take(resumed, 5), reference[7:]))
 
 
 # ---- data parallelism ----
@@ -199,7 +235,7 @@ def _indexed_vocab_check(prefix: str, model_vocab: int) -> None:
     """The indexed-data vocabulary check alone (build_data checks the tokenizer's vocabulary first)."""
     from pretrain.data.sources import open_source
 
-    open_source(SourceConfig(path=prefix), ByteTokenizer(), model_vocab, 1000, None)
+    open_source(SourceConfig(path=prefix), DataConfig(), TrainConfig(), ByteTokenizer(), model_vocab)
 
 
 def test_empty_sources_are_one_line_errors(tmp_path):

@@ -60,7 +60,7 @@ def non_empty(ds, key: str, name: str) -> list[str]:
     return docs
 
 
-def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | None):
+def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | None, streaming: bool = False):
     """(dataset or None when every file is empty, its text column, a name for messages) of the
     files `path` names, read through `datasets`; a plain text file is one document."""
     import datasets
@@ -74,14 +74,14 @@ def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | 
         return None, key, name
     options = {"sample_by": "document"} if fmt == "text" else {}
     try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **options)
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, streaming=streaming, **options)
     except (datasets.exceptions.DatasetsError, pyarrow.ArrowException) as exc:
         raise DataError(f"data source {name}: cannot read as {fmt}: {first_line(exc.__cause__ or exc)}") from exc
     check_text_column(ds, key, name)
     return ds, key, name
 
 
-def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None):
+def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None, streaming: bool = False):
     """A saved dataset directory (`save_to_disk`) or a hub dataset, its `text_key` column checked."""
     import datasets
 
@@ -92,8 +92,9 @@ def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir:
                 if split not in ds:
                     raise DataError(f"data source {name} has no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
+            ds = ds.to_iterable_dataset() if streaming else ds
         else:
-            ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir)
+            ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir, streaming=streaming)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as exc:
         raise DataError(f"data source {name}: cannot load it with datasets: {first_line(exc)}") from exc
     check_text_column(ds, text_key, name)
@@ -148,9 +149,15 @@ def data_format(files: list[str], fmt: str) -> str:
 
 
 def check_text_column(ds, key: str, name: str) -> None:
-    """Column `key` of a `datasets` dataset exists and holds text."""
+    """Column `key` of a `datasets` dataset exists and holds text (a stream's first example for one
+    whose features are unknown until read)."""
     import datasets
 
+    if ds.features is None:
+        first = next(iter(ds), None)
+        if first is not None and not isinstance(first.get(key), str):
+            raise DataError(f"data.text_key {key!r} is not a text column of {name} (columns: {', '.join(first)})")
+        return
     if key not in ds.column_names:
         raise DataError(f"data.text_key {key!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
     column = ds.features[key]

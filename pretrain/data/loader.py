@@ -24,6 +24,7 @@ from pretrain.data.errors import DataError
 from pretrain.data.packing import IGNORE_INDEX, Batch, PackedRows, VarlenPacks, make_batch
 from pretrain.data.prefetch import Prefetcher
 from pretrain.data.sources import open_source
+from pretrain.data.streaming import StreamedRows
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["IGNORE_INDEX", "Batch", "TokenBatches", "build_data", "eval_batches", "split_documents", "tokenize_documents"]
@@ -43,7 +44,11 @@ def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.n
     return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def source_fingerprint(docs: Documents, ids: np.ndarray) -> list:
+def source_fingerprint(docs: Documents | StreamedRows, ids: np.ndarray | None) -> list:
+    """What identifies a source's training data in a saved state: name, documents and tokens (a stream: its name)."""
+    if isinstance(docs, StreamedRows):
+        return [docs.name, "stream"]
+    ids = np.arange(len(docs.lengths)) if ids is None else ids
     return [docs.name, len(ids), int(docs.lengths[ids].sum())]
 
 
@@ -58,7 +63,7 @@ class TokenBatches:
 
     def __init__(
         self,
-        docs: Documents | Sequence[Documents],
+        docs: Documents | StreamedRows | Sequence[Documents | StreamedRows],
         seq_len: int,
         batch_size: int,
         seed: int,
@@ -71,23 +76,28 @@ class TokenBatches:
         varlen: bool = False,
     ):
         sources = [docs] if not isinstance(docs, Sequence) else list(docs)
-        ids = list(train_ids) if train_ids is not None else [np.arange(len(d.lengths)) for d in sources]
-        for d, i in zip(sources, ids):
-            if (tokens := int(d.lengths[i].sum())) < seq_len + 1:
-                raise DataError(f"data source {d.name} has {tokens} training tokens, too few for one row of train.seq_len={seq_len} (+1)")
+        ids = list(train_ids) if train_ids is not None else [None] * len(sources)
         self.seq_len, self.seed, self.eos_id, self.varlen = seq_len, seed, eos_id, varlen
         self.per_rank = 1 if varlen else batch_size
         self.dp_rank, self.global_units = dp_rank, dp_size * self.per_rank
-        self.units = [
-            VarlenPacks(d, i, batch_size * seq_len, seed) if varlen else PackedRows(d, i, seq_len, seed) for d, i in zip(sources, ids)
-        ]
+        self.units = [self._units(d, i, batch_size) for d, i in zip(sources, ids)]
         self.names = [d.name for d in sources]
         self.fingerprints = [source_fingerprint(d, i) for d, i in zip(sources, ids)]
         self.blend = Blend(list(weights) if weights is not None else [1.0] * len(sources))
 
+    def _units(self, docs: Documents | StreamedRows, ids: np.ndarray | None, batch_size: int) -> PackedRows | VarlenPacks | StreamedRows:
+        if isinstance(docs, StreamedRows):
+            return docs
+        ids = np.arange(len(docs.lengths)) if ids is None else ids
+        if (tokens := int(docs.lengths[ids].sum())) < self.seq_len + 1:
+            raise DataError(f"data source {docs.name} has {tokens} training tokens, too few for one row of train.seq_len={self.seq_len} (+1)")
+        if self.varlen:
+            return VarlenPacks(docs, ids, batch_size * self.seq_len, self.seed)
+        return PackedRows(docs, ids, self.seq_len, self.seed)
+
     @property
     def rows_per_epoch(self) -> int:
-        """Rows in one pass over every source (rows packing)."""
+        """Rows in one pass over every source (rows packing, random-access sources)."""
         return sum(u.rows_per_epoch for u in self.units)
 
     def __iter__(self) -> "TokenBatches":
@@ -102,8 +112,10 @@ class TokenBatches:
         return realised_mixture(self.names, self.state_dict())
 
     def state_dict(self) -> dict:
-        return self.blend.state_dict() | {
-            "seed": self.seed, "seq_len": self.seq_len, "varlen": self.varlen, "sources": [list(f) for f in self.fingerprints]
+        state = self.blend.state_dict()
+        streams = {str(s): u.state_at(state["taken"][s]) for s, u in enumerate(self.units) if isinstance(u, StreamedRows)}
+        return state | {
+            "seed": self.seed, "seq_len": self.seq_len, "varlen": self.varlen, "sources": [list(f) for f in self.fingerprints], "streams": streams
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,6 +124,8 @@ class TokenBatches:
             if state[key] != ours[key]:
                 raise DataError(f"data state to resume was saved with {key}={state[key]}, this run has {ours[key]}; the batches would differ")
         self.blend.load_state_dict(state)
+        for s, where in state["streams"].items():
+            self.units[int(s)].restore(state["taken"][int(s)], where)
 
 
 class PrefetchedBatches(Prefetcher):
@@ -154,6 +168,16 @@ def check_vocab(tokenizer: Tokenizer, spec: str, model_vocab_size: int) -> None:
         )
 
 
+def held_out_split(source: Documents | StreamedRows, val_fraction: float, t: TrainConfig) -> tuple[np.ndarray | None, Documents, np.ndarray]:
+    """(training document ids, documents holding the held-out ones, their ids); a stream holds its
+    training documents itself and gives its first held-out documents, as many as evaluation uses."""
+    if isinstance(source, StreamedRows):
+        val = source.held_out_documents(t.eval_batches * t.batch_size * t.seq_len + 1)
+        return None, val, np.arange(len(val.lengths))
+    train_ids, val_ids = split_documents(len(source.lengths), val_fraction, t.seed)
+    return train_ids, source, val_ids
+
+
 def build_data(
     data_cfg: DataConfig, train_cfg: TrainConfig, model_vocab_size: int, dp_rank: int = 0, dp_size: int = 1, device: str = "cpu"
 ) -> tuple[Tokenizer, PrefetchedBatches | TokenBatches, list[Batch]]:
@@ -163,13 +187,13 @@ def build_data(
     check_vocab(tokenizer, data_cfg.tokenizer, model_vocab_size)
     sources = data_cfg.source_list()
     t = train_cfg
-    docs = [open_source(s, tokenizer, model_vocab_size, data_cfg.embedded_max_bytes, data_cfg.cache_dir) for s in sources]
-    splits = [split_documents(len(d.lengths), data_cfg.val_fraction, t.seed) for d in docs]
+    opened = [open_source(s, data_cfg, t, tokenizer, model_vocab_size) for s in sources]
+    splits = [held_out_split(d, data_cfg.val_fraction, t) for d in opened]
     train = TokenBatches(
-        docs, t.seq_len, t.batch_size, t.seed, tokenizer.eos_id, dp_rank, dp_size,
+        opened, t.seq_len, t.batch_size, t.seed, tokenizer.eos_id, dp_rank, dp_size,
         weights=[s.weight for s in sources], train_ids=[s[0] for s in splits], varlen=data_cfg.packing == "varlen",
     )
-    val = eval_batches(docs, [s[1] for s in splits], t.seq_len, t.batch_size, t.eval_batches, tokenizer.eos_id)
+    val = eval_batches([s[1] for s in splits], [s[2] for s in splits], t.seq_len, t.batch_size, t.eval_batches, tokenizer.eos_id)
     if data_cfg.prefetch:
         train = PrefetchedBatches(train, data_cfg.prefetch, pin_memory=device.startswith("cuda") and torch.cuda.is_available())
     return tokenizer, train, val
