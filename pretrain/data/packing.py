@@ -35,18 +35,19 @@ class Batch:
 
 
 def make_batch(units: list[np.ndarray], eos_id: int) -> Batch:
-    """A batch of equal-length units (each row's inputs are its tokens but the last, labels all but the first)."""
-    tokens = torch.from_numpy(np.stack(units).astype(np.int64))
-    input_ids, labels = tokens[:, :-1], tokens[:, 1:]
-    labels = labels.masked_fill(input_ids == eos_id, IGNORE_INDEX)
-    return Batch(input_ids.contiguous(), labels.contiguous(), document_starts(input_ids, eos_id))
+    """A batch of equal-length units (each row's inputs are its tokens but the last, labels all but
+    the first). Built in numpy: torch ops here would start a second OpenMP team beside training's."""
+    tokens = np.stack(units).astype(np.int64)
+    input_ids, labels = np.ascontiguousarray(tokens[:, :-1]), tokens[:, 1:].copy()
+    labels[input_ids == eos_id] = IGNORE_INDEX
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(document_starts(input_ids, eos_id)))
 
 
-def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+def document_starts(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """int32 cu_seqlens over the flattened rows: every row start, every token after an eos, the end."""
     rows, seq_len = input_ids.shape
-    after_eos = (input_ids.flatten() == eos_id).nonzero().flatten() + 1
-    row_starts = torch.arange(0, rows * seq_len + 1, seq_len)
-    return torch.cat([row_starts, after_eos]).unique().to(torch.int32)
+    after_eos = np.flatnonzero(input_ids.reshape(-1) == eos_id) + 1
+    return np.union1d(np.arange(0, rows * seq_len + 1, seq_len), after_eos).astype(np.int32)
 
 
 def epoch_order(doc_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
