@@ -252,3 +252,12 @@ def test_empty_sources_are_one_line_errors(tmp_path):
 def test_missing_files_and_a_too_large_tokenizer_stop_the_cli(tmp_path, capsys):
     assert "no-such.jsonl: no such file" in run_cli(tmp_path, capsys, f"data.path={tmp_path / 'no-such.jsonl'}")
     assert "has 257 tokens but model.vocab_size is 100" in run_cli(tmp_path, capsys, "model.vocab_size=100")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetched_batches_are_pinned_for_asynchronous_copies_on_cuda():
+    _, batches, _ = build_data(DataConfig(embedded_max_bytes=20_000), TrainConfig(seq_len=16, batch_size=2), 320, device="cuda")
+    batch = next(batches)
+    assert batch.input_ids.is_pinned() and batch.labels.is_pinned() and batch.cu_seqlens.is_pinned()
+    assert torch.equal(batch.to("cuda", non_blocking=True).input_ids.cpu(), batch.input_ids)
