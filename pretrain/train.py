@@ -24,6 +24,7 @@ from optim.schedules import build_schedule
 from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import DataError, build_data
+from pretrain.data.loader import mixture_record
 from pretrain.flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, parallelize, start
@@ -72,7 +73,7 @@ def train(cfg: RunConfig, resume: bool) -> None:
     runtime = set_up(cfg.train)
     par = start(cfg, runtime)
     t = cfg.train
-    _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size, par.dp_rank, par.dp_size)
+    _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size, par.dp_rank, par.dp_size, str(runtime.device))
     eval_skipped = par.shape["pp"] > 1 and bool(val_batches) and t.eval_interval > 0
     if par.shape["pp"] > 1:
         val_batches = []
@@ -108,7 +109,7 @@ def train(cfg: RunConfig, resume: bool) -> None:
         if log_now:
             runtime.synchronize()
         throughput.add_step(time.perf_counter() - tick)
-        record = {"step": step} | (train_record(result, lr, throughput, runtime) if log_now else {})
+        record = {"step": step} | (train_record(result, lr, throughput, runtime) | mixture_record(train_batches) if log_now else {})
         if val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == end):
             record |= evaluate(par, val_batches, runtime)
         if metrics is not None and len(record) > 1:

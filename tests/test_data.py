@@ -5,6 +5,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from pretrain.config import DataConfig, TrainConfig
 from pretrain.data import DataError, build_data, embedded_corpus, load_documents, load_tokenizer
 from pretrain.data.corpus import stdlib_sources
+from pretrain.data.documents import concatenated
 from pretrain.data.loader import IGNORE_INDEX, TokenBatches, eval_batches, split_documents, tokenize_documents
 from pretrain.data.tokenizer import ByteTokenizer
 
@@ -21,6 +23,10 @@ DOCS = [f"document {i}: " + "abcdefghij"[i % 10] * (5 + 7 * i % 23) + " ünïcö
 
 def data_cfg(tmp_path, **kw) -> DataConfig:
     return DataConfig(cache_dir=str(tmp_path / "hf_cache"), **kw)
+
+
+def read_docs(tmp_path, path, text_key="text") -> list[str]:
+    return load_documents(path, "auto", text_key, str(tmp_path / "hf_cache"))
 
 
 def batches(docs=DOCS, seq_len=16, batch_size=3, seed=0) -> TokenBatches:
@@ -80,7 +86,7 @@ def test_missing_tokenizer_path_is_a_one_line_error(tmp_path):
 def test_jsonl_source_reads_the_text_key(tmp_path):
     rows = [{"body": "first doc", "id": 1}, {"body": "second\ndoc", "id": 2}, {"body": "", "id": 3}, {"body": "third", "id": 4}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs = load_documents(data_cfg(tmp_path, path=str(tmp_path / "d.jsonl"), text_key="body"))
+    docs = read_docs(tmp_path, str(tmp_path / "d.jsonl"), "body")
     assert docs == ["first doc", "second\ndoc", "third"]
     assert any((tmp_path / "hf_cache").iterdir())  # datasets wrote to the cache we gave, not the user's
 
@@ -93,14 +99,14 @@ def test_text_files_are_whole_documents_from_a_directory_or_glob(tmp_path):
     (corpus / "sub" / "c.txt").write_text("sea")
     (corpus / "notes.csv").write_text("ignored,because,unknown,extension")
     expected = ["ay\n\nstill ay\n", "bee line 1\nbee line 2\n", "sea"]
-    assert load_documents(data_cfg(tmp_path, path=str(corpus))) == expected
-    assert load_documents(data_cfg(tmp_path, path=str(corpus / "*.txt"))) == expected[:2]
-    assert load_documents(data_cfg(tmp_path, path=[str(corpus / "sub" / "c.txt"), str(corpus / "a.txt")])) == ["sea", expected[0]]
+    assert read_docs(tmp_path, str(corpus)) == expected
+    assert read_docs(tmp_path, str(corpus / "*.txt")) == expected[:2]
+    assert read_docs(tmp_path, [str(corpus / "sub" / "c.txt"), str(corpus / "a.txt")]) == ["sea", expected[0]]
 
 
 def test_parquet_source(tmp_path):
     pq.write_table(pa.table({"text": ["p one", "p two", None], "n": [1, 2, 3]}), tmp_path / "d.parquet")
-    assert load_documents(data_cfg(tmp_path, path=str(tmp_path / "d.parquet"))) == ["p one", "p two"]
+    assert read_docs(tmp_path, str(tmp_path / "d.parquet")) == ["p one", "p two"]
 
 
 def test_bad_sources_are_one_line_errors_naming_the_cause(tmp_path):
@@ -118,7 +124,7 @@ def test_bad_sources_are_one_line_errors_naming_the_cause(tmp_path):
     ]
     for path, key, message in cases:
         with pytest.raises(DataError, match=message) as err:
-            load_documents(data_cfg(tmp_path, path=path, text_key=key))
+            read_docs(tmp_path, path, key)
         assert "\n" not in str(err.value)
 
 
@@ -133,14 +139,13 @@ def test_embedded_corpus_is_deterministic_stdlib_source():
 # ---- split ----
 
 def test_split_is_disjoint_deterministic_and_seeded():
-    docs = [f"doc {i}" for i in range(100)]
-    train, val = split_documents(docs, 0.1, seed=3)
-    assert len(val) == 10 and sorted(train + val) == sorted(docs) and not set(train) & set(val)
-    assert split_documents(docs, 0.1, seed=3) == (train, val)
-    assert split_documents(docs, 0.1, seed=4)[1] != val
-    assert split_documents(["a", "b"], 0.01, seed=0)[1] in (["a"], ["b"])
-    assert split_documents(["a", "b"], 0.0, seed=0) == (["a", "b"], [])
-    assert split_documents(["a"], 0.5, seed=0) == (["a"], [])
+    train, val = split_documents(100, 0.1, seed=3)
+    assert len(val) == 10 and sorted([*train, *val]) == list(range(100)) and not set(train) & set(val)
+    assert all(np.array_equal(a, b) for a, b in zip(split_documents(100, 0.1, seed=3), (train, val)))
+    assert not np.array_equal(split_documents(100, 0.1, seed=4)[1], val)
+    assert split_documents(2, 0.01, seed=0)[1].tolist() in ([0], [1])
+    assert split_documents(2, 0.0, seed=0)[0].tolist() == [0, 1] and split_documents(2, 0.0, seed=0)[1].size == 0
+    assert split_documents(1, 0.5, seed=0)[1].size == 0
 
 
 # ---- packing ----
@@ -177,39 +182,43 @@ def test_packing_is_a_shuffled_concatenation_of_whole_documents():
 
 def test_same_seed_same_batches_other_seed_other_batches_and_epochs_reshuffle():
     it = batches()
-    per_epoch = it.rows_per_epoch // it.batch_size
+    per_epoch = it.rows_per_epoch // 3
     first = take(it, 2 * per_epoch + 1)
     assert same_batches(first, take(batches(), 2 * per_epoch + 1))
     assert not same_batches(first[:3], take(batches(seed=1), 3))
-    assert it.epoch == 2 and not torch.equal(first[0].input_ids, first[per_epoch].input_ids)
+    rows = it.units[0]
+    assert not np.array_equal(rows.unit(0), rows.unit(rows.rows_per_epoch))  # epoch 1 is another order
 
 
 @pytest.mark.parametrize("k", [0, 4, -2])
 def test_resume_continues_exactly(k):
     """k < 0 stops |k| batches before the end of the first epoch, so the five batches cross into the next."""
     original = batches()
-    take(original, k % (original.rows_per_epoch // original.batch_size))
+    per_epoch = original.rows_per_epoch // 3
+    take(original, k % per_epoch)
     state = original.state_dict()
     resumed = batches()
     resumed.load_state_dict(state)
     assert same_batches(take(resumed, 5), take(original, 5))
-    assert original.epoch == (1 if k < 0 else 0)
-    with pytest.raises(DataError, match="num_tokens"):
+    assert (original.blend.position > original.rows_per_epoch) == (k < 0)
+    with pytest.raises(DataError, match="sources="):
         batches(docs=DOCS[:-1]).load_state_dict(state)
 
 
 def test_eval_batches_are_fixed_bounded_and_packed():
     docs = tokenize_documents(ByteTokenizer(), DOCS)
-    val = eval_batches(docs, 16, 4, 3, EOS)
+    ids = [np.arange(len(DOCS))]
+    val = eval_batches([docs], ids, 16, 4, 3, EOS)
     assert [b.input_ids.shape[0] for b in val] == [4, 4, 4]
-    assert same_batches(val, eval_batches(docs, 16, 4, 3, EOS))
+    assert same_batches(val, eval_batches([docs], ids, 16, 4, 3, EOS))
     for b in val:
         check_packed(b, 16)
-    rows = (len(docs) - 1) // 16
-    all_val = eval_batches(docs, 16, 4, 1000, EOS)
+    tokens = torch.from_numpy(concatenated(docs, ids[0]).astype(np.int64))
+    rows = (len(tokens) - 1) // 16
+    all_val = eval_batches([docs], ids, 16, 4, 1000, EOS)
     assert sum(b.input_ids.shape[0] for b in all_val) == rows and all_val[-1].input_ids.shape[0] == (rows % 4 or 4)
-    assert torch.equal(torch.cat([b.input_ids.flatten() for b in all_val]), docs.tokens[: rows * 16].long())
-    assert eval_batches(tokenize_documents(ByteTokenizer(), []), 16, 4, 3, EOS) == []
+    assert torch.equal(torch.cat([b.input_ids.flatten() for b in all_val]), tokens[: rows * 16])
+    assert eval_batches([docs], [np.arange(0)], 16, 4, 3, EOS) == []
 
 
 # ---- build_data ----
@@ -229,8 +238,8 @@ def test_build_data_rejects_a_tokenizer_larger_than_the_model_vocab(tmp_path):
         build_data(data_cfg(tmp_path), TrainConfig(), model_vocab_size=256)
 
 
-def test_a_corpus_too_small_for_one_batch_is_an_error(tmp_path):
+def test_a_corpus_too_small_for_one_row_is_an_error(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "tiny"}) + "\n")
     cfg = data_cfg(tmp_path, path=str(tmp_path / "d.jsonl"))
-    with pytest.raises(DataError, match="too few for one batch of train.batch_size=8 x train.seq_len=512"):
+    with pytest.raises(DataError, match="d.jsonl has 5 training tokens, too few for one row of train.seq_len=512"):
         build_data(cfg, TrainConfig(), model_vocab_size=257)

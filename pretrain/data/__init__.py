@@ -1,7 +1,8 @@
-"""The data pipeline: tokenizers, corpora and packed token batches."""
+"""The data pipeline: tokenizers, document sources, blending, packing, prefetching."""
 from pretrain.data.corpus import embedded_corpus, load_documents
 from pretrain.data.errors import DataError
-from pretrain.data.loader import Batch, TokenBatches, build_data, eval_batches
+from pretrain.data.loader import TokenBatches, build_data, eval_batches
+from pretrain.data.packing import Batch
 from pretrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [

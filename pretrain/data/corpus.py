@@ -6,7 +6,6 @@ import os
 import sysconfig
 from pathlib import Path
 
-from pretrain.config import DataConfig
 from pretrain.data.errors import DataError, first_line
 
 FORMAT_BY_EXTENSION = {
@@ -43,17 +42,63 @@ def stdlib_sources() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
-    """Every non-empty document of `cfg.path` (the embedded corpus when it is None), in file order."""
-    if cfg.path is None:
-        return embedded_corpus(cfg.embedded_max_bytes)
-    files = resolve_data_files(cfg.path, cfg.format)
-    fmt = data_format(files, cfg.format)
-    key = "text" if fmt == "text" else cfg.text_key
-    docs = read_text_column(fmt, files, key, cfg.cache_dir)
+def load_documents(path: str | list[str], fmt: str = "auto", text_key: str = "text", cache_dir: str | None = None) -> list[str]:
+    """Every non-empty document of the files `path` names, in file order."""
+    ds, key, name = open_files(path, fmt, text_key, cache_dir)
+    return non_empty(ds, key, name)
+
+
+def load_hf_documents(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None) -> list[str]:
+    """The non-empty `text_key` documents of a saved dataset directory (`save_to_disk`) or a hub dataset."""
+    return non_empty(open_hf(name, subset, split, text_key, cache_dir), text_key, name)
+
+
+def non_empty(ds, key: str, name: str) -> list[str]:
+    docs = [doc for doc in ds[key] if doc] if ds is not None else []
     if not docs:
-        raise DataError(f"data.path {describe(files)} holds no non-empty documents")
+        raise DataError(f"data source {name} holds no non-empty documents")
     return docs
+
+
+def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | None, streaming: bool = False):
+    """(dataset or None when every file is empty, its text column, a name for messages) of the
+    files `path` names, read through `datasets`; a plain text file is one document."""
+    import datasets
+    import pyarrow
+
+    files = resolve_data_files(path, fmt)
+    fmt = data_format(files, fmt)
+    key, name = ("text" if fmt == "text" else text_key), describe(files)
+    files = [f for f in files if os.path.getsize(f) > 0]  # datasets' json reader fails on empty files
+    if not files:
+        return None, key, name
+    options = {"sample_by": "document"} if fmt == "text" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, streaming=streaming, **options)
+    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException) as exc:
+        raise DataError(f"data source {name}: cannot read as {fmt}: {first_line(exc.__cause__ or exc)}") from exc
+    check_text_column(ds, key, name)
+    return ds, key, name
+
+
+def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None, streaming: bool = False):
+    """A saved dataset directory (`save_to_disk`) or a hub dataset, its `text_key` column checked."""
+    import datasets
+
+    try:
+        if Path(name).is_dir():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"data source {name} has no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            ds = ds.to_iterable_dataset() if streaming else ds
+        else:
+            ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir, streaming=streaming)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as exc:
+        raise DataError(f"data source {name}: cannot load it with datasets: {first_line(exc)}") from exc
+    check_text_column(ds, text_key, name)
+    return ds
 
 
 def resolve_data_files(path: str | list[str], fmt: str) -> list[str]:
@@ -63,15 +108,15 @@ def resolve_data_files(path: str | list[str], fmt: str) -> list[str]:
         if Path(spec).is_dir():
             found = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and _is_data_file(p, fmt))
             if not found:
-                raise DataError(f"data.path {spec}: directory holds no {' / '.join(sorted(FORMAT_BY_EXTENSION))} files")
+                raise DataError(f"data source {spec}: directory holds no {' / '.join(sorted(FORMAT_BY_EXTENSION))} files")
         elif Path(spec).is_file():
             found = [spec]
         elif glob.has_magic(spec):
             found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not found:
-                raise DataError(f"data.path {spec} matches no files")
+                raise DataError(f"data source {spec} matches no files")
         else:
-            raise DataError(f"data.path {spec}: no such file or directory")
+            raise DataError(f"data source {spec}: no such file or directory")
         files += found
     return files
 
@@ -96,32 +141,28 @@ def data_format(files: list[str], fmt: str) -> str:
     for f in files:
         found = extension_format(f)
         if found is None:
-            raise DataError(f"data.path {f}: cannot tell its format from the extension; set data.format")
+            raise DataError(f"data source {f}: cannot tell its format from the extension; set data.format")
         formats.add(found)
     if len(formats) > 1:
         raise DataError(f"data.path mixes formats ({', '.join(sorted(formats))}); use one format per run")
     return formats.pop()
 
 
-def read_text_column(fmt: str, files: list[str], key: str, cache_dir: str | None) -> list[str]:
-    """The `key` column of the files through `datasets`; a plain text file is one document."""
+def check_text_column(ds, key: str, name: str) -> None:
+    """Column `key` of a `datasets` dataset exists and holds text (a stream's first example for one
+    whose features are unknown until read)."""
     import datasets
-    import pyarrow
 
-    files = [f for f in files if os.path.getsize(f) > 0]  # datasets' json reader fails on empty files
-    if not files:
-        return []
-    options = {"sample_by": "document"} if fmt == "text" else {}
-    try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **options)
-    except (datasets.exceptions.DatasetsError, pyarrow.ArrowException) as exc:
-        raise DataError(f"data.path {describe(files)}: cannot read as {fmt}: {first_line(exc.__cause__ or exc)}") from exc
+    if ds.features is None:
+        first = next(iter(ds), None)
+        if first is not None and not isinstance(first.get(key), str):
+            raise DataError(f"data.text_key {key!r} is not a text column of {name} (columns: {', '.join(first)})")
+        return
     if key not in ds.column_names:
-        raise DataError(f"data.text_key {key!r} is not a column of {describe(files)} (columns: {', '.join(ds.column_names)})")
+        raise DataError(f"data.text_key {key!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
     column = ds.features[key]
     if not (isinstance(column, datasets.Value) and column.dtype in ("string", "large_string")):
-        raise DataError(f"data.text_key {key!r} of {describe(files)} is not a text column ({column})")
-    return [doc for doc in ds[key] if doc]
+        raise DataError(f"data.text_key {key!r} of {name} is not a text column ({column})")
 
 
 def describe(files: list[str]) -> str:

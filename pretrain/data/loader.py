@@ -1,148 +1,163 @@
 """Token batches for training and evaluation.
 
-Documents are split into train/validation by held-out documents, tokenized once with an eos
-after each, and packed: the documents (reshuffled every epoch for training) form one token
-stream cut into rows of seq_len+1 tokens that overlap by one, so a batch of B rows is one
-contiguous slice of B*seq_len+1 tokens; inputs are its first B*seq_len tokens, labels the last.
+The training data is one global stream of units (rows of seq_len+1 tokens, or varlen packs; see
+packing.py) blended from the sources (blend.py). It depends only on the seed, the sources and the
+packing, never on the data-parallel size: a global batch is the next `dp_size * per_rank` units,
+and data-parallel rank r (the `dp_replicate x dp_shard` coordinate, replica-major) takes units
+r*per_rank .. (r+1)*per_rank - 1 of it. Tensor- and pipeline-parallel ranks of one replica read the
+same units, and one process with `dp_size` times the batch sees exactly the union.
 
-Data parallelism: a training batch is global, `dp_size * batch_size` rows, and data-parallel rank
-r (the `dp_replicate x dp_shard` coordinate, replica-major) takes rows r*batch_size ..
-(r+1)*batch_size - 1 of it. Every rank packs the same stream, so the slices are disjoint and
-deterministic, tensor- and pipeline-parallel ranks of one replica read the same rows, and one
-process with `batch_size = dp_size * batch_size` sees exactly the union.
+The state is the global unit position (and each source's count), the same on every rank. A run
+resumed with another DP size continues from that position: no unit is repeated or skipped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from pretrain.config import DataConfig, TrainConfig
-from pretrain.data.corpus import load_documents
+from pretrain.data.blend import Blend, realised_proportions
+from pretrain.data.documents import Documents, concatenated, tokenize
 from pretrain.data.errors import DataError
+from pretrain.data.packing import IGNORE_INDEX, Batch, PackedRows, VarlenPacks, make_batch
+from pretrain.data.prefetch import Prefetcher
+from pretrain.data.sources import open_source
+from pretrain.data.streaming import StreamedRows
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Batch", "TokenBatches", "build_data", "eval_batches", "split_documents", "tokenize_documents"]
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T] long
-    labels: torch.Tensor  # [B, T] long; IGNORE_INDEX where the input is eos (the label would start the next document)
-    cu_seqlens: torch.Tensor  # int32 [n+1]: document starts over the flattened B*T tokens, every row start, then B*T
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.cu_seqlens.to(device))
+def tokenize_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> Documents:
+    return tokenize(tokenizer, texts, "documents")
 
 
-@dataclass
-class TokenizedDocuments:
-    tokens: torch.Tensor  # int32 [N]: every document followed by eos
-    offsets: list[int]  # document starts in `tokens`, then N
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def in_order(self, order: Sequence[int]) -> torch.Tensor:
-        """The token stream with the documents concatenated in `order`."""
-        o = self.offsets
-        return torch.cat([self.tokens[o[i] : o[i + 1]] for i in order])
-
-
-def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> TokenizedDocuments:
-    encoded = tokenizer.encode_batch(docs)
-    eos = np.array([tokenizer.eos_id], dtype=np.int32)
-    pieces = [piece for ids in encoded for piece in (ids.astype(np.int32), eos)]
-    tokens = np.concatenate([np.zeros(0, dtype=np.int32), *pieces])
-    offsets = np.cumsum([0] + [len(ids) + 1 for ids in encoded])
-    return TokenizedDocuments(torch.from_numpy(tokens), offsets.tolist())
-
-
-def split_documents(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out round(val_fraction * n) random documents (at least one when there are two or more,
-    never all of them), each split keeping the original order."""
-    n = len(docs)
+def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document ids of the training and held-out splits: round(val_fraction * n) random documents
+    held out (at least one when there are two or more, never all), each split in id order."""
+    n = num_docs
     n_val = 0 if val_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
-    held_out = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
-    train = [d for i, d in enumerate(docs) if i not in held_out]
-    val = [d for i, d in enumerate(docs) if i in held_out]
-    return train, val
+    held_out = np.zeros(n, dtype=bool)
+    held_out[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val].numpy()] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
-def make_batch(chunk: torch.Tensor, seq_len: int, eos_id: int) -> Batch:
-    """A batch from a contiguous slice of B*seq_len+1 stream tokens."""
-    input_ids = chunk[:-1].reshape(-1, seq_len).long()
-    labels = chunk[1:].reshape(-1, seq_len).long().masked_fill(input_ids == eos_id, IGNORE_INDEX)
-    return Batch(input_ids, labels, document_starts(input_ids, eos_id))
+def source_fingerprint(docs: Documents | StreamedRows, ids: np.ndarray | None) -> list:
+    """What identifies a source's training data in a saved state: name, documents and tokens (a stream: its name)."""
+    if isinstance(docs, StreamedRows):
+        return [docs.name, "stream"]
+    ids = np.arange(len(docs.lengths)) if ids is None else ids
+    return [docs.name, len(ids), int(docs.lengths[ids].sum())]
 
 
-def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    rows, seq_len = input_ids.shape
-    after_eos = (input_ids.flatten() == eos_id).nonzero().flatten() + 1
-    row_starts = torch.arange(0, rows * seq_len + 1, seq_len)
-    return torch.cat([row_starts, after_eos]).unique().to(torch.int32)
+def realised_mixture(names: Sequence[str], state: dict) -> dict[str, float]:
+    """The share of each source in the units a loader state has consumed."""
+    return dict(zip(names, realised_proportions(state)))
 
 
 class TokenBatches:
-    """Training batches forever: this data-parallel rank's `batch_size` rows of every global batch.
-    Each epoch shuffles the documents with seed+epoch and packs them; the rows left over at an
-    epoch's end that do not fill a global batch are skipped. `state_dict()` is the exact position
-    (in global rows, the same on every rank), so a resumed run sees the batches the uninterrupted
-    run would have."""
+    """Training batches forever: this data-parallel rank's units of every global batch.
+    `state_dict()` is the exact position, so a resumed run sees the batches the uninterrupted run would have."""
 
     def __init__(
-        self, docs: TokenizedDocuments, seq_len: int, batch_size: int, seed: int, eos_id: int, dp_rank: int = 0, dp_size: int = 1
+        self,
+        docs: Documents | StreamedRows | Sequence[Documents | StreamedRows],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        eos_id: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        *,
+        weights: Sequence[float] | None = None,
+        train_ids: Sequence[np.ndarray] | None = None,
+        varlen: bool = False,
     ):
-        self.docs, self.seq_len, self.batch_size, self.seed, self.eos_id = docs, seq_len, batch_size, seed, eos_id
-        self.dp_rank, self.global_batch_size = dp_rank, dp_size * batch_size
-        self.rows_per_epoch = max(len(docs) - 1, 0) // seq_len
-        if self.rows_per_epoch < self.global_batch_size:
-            each = f" on each of {dp_size} data-parallel ranks" if dp_size > 1 else ""
-            raise DataError(
-                f"the training split has {len(docs)} tokens, too few for one batch of "
-                f"train.batch_size={batch_size} x train.seq_len={seq_len} (+1){each}; use more data or smaller values"
-            )
-        self.epoch, self.row = 0, 0
-        self._stream_epoch, self._stream = -1, docs.tokens
+        sources = [docs] if not isinstance(docs, Sequence) else list(docs)
+        ids = list(train_ids) if train_ids is not None else [None] * len(sources)
+        self.seq_len, self.seed, self.eos_id, self.varlen = seq_len, seed, eos_id, varlen
+        self.per_rank = 1 if varlen else batch_size
+        self.dp_rank, self.global_units = dp_rank, dp_size * self.per_rank
+        self.units = [self._units(d, i, batch_size) for d, i in zip(sources, ids)]
+        self.names = [d.name for d in sources]
+        self.fingerprints = [source_fingerprint(d, i) for d, i in zip(sources, ids)]
+        self.blend = Blend(list(weights) if weights is not None else [1.0] * len(sources))
+
+    def _units(self, docs: Documents | StreamedRows, ids: np.ndarray | None, batch_size: int) -> PackedRows | VarlenPacks | StreamedRows:
+        if isinstance(docs, StreamedRows):
+            return docs
+        ids = np.arange(len(docs.lengths)) if ids is None else ids
+        if (tokens := int(docs.lengths[ids].sum())) < self.seq_len + 1:
+            raise DataError(f"data source {docs.name} has {tokens} training tokens, too few for one row of train.seq_len={self.seq_len} (+1)")
+        if self.varlen:
+            return VarlenPacks(docs, ids, batch_size * self.seq_len, self.seed)
+        return PackedRows(docs, ids, self.seq_len, self.seed)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows in one pass over every source (rows packing, random-access sources)."""
+        return sum(u.rows_per_epoch for u in self.units)
 
     def __iter__(self) -> "TokenBatches":
         return self
 
     def __next__(self) -> Batch:
-        if self.row + self.global_batch_size > self.rows_per_epoch:
-            self.epoch, self.row = self.epoch + 1, 0
-        start = (self.row + self.dp_rank * self.batch_size) * self.seq_len
-        chunk = self._epoch_stream()[start : start + self.batch_size * self.seq_len + 1]
-        self.row += self.global_batch_size
-        return make_batch(chunk, self.seq_len, self.eos_id)
+        units = self.blend.assign(self.global_units)
+        mine = units[self.dp_rank * self.per_rank : (self.dp_rank + 1) * self.per_rank]
+        return make_batch([self.units[s].unit(j) for s, j in mine], self.eos_id)
 
-    def _epoch_stream(self) -> torch.Tensor:
-        if self._stream_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.docs.offsets) - 1, generator=generator).tolist()
-            self._stream, self._stream_epoch = self.docs.in_order(order), self.epoch
-        return self._stream
+    def mixture(self) -> dict[str, float]:
+        return realised_mixture(self.names, self.state_dict())
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "row": self.row, "seed": self.seed, "num_tokens": len(self.docs)}
+    def state_dict(self) -> dict:
+        state = self.blend.state_dict()
+        streams = {str(s): u.state_at(state["taken"][s]) for s, u in enumerate(self.units) if isinstance(u, StreamedRows)}
+        return state | {
+            "seed": self.seed, "seq_len": self.seq_len, "varlen": self.varlen, "sources": [list(f) for f in self.fingerprints], "streams": streams
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, ours in (("seed", self.seed), ("num_tokens", len(self.docs))):
-            if state[key] != ours:
-                raise DataError(f"data state to resume was saved with {key}={state[key]}, this run has {ours}; the batches would differ")
-        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+    def load_state_dict(self, state: dict) -> None:
+        ours = self.state_dict()
+        for key in ("seed", "seq_len", "varlen", "sources"):
+            if state[key] != ours[key]:
+                raise DataError(f"data state to resume was saved with {key}={state[key]}, this run has {ours[key]}; the batches would differ")
+        self.blend.load_state_dict(state)
+        for s, where in state["streams"].items():
+            self.units[int(s)].restore(state["taken"][int(s)], where)
 
 
-def eval_batches(docs: TokenizedDocuments, seq_len: int, batch_size: int, max_batches: int, eos_id: int) -> list[Batch]:
-    """Up to `max_batches` batches of the validation documents packed in their held-out order
-    (the last batch may have fewer rows); empty when there is not one full row."""
-    rows = min(max(len(docs) - 1, 0) // seq_len, max_batches * batch_size)
-    return [
-        make_batch(docs.tokens[r * seq_len : min(r + batch_size, rows) * seq_len + 1], seq_len, eos_id)
-        for r in range(0, rows, batch_size)
-    ]
+class PrefetchedBatches(Prefetcher):
+    """`TokenBatches` prepared ahead by a background thread (pinned on CUDA)."""
+
+    batches: TokenBatches
+
+    def mixture(self) -> dict[str, float]:
+        return realised_mixture(self.batches.names, self.state_dict())
+
+
+def mixture_record(batches: TokenBatches | PrefetchedBatches) -> dict[str, float]:
+    """Metrics entries `mix/<source>`: the realised blend so far (none for a single source)."""
+    mix = batches.mixture()
+    return {f"mix/{name}": share for name, share in mix.items()} if len(mix) > 1 else {}
+
+
+def eval_batches(docs: Sequence[Documents], val_ids: Sequence[np.ndarray], seq_len: int, batch_size: int, max_batches: int, eos_id: int) -> list[Batch]:
+    """Up to `max_batches` batches of the held-out documents (every source's, in source then id
+    order) packed into rows; the last batch may have fewer rows; empty when there is not one full row."""
+    needed = max_batches * batch_size * seq_len + 1
+    parts, have = [], 0
+    for d, ids in zip(docs, val_ids):
+        for i in ids:
+            if have >= needed:
+                break
+            parts.append(concatenated(d, [i]))
+            have += len(parts[-1])
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    rows = min(max(len(stream) - 1, 0) // seq_len, max_batches * batch_size)
+    row_tokens = [stream[r * seq_len : (r + 1) * seq_len + 1] for r in range(rows)]
+    return [make_batch(row_tokens[r : r + batch_size], eos_id) for r in range(0, rows, batch_size)]
 
 
 def check_vocab(tokenizer: Tokenizer, spec: str, model_vocab_size: int) -> None:
@@ -153,15 +168,32 @@ def check_vocab(tokenizer: Tokenizer, spec: str, model_vocab_size: int) -> None:
         )
 
 
+def held_out_split(source: Documents | StreamedRows, val_fraction: float, t: TrainConfig) -> tuple[np.ndarray | None, Documents, np.ndarray]:
+    """(training document ids, documents holding the held-out ones, their ids); a stream holds its
+    training documents itself and gives its first held-out documents, as many as evaluation uses."""
+    if isinstance(source, StreamedRows):
+        val = source.held_out_documents(t.eval_batches * t.batch_size * t.seq_len + 1)
+        return None, val, np.arange(len(val.lengths))
+    train_ids, val_ids = split_documents(len(source.lengths), val_fraction, t.seed)
+    return train_ids, source, val_ids
+
+
 def build_data(
-    data_cfg: DataConfig, train_cfg: TrainConfig, model_vocab_size: int, dp_rank: int = 0, dp_size: int = 1
-) -> tuple[Tokenizer, TokenBatches, list[Batch]]:
-    """The tokenizer, this data-parallel rank's endless training batches, and the fixed validation
-    batches of a run (the same on every rank)."""
+    data_cfg: DataConfig, train_cfg: TrainConfig, model_vocab_size: int, dp_rank: int = 0, dp_size: int = 1, device: str = "cpu"
+) -> tuple[Tokenizer, PrefetchedBatches | TokenBatches, list[Batch]]:
+    """The tokenizer, this data-parallel rank's endless training batches (prefetched unless
+    data.prefetch is 0), and the fixed validation batches of a run (the same on every rank)."""
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     check_vocab(tokenizer, data_cfg.tokenizer, model_vocab_size)
-    train_docs, val_docs = split_documents(load_documents(data_cfg), data_cfg.val_fraction, train_cfg.seed)
+    sources = data_cfg.source_list()
     t = train_cfg
-    train = TokenBatches(tokenize_documents(tokenizer, train_docs), t.seq_len, t.batch_size, t.seed, tokenizer.eos_id, dp_rank, dp_size)
-    val = eval_batches(tokenize_documents(tokenizer, val_docs), t.seq_len, t.batch_size, t.eval_batches, tokenizer.eos_id)
+    opened = [open_source(s, data_cfg, t, tokenizer, model_vocab_size) for s in sources]
+    splits = [held_out_split(d, data_cfg.val_fraction, t) for d in opened]
+    train = TokenBatches(
+        opened, t.seq_len, t.batch_size, t.seed, tokenizer.eos_id, dp_rank, dp_size,
+        weights=[s.weight for s in sources], train_ids=[s[0] for s in splits], varlen=data_cfg.packing == "varlen",
+    )
+    val = eval_batches([s[1] for s in splits], [s[2] for s in splits], t.seq_len, t.batch_size, t.eval_batches, tokenizer.eos_id)
+    if data_cfg.prefetch:
+        train = PrefetchedBatches(train, data_cfg.prefetch, pin_memory=device.startswith("cuda") and torch.cuda.is_available())
     return tokenizer, train, val

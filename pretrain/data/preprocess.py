@@ -1,0 +1,110 @@
+"""Tokenize a corpus into a Megatron indexed dataset (PREFIX.bin + PREFIX.idx), in parallel.
+
+    python -m pretrain.data.preprocess --input corpus/*.jsonl --output data/corpus [--tokenizer byte] [--workers 8]
+
+Every non-empty document is tokenized (without special tokens) and followed by the tokenizer's
+end-of-document token, one sequence per document, in input order. Tokens are uint16 when the
+vocabulary fits, int32 otherwise. The files are written with megatron-core's
+`IndexedDatasetBuilder`, so megatron-core (and Megatron-LM) read them; PREFIX.ebb.json records
+the tokenizer so a training run can check it against `model.vocab_size` before it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pretrain.data.corpus import open_files, open_hf
+from pretrain.data.errors import DataError
+from pretrain.data.indexed import megatron_indexed, write_sidecar
+from pretrain.data.sources import HF_PREFIX
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data.preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True, help="text/jsonl/parquet/arrow files, directories or globs; or hf:NAME / a saved dataset")
+    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.ebb.json")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer (default: byte)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    parser.add_argument("--format", default="auto", choices=["auto", "text", "json", "parquet", "arrow"])
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--split", default="train", help="hf:NAME or saved dataset: the split")
+    parser.add_argument("--batch-size", type=int, default=1000, help="documents per task handed to a worker")
+    parser.add_argument("--cache-dir", default=None, help="datasets cache")
+    return parser.parse_args(argv)
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def text_batches(args: argparse.Namespace) -> tuple[Iterator[list[str]], int]:
+    """Batches of documents of the input and how many documents there are."""
+    if len(args.input) == 1 and (args.input[0].startswith(HF_PREFIX) or Path(args.input[0], "dataset_info.json").is_file()):
+        name = args.input[0].removeprefix(HF_PREFIX)
+        ds, key = open_hf(name, None, args.split, args.text_key, args.cache_dir), args.text_key
+    else:
+        ds, key, name = open_files(args.input, args.format, args.text_key, args.cache_dir)
+    if ds is None or len(ds) == 0:
+        raise DataError(f"--input {name} holds no documents")
+    return (batch[key] for batch in ds.iter(batch_size=args.batch_size)), len(ds)
+
+
+def _init_worker(spec: str) -> None:
+    global _worker_tokenizer
+    torch.set_num_threads(1)
+    _worker_tokenizer = load_tokenizer(spec)
+
+
+def _encode(texts: list[str]) -> tuple[int, list[np.ndarray]]:
+    """A worker's batch: its size, and each non-empty document's ids followed by eos."""
+    tok = _worker_tokenizer
+    dtype = token_dtype(tok.vocab_size)
+    size, texts = len(texts), [t for t in texts if t]
+    return size, [np.append(ids.astype(dtype), dtype(tok.eos_id)) for ids in tok.encode_batch(texts)]
+
+
+def preprocess(args: argparse.Namespace) -> tuple[int, int]:
+    """Write the indexed dataset; returns (documents, tokens)."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    batches, num_docs = text_batches(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    builder = megatron_indexed().IndexedDatasetBuilder(f"{args.output}.bin", dtype=token_dtype(tokenizer.vocab_size))
+    documents = tokens = 0
+    with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (args.tokenizer,)) as pool, tqdm(
+        total=num_docs, unit="doc", desc="tokenizing", file=sys.stderr
+    ) as progress:
+        for size, encoded in pool.imap(_encode, batches):
+            for ids in encoded:
+                builder.add_document(torch.from_numpy(ids), [len(ids)])
+            documents, tokens = documents + len(encoded), tokens + sum(len(ids) for ids in encoded)
+            progress.update(size)
+    if documents == 0:
+        raise DataError(f"--input {' '.join(args.input)} holds no non-empty documents")
+    builder.finalize(f"{args.output}.idx")
+    write_sidecar(args.output, args.tokenizer, tokenizer.vocab_size, tokenizer.eos_id, documents, tokens)
+    return documents, tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        documents, tokens = preprocess(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}.bin/.idx: {documents} documents, {tokens} tokens ({args.tokenizer} tokenizer)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
