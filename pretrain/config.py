@@ -181,6 +181,8 @@ class RunConfig(Strict):
         the world size is checked at startup by parallel.mesh.validate_layout.)"""
         if self.parallel.pp > 1 and self.train.grad_accum > 1:
             raise ValueError("train.grad_accum must be 1 with parallel.pp > 1: the pipeline accumulates over parallel.pp_microbatches")
+        if self.parallel.pp > 1 and self.data.packing == "varlen":
+            raise ValueError("data.packing=varlen makes one row per batch, which the pipeline cannot split into microbatches: use rows with parallel.pp > 1")
         return self
 
 

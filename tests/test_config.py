@@ -67,6 +67,7 @@ def test_dump_round_trips(tmp_path):
          "num_v_heads (3) must be a multiple of num_heads (2)"),
         (["model.pattern=M", "model.d_model=80", "model.mixers.mamba2.head_dim=64"], "must be divisible by mixers.mamba2.head_dim"),
         (["parallel.pp=2", "model.tie_embeddings=false", "train.grad_accum=2"], "train.grad_accum must be 1 with parallel.pp > 1"),
+        (["parallel.pp=2", "model.tie_embeddings=false", "data.packing=varlen"], "data.packing=varlen makes one row per batch"),
         (["parallel.sequence_parallel=true"], "sequence_parallel needs tp > 1"),
         (["train=3"], "config key train"),
         (["novalue"], "is not of the form key.sub=value"),
