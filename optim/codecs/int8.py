@@ -48,16 +48,19 @@ def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     return _dynamic_map_on(signed, torch.device(device))
 
 
+@functools.cache
+def _midpoints_on(signed: bool, device: torch.device) -> Tensor:
+    qmap = _dynamic_map_on(signed, device)
+    return (qmap[:-1] + qmap[1:]) / 2
+
+
 def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """(uint8 codes shaped like `x`, fp32 absmax per block along the last dim)."""
+    """(uint8 codes shaped like `x`, fp32 absmax per block along the last dim). The code is the
+    nearest map entry, the lower one on a tie: the count of midpoints between entries below x."""
     blocks = to_blocks(x, BLOCK)
     absmax = blocks.abs().amax(-1)
     normed = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(-1)
-    qmap = dynamic_map(signed, x.device)
-    upper = torch.searchsorted(qmap, normed.contiguous()).clamp(1, qmap.numel() - 1)
-    lower = upper - 1
-    nearer_lower = (normed - qmap[lower]) <= (qmap[upper] - normed)
-    codes = torch.where(nearer_lower, lower, upper).to(torch.uint8)
+    codes = torch.bucketize(normed, _midpoints_on(signed, x.device), out_int32=True).to(torch.uint8)
     return from_blocks(codes, x.shape), absmax
 
 
