@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch.optim.adam import adam as torch_adam
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
@@ -27,7 +28,7 @@ __all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
 
 # torch >= 2.4 (ebb needs >= 2.6) has fused AdamW kernels for both.
 FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
-MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (state name, signed)
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the first is signed, the second never negative
 
 
 class AdamWSettings(GroupSettings, Protocol):
@@ -100,7 +101,7 @@ class AdamW(torch.optim.Optimizer):
             shard = local(p)
             on_device = group["fused"] and _by_torch(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device if on_device else "cpu")
-            for moment, _ in MOMENTS:
+            for moment in MOMENTS:
                 for suffix, part in codec.zeros(shard).items():
                     state[moment + suffix] = like_param(part, p, codec.block)
             if group["master_weights"] and p.dtype != torch.float32:
@@ -121,8 +122,8 @@ class AdamW(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         target = local(state["master"]) if "master" in state else local(p)
-        grad = local(p.grad).to(target.dtype)
-        m, v = (self._parts(state, moment, codec) for moment, _ in MOMENTS)
+        grad = local(_placed_like(p.grad, p)).to(target.dtype)
+        m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
         hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         if codec is INT8 and bnb_can_update(target):
             bnb_update_(target, grad, m, v, step, **hyper)
@@ -154,6 +155,14 @@ class AdamW(torch.optim.Optimizer):
             if saved is not None:
                 step_device = local(p).device if _by_torch(p, group) and group["fused"] else "cpu"
                 self.state[p] = {key: value.to(step_device if key == "step" else local(p).device) for key, value in saved.items()}
+
+
+def _placed_like(grad: Tensor, p: Tensor) -> Tensor:
+    """The gradient with its parameter's placements (e.g. a pending sum made Replicate), so
+    that its local shard lines up with the parameter's."""
+    if isinstance(grad, DTensor) and grad.placements != p.placements:
+        return grad.redistribute(placements=p.placements)
+    return grad
 
 
 def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:

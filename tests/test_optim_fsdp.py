@@ -1,6 +1,6 @@
-"""Quantised optimizer states under FSDP2 (dp_shard=2, real gloo processes) against one process
-with the same codec, seed and global batch, and a checkpoint saved under dp_shard=2 resumed in
-one process.
+"""Quantised optimizer states under FSDP2 (dp_shard=2) and tp 2 x FSDP2 (real gloo processes)
+against one process with the same codec, seed and global batch, and a checkpoint saved under
+dp_shard=2 resumed in one process.
 
 Blocks run along each tensor's last dim and FSDP2 shards dim 0, so a rank's shard quantises
 exactly as the same rows of the whole tensor do: the runs differ only by the order of the
@@ -30,13 +30,22 @@ def train_rank(cfg: RunConfig) -> None:
     train(cfg, resume=False)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp8"])
-def test_fsdp2_dp2_matches_one_process_with_the_same_codec(tmp_path: Path, dtype: str) -> None:
-    settings = [*CODEC, f"optim.state_dtype={dtype}"]
-    run_distributed(train_rank, 2, config(tmp_path / "dp2", *settings, "parallel.dp_shard=2", "train.batch_size=2"))
+# TP's row-parallel weights are split along their last dim (16 of 32 columns here, not whole
+# blocks): they keep fp32 states under tp 2, and so in the one-process run too
+ROW_PARALLEL_FP32 = "optim.overrides=[{params: '*.out_proj.weight', state_dtype: fp32}, {params: '*.down_proj.weight', state_dtype: fp32}]"
+
+
+@pytest.mark.parametrize(
+    "dtype, layout, world, overrides",
+    [("int8", ["parallel.dp_shard=2"], 2, []), ("fp8", ["parallel.dp_shard=2", "parallel.tp=2"], 4, [ROW_PARALLEL_FP32])],
+    ids=["int8-fsdp2", "fp8-tp2xfsdp2"],
+)
+def test_sharded_run_matches_one_process_with_the_same_codec(tmp_path: Path, dtype: str, layout: list[str], world: int, overrides: list[str]) -> None:
+    settings = [*CODEC, f"optim.state_dtype={dtype}", *overrides]
+    run_distributed(train_rank, world, config(tmp_path / "sharded", *settings, *layout, "train.batch_size=2"))
     train(config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(curve(tmp_path / "dp2", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
+        torch.testing.assert_close(curve(tmp_path / "sharded", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
 
 
 def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pretrain.train import train
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ALL_MIXERS = REPO / "configs" / "all_mixers.yaml"
-QUIET = ["logging.tensorboard=false", "logging.progress=false", "train.eval_interval=0", "data.embedded_max_bytes=100000"]
+QUIET = ["train.threads=1", "logging.tensorboard=false", "logging.progress=false", "train.eval_interval=0", "data.embedded_max_bytes=100000"]
 # every tensor quantised, so that a tiny model exercises the codecs everywhere
 QUANTISE_ALL = ["optim.min_quant_numel=0", "optim.fp32_embedding_states=false"]
 TINY = [
