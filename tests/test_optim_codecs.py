@@ -136,3 +136,29 @@ def test_fp8_quantize_compiles_to_one_graph_with_the_same_result():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     assert (codes == want_codes).float().mean() > 0.99
     torch.testing.assert_close(fp8.dequantize(codes, *scales), fp8.dequantize(want_codes, *want_scales), rtol=0.07, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_BNB, reason="needs CUDA and bitsandbytes")
+def test_int8_on_cuda_takes_bitsandbytes_kernel_and_tracks_the_pure_pytorch_path():
+    """Three steps on the same gradients: bitsandbytes' fused CUDA kernel (GPU copy) and the pure
+    PyTorch path (CPU copy) keep the same absmax to float32 rounding, nearly all the same codes,
+    and parameters within a small fraction of one step's size."""
+    from optim.adamw import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.nn.Parameter(torch.randn(64, 512, generator=gen))
+    gpu = torch.nn.Parameter(cpu.detach().cuda())
+    assert int8.bnb_can_update(gpu) and not int8.bnb_can_update(cpu)
+    optimizers = [AdamW([p], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, state_dtype="int8") for p in (cpu, gpu)]
+    for _ in range(3):
+        grad = torch.randn(64, 512, generator=gen) * 1e-2
+        for p, optimizer in zip((cpu, gpu), optimizers):
+            p.grad = grad.to(p.device)
+            optimizer.step()
+    torch.testing.assert_close(gpu.detach().cpu(), cpu.detach(), rtol=0, atol=1e-4)
+    cpu_state, gpu_state = (optimizer.state[p] for p, optimizer in zip((cpu, gpu), optimizers))
+    for key in ("exp_avg_int8_absmax", "exp_avg_sq_int8_absmax"):
+        torch.testing.assert_close(gpu_state[key].cpu(), cpu_state[key], rtol=1e-5, atol=0)
+    for key in ("exp_avg_int8", "exp_avg_sq_int8"):
+        assert (gpu_state[key].cpu() == cpu_state[key]).float().mean() > 0.95

@@ -40,6 +40,7 @@ def run(run_dir: Path, *overrides: str, resume: bool = False) -> None:
     train(load_config(QUICKSTART, [*QUIET, f"train.run_dir={run_dir}", *overrides]), resume)
 
 
+@pytest.mark.slow
 def test_200_quickstart_steps_of_int8_and_fp8_end_within_2_percent_of_fp32(tmp_path):
     """The quickstart model and optimizer settings at seq_len 32, batch 4; the final loss is the
     mean of the last 20 steps (one 128-token batch is a noisy sample)."""
