@@ -4,8 +4,7 @@ AdamW (same run), and the peak memory of a training step, per `optim.state_dtype
     python bench/optim_states.py                                  # quickstart model, CPU
     python bench/optim_states.py --device cuda --size 350m        # ~350M-param hybrid on a GPU
 
-Every dtype uses the config's defaults (tensors under 4096 elements and the embedding keep fp32
-states). Bytes/param counts the moments and their scales (not the step counter): over the
+Every dtype uses the config's defaults (tensors under 4096 elements keep fp32 states). Bytes/param counts the moments and their scales (not the step counter): over the
 quantised tensors alone (targets: fp32 8, int8 <= 2.1, fp8 <= 2.2) and over the whole model.
 Step time is the median of --repeats optimizer steps on fixed random gradients, the dtypes and
 torch's fused AdamW taking turns; on CUDA int8 runs bitsandbytes' fused kernel, and
@@ -16,6 +15,7 @@ the growth of the resident set of a fresh process per dtype (the process peak ca
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import resource
@@ -132,6 +132,8 @@ def peak_memory_mb(name: str, size: str, device: str, batch_size: int, seq_len: 
 
 def peak_memory_in_fresh_process(name: str, size: str, device: str, batch_size: int, seq_len: int) -> float:
     if device == "cuda":
+        gc.collect()  # the previous optimizer's model and states, before the peak is reset
+        torch.cuda.empty_cache()
         return peak_memory_mb(name, size, device, batch_size, seq_len)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(peak_memory_mb, (name, size, device, batch_size, seq_len))

@@ -23,7 +23,7 @@ from tests.test_parallel_train import config, curve
 TOL = 1e-4
 # Matrices quantised; the 1-D tensors (< 256 elements here) stay fp32 in every layout: FSDP2
 # shards their only dim, which would cut their blocks
-CODEC = ["model.pattern=RM*TG", "optim.min_quant_numel=256", "optim.fp32_embedding_states=false"]
+CODEC = ["model.pattern=RM*TG", "optim.min_quant_numel=256"]
 
 
 def train_rank(cfg: RunConfig) -> None:

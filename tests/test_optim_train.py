@@ -24,7 +24,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ALL_MIXERS = REPO / "configs" / "all_mixers.yaml"
 QUIET = ["train.threads=1", "logging.tensorboard=false", "logging.progress=false", "train.eval_interval=0", "data.embedded_max_bytes=100000"]
 # every tensor quantised, so that a tiny model exercises the codecs everywhere
-QUANTISE_ALL = ["optim.min_quant_numel=0", "optim.fp32_embedding_states=false"]
+QUANTISE_ALL = ["optim.min_quant_numel=0"]
 TINY = [
     "model.d_model=64", "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
     "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=16", "model.mixers.gated_deltanet.num_heads=2",
@@ -158,7 +158,8 @@ def test_weight_decay_skips_norms_biases_and_marked_parameters_of_every_mixer():
 
 
 def test_groups_thresholds_embeddings_overrides_and_scaled_schedule():
-    cfg = load_config(QUICKSTART, ["optim.state_dtype=int8", "optim.overrides=[{params: 'blocks.0.*', state_dtype: fp8, lr_scale: 2.0}]"]).optim
+    overrides = "optim.overrides=[{params: 'blocks.0.*', state_dtype: fp8, lr_scale: 2.0}]"
+    cfg = load_config(QUICKSTART, ["optim.state_dtype=int8", "optim.fp32_embedding_states=true", overrides]).optim
     model = HybridLM(load_config(QUICKSTART).model)
     optimizer = build_optimizer(model, cfg)
     dtype_of = {id(p): (g["state_dtype"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
