@@ -56,7 +56,7 @@ def to_blocks(x: Tensor, block: int) -> Tensor:
     """`x` as float32 `[*rows, blocks, block]`, each row zero-padded to whole blocks."""
     x = x.float().reshape(scale_shape(x.shape, block)[:-1] + (-1,))
     pad = (-x.shape[-1]) % block
-    return F.pad(x, (0, pad)).unflatten(-1, (-1, block))
+    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, block))  # a view when rows are whole blocks
 
 
 def from_blocks(blocks: Tensor, shape: torch.Size) -> Tensor:

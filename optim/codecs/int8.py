@@ -65,8 +65,8 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-    values = dynamic_map(signed, codes.device)[to_blocks(codes, BLOCK).long()] * absmax.unsqueeze(-1)
-    return from_blocks(values, codes.shape)
+    entries = dynamic_map(signed, codes.device).index_select(0, codes.flatten().int()).view(codes.shape)
+    return from_blocks(to_blocks(entries, BLOCK) * absmax.unsqueeze(-1), codes.shape)
 
 
 class Int8Codec(StateCodec):
