@@ -1,38 +1,181 @@
-"""AdamW with two parameter groups: decay and no decay."""
+"""AdamW with pluggable state codecs: fp32, bf16, int8 (block-wise dynamic map) or fp8 (E4M3 with
+COAT's range expansion) moments, chosen per parameter group (`optim/groups.py`).
+
+One update rule for every codec: decode the moments to fp32, take the AdamW step in fp32 on the
+parameter (or on its fp32 master copy), encode the moments back. Two faster routes do the same
+step: torch's fused/foreach AdamW kernels for fp32 states of fp32 parameters (torch's own state
+layout), and bitsandbytes' fused 8-bit kernel for int8 states on CUDA. DTensor parameters (FSDP2,
+TP) are updated shard by shard; their states are DTensors placed like them (`optim/shards.py`).
+"""
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
-from torch import nn
+from torch.optim.adam import adam as torch_adam
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from optim.codecs import CODECS, StateCodec
+from optim.codecs.base import Parts
+from optim.codecs.int8 import INT8, bnb_can_update, bnb_update_
+from optim.groups import GroupSettings, build_param_groups, wants_weight_decay
+from optim.shards import like_param, local
+
+__all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
 
 # torch >= 2.4 (ebb needs >= 2.6) has fused AdamW kernels for both.
 FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the first is signed, the second never negative
 
 
-class AdamWSettings(Protocol):
-    lr: float
-    weight_decay: float
+class AdamWSettings(GroupSettings, Protocol):
     betas: tuple[float, float]
     eps: float
     fused: bool | None
-
-
-def wants_weight_decay(param: nn.Parameter) -> bool:
-    """Matrices decay; norms, biases (ndim < 2) and parameters marked `_no_weight_decay` do not."""
-    return param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)
+    master_weights: bool
 
 
 def fused_available(params: list[nn.Parameter]) -> bool:
     return all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for p in params)
 
 
-def build_optimizer(model: nn.Module, optim_cfg: AdamWSettings) -> torch.optim.AdamW:
-    """Group 0 decays with `weight_decay`, group 1 never decays; `fused: None` = where available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = fused_available(params) if optim_cfg.fused is None else optim_cfg.fused
-    groups = [
-        {"params": [p for p in params if wants_weight_decay(p)], "weight_decay": optim_cfg.weight_decay},
-        {"params": [p for p in params if not wants_weight_decay(p)], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=fused)
+def adamw_update_(
+    param: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
+    """One AdamW step in place on fp32 `param`, `m`, `v` (decoupled decay, bias-corrected),
+    in the operation order of bitsandbytes' 8-bit update."""
+    beta1, beta2 = betas
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    if weight_decay > 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    param.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+
+
+class AdamW(torch.optim.Optimizer):
+    """`state_dtype` names the codec of a group's moments; `master_weights` keeps an fp32 copy
+    of every non-fp32 parameter in the state (else such parameters are updated in fp32 and
+    rounded back each step); `fused` picks torch's fused kernel for the fp32 route."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dtype: str = "fp32",
+        master_weights: bool = False,
+        fused: bool = False,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, master_weights=master_weights, fused=fused)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["state_dtype"] not in CODECS:
+                raise ValueError(f"unknown state_dtype {group['state_dtype']!r} (one of {', '.join(CODECS)})")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            by_torch = [p for p in params if _by_torch(p, group)]
+            if by_torch:
+                self._torch_adamw(by_torch, group)
+            for p in params:
+                if not _by_torch(p, group):
+                    self._codec_step(p, group, CODECS[group["state_dtype"]])
+        return loss
+
+    def _state(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> dict[str, Tensor]:
+        """The parameter's state, created on first use: step, the moments' parts, the master copy."""
+        state = self.state[p]
+        if not state:
+            shard = local(p)
+            on_device = group["fused"] and _by_torch(p, group)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device if on_device else "cpu")
+            for moment in MOMENTS:
+                for suffix, part in codec.zeros(shard).items():
+                    state[moment + suffix] = like_param(part, p, codec.block)
+            if group["master_weights"] and p.dtype != torch.float32:
+                state["master"] = like_param(shard.float(), p)
+        return state
+
+    def _torch_adamw(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        states = [self._state(p, group, CODECS["fp32"]) for p in params]
+        beta1, beta2 = group["betas"]
+        torch_adam(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], fused=group["fused"] or None, decoupled_weight_decay=True, amsgrad=False,
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+    def _codec_step(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> None:
+        state = self._state(p, group, codec)
+        state["step"] += 1
+        step = int(state["step"].item())
+        target = local(state["master"]) if "master" in state else local(p)
+        grad = local(_placed_like(p.grad, p)).to(target.dtype)
+        m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
+        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        if codec is INT8 and bnb_can_update(target):
+            bnb_update_(target, grad, m, v, step, **hyper)
+        else:
+            work = target if target.dtype == torch.float32 else target.float()
+            m_value, v_value = codec.decode(m, True), codec.decode(v, False)
+            adamw_update_(work, grad.float(), m_value, v_value, step, **hyper)
+            codec.encode_(m_value, m, True)
+            codec.encode_(v_value, v, False)
+            if work is not target:
+                target.copy_(work)
+        if "master" in state:
+            local(p).copy_(target)
+
+    @staticmethod
+    def _parts(state: dict[str, Tensor], moment: str, codec: StateCodec) -> Parts:
+        """The local tensors of one moment's parts, keyed by suffix."""
+        return {suffix: local(state[moment + suffix]) for suffix in codec.suffixes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts every floating state tensor to its parameter's dtype, which would
+        round fp32 scales and master copies next to bf16 parameters: load the groups with it, and
+        the state here, keeping dtypes and moving tensors only to where `_state` keeps them."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        owned = ((p, group) for group in self.param_groups for p in group["params"])
+        for saved_id, (p, group) in zip(saved_ids, owned):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                step_device = local(p).device if _by_torch(p, group) and group["fused"] else "cpu"
+                self.state[p] = {key: value.to(step_device if key == "step" else local(p).device) for key, value in saved.items()}
+
+
+def _placed_like(grad: Tensor, p: Tensor) -> Tensor:
+    """The gradient with its parameter's placements (e.g. a pending sum made Replicate), so
+    that its local shard lines up with the parameter's."""
+    if isinstance(grad, DTensor) and grad.placements != p.placements:
+        return grad.redistribute(placements=p.placements)
+    return grad
+
+
+def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:
+    """torch's AdamW kernels update fp32 parameters with fp32 states."""
+    return group["state_dtype"] == "fp32" and p.dtype == torch.float32
+
+
+def build_optimizer(model: nn.Module, cfg: AdamWSettings) -> AdamW:
+    """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available."""
+    groups = build_param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused_available(params) if cfg.fused is None else cfg.fused
+    return AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        state_dtype=cfg.state_dtype, master_weights=cfg.master_weights, fused=fused,
+    )

@@ -1,0 +1,65 @@
+"""What a state codec is, and the block layout the quantising codecs share.
+
+A codec stores one Adam moment of one (local) tensor as a few named parts: the codes, whose
+shape is the tensor's, and for block codecs per-block scales of shape `shape[:-1] + (blocks,)`.
+Blocks run along the last dimension (a 1-D tensor is one row; the last block of a row may be
+short), so sharding any other dimension (FSDP2's dim 0, TP's row split) never cuts a block and a
+shard quantises exactly as the whole tensor does.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Parts = dict[str, Tensor]
+
+
+class StateCodec(ABC):
+    """Encodes and decodes one moment. `signed` is True for the first moment, False for the
+    second (never negative). Parts are named by `suffixes`, appended to the moment's state key:
+    e.g. int8 stores `exp_avg_int8` (codes) and `exp_avg_int8_absmax`; fp32 stores `exp_avg`
+    itself, torch AdamW's name. Distinct names per codec make a checkpoint saved with one
+    state dtype fail to load under another with a missing-key error rather than a silent cast."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    block: int | None = None  # elements per block along the last dim; None = no blocks
+
+    @abstractmethod
+    def zeros(self, local: Tensor) -> Parts:
+        """The parts holding an all-zero moment for a tensor like `local`."""
+
+    @abstractmethod
+    def decode(self, parts: Parts, signed: bool) -> Tensor:
+        """The moment in float32 (may alias the codes when they are float32)."""
+
+    @abstractmethod
+    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
+        """Store the float32 `value` into `parts`, in place."""
+
+
+def num_blocks(last_dim: int, block: int) -> int:
+    return math.ceil(last_dim / block)
+
+
+def scale_shape(shape: torch.Size, block: int) -> torch.Size:
+    """Shape of a per-block scale of a tensor of `shape` (a 0-d tensor is one row of one)."""
+    rows = tuple(shape[:-1]) if len(shape) else ()
+    return torch.Size(rows + (num_blocks(shape[-1] if len(shape) else 1, block),))
+
+
+def to_blocks(x: Tensor, block: int) -> Tensor:
+    """`x` as float32 `[*rows, blocks, block]`, each row zero-padded to whole blocks."""
+    x = x.float().reshape(scale_shape(x.shape, block)[:-1] + (-1,))
+    pad = (-x.shape[-1]) % block
+    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, block))  # a view when rows are whole blocks
+
+
+def from_blocks(blocks: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of `to_blocks`: drop the padding, restore `shape`."""
+    last = shape[-1] if len(shape) else 1
+    return blocks.flatten(-2)[..., :last].reshape(shape)

@@ -1,0 +1,84 @@
+"""FP8 (E4M3) moments in groups of 128 with COAT's dynamic range expansion (Xi et al., ICLR'25).
+
+Per group of 128 along the last dim, with M = max|x|, m = the smallest non-zero |x|, R = M/m
+and centre c = sqrt(M m): the exponent k = floor(16 log2(448^2/2) / log2 R) / 16 (a multiple of
+1/16 that stretches or squeezes the group's range to about 1e5, what E4M3 covers), then
+x' = sign(x) (|x|/c)^k, scale s = (M/c)^k / 448 and the code q = e4m3(x'/s). Decoding inverts
+it: x = sign(q) |q s|^(1/k) c. Each group stores three fp32 numbers (s, k, c): 2.19 B/param for
+both moments. Codes are kept as the uint8 view of float8_e4m3fn (loaders and casts leave uint8
+alone). Branch-free tensor code, so `torch.compile` can fuse it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from optim.codecs.base import Parts, StateCodec, from_blocks, scale_shape, to_blocks
+
+GROUP = 128
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TARGET_LOG2_RANGE = math.log2(E4M3_MAX**2 / 2)
+K_STEPS = 16  # k is a multiple of 1/16
+K_MAX = 8.0  # a group of (nearly) equal values has R ~ 1: any k fits, keep x' finite
+
+
+def expansion(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, centre, scale) per group of `blocks` [..., groups, GROUP]; an all-zero group gets
+    k = 1, centre = 1, scale = 1 (its codes are 0 whatever they are)."""
+    mag = blocks.abs()
+    big = mag.amax(-1)
+    small = torch.where(mag > 0, mag, torch.inf).amin(-1)
+    empty = big == 0
+    big, small = torch.where(empty, 1.0, big), torch.where(empty, 1.0, small)
+    log2_range = torch.log2(big / small)
+    k = torch.floor(K_STEPS * TARGET_LOG2_RANGE / log2_range.clamp(min=1e-6)) / K_STEPS
+    k = torch.where(empty, 1.0, k.clamp(1.0 / K_STEPS, K_MAX))
+    centre = torch.sqrt(big * small)
+    scale = torch.pow(big / centre, k) / E4M3_MAX
+    return k, centre, scale
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(uint8 view of the E4M3 codes shaped like `x`, scale, k, centre per group)."""
+    blocks = to_blocks(x, GROUP)
+    k, centre, scale = expansion(blocks)
+    expanded = torch.sign(blocks) * torch.pow(blocks.abs() / centre.unsqueeze(-1), k.unsqueeze(-1))
+    codes = (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
+    return from_blocks(codes, x.shape), scale, k, centre
+
+
+def dequantize(codes: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
+    q = to_blocks(codes.view(E4M3).float(), GROUP)
+    magnitude = torch.pow(q.abs() * scale.unsqueeze(-1), 1.0 / k.unsqueeze(-1)) * centre.unsqueeze(-1)
+    return from_blocks(torch.sign(q) * magnitude, codes.shape)
+
+
+def plain_e4m3_roundtrip(x: Tensor) -> Tensor:
+    """E4M3 with one absmax/448 scale per group and no expansion: the baseline COAT improves on."""
+    blocks = to_blocks(x, GROUP)
+    scale = (blocks.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return from_blocks((blocks / scale).to(E4M3).float() * scale, x.shape)
+
+
+class Fp8Codec(StateCodec):
+    name, block, suffixes = "fp8", GROUP, ("_fp8", "_fp8_scale", "_fp8_k", "_fp8_centre")
+
+    def zeros(self, local: Tensor) -> Parts:
+        ones = torch.ones(scale_shape(local.shape, GROUP), dtype=torch.float32, device=local.device)
+        return {
+            "_fp8": torch.zeros(local.shape, dtype=torch.uint8, device=local.device),
+            "_fp8_scale": ones.clone(), "_fp8_k": ones.clone(), "_fp8_centre": ones,
+        }
+
+    def decode(self, parts: Parts, signed: bool) -> Tensor:
+        return dequantize(parts["_fp8"], parts["_fp8_scale"], parts["_fp8_k"], parts["_fp8_centre"])
+
+    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
+        for key, new in zip(self.suffixes, quantize(value)):
+            parts[key].copy_(new)
+
+
+FP8 = Fp8Codec()

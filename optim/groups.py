@@ -1,0 +1,78 @@
+"""Parameter groups from the config: weight decay and its exclusions, per-tensor state dtype
+(threshold, embeddings, sharding), and the `optim.overrides` globs."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Protocol, Sequence
+
+from torch import nn
+
+from optim.codecs import CODECS
+from optim.shards import blocks_survive_sharding
+
+
+class GroupOverride(Protocol):
+    params: str
+    state_dtype: str | None
+    lr_scale: float
+    weight_decay: float | None
+
+
+class GroupSettings(Protocol):
+    lr: float
+    weight_decay: float
+    state_dtype: str
+    min_quant_numel: int
+    fp32_embedding_states: bool
+    overrides: Sequence[GroupOverride]
+
+
+def wants_weight_decay(param: nn.Parameter) -> bool:
+    """Matrices decay; norms, biases (ndim < 2) and parameters marked `_no_weight_decay` (A_log,
+    dt_bias, D, RWKV-7's per-channel vectors) do not."""
+    return param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)
+
+
+def embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def state_dtype_for(param: nn.Parameter, wanted: str, cfg: GroupSettings, is_embedding: bool) -> str:
+    """`wanted`, unless the tensor is small, an embedding kept in fp32 by option, or sharded so
+    that its blocks would span shards: then fp32."""
+    if wanted == "fp32":
+        return wanted
+    block = CODECS[wanted].block
+    too_small = param.numel() < cfg.min_quant_numel
+    if too_small or (is_embedding and cfg.fp32_embedding_states) or (block and not blocks_survive_sharding(param, block)):
+        return "fp32"
+    return wanted
+
+
+def first_override(name: str, overrides: Sequence[GroupOverride]) -> GroupOverride | None:
+    return next((o for o in overrides if fnmatch.fnmatchcase(name, o.params)), None)
+
+
+def build_param_groups(model: nn.Module, cfg: GroupSettings) -> list[dict[str, Any]]:
+    """One group per distinct (weight decay, state dtype, lr scale); the plain decay and no-decay
+    groups come first (group 0 carries the unscaled lr that the trainer logs)."""
+    embeddings = embedding_weights(model)
+    groups: dict[tuple[float, str, float], list[nn.Parameter]] = {
+        (cfg.weight_decay, cfg.state_dtype, 1.0): [], (0.0, cfg.state_dtype, 1.0): []
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        override = first_override(name, cfg.overrides)
+        decay = cfg.weight_decay if override is None or override.weight_decay is None else override.weight_decay
+        wanted = cfg.state_dtype if override is None or override.state_dtype is None else override.state_dtype
+        key = (
+            decay if wants_weight_decay(param) else 0.0,
+            state_dtype_for(param, wanted, cfg, id(param) in embeddings),
+            1.0 if override is None else override.lr_scale,
+        )
+        groups.setdefault(key, []).append(param)
+    return [
+        {"params": params, "weight_decay": decay, "state_dtype": dtype, "lr": cfg.lr * lr_scale}
+        for (decay, dtype, lr_scale), params in groups.items() if params
+    ]
