@@ -9,6 +9,7 @@ whole update on these states (`bnb_update_`).
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -18,10 +19,16 @@ from optim.codecs.base import Parts, StateCodec, from_blocks, scale_shape, to_bl
 BLOCK = 256
 EXPONENT_BITS = 7
 
-try:
-    import bitsandbytes.functional as bnb_functional
-except ImportError:  # optional: the pure-PyTorch path below needs nothing from it
-    bnb_functional = None
+
+@functools.cache
+def _bnb_functional() -> ModuleType | None:
+    """bitsandbytes.functional, imported on first CUDA use only (on CPU its import prints
+    warnings about optional kernels); None when it is not installed."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:  # optional: the pure-PyTorch path needs nothing from it
+        return None
+    return bnb_functional
 
 
 def _dynamic_map_cpu(signed: bool) -> Tensor:
@@ -94,8 +101,8 @@ def bnb_can_update(param: Tensor) -> bool:
     (On CPU its 8-bit update is unfused, like ours, and its quantiser's bin search is not
     exactly nearest-entry: the pure-PyTorch path is used there.)"""
     return (
-        bnb_functional is not None and param.is_cuda and param.is_contiguous()
-        and param.dtype in (torch.float32, torch.float16, torch.bfloat16) and param.shape[-1] % BLOCK == 0
+        param.is_cuda and param.is_contiguous() and param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and param.shape[-1] % BLOCK == 0 and _bnb_functional() is not None
     )
 
 
@@ -103,7 +110,7 @@ def bnb_update_(
     param: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> None:
     """One AdamW step by bitsandbytes' fused blockwise kernel, on our state tensors in place."""
-    bnb_functional.optimizer_update_8bit_blockwise(
+    _bnb_functional().optimizer_update_8bit_blockwise(
         "adam", grad.contiguous(), param, m["_int8"], v["_int8"], betas[0], betas[1], 0.0, 0.0, eps, step, lr,
         dynamic_map(True, param.device), dynamic_map(False, param.device),
         m["_int8_absmax"].view(-1), v["_int8_absmax"].view(-1), weight_decay=weight_decay,
