@@ -1,4 +1,4 @@
-"""Synchronous save/load of a training state in the torch.distributed.checkpoint (DCP) layout.
+"""The training state in the torch.distributed.checkpoint (DCP) layout: capture, write, load.
 
 A checkpoint directory holds:
 - `.metadata` + `*.distcp`: DCP, with keys `model.<fqn>` and `optimizer.<...>` (the FQN-keyed
@@ -8,14 +8,17 @@ A checkpoint directory holds:
   rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
-Under a process group every rank calls `save`/`load` with its own part of the model and optimizer
+(`checkpoint/checkpointer.py` adds `manifest.json` and the commit.) Under a process group every
+rank writes and loads its own part of the model and optimizer
 (DTensors under TP/FSDP, its stages under PP). The optimizer state is flattened
 (`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
 whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads under another.
 """
 from __future__ import annotations
 
+import copy
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -25,6 +28,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import SavePlanner
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -63,14 +69,47 @@ def _single_process_quietly() -> Iterator[None]:
         yield
 
 
-def save(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> None:
-    """Write the full training state into the (new, empty) directory `path`; every rank calls it."""
+def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`{"model", "optimizer"}` state dicts whose tensors are the live ones (no copy): DTensors
+    under TP/FSDP, any dtype (low-bit optimizer codes and scales included)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    with _single_process_quietly():
-        dist_cp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=_no_dist())
-    if is_main_rank():
-        trainer = {"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()}
-        torch.save(trainer, path / TRAINER_STATE)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def capture_trainer_state(step: int, schedule: Stateful, data: Stateful) -> dict[str, Any]:
+    """The small non-tensor state, copied now so that later steps cannot change it."""
+    return copy.deepcopy({"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()})
+
+
+@contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """A failed DCP write (disk full, permission, ...) as a one-line CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointException as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(_root_cause(exc))}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(exc)}") from None
+
+
+def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> None:
+    """DCP-save `state` into the existing directory `path` (every rank of `group` calls it)."""
+    with write_errors(path), _single_process_quietly():
+        dist_cp.save(state, checkpoint_id=path, planner=planner, process_group=group, no_dist=_no_dist())
+
+
+def start_async_write(path: Path, state: dict[str, Any], stager: AsyncStager, group: dist.ProcessGroup | None) -> tuple[Future | None, Future]:
+    """DCP `async_save` of `state` into `path`: (staging done, upload done) futures; the first is
+    None when the stager copied on this thread before returning."""
+    with write_errors(path), _single_process_quietly():
+        response = dist_cp.async_save(state, checkpoint_id=path, process_group=group, async_stager=stager, no_dist=_no_dist())
+    if isinstance(response, AsyncSaveResponse):
+        return response.staging_completion, response.upload_completion
+    return None, response
+
+
+def write_trainer_state(path: Path, trainer: dict[str, Any]) -> None:
+    torch.save(trainer, path / TRAINER_STATE)
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> int:
