@@ -107,11 +107,15 @@ class Checkpointer:
         if self.pending is not None and self.control.all(self.pending[1].done()):
             self._collect()
 
-    def finalize(self) -> Path | None:
-        """Wait until every requested checkpoint is committed (or reported); the last committed one."""
+    def wait_until_durable(self) -> None:
+        """Block until every requested checkpoint is committed (or its failure reported)."""
         self.wait_for_snapshot()
         if self.pending is not None:
             self._wait_pending()
+
+    def finalize(self) -> Path | None:
+        """`wait_until_durable`, then release the threads and buffers; the last committed checkpoint."""
+        self.wait_until_durable()
         if self.worker is not None:
             self.worker.shutdown()
         self.close()

@@ -67,7 +67,8 @@ class Snapshot:
         self.host_state = map_tensors(state, lambda t: self._host_twin(t, next(hosts)))
         self.error: BaseException | None = None
         pairs = [(local_part(t), h) for t, h in zip(sources, buffers.buffers)]
-        start = torch.cuda.current_stream().record_event() if any(src.is_cuda for src, _ in pairs) else None
+        device = next((src.device for src, _ in pairs if src.is_cuda), None)
+        start = torch.cuda.current_stream(device).record_event() if device is not None else None  # after the work queued so far
         self.done: Future = copier.submit(self._copy, pairs, list(self.ready.values()), start)
 
     def _host_twin(self, tensor: Tensor, host: Tensor) -> Tensor:
@@ -92,10 +93,12 @@ class Snapshot:
 
     @staticmethod
     def _copy_from_gpu(pairs: list[tuple[Tensor, Tensor]], ready: list[threading.Event], start: torch.cuda.Event) -> None:
-        """Device-to-host copies on a side stream, after the work queued before the request."""
-        stream = torch.cuda.Stream()
+        """Device-to-host copies on a side stream of the tensors' GPU (this thread's current
+        device is not it), after the work queued before the request."""
+        device = next(src.device for src, _ in pairs if src.is_cuda)
+        stream = torch.cuda.Stream(device=device)
         copied = []
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(device), torch.cuda.stream(stream):
             stream.wait_event(start)
             for src, host in pairs:
                 host.copy_(src, non_blocking=True)

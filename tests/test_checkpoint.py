@@ -11,6 +11,7 @@ from optim.schedules import build_schedule
 from pretrain.config import CheckpointConfig, OptimConfig
 
 MODES = ["sync", "async", "lazy"]
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process
 
 
 class Saver:
@@ -42,9 +43,9 @@ class Position:
         self.row = state["row"]
 
 
-def make_state(seed: int):
+def make_state(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
     optimizer = build_optimizer(model, OptimConfig())
     schedule = build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
     return model, optimizer, schedule, Position()
@@ -53,7 +54,7 @@ def make_state(seed: int):
 def train_steps(model, optimizer, schedule, n: int) -> list[float]:
     losses = []
     for _ in range(n):
-        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss = model(torch.randn(4, 8).to(model[0].weight.device)).pow(2).mean()
         loss.backward()
         optimizer.step()
         schedule.step()

@@ -58,13 +58,12 @@ def slow_copy(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(Snapshot, "_copy", late)
 
 
-@pytest.mark.parametrize("mode", ["lazy", "async"])
-def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
+def assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode: str, device: str) -> None:
     """The next optimizer steps run while the copy and the (slowed) flush are still going; the
     checkpoint still holds the values of the step it was requested at."""
     slow_writes(monkeypatch, 0.01)
     slow_copy(monkeypatch, 0.3)
-    model, optimizer, schedule, data = make_state(0)
+    model, optimizer, schedule, data = make_state(0, device)
     saver = checkpointer(tmp_path, mode=mode)
     saver.attach(optimizer)
     train_steps(model, optimizer, schedule, 2)
@@ -76,12 +75,25 @@ def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
     assert any(not torch.equal(after[k], expected[k]) for k in expected)
     saver.finalize()
 
-    fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1)
+    fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1, device)
     assert checkpointer(tmp_path).resume(fresh, fresh_optimizer, fresh_schedule, fresh_data) == 2
     loaded = values(fresh, fresh_optimizer)
     assert loaded.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["lazy", "async"])
+def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
+    assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["lazy", "async"])
+def test_snapshot_of_gpu_tensors_is_of_the_requested_step(tmp_path, monkeypatch, mode):
+    """The same with device-to-host copies on a side stream into pinned buffers."""
+    assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cuda")
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
