@@ -6,6 +6,7 @@ staging); DCP's thread then uploads it over the checkpoint's own gloo group, and
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class AsyncCheckpointer(Checkpointer):
         cuda = torch.cuda.is_available()
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=cuda, use_non_blocking_copy=cuda))
         self.staged: Future | None = None
+        if self.ranks.group is None:  # DCP's upload thread warns on every save in one process
+            warnings.filterwarnings("ignore", message=dcp.SINGLE_PROCESS_WARNING)
 
     def _stage(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
         self.staged, uploaded = dcp.start_async_write(staging, dcp.capture_state(model, optimizer), self.stager, self.ranks.group)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from checkpoint import dcp, manager
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, first_line
 from checkpoint.manager import step_dir_name
 from checkpoint.ranks import Ranks
 
@@ -92,11 +92,13 @@ class Checkpointer:
             manager.discard(self.control, self.root, step)
             self._report(step, exc)
             return False
-        job = (step, lambda: self._write_and_commit(step, staging, trainer, write_files))
+        def job() -> Path:
+            return self._write_and_commit(step, staging, trainer, write_files)
+
         if self.worker is None:
-            self._run_now(*job)
+            self._run_now(step, job)
         else:
-            self.pending = (step, self.worker.submit(job[1]))
+            self.pending = (step, self.worker.submit(job))
         return True
 
     def wait_for_snapshot(self) -> None:
@@ -156,7 +158,7 @@ class Checkpointer:
                     for name, text in self.files.items():
                         (staging / name).write_text(text)
             except Exception as exc:  # every rank must reach the agreement below, whatever failed
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                error = first_line(exc)
             self.ranks.agree(error)
             final = manager.commit(self.ranks, self.root, step, self.layout, self.settings.keep_last)
         except CheckpointError:

@@ -8,7 +8,7 @@ A checkpoint directory holds:
   rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
-(`checkpoint/checkpointer.py` adds `manifest.json` and the commit.) Under a process group every
+(`checkpoint/manager.py` adds `manifest.json` and the commit.) Under a process group every
 rank writes and loads its own part of the model and optimizer
 (DTensors under TP/FSDP, its stages under PP). The optimizer state is flattened
 (`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
@@ -39,12 +39,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, first_line
 from checkpoint.rng import rng_state, set_rng_state
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+SINGLE_PROCESS_WARNING = r"torch\.distributed is .* single process"
 
 
 class Stateful(Protocol):
@@ -57,15 +58,11 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def is_main_rank() -> bool:
-    return _no_dist() or dist.get_rank() == 0
-
-
 @contextmanager
 def _single_process_quietly() -> Iterator[None]:
     """DCP warns on every call made without a process group, which is our single-process mode."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is .* single process")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield
 
 
@@ -87,9 +84,9 @@ def write_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except CheckpointException as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(_root_cause(exc))}") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {first_line(_root_cause(exc))}") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot write checkpoint {path}: {first_line(exc)}") from None
 
 
 def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> None:
@@ -148,9 +145,9 @@ def _dcp_load(path: Path, state: dict[str, Any]) -> None:
         with _single_process_quietly():
             dist_cp.load(state, storage_reader=reader, no_dist=_no_dist())
     except CheckpointException as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(_root_cause(exc))}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(_root_cause(exc))}") from None
     except Exception as exc:  # unpickling a damaged file can raise almost anything
-        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
 
 
 def _read_trainer_state(path: Path) -> dict[str, Any]:
@@ -158,7 +155,7 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / TRAINER_STATE, weights_only=True)
     except Exception as exc:  # unpickling a damaged file can raise almost anything
-        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {first_line(exc)}") from None
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:
@@ -167,8 +164,3 @@ def _root_cause(exc: CheckpointException) -> BaseException:
         if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
             return failure[0]
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -73,7 +73,8 @@ def prepare(ranks: Ranks, root: Path, step: int) -> Path:
         error = f"checkpoint {final} already exists; resume from it or use another checkpoint.dir"
     elif ranks.is_main:
         try:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+            for stale in root.glob(".tmp-step-*"):  # left by saves that crashed (one save runs at a time)
+                shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         except OSError as exc:
             error = f"cannot create {staging}: {exc.strerror or exc}"

@@ -112,7 +112,9 @@ def test_a_crashed_save_leaves_nothing_that_resume_would_pick(tmp_path):
     model, optimizer, schedule, data = make_state(0)
     manager = Saver(tmp_path, keep_last=3)
     manager.save(1, model, optimizer, schedule, data)
-    (tmp_path / ".tmp-step-00000002").mkdir()  # a save that died before its commit
+    for leftover in (".tmp-step-00000002", ".tmp-step-00000005"):  # saves that died before their commit
+        (tmp_path / leftover).mkdir()
     assert find_latest(tmp_path) == tmp_path / "step-00000001"
-    manager.save(2, model, optimizer, schedule, data)  # the leftover is replaced
+    manager.save(2, model, optimizer, schedule, data)  # the leftovers are removed
     assert find_latest(tmp_path) == tmp_path / "step-00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002"]

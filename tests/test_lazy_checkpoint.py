@@ -20,7 +20,9 @@ from checkpoint.modes import build_checkpointer
 from checkpoint.ranks import Ranks
 from checkpoint.snapshot import Snapshot
 from pretrain.config import CheckpointConfig
+from pretrain.train import main as train_main
 from tests.test_checkpoint import make_state, train_steps
+from tests.test_train import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 
@@ -204,3 +206,15 @@ def test_a_request_while_the_previous_flushes_waits_or_is_skipped(tmp_path, monk
     else:  # step 2 came while step 1 was flushing; the final one is never skipped
         assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
         assert "checkpoint at step 2 skipped: step-00000001 is still being written (checkpoint.when_busy=skip)" in out
+
+
+def test_a_run_whose_flush_fails_exits_2_with_one_line_and_keeps_its_checkpoints(tmp_path, monkeypatch, capsys):
+    fail_writes_after(monkeypatch, 1, STORAGE_ERRORS[0])
+    assert train_main([*TINY, f"train.run_dir={tmp_path}", "train.eval_interval=0", "checkpoint.interval=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint step-00000004 was not saved: cannot write checkpoint"), err
+    assert "No space left on device" in err
+    checkpoints = tmp_path / "checkpoints"
+    assert committed_checkpoints(checkpoints) == [checkpoints / "step-00000002"]
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")] == []
+    verify_together(Ranks(None), checkpoints / "step-00000002")
