@@ -154,7 +154,10 @@ def main() -> None:
     parser.add_argument("--host-buffer-gb", type=float, default=64.0)
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 keeps a shared machine's noise down)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="ebb-bench-checkpoint-"))
     sizing = Trainer(args)
