@@ -1,4 +1,4 @@
-"""Synchronous save/load of a training state in the torch.distributed.checkpoint (DCP) layout.
+"""The training state in the torch.distributed.checkpoint (DCP) layout: capture, write, load.
 
 A checkpoint directory holds:
 - `.metadata` + `*.distcp`: DCP, with keys `model.<fqn>` and `optimizer.<...>` (the FQN-keyed
@@ -8,14 +8,17 @@ A checkpoint directory holds:
   rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
-Under a process group every rank calls `save`/`load` with its own part of the model and optimizer
+(`checkpoint/manager.py` adds `manifest.json` and the commit.) Under a process group every
+rank writes and loads its own part of the model and optimizer
 (DTensors under TP/FSDP, its stages under PP). The optimizer state is flattened
 (`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
 whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads under another.
 """
 from __future__ import annotations
 
+import copy
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -25,6 +28,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import SavePlanner
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,12 +39,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, first_line
 from checkpoint.rng import rng_state, set_rng_state
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+SINGLE_PROCESS_WARNING = r"torch\.distributed is .* single process"
 
 
 class Stateful(Protocol):
@@ -51,26 +58,55 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def is_main_rank() -> bool:
-    return _no_dist() or dist.get_rank() == 0
-
-
 @contextmanager
 def _single_process_quietly() -> Iterator[None]:
     """DCP warns on every call made without a process group, which is our single-process mode."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is .* single process")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield
 
 
-def save(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> None:
-    """Write the full training state into the (new, empty) directory `path`; every rank calls it."""
+def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`{"model", "optimizer"}` state dicts whose tensors are the live ones (no copy): DTensors
+    under TP/FSDP, any dtype (low-bit optimizer codes and scales included)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    with _single_process_quietly():
-        dist_cp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=_no_dist())
-    if is_main_rank():
-        trainer = {"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()}
-        torch.save(trainer, path / TRAINER_STATE)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def capture_trainer_state(step: int, schedule: Stateful, data: Stateful) -> dict[str, Any]:
+    """The small non-tensor state, copied now so that later steps cannot change it."""
+    return copy.deepcopy({"step": step, "schedule": schedule.state_dict(), "data": data.state_dict(), "rng": rng_state()})
+
+
+@contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """A failed DCP write (disk full, permission, ...) as a one-line CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointException as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {first_line(_root_cause(exc))}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {first_line(exc)}") from None
+
+
+def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> None:
+    """DCP-save `state` into the existing directory `path` (every rank of `group` calls it)."""
+    with write_errors(path), _single_process_quietly():
+        dist_cp.save(state, checkpoint_id=path, planner=planner, process_group=group, no_dist=_no_dist())
+
+
+def start_async_write(path: Path, state: dict[str, Any], stager: AsyncStager, group: dist.ProcessGroup | None) -> tuple[Future | None, Future]:
+    """DCP `async_save` of `state` into `path`: (staging done, upload done) futures; the first is
+    None when the stager copied on this thread before returning."""
+    with write_errors(path), _single_process_quietly():
+        response = dist_cp.async_save(state, checkpoint_id=path, process_group=group, async_stager=stager, no_dist=_no_dist())
+    if isinstance(response, AsyncSaveResponse):
+        return response.staging_completion, response.upload_completion
+    return None, response
+
+
+def write_trainer_state(path: Path, trainer: dict[str, Any]) -> None:
+    torch.save(trainer, path / TRAINER_STATE)
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> int:
@@ -109,9 +145,9 @@ def _dcp_load(path: Path, state: dict[str, Any]) -> None:
         with _single_process_quietly():
             dist_cp.load(state, storage_reader=reader, no_dist=_no_dist())
     except CheckpointException as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(_root_cause(exc))}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(_root_cause(exc))}") from None
     except Exception as exc:  # unpickling a damaged file can raise almost anything
-        raise CheckpointError(f"cannot load checkpoint {path}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
 
 
 def _read_trainer_state(path: Path) -> dict[str, Any]:
@@ -119,7 +155,7 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / TRAINER_STATE, weights_only=True)
     except Exception as exc:  # unpickling a damaged file can raise almost anything
-        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read {path / TRAINER_STATE}: {first_line(exc)}") from None
 
 
 def _root_cause(exc: CheckpointException) -> BaseException:
@@ -128,8 +164,3 @@ def _root_cause(exc: CheckpointException) -> BaseException:
         if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
             return failure[0]
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,35 +1,43 @@
-"""Checkpoint directories: `<root>/step-00000100/`, atomic commit, a `latest` pointer, keep-last-k.
+"""Checkpoint directories: `<root>/step-00000100/`, the commit protocol, `latest`, keep-last-k, resume.
 
-A save is written into `<root>/.tmp-step-.../` and committed by renaming it to `step-.../`
-(atomic on one filesystem), so every `step-*` directory is complete. `latest` (a text file
-holding the directory name) is rewritten, atomically, only after that rename, and older
-checkpoints are deleted only after a newer one has committed.
+Commit (every mode): a checkpoint is written into `<root>/.tmp-step-.../`; once every rank has
+written its files, each rank fsyncs and checksums its own, rank 0 gathers the sizes and checksums
+into `manifest.json`, fsyncs it, renames the directory to `step-...` (atomic on one filesystem),
+fsyncs the root, and only then rewrites `latest` and deletes checkpoints beyond `keep_last`. A
+crash at any moment therefore leaves every `step-*` directory complete, and the newest committed
+one is the highest `step-*`, whatever `latest` says.
 
-Under a process group every rank calls `save` (DCP writes each rank's shards) on a filesystem all
-ranks share; rank 0 alone creates the staging directory, writes the small files, renames, updates
-`latest` and prunes, with barriers so that no rank writes before the directory exists or returns
-before the commit.
+Resume takes the newest committed checkpoint whose files match its manifest (the ranks verify a
+share of the files each) and that loads, and says which damaged ones it passed over.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from checkpoint import dcp
 from checkpoint.errors import CheckpointError
+from checkpoint.manifest import describe, fsync_path, read_manifest, verify, write_manifest
+from checkpoint.ranks import Ranks
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d+)")
+RANK_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_dir_name(step)}"
 
 
 def committed_checkpoints(root: Path) -> list[Path]:
@@ -57,57 +65,103 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (expected a step-* directory, or one under {path} or {path / 'checkpoints'})")
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-class CheckpointManager:
-    """Saves into and resumes from `root`; `files` (name -> text, e.g. the run's config.yaml) are
-    written into every checkpoint so that it is self-describing."""
-
-    def __init__(self, root: Path, keep_last: int, files: dict[str, str] | None = None):
-        self.root = Path(root)
-        self.keep_last = keep_last
-        self.files = files or {}
-
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> Path:
-        name = step_dir_name(step)
-        staging, final = self.root / f".tmp-{name}", self.root / name
-        if final.exists():  # checked by every rank, before any of them writes
-            raise CheckpointError(f"checkpoint {final} already exists; resume from it or use another checkpoint.dir")
-        if dcp.is_main_rank():
-            shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+def prepare(ranks: Ranks, root: Path, step: int) -> Path:
+    """A fresh, empty staging directory for `step` (rank 0 creates it; every rank returns once it exists)."""
+    staging, final = staging_dir(root, step), root / step_dir_name(step)
+    error = None
+    if final.exists():
+        error = f"checkpoint {final} already exists; resume from it or use another checkpoint.dir"
+    elif ranks.is_main:
+        try:
+            for stale in root.glob(".tmp-step-*"):  # left by saves that crashed (one save runs at a time)
+                shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
-        _barrier()
-        self._write(staging, step, model, optimizer, schedule, data)
-        _barrier()
-        if dcp.is_main_rank():
-            self._commit(staging, final)
-            self._prune()
-        _barrier()
-        return final
+        except OSError as exc:
+            error = f"cannot create {staging}: {exc.strerror or exc}"
+    ranks.agree(error)
+    return staging
 
-    def _write(self, path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> None:
-        """The seam for asynchronous modes: everything that produces the checkpoint's files."""
-        dcp.save(path, step, model, optimizer, schedule, data)
-        if dcp.is_main_rank():
-            for filename, text in self.files.items():
-                (path / filename).write_text(text)
 
-    def _commit(self, staging: Path, final: Path) -> None:
-        os.rename(staging, final)
-        pointer = self.root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, self.root / LATEST)
+def own_files(staging: Path, ranks: Ranks) -> list[str]:
+    """The files this rank wrote: its DCP shards, and on rank 0 everything else too."""
+    names = []
+    for path in staging.iterdir():
+        shard = RANK_SHARD.fullmatch(path.name)
+        if (shard and int(shard.group(1)) == ranks.rank) or (shard is None and ranks.is_main):
+            names.append(path.name)
+    return names
 
-    def _prune(self) -> None:
-        for old in committed_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old)
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
-        """Load the latest checkpoint; returns its step."""
-        latest = find_latest(self.root)
-        if latest is None:
-            raise CheckpointError(f"nothing to resume: no checkpoint in {self.root}")
-        return dcp.load(latest, model, optimizer, schedule, data)
+def commit(ranks: Ranks, root: Path, step: int, layout: dict[str, Any], keep_last: int) -> Path:
+    """Commit the staging directory every rank has finished writing into (see the module docstring)."""
+    staging, final = staging_dir(root, step), root / step_dir_name(step)
+    error, files = None, {}
+    try:
+        files = describe(staging, own_files(staging, ranks))
+    except OSError as exc:
+        error = f"cannot sync {staging}: {exc.strerror or exc}"
+    gathered = ranks.gather((error, files))
+    error = next((e for e, _ in gathered if e is not None), None)
+    if ranks.is_main and error is None:
+        try:
+            publish(root, staging, final, {"step": step, "layout": layout, "files": {k: v for _, f in gathered for k, v in f.items()}})
+            prune(root, keep_last)
+        except OSError as exc:
+            error = f"cannot commit {final}: {exc.strerror or exc}"
+    ranks.agree(error)
+    return final
+
+
+def publish(root: Path, staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Manifest, atomic rename, then `latest`: each made durable before the next."""
+    write_manifest(staging, manifest["step"], manifest["layout"], manifest["files"])
+    os.rename(staging, final)
+    fsync_path(root)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    fsync_path(pointer)
+    os.replace(pointer, root / LATEST)
+    fsync_path(root)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for old in committed_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)  # a failed prune must not fail the commit before it
+
+
+def discard(ranks: Ranks, root: Path, step: int) -> None:
+    """Remove a failed save's staging directory (committed checkpoints are never touched)."""
+    if ranks.is_main:
+        shutil.rmtree(staging_dir(root, step), ignore_errors=True)
+
+
+def verify_together(ranks: Ranks, path: Path) -> None:
+    """Check `path` against its manifest, each rank a share of the files; raises on every rank."""
+    error = None
+    try:
+        files = read_manifest(path)["files"]
+        verify(path, sorted(files)[ranks.rank :: ranks.size], files)
+    except CheckpointError as exc:
+        error = str(exc)
+    ranks.agree(error)
+
+
+def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
+    """Load the newest intact committed checkpoint, falling back past damaged ones; returns its step."""
+    candidates = committed_checkpoints(root)[::-1]
+    if not candidates:
+        raise CheckpointError(f"nothing to resume: no checkpoint in {root}")
+    problems = []
+    for path in candidates:
+        try:
+            verify_together(ranks, path)
+            step = dcp.load(path, model, optimizer, schedule, data)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if ranks.is_main:
+                print(f"ebb: warning: checkpoint {path} is damaged ({exc}); trying the one before", file=sys.stderr, flush=True)
+            continue
+        if problems and ranks.is_main:
+            print(f"ebb: resuming from {path}, the newest intact checkpoint", file=sys.stderr, flush=True)
+        return step
+    raise CheckpointError(f"no loadable checkpoint in {root}: {'; '.join(problems)}")

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.errors import CheckpointError
-from checkpoint.manager import CheckpointManager, find_latest
+from checkpoint.manager import find_latest
+from checkpoint.modes import build_checkpointer
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.schedules import build_schedule
@@ -82,12 +83,13 @@ def train(cfg: RunConfig, resume: bool) -> None:
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, t.steps)
-    checkpoints = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, files={"config.yaml": dump_config(cfg)})
+    checkpoints = build_checkpointer(checkpoint_dir(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
     if resume:
         first = checkpoints.resume(par.module, optimizer, schedule, train_batches)
     else:
         refuse_to_overwrite(checkpoints.root)
         first = 0
+    checkpoints.attach(optimizer)  # the optimizer waits for a requested snapshot before it steps
     end = min(t.steps, t.stop_at_step or t.steps)
     run_dir = Path(t.run_dir)
     metrics = None
@@ -100,7 +102,7 @@ def train(cfg: RunConfig, resume: bool) -> None:
     peak = peak_flops(runtime.device) if par.is_main else None
     cluster_peak = None if peak is None else peak * par.world_size
     throughput = Throughput(tokens_per_step(t, par.dp_size), 3 * flops_per_token, cluster_peak)
-    began, record, saved = time.perf_counter(), {}, None
+    began, record = time.perf_counter(), {}
     for step in range(first + 1, end + 1):
         lr, tick = optimizer.param_groups[0]["lr"], time.perf_counter()
         result = train_step(par, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
@@ -115,7 +117,8 @@ def train(cfg: RunConfig, resume: bool) -> None:
         if metrics is not None and len(record) > 1:
             metrics.log(record)
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == end and cfg.checkpoint.save_final):
-            saved = checkpoints.save(step, par.module, optimizer, schedule, train_batches)
+            checkpoints.save(step, par.module, optimizer, schedule, train_batches, final=step == end)
+    saved = checkpoints.finalize()
     if metrics is not None:
         metrics.close()
         print(summary(first, end, time.perf_counter() - began, record, saved))

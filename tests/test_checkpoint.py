@@ -4,10 +4,30 @@ import pytest
 import torch
 
 from checkpoint.errors import CheckpointError
-from checkpoint.manager import CheckpointManager, find_latest, resolve_checkpoint
+from checkpoint.manager import find_latest, resolve_checkpoint
+from checkpoint.modes import build_checkpointer
 from optim.adamw import build_optimizer
 from optim.schedules import build_schedule
-from pretrain.config import OptimConfig
+from pretrain.config import CheckpointConfig, OptimConfig
+
+MODES = ["sync", "async", "lazy"]
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process
+
+
+class Saver:
+    """One checkpointer per call, finalized, as a run would use it."""
+
+    def __init__(self, root, keep_last: int, files=None, mode: str = "sync"):
+        self.root, self.files = root, files
+        self.settings = CheckpointConfig(mode=mode, keep_last=keep_last)
+
+    def save(self, step, *state):
+        checkpointer = build_checkpointer(self.root, self.settings, self.files)
+        checkpointer.save(step, *state)
+        return checkpointer.finalize()
+
+    def resume(self, *state) -> int:
+        return build_checkpointer(self.root, self.settings).resume(*state)
 
 
 class Position:
@@ -23,9 +43,9 @@ class Position:
         self.row = state["row"]
 
 
-def make_state(seed: int):
+def make_state(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
     optimizer = build_optimizer(model, OptimConfig())
     schedule = build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
     return model, optimizer, schedule, Position()
@@ -34,7 +54,7 @@ def make_state(seed: int):
 def train_steps(model, optimizer, schedule, n: int) -> list[float]:
     losses = []
     for _ in range(n):
-        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss = model(torch.randn(4, 8).to(model[0].weight.device)).pow(2).mean()
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -43,16 +63,16 @@ def train_steps(model, optimizer, schedule, n: int) -> list[float]:
     return losses
 
 
-def test_resume_restores_model_optimizer_schedule_data_and_rng(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_restores_model_optimizer_schedule_data_and_rng(tmp_path, mode):
     model, optimizer, schedule, data = make_state(0)
     train_steps(model, optimizer, schedule, 3)
     data.row = 7
-    manager = CheckpointManager(tmp_path, keep_last=2, files={"config.yaml": "x: 1\n"})
-    saved = manager.save(3, model, optimizer, schedule, data)
+    saved = Saver(tmp_path, keep_last=2, files={"config.yaml": "x: 1\n"}, mode=mode).save(3, model, optimizer, schedule, data)
     expected = train_steps(model, optimizer, schedule, 3) + [random.random()]
 
     model2, optimizer2, schedule2, data2 = make_state(1)
-    assert CheckpointManager(tmp_path, keep_last=2).resume(model2, optimizer2, schedule2, data2) == 3
+    assert Saver(tmp_path, keep_last=2).resume(model2, optimizer2, schedule2, data2) == 3
     assert data2.row == 7 and schedule2.last_epoch == 3
     assert train_steps(model2, optimizer2, schedule2, 3) + [random.random()] == expected
     assert (saved / "config.yaml").read_text() == "x: 1\n"
@@ -60,7 +80,7 @@ def test_resume_restores_model_optimizer_schedule_data_and_rng(tmp_path):
 
 def test_keep_last_and_latest_pointer(tmp_path):
     model, optimizer, schedule, data = make_state(0)
-    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager = Saver(tmp_path, keep_last=2)
     for step in (1, 2, 3, 10):
         manager.save(step, model, optimizer, schedule, data)
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -73,23 +93,28 @@ def test_keep_last_and_latest_pointer(tmp_path):
 def test_missing_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
     model, optimizer, schedule, data = make_state(0)
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        CheckpointManager(tmp_path / "none", keep_last=1).resume(model, optimizer, schedule, data)
-    saved = CheckpointManager(tmp_path, keep_last=1).save(5, model, optimizer, schedule, data)
+        Saver(tmp_path / "none", keep_last=1).resume(model, optimizer, schedule, data)
+    saved = Saver(tmp_path, keep_last=1).save(5, model, optimizer, schedule, data)
     for shard in saved.glob("*.distcp"):
         shard.write_bytes(b"not a tensor file")
-    with pytest.raises(CheckpointError, match="cannot load checkpoint") as err:
-        CheckpointManager(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+    with pytest.raises(CheckpointError, match=r"no loadable checkpoint .*__0_0\.distcp has \d+ bytes, the manifest says") as err:
+        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
     assert "\n" not in str(err.value)
     (saved / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match=r"incomplete: \.metadata is missing"):
-        CheckpointManager(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+    (saved / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000005 has no manifest\.json"):
+        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
 
 
 def test_a_crashed_save_leaves_nothing_that_resume_would_pick(tmp_path):
     model, optimizer, schedule, data = make_state(0)
-    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager = Saver(tmp_path, keep_last=3)
     manager.save(1, model, optimizer, schedule, data)
-    (tmp_path / ".tmp-step-00000002").mkdir()  # a save that died before its commit
+    for leftover in (".tmp-step-00000002", ".tmp-step-00000005"):  # saves that died before their commit
+        (tmp_path / leftover).mkdir()
     assert find_latest(tmp_path) == tmp_path / "step-00000001"
-    manager.save(2, model, optimizer, schedule, data)  # the leftover is replaced
+    manager.save(2, model, optimizer, schedule, data)  # the leftovers are removed
     assert find_latest(tmp_path) == tmp_path / "step-00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002"]

@@ -1,0 +1,201 @@
+"""Training-loop stall per checkpoint, and the end-to-end cost of checkpointing every 10 steps.
+
+    python bench/checkpoint_stall.py                  # CPU
+    python bench/checkpoint_stall.py --device cuda    # CUDA: device-to-host copies on a side stream
+
+A HybridLM of about 110M parameters (12 attention blocks, d_model 768, vocab 32000) with fp32
+AdamW: 12 bytes per parameter of model + optimizer state, about 1.3 GB per checkpoint.
+
+Stall: the time the training loop is blocked by one checkpoint: the request itself plus, for the
+background modes, the wait before the next optimizer step for the snapshot to be in host memory.
+Each background flush is drained (untimed) before the next request, so a busy policy never adds
+to it. Modes: `torch.save` of the full state dict (no fsync), ebb's `sync` (DCP save + commit),
+`async` (DCP async_save) and `lazy`; each reported as a ratio to lazy's median stall.
+
+End to end: the wall time of `--e2e-steps` training steps checkpointing every `--interval` steps
+in lazy mode (until the last checkpoint is durable) over the same run without checkpoints (the
+medians of `--e2e-repeats` alternated runs of each).
+On a small shared CPU the background copy and flush compete with training for the same cores,
+which this figure includes. Results go to bench/results/checkpoint-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint.checkpointer import Checkpointer
+from checkpoint.modes import build_checkpointer
+from models.config import ModelConfig
+from models.model import HybridLM
+from optim.adamw import build_optimizer
+from optim.schedules import build_schedule
+from pretrain.config import CheckpointConfig, OptimConfig
+
+MODES = ("torch.save", "sync", "async", "lazy")
+
+
+class Position:
+    """Stand-in for the data loader's resumable position."""
+
+    def __init__(self) -> None:
+        self.row = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"row": self.row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.row = state["row"]
+
+
+class Trainer:
+    """A model, its AdamW and schedule, and a step on random tokens."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.device = args, torch.device(args.device)
+        torch.manual_seed(0)
+        config = ModelConfig(pattern="*" * args.layers, d_model=args.d_model, vocab_size=args.vocab_size)
+        self.model = HybridLM(config).to(self.device)
+        self.optimizer = build_optimizer(self.model, OptimConfig())
+        self.schedule = build_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
+        self.data = Position()
+
+    def state_bytes(self) -> int:
+        """Bytes of model + optimizer state (once a step has created AdamW's moments)."""
+        tensors = list(self.model.state_dict().values()) + [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def step(self, before_update: Callable[[], None] = lambda: None) -> float:
+        """One training step; the seconds spent in `before_update` (the wait for a snapshot)."""
+        ids = torch.randint(0, self.args.vocab_size, (self.args.batch_size, self.args.seq_len + 1), device=self.device)
+        logits = self.model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        began = time.perf_counter()
+        before_update()
+        blocked = time.perf_counter() - began
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.data.row += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return blocked
+
+    def save(self, saver: Checkpointer | None, root: Path, step: int) -> None:
+        if saver is None:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, root / f"full-{step}.pt")
+        else:
+            saver.save(step, self.model, self.optimizer, self.schedule, self.data)
+
+
+def checkpointer(mode: str, root: Path, args: argparse.Namespace) -> Checkpointer | None:
+    if mode == "torch.save":
+        return None
+    return build_checkpointer(root, CheckpointConfig(mode=mode, keep_last=1, host_buffer_gb=args.host_buffer_gb))
+
+
+def measure_stalls(mode: str, root: Path, args: argparse.Namespace) -> list[float]:
+    trainer, saver = Trainer(args), checkpointer(mode, root, args)
+    trainer.step()  # optimizer state exists from here on
+    stalls = []
+    for k in range(args.checkpoints):
+        trainer.step()
+        began = time.perf_counter()
+        trainer.save(saver, root, k)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        stall = time.perf_counter() - began
+        stall += trainer.step(saver.before_optimizer_step if saver else lambda: None)
+        stalls.append(stall)
+        if saver is not None:
+            saver.wait_until_durable()
+    if saver is not None:
+        saver.finalize()
+    return stalls
+
+
+def end_to_end(root: Path | None, args: argparse.Namespace) -> float:
+    """Seconds for `--e2e-steps` steps, checkpointing every `--interval` in lazy mode when `root`."""
+    trainer = Trainer(args)
+    saver = checkpointer("lazy", root, args) if root is not None else None
+    if saver is not None:
+        saver.attach(trainer.optimizer)
+    trainer.step()  # warm-up, untimed
+    began = time.perf_counter()
+    for step in range(1, args.e2e_steps + 1):
+        trainer.step()
+        if saver is not None and step % args.interval == 0:
+            trainer.save(saver, root, step)
+    if saver is not None:
+        saver.finalize()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints timed per mode")
+    parser.add_argument("--e2e-steps", type=int, default=30)
+    parser.add_argument("--interval", type=int, default=10)
+    parser.add_argument("--e2e-repeats", type=int, default=3, help="runs of each, alternated; the medians are compared")
+    parser.add_argument("--host-buffer-gb", type=float, default=64.0)
+    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 keeps a shared machine's noise down)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="ebb-bench-checkpoint-"))
+    sizing = Trainer(args)
+    sizing.step()
+    state_gb = sizing.state_bytes() / 1e9
+    del sizing
+    stalls = {}
+    for mode in args.modes:
+        shutil.rmtree(work / mode, ignore_errors=True)
+        (work / mode).mkdir(parents=True)
+        stalls[mode] = statistics.median(measure_stalls(mode, work / mode, args))
+        shutil.rmtree(work / mode, ignore_errors=True)
+    plain, lazy = [], []
+    for _ in range(args.e2e_repeats):  # alternated, so that drifting load on a shared machine hits both
+        plain.append(end_to_end(None, args))
+        lazy.append(end_to_end(work / "e2e", args))
+        shutil.rmtree(work / "e2e", ignore_errors=True)
+    runs = {"none": plain, "lazy": lazy}
+    plain, lazy = statistics.median(plain), statistics.median(lazy)
+    shutil.rmtree(work, ignore_errors=True)
+
+    lazy_stall = stalls.get("lazy")
+    print(f"checkpoint stall per save, {args.device}, model + AdamW state {state_gb:.2f} GB")
+    print(f"{'mode':<12}{'stall vs lazy':>16}")
+    for mode, stall in stalls.items():
+        print(f"{mode:<12}{stall / lazy_stall if lazy_stall else float('nan'):>15.1f}x")
+    print(f"end to end: lazy every {args.interval} steps / no checkpoints over {args.e2e_steps} steps = {lazy / plain:.3f} (median of {args.e2e_repeats})")
+    print("  each run / the median run without checkpoints: " + ", ".join(f"{k} " + " ".join(f"{t / plain:.2f}" for t in v) for k, v in runs.items()))
+    out = Path(__file__).parent / "results" / f"checkpoint-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "args": vars(args), "model_state_gb": state_gb, "stall_s": stalls,
+        "stall_vs_lazy": {m: s / lazy_stall for m, s in stalls.items()} if lazy_stall else None,
+        "e2e_runs_s": runs, "e2e_ratio": lazy / plain,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""A committed checkpoint's manifest: what it holds and how to tell that it is intact.
+
+`manifest.json` records the step, the layout it was saved under, and every file's size and CRC-32.
+It is written last into the staging directory, before the commit rename, so a committed
+checkpoint without a matching manifest is damaged. Files are fsynced before they are described,
+and directories after entries are added or renamed in them, so a commit survives a power loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+from checkpoint.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+CHUNK = 16 << 20
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crc32(path: Path) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            value = zlib.crc32(chunk, value)
+    return value
+
+
+def describe(directory: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """Fsync each file and return its size and checksum, for the manifest."""
+    entries = {}
+    for name in names:
+        path = directory / name
+        fsync_path(path)
+        entries[name] = {"size": path.stat().st_size, "crc32": crc32(path)}
+    return entries
+
+
+def write_manifest(directory: Path, step: int, layout: dict[str, Any], files: dict[str, dict[str, int]]) -> None:
+    path = directory / MANIFEST
+    path.write_text(json.dumps({"step": step, "layout": layout, "files": dict(sorted(files.items()))}, indent=1) + "\n")
+    fsync_path(path)
+    fsync_path(directory)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest["files"].items()
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory.name} has no {MANIFEST}") from None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise CheckpointError(f"{directory.name}: {MANIFEST} is unreadable") from None
+    return manifest
+
+
+def verify(directory: Path, names: list[str], files: dict[str, dict[str, int]]) -> None:
+    """Raise a one-line CheckpointError naming the first of `names` that differs from the manifest."""
+    for name in names:
+        path, expected = directory / name, files[name]
+        if not path.is_file():
+            raise CheckpointError(f"{directory.name}/{name} is missing")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(f"{directory.name}/{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
+        if crc32(path) != expected["crc32"]:
+            raise CheckpointError(f"{directory.name}/{name} does not match its checksum in the manifest")

@@ -1,0 +1,220 @@
+"""Lazy (and DCP async) checkpoints in one process: the snapshot is of the requested step, damaged
+checkpoints are passed over with a message, and storage errors follow `checkpoint.on_error`.
+
+Storage errors are injected by making DCP's per-item file write raise (tests run as root, for
+whom chmod does not make a directory read-only, and mounting a small tmpfs needs privileges)."""
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+import torch
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+from checkpoint import dcp
+from checkpoint.errors import CheckpointError
+from checkpoint.lazy import WRITE_DELAY_ENV
+from checkpoint.manager import committed_checkpoints, find_latest, verify_together
+from checkpoint.modes import build_checkpointer
+from checkpoint.ranks import Ranks
+from checkpoint.snapshot import Snapshot
+from pretrain.config import CheckpointConfig
+from pretrain.train import main as train_main
+from tests.test_checkpoint import make_state, train_steps
+from tests.test_train import TINY
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
+
+
+def checkpointer(root, **settings):
+    return build_checkpointer(root, CheckpointConfig(**{"mode": "lazy", "keep_last": 3} | settings))
+
+
+def values(model, optimizer) -> dict[str, torch.Tensor]:
+    """A synchronous copy of everything a checkpoint holds."""
+    state = dcp.capture_state(model, optimizer)
+    flat = {f"model.{k}": v for k, v in state["model"].items()} | {f"optimizer.{k}": v for k, v in state["optimizer"].items()}
+    return {k: v.detach().clone() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def slow_writes(monkeypatch, seconds: float) -> None:
+    """Every tensor DCP writes to a file takes `seconds` longer (in any mode)."""
+    write_item = dcp_filesystem._write_item
+
+    def slow(*args):
+        time.sleep(seconds)
+        return write_item(*args)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", slow)
+
+
+def slow_copy(monkeypatch, seconds: float) -> None:
+    """Copies to host memory start `seconds` late, so that the next optimizer step must wait."""
+    copy = Snapshot._copy
+
+    def late(self, *args):
+        time.sleep(seconds)
+        return copy(self, *args)
+
+    monkeypatch.setattr(Snapshot, "_copy", late)
+
+
+def assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode: str, device: str) -> None:
+    """The next optimizer steps run while the copy and the (slowed) flush are still going; the
+    checkpoint still holds the values of the step it was requested at."""
+    slow_writes(monkeypatch, 0.01)
+    slow_copy(monkeypatch, 0.3)
+    model, optimizer, schedule, data = make_state(0, device)
+    saver = checkpointer(tmp_path, mode=mode)
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 2)
+    expected = values(model, optimizer)
+    saver.save(2, model, optimizer, schedule, data)
+    train_steps(model, optimizer, schedule, 3)  # each optimizer step waits for the snapshot, not for the flush
+    assert saver.pending is not None and not saver.pending[1].done()  # the flush was still running
+    after = values(model, optimizer)
+    assert any(not torch.equal(after[k], expected[k]) for k in expected)
+    saver.finalize()
+
+    fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1, device)
+    assert checkpointer(tmp_path).resume(fresh, fresh_optimizer, fresh_schedule, fresh_data) == 2
+    loaded = values(fresh, fresh_optimizer)
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["lazy", "async"])
+def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
+    assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["lazy", "async"])
+def test_snapshot_of_gpu_tensors_is_of_the_requested_step(tmp_path, monkeypatch, mode):
+    """The same with device-to-host copies on a side stream into pinned buffers."""
+    assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cuda")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    model, optimizer, schedule, data = make_state(0)
+    saver = checkpointer(tmp_path)
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 2)
+    expected = values(model, optimizer)
+    saver.save(2, model, optimizer, schedule, data)
+    train_steps(model, optimizer, schedule, 2)
+    saver.save(4, model, optimizer, schedule, data)
+    saver.finalize()
+    shard = tmp_path / "step-00000004" / "__0_0.distcp"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, one flipped byte
+    shard.write_bytes(bytes(damaged))
+
+    fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1)
+    assert checkpointer(tmp_path).resume(fresh, fresh_optimizer, fresh_schedule, fresh_data) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint " + str(tmp_path / "step-00000004") + " is damaged" in err
+    assert "__0_0.distcp does not match its checksum" in err and "resuming from " + str(tmp_path / "step-00000002") in err
+    assert all(torch.equal(v, expected[k]) for k, v in values(fresh, fresh_optimizer).items())
+
+
+def fail_writes_after(monkeypatch, good_saves: int, error: OSError) -> None:
+    """DCP's file writes raise `error` once `good_saves` checkpoints have been written."""
+    write_item, saves = dcp_filesystem._write_item, {"files": set()}
+
+    def failing(transforms, stream, data, write_item_, storage_key, serialization_format):
+        saves["files"].add(stream.name.rsplit("/", 2)[-2])
+        if len(saves["files"]) > good_saves:
+            raise error
+        return write_item(transforms, stream, data, write_item_, storage_key, serialization_format)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", failing)
+
+
+STORAGE_ERRORS = [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied")]
+
+
+@pytest.mark.parametrize("error", STORAGE_ERRORS, ids=["disk-full", "read-only"])
+def test_a_failed_flush_stops_training_with_on_error_fail(tmp_path, monkeypatch, error):
+    fail_writes_after(monkeypatch, 1, error)
+    model, optimizer, schedule, data = make_state(0)
+    saver = checkpointer(tmp_path, on_error="fail")
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 2)
+    saver.save(2, model, optimizer, schedule, data)
+    train_steps(model, optimizer, schedule, 2)
+    saver.save(4, model, optimizer, schedule, data)
+    with pytest.raises(CheckpointError) as err:
+        for _ in range(100):  # reported at the first optimizer step after the flush failed
+            train_steps(model, optimizer, schedule, 1)
+            time.sleep(0.01)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("checkpoint step-00000004 was not saved: cannot write checkpoint")
+    assert error.strerror in message and "on_error=fail" in message
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    assert committed_checkpoints(tmp_path) == [tmp_path / "step-00000002"] == [find_latest(tmp_path)]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000002"
+    verify_together(Ranks(None), tmp_path / "step-00000002")  # the earlier checkpoint is intact
+
+
+def test_a_failed_flush_is_reported_and_training_goes_on_with_on_error_warn(tmp_path, monkeypatch, capsys):
+    fail_writes_after(monkeypatch, 1, STORAGE_ERRORS[0])
+    model, optimizer, schedule, data = make_state(0)
+    saver = checkpointer(tmp_path, on_error="warn")
+    saver.attach(optimizer)
+    for step in (2, 4):
+        train_steps(model, optimizer, schedule, 2)
+        saver.save(step, model, optimizer, schedule, data)
+    saver.finalize()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint step-00000004 was not saved" in err and "No space left on device" in err
+    assert "training goes on" in err
+    monkeypatch.undo()
+    saver = checkpointer(tmp_path, on_error="warn")
+    saver.save(6, model, optimizer, schedule, data)  # later checkpoints are still attempted
+    saver.finalize()
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000002", "step-00000006"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_staging_larger_than_host_buffer_gb_is_a_clear_error(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    train_steps(model, optimizer, schedule, 1)
+    saver = checkpointer(tmp_path, host_buffer_gb=1e-7)
+    with pytest.raises(CheckpointError, match=r"step-00000001 was not saved: this process's checkpoint needs [\d.e-]+ GiB of host staging memory, more than checkpoint\.host_buffer_gb=1e-07"):
+        saver.save(1, model, optimizer, schedule, data)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("policy", ["wait", "skip"])
+def test_a_request_while_the_previous_flushes_waits_or_is_skipped(tmp_path, monkeypatch, capsys, policy):
+    monkeypatch.setenv(WRITE_DELAY_ENV, "0.005")
+    model, optimizer, schedule, data = make_state(0)
+    saver = checkpointer(tmp_path, when_busy=policy)
+    saver.attach(optimizer)
+    for step in (1, 2, 3):
+        train_steps(model, optimizer, schedule, 1)
+        saver.save(step, model, optimizer, schedule, data, final=step == 3)
+    saver.finalize()
+    out = capsys.readouterr().out
+    if policy == "wait":
+        assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000001", "step-00000002", "step-00000003"]
+        assert "checkpoint at step 2 waited" in out
+    else:  # step 2 came while step 1 was flushing; the final one is never skipped
+        assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
+        assert "checkpoint at step 2 skipped: step-00000001 is still being written (checkpoint.when_busy=skip)" in out
+
+
+def test_a_run_whose_flush_fails_exits_2_with_one_line_and_keeps_its_checkpoints(tmp_path, monkeypatch, capsys):
+    fail_writes_after(monkeypatch, 1, STORAGE_ERRORS[0])
+    assert train_main([*TINY, f"train.run_dir={tmp_path}", "train.eval_interval=0", "checkpoint.interval=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint step-00000004 was not saved: cannot write checkpoint"), err
+    assert "No space left on device" in err
+    checkpoints = tmp_path / "checkpoints"
+    assert committed_checkpoints(checkpoints) == [checkpoints / "step-00000002"]
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")] == []
+    verify_together(Ranks(None), checkpoints / "step-00000002")
