@@ -157,8 +157,10 @@ class Checkpointer:
                     dcp.write_trainer_state(staging, trainer)
                     for name, text in self.files.items():
                         (staging / name).write_text(text)
-            except Exception as exc:  # every rank must reach the agreement below, whatever failed
+            except (CheckpointError, OSError) as exc:
                 error = first_line(exc)
+            except Exception as exc:  # every rank must reach the agreement below, whatever failed
+                error = f"{type(exc).__name__}: {first_line(exc)}"
             self.ranks.agree(error)
             final = manager.commit(self.ranks, self.root, step, self.layout, self.settings.keep_last)
         except CheckpointError:
