@@ -31,14 +31,15 @@ class AsyncCheckpointer(Checkpointer):
 
     def _stage(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
         stager = new_stager()
-        self.staged, uploaded = dcp.start_async_write(staging, dcp.capture_state(model, optimizer), stager, self.ranks.group)
+        self.staged, uploaded, writer = dcp.start_async_write(staging, dcp.capture_state(model, optimizer), stager, self.ranks.group)
 
-        def finish_upload() -> None:
+        def finish_upload() -> dict[str, str]:
             try:
                 with dcp.write_errors(staging):
                     uploaded.result()
             finally:
                 stager.close()
+            return writer.checksums
 
         return finish_upload
 

@@ -32,7 +32,7 @@ from checkpoint.errors import CheckpointError, first_line
 from checkpoint.manager import step_dir_name
 from checkpoint.ranks import Ranks
 
-WriteFiles = Callable[[], None]
+WriteFiles = Callable[[], dict[str, str]]  # writes this rank's DCP files; their checksums by name
 
 
 class CheckpointSettings(Protocol):
@@ -150,9 +150,9 @@ class Checkpointer:
 
     def _write_and_commit(self, step: int, staging: Path, trainer: dict[str, Any], write_files: WriteFiles) -> Path:
         try:
-            error = None
+            error, checksums = None, {}
             try:
-                write_files()
+                checksums = write_files()
                 if self.ranks.is_main:
                     dcp.write_trainer_state(staging, trainer)
                     for name, text in self.files.items():
@@ -162,7 +162,7 @@ class Checkpointer:
             except Exception as exc:  # every rank must reach the agreement below, whatever failed
                 error = f"{type(exc).__name__}: {first_line(exc)}"
             self.ranks.agree(error)
-            final = manager.commit(self.ranks, self.root, step, self.layout, self.settings.keep_last)
+            final = manager.commit(self.ranks, self.root, step, self.layout, self.settings.keep_last, checksums)
         except CheckpointError:
             manager.discard(self.ranks, self.root, step)
             raise

@@ -92,12 +92,13 @@ def own_files(staging: Path, ranks: Ranks) -> list[str]:
     return names
 
 
-def commit(ranks: Ranks, root: Path, step: int, layout: dict[str, Any], keep_last: int) -> Path:
-    """Commit the staging directory every rank has finished writing into (see the module docstring)."""
+def commit(ranks: Ranks, root: Path, step: int, layout: dict[str, Any], keep_last: int, checksums: dict[str, str]) -> Path:
+    """Commit the staging directory every rank has finished writing into (see the module
+    docstring); `checksums`: those this rank's writer took of its files."""
     staging, final = staging_dir(root, step), root / step_dir_name(step)
     error, files = None, {}
     try:
-        files = describe(staging, own_files(staging, ranks))
+        files = describe(staging, own_files(staging, ranks), checksums)
     except OSError as exc:
         error = f"cannot sync {staging}: {exc.strerror or exc}"
     gathered = ranks.gather((error, files))

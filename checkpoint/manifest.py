@@ -1,6 +1,7 @@
 """A committed checkpoint's manifest: what it holds and how to tell that it is intact.
 
-`manifest.json` records the step, the layout it was saved under, and every file's size and CRC-32.
+`manifest.json` records the step, the layout it was saved under, and every file's size and XXH3-64
+checksum (checkpoint/checksum.py; DCP's shards are hashed while they are written).
 It is written last into the staging directory, before the commit rename, so a committed
 checkpoint without a matching manifest is damaged. Files are fsynced before they are described,
 and directories after entries are added or renamed in them, so a commit survives a power loss.
@@ -9,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
+from checkpoint.checksum import ALGORITHM, file_checksum
 from checkpoint.errors import CheckpointError
 
 MANIFEST = "manifest.json"
-CHUNK = 16 << 20
 
 
 def fsync_path(path: Path) -> None:
@@ -28,25 +28,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def crc32(path: Path) -> int:
-    value = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            value = zlib.crc32(chunk, value)
-    return value
-
-
-def describe(directory: Path, names: list[str]) -> dict[str, dict[str, int]]:
-    """Fsync each file and return its size and checksum, for the manifest."""
+def describe(directory: Path, names: list[str], checksums: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Fsync each file and return its size and checksum, for the manifest; `checksums` holds
+    those already taken while writing, the others are read back."""
     entries = {}
     for name in names:
         path = directory / name
         fsync_path(path)
-        entries[name] = {"size": path.stat().st_size, "crc32": crc32(path)}
+        entries[name] = {"size": path.stat().st_size, ALGORITHM: checksums.get(name) or file_checksum(path)}
     return entries
 
 
-def write_manifest(directory: Path, step: int, layout: dict[str, Any], files: dict[str, dict[str, int]]) -> None:
+def write_manifest(directory: Path, step: int, layout: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
     path = directory / MANIFEST
     path.write_text(json.dumps({"step": step, "layout": layout, "files": dict(sorted(files.items()))}, indent=1) + "\n")
     fsync_path(path)
@@ -64,7 +57,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(directory: Path, names: list[str], files: dict[str, dict[str, int]]) -> None:
+def verify(directory: Path, names: list[str], files: dict[str, dict[str, Any]]) -> None:
     """Raise a one-line CheckpointError naming the first of `names` that differs from the manifest."""
     for name in names:
         path, expected = directory / name, files[name]
@@ -72,5 +65,7 @@ def verify(directory: Path, names: list[str], files: dict[str, dict[str, int]]) 
             raise CheckpointError(f"{directory.name}/{name} is missing")
         if path.stat().st_size != expected["size"]:
             raise CheckpointError(f"{directory.name}/{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
-        if crc32(path) != expected["crc32"]:
+        if ALGORITHM not in expected:
+            raise CheckpointError(f"{directory.name}/{MANIFEST} has no {ALGORITHM} checksum for {name} (written by an older ebb)")
+        if file_checksum(path) != expected[ALGORITHM]:
             raise CheckpointError(f"{directory.name}/{name} does not match its checksum in the manifest")

@@ -1,8 +1,11 @@
+import json
 import random
 
 import pytest
 import torch
 
+from checkpoint import manifest
+from checkpoint.checksum import ALGORITHM, file_checksum
 from checkpoint.errors import CheckpointError
 from checkpoint.manager import find_latest, resolve_checkpoint
 from checkpoint.modes import build_checkpointer
@@ -78,6 +81,20 @@ def test_resume_restores_model_optimizer_schedule_data_and_rng(tmp_path, mode):
     assert (saved / "config.yaml").read_text() == "x: 1\n"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_shards_are_checksummed_while_written_not_read_back(tmp_path, monkeypatch, mode):
+    read_back = []
+    monkeypatch.setattr(manifest, "file_checksum", lambda path: read_back.append(path.name) or file_checksum(path))
+    model, optimizer, schedule, data = make_state(0)
+    train_steps(model, optimizer, schedule, 1)
+    saved = Saver(tmp_path, keep_last=1, files={"config.yaml": "x: 1\n"}, mode=mode).save(1, model, optimizer, schedule, data)
+    entries = json.loads((saved / "manifest.json").read_text())["files"]
+    assert {"__0_0.distcp", ".metadata", "trainer_state.pt", "config.yaml"} == entries.keys()
+    assert sorted(read_back) == ["config.yaml", "trainer_state.pt"]  # the small files ebb writes itself
+    assert all(entry[ALGORITHM] == file_checksum(saved / name) for name, entry in entries.items())
+    assert torch.serialization.get_crc32_options()  # torch.save's zip CRC is back on after the write
+
+
 def test_keep_last_and_latest_pointer(tmp_path):
     model, optimizer, schedule, data = make_state(0)
     manager = Saver(tmp_path, keep_last=2)
@@ -100,6 +117,10 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"no loadable checkpoint .*__0_0\.distcp has \d+ bytes, the manifest says") as err:
         Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
     assert "\n" not in str(err.value)
+    old = json.loads((saved / "manifest.json").read_text())
+    (saved / "manifest.json").write_text(json.dumps(old | {"files": {k: {"size": v["size"], "crc32": 1} for k, v in old["files"].items()}}))
+    with pytest.raises(CheckpointError, match=r"manifest\.json has no xxh3_64 checksum for .* \(written by an older ebb\)"):
+        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
     (saved / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
         Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
