@@ -8,12 +8,12 @@ A checkpoint directory holds:
   rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
-(`checkpoint/manager.py` adds `manifest.json` and the commit.) Shards are written by
-checkpoint/checksum.py's writer, which checksums them on the way, and without torch.save's own
-per-record zip CRC-32: the manifest's checksums cover every byte already, and that CRC (miniz's,
-about 0.5 GB/s) was most of a flush's CPU time. Under a process group every
-rank writes and loads its own part of the model and optimizer
-(DTensors under TP/FSDP, its stages under PP). The optimizer state is flattened
+(`checkpoint/manager.py` adds `manifest.json` and the commit.) Files are written by
+checkpoint/shard_writer.py (around the page cache, checksummed on the way), without torch.save's
+own per-record zip CRC-32: the manifest's checksums cover every byte already, and that CRC
+(miniz's, about 0.5 GB/s) was most of a flush's CPU time. Under a process group every rank
+writes and loads its own part of the model and optimizer (DTensors under TP/FSDP, its stages
+under PP). The optimizer state is flattened
 (`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
 whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads under another.
 """
@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.checksum import ChecksummingWriter
+from checkpoint.shard_writer import ShardWriter
 from checkpoint.errors import CheckpointError, first_line
 from checkpoint.rng import rng_state, set_rng_state
 
@@ -108,17 +108,17 @@ def _without_zip_crc() -> Iterator[None]:
 def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> dict[str, str]:
     """DCP-save `state` into the existing directory `path` (every rank of `group` calls it);
     returns the checksums of the files this rank wrote, by name."""
-    writer = ChecksummingWriter(path)
+    writer = ShardWriter(path)
     with write_errors(path), _single_process_quietly(), _without_zip_crc():
         dist_cp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=_no_dist())
     return writer.checksums
 
 
-def start_async_write(path: Path, state: dict[str, Any], stager: AsyncStager, group: dist.ProcessGroup | None) -> tuple[Future | None, Future, ChecksummingWriter]:
+def start_async_write(path: Path, state: dict[str, Any], stager: AsyncStager, group: dist.ProcessGroup | None) -> tuple[Future | None, Future, ShardWriter]:
     """DCP `async_save` of `state` into `path`, as stock as the baseline should be: (staging done,
     upload done, the writer holding the checksums once uploaded). The first future is None when
     the stager copied on this thread before returning."""
-    writer = ChecksummingWriter(path)
+    writer = ShardWriter(path)
     with write_errors(path), _single_process_quietly():
         response = dist_cp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager, no_dist=_no_dist())
     if isinstance(response, AsyncSaveResponse):

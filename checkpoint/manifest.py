@@ -1,7 +1,8 @@
 """A committed checkpoint's manifest: what it holds and how to tell that it is intact.
 
 `manifest.json` records the step, the layout it was saved under, and every file's size and XXH3-64
-checksum (checkpoint/checksum.py; DCP's shards are hashed while they are written).
+checksum (checkpoint/checksum.py; DCP's files are hashed while they are written, by
+checkpoint/shard_writer.py).
 It is written last into the staging directory, before the commit rename, so a committed
 checkpoint without a matching manifest is damaged. Files are fsynced before they are described,
 and directories after entries are added or renamed in them, so a commit survives a power loss.
