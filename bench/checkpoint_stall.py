@@ -206,7 +206,7 @@ def main() -> None:
     print(f"end to end: lazy every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step) / no checkpoints, {args.e2e_steps} steps = {lazy / plain:.3f} (median of {args.e2e_repeats})")
     print(f"  the first checkpoint of a run (allocating its host buffers), untimed above: {statistics.median(first):.2f} s")
     print("  each run / the median run without checkpoints: " + ", ".join(f"{k} " + " ".join(f"{t / plain:.2f}" for t in v) for k, v in runs.items()))
-    out = Path(__file__).parent / "results" / f"checkpoint-{args.device}.json"
+    out = Path(__file__).parent / "results" / f"checkpoint-{args.device}-seq{args.seq_len}-threads{torch.get_num_threads()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "args": vars(args), "model_state_gb": state_gb, "stall_s": stalls, "flush_s": flushes, "first_checkpoint_s": first,

@@ -18,7 +18,6 @@ step pre-hook then runs `before_optimizer_step`: wait for the snapshot, report e
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -34,19 +33,6 @@ from checkpoint.manager import step_dir_name
 from checkpoint.ranks import Ranks
 
 WriteFiles = Callable[[], dict[str, str]]  # writes this rank's DCP files; their checksums by name
-
-
-def background_thread(name: str) -> ThreadPoolExecutor:
-    """One worker thread at idle CPU priority (Linux's SCHED_IDLE), so that writing a checkpoint
-    uses the cycles training leaves: on a host whose cores all train (a CPU run), a flush at
-    normal priority preempts the training threads, and each preempted OpenMP thread holds up its
-    whole team. Training that waits for the flush frees the cores it needs."""
-    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_lower_this_threads_priority)
-
-
-def _lower_this_threads_priority() -> None:
-    if hasattr(os, "SCHED_IDLE"):  # Linux schedules threads: pid 0 is the calling thread
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class CheckpointSettings(Protocol):
@@ -72,7 +58,7 @@ class Checkpointer:
         self.layout = layout or {}
         self.ranks = Ranks.new_group()  # the checkpoint's own collectives (background thread)
         self.control = Ranks.new_group() if self.background else self.ranks  # agreements on the training thread
-        self.worker = background_thread("ebb-checkpoint") if self.background else None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="ebb-checkpoint") if self.background else None
         self.pending: tuple[int, Future] | None = None
         self.saved: Path | None = None
 

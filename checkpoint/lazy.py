@@ -48,7 +48,6 @@ class LazyCheckpointer(Checkpointer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.buffers = HostBuffers(self.settings.host_buffer_gb)
-        # normal priority: the next optimizer step waits for the copy (the writer's thread is idle priority)
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="ebb-checkpoint-copy")
         self.snapshot: Snapshot | None = None
 

@@ -6,7 +6,6 @@ whom chmod does not make a directory read-only, and mounting a small tmpfs needs
 from __future__ import annotations
 
 import errno
-import os
 import time
 
 import pytest
@@ -219,13 +218,3 @@ def test_a_run_whose_flush_fails_exits_2_with_one_line_and_keeps_its_checkpoints
     assert committed_checkpoints(checkpoints) == [checkpoints / "step-00000002"]
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")] == []
     verify_together(Ranks(None), checkpoints / "step-00000002")
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_flush_runs_at_idle_priority_and_the_copy_does_not(tmp_path):
-    saver = checkpointer(tmp_path)
-    try:
-        assert saver.worker.submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
-        assert saver.copier.submit(os.sched_getscheduler, 0).result() == os.sched_getscheduler(0) != os.SCHED_IDLE
-    finally:
-        saver.finalize()
