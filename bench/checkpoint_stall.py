@@ -9,17 +9,19 @@ AdamW: 12 bytes per parameter of model + optimizer state, about 1.3 GB per check
 Stall: the time the training loop is blocked by one checkpoint: the request itself plus, for the
 background modes, the wait before the next optimizer step for the snapshot to be in host memory.
 Each background flush is drained before the next request, so a busy policy never adds to it; the
-time from request to committed checkpoint is reported as the mode's flush time. Modes: `torch.save` of the full state dict (no fsync), ebb's `sync` (DCP save + commit),
-`async` (DCP async_save) and `lazy`; each reported as a ratio to lazy's median stall.
+time from request to committed checkpoint is reported as the mode's flush time. Modes:
+`torch.save` of the full state dict (no fsync), ebb's `sync` (DCP save + commit), `async` (DCP
+async_save) and `lazy`; each reported as a ratio to lazy's median stall.
 
-End to end: the wall time of `--e2e-steps` training steps checkpointing every `--interval` steps
-in lazy mode (not after the last step: each flush overlaps the following steps, as in a long run)
-over the same run without checkpoints (the medians of `--e2e-repeats` alternated runs of each).
-The steady state is timed: a lazy run's first checkpoint, which allocates and first touches the
-host buffers (a one-time cost per run, reported apart), is taken and drained before the clock starts.
-`--threads 1` keeps the noise of a shared machine down (the background thread then has a core).
-On a small shared CPU the background copy and flush compete with training for the same cores,
-which this figure includes. Results go to bench/results/checkpoint-<device>.json.
+End to end: one training run alternates intervals of `--interval` steps without a checkpoint and
+intervals that begin with a lazy checkpoint and end once it is committed (the wait a checkpointing
+run has at its next request, under `when_busy: wait`), `--e2e-repeats` of each; the ratio of their
+total times is the slowdown of checkpointing every `--interval` steps. Alternating intervals of a
+few seconds, rather than whole runs, keeps a shared machine's drifting load out of the ratio. The
+first checkpoint, which allocates and first touches the host buffers (once per run), is taken
+before the clock starts and reported apart. On a CPU the background copy and flush compete with
+training for the same cores, which this figure includes; `--threads 1` leaves the flush a core.
+Results go to bench/results/checkpoint-<device>-seq<S>-threads<N>.json.
 """
 from __future__ import annotations
 
@@ -127,31 +129,30 @@ def measure_stalls(mode: str, root: Path, args: argparse.Namespace) -> tuple[lis
     return stalls, flushes
 
 
-def end_to_end(root: Path | None, args: argparse.Namespace) -> tuple[float, float]:
-    """Seconds for `--e2e-steps` steps, checkpointing in lazy mode when `root` after every
-    `--interval`-th step but the last (so every flush has training to overlap, as in the steady
-    state of a long run; the last flush is drained, untimed); and the seconds of the untimed
-    first checkpoint (0 without `root`)."""
-    trainer = Trainer(args)
-    saver = checkpointer("lazy", root, args) if root is not None else None
-    trainer.step()  # warm-up, untimed
-    first = 0.0
-    if saver is not None:
-        saver.attach(trainer.optimizer)
-        began = time.perf_counter()
-        trainer.save(saver, root, 0)
-        trainer.step()
-        saver.wait_until_durable()
-        first = time.perf_counter() - began
+def end_to_end(root: Path, args: argparse.Namespace) -> tuple[list[float], list[float], float]:
+    """Seconds of each plain interval and of each checkpointed one, and of the first checkpoint."""
+    trainer, saver = Trainer(args), checkpointer("lazy", root, args)
+    saver.attach(trainer.optimizer)
+    trainer.step()
     began = time.perf_counter()
-    for step in range(1, args.e2e_steps + 1):
-        trainer.step()
-        if saver is not None and step % args.interval == 0 and step < args.e2e_steps:
-            trainer.save(saver, root, step)
-    seconds = time.perf_counter() - began
-    if saver is not None:
-        saver.finalize()
-    return seconds, first
+    trainer.save(saver, root, 0)
+    trainer.step()
+    saver.wait_until_durable()
+    first = time.perf_counter() - began
+    plain, checkpointed = [], []
+    for k in range(1, args.e2e_repeats + 1):
+        began = time.perf_counter()
+        for _ in range(args.interval):
+            trainer.step()
+        plain.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        trainer.save(saver, root, k)
+        for _ in range(args.interval):
+            trainer.step()
+        saver.wait_until_durable()
+        checkpointed.append(time.perf_counter() - began)
+    saver.finalize()
+    return plain, checkpointed, first
 
 
 def main() -> None:
@@ -163,9 +164,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoints timed per mode")
-    parser.add_argument("--e2e-steps", type=int, default=30)
     parser.add_argument("--interval", type=int, default=10)
-    parser.add_argument("--e2e-repeats", type=int, default=3, help="runs of each, alternated; the medians are compared")
+    parser.add_argument("--e2e-repeats", type=int, default=6, help="intervals of each kind, alternated")
     parser.add_argument("--host-buffer-gb", type=float, default=64.0)
     parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -186,15 +186,7 @@ def main() -> None:
         stall, flush = measure_stalls(mode, work / mode, args)
         stalls[mode], flushes[mode] = statistics.median(stall), statistics.median(flush)
         shutil.rmtree(work / mode, ignore_errors=True)
-    plain, lazy, first = [], [], []
-    for _ in range(args.e2e_repeats):  # alternated, so that drifting load on a shared machine hits both
-        plain.append(end_to_end(None, args)[0])
-        seconds, first_save = end_to_end(work / "e2e", args)
-        lazy.append(seconds)
-        first.append(first_save)
-        shutil.rmtree(work / "e2e", ignore_errors=True)
-    runs = {"none": plain, "lazy": lazy}
-    plain, lazy = statistics.median(plain), statistics.median(lazy)
+    plain, lazy, first = end_to_end(work / "e2e", args)
     shutil.rmtree(work, ignore_errors=True)
 
     lazy_stall = stalls.get("lazy")
@@ -202,16 +194,16 @@ def main() -> None:
     print(f"{'mode':<12}{'stall vs lazy':>16}{'stall':>10}{'flush':>10}")
     for mode, stall in stalls.items():
         print(f"{mode:<12}{stall / lazy_stall if lazy_stall else float('nan'):>15.1f}x{stall:>9.3f}s{flushes[mode]:>9.2f}s")
-    step_s = plain / args.e2e_steps
-    print(f"end to end: lazy every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step) / no checkpoints, {args.e2e_steps} steps = {lazy / plain:.3f} (median of {args.e2e_repeats})")
-    print(f"  the first checkpoint of a run (allocating its host buffers), untimed above: {statistics.median(first):.2f} s")
-    print("  each run / the median run without checkpoints: " + ", ".join(f"{k} " + " ".join(f"{t / plain:.2f}" for t in v) for k, v in runs.items()))
+    ratio, step_s = sum(lazy) / sum(plain), sum(plain) / (args.interval * len(plain))
+    print(f"end to end: lazy every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step) / no checkpoints = {ratio:.3f} ({len(plain)} intervals of each)")
+    print(f"  training time lost per checkpoint: {(sum(lazy) - sum(plain)) / len(lazy):.2f} s; the first checkpoint of a run (allocating its host buffers), untimed above: {first:.2f} s")
+    print("  each interval / the mean plain one: " + ", ".join(f"{k} " + " ".join(f"{t * len(plain) / sum(plain):.2f}" for t in v) for k, v in {"none": plain, "lazy": lazy}.items()))
     out = Path(__file__).parent / "results" / f"checkpoint-{args.device}-seq{args.seq_len}-threads{torch.get_num_threads()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "args": vars(args), "model_state_gb": state_gb, "stall_s": stalls, "flush_s": flushes, "first_checkpoint_s": first,
         "stall_vs_lazy": {m: s / lazy_stall for m, s in stalls.items()} if lazy_stall else None,
-        "e2e_runs_s": runs, "e2e_ratio": lazy / plain,
+        "e2e_intervals_s": {"none": plain, "lazy": lazy}, "e2e_ratio": ratio,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
