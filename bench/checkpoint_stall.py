@@ -9,7 +9,8 @@ AdamW: 12 bytes per parameter of model + optimizer state, about 1.3 GB per check
 Stall: the time the training loop is blocked by one checkpoint: the request itself plus, for the
 background modes, the wait before the next optimizer step for the snapshot to be in host memory.
 Each background flush is drained before the next request, so a busy policy never adds to it; the
-time from request to committed checkpoint is reported as the mode's flush time. Modes:
+time from request to committed checkpoint is reported as the mode's flush time (for a background
+mode an upper bound: the drain starts after the training step the flush overlaps). Modes:
 `torch.save` of the full state dict (no fsync), ebb's `sync` (DCP save + commit), `async` (DCP
 async_save) and `lazy`; each reported as a ratio to lazy's median stall.
 
@@ -108,7 +109,8 @@ def checkpointer(mode: str, root: Path, args: argparse.Namespace) -> Checkpointe
 
 
 def measure_stalls(mode: str, root: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """Per checkpoint: (seconds the loop was blocked, seconds from request to commit)."""
+    """Per checkpoint: (seconds the loop was blocked, seconds from request to commit; for a
+    background mode the latter ends no earlier than the training step it overlaps)."""
     trainer, saver = Trainer(args), checkpointer(mode, root, args)
     trainer.step()  # optimizer state exists from here on
     stalls, flushes = [], []
@@ -118,12 +120,13 @@ def measure_stalls(mode: str, root: Path, args: argparse.Namespace) -> tuple[lis
         trainer.save(saver, root, k)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        stall = time.perf_counter() - began
-        stall += trainer.step(saver.before_optimizer_step if saver else lambda: None)
-        stalls.append(stall)
-        if saver is not None:
+        requested = time.perf_counter() - began
+        stalls.append(requested + trainer.step(saver.before_optimizer_step if saver else lambda: None))
+        if saver is not None and saver.background:
             saver.wait_until_durable()
-        flushes.append(time.perf_counter() - began)
+            flushes.append(time.perf_counter() - began)
+        else:
+            flushes.append(requested)
     if saver is not None:
         saver.finalize()
     return stalls, flushes
