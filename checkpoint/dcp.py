@@ -42,9 +42,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.shard_writer import ShardWriter
 from checkpoint.errors import CheckpointError, first_line
 from checkpoint.rng import rng_state, set_rng_state
+from checkpoint.shard_writer import ShardWriter
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"

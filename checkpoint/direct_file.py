@@ -66,9 +66,6 @@ class DirectFile:
         self._write_tail()
         return self.fd
 
-    def writable(self) -> bool:
-        return True
-
     def close(self) -> None:
         if self.fd < 0:
             return

@@ -47,9 +47,6 @@ class HashingStream:
     def close(self) -> None:
         self.file.close()
 
-    def writable(self) -> bool:
-        return True
-
 
 class ShardFileSystem(FileSystem):
     """DCP's local file system, recording the checksum of every file it writes, by file name."""
@@ -81,7 +78,7 @@ class ShardWriter(FileSystemWriter):
     """DCP's `FileSystemWriter`; `checksums` holds each written file's checksum once it is closed."""
 
     def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
+        super().__init__(path, sync_files=False)  # the commit fsyncs every file once (manifest.describe)
         self.fs = ShardFileSystem()
 
     @property
