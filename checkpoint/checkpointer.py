@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from checkpoint import dcp, manager
-from checkpoint.errors import CheckpointError, first_line
+from checkpoint.errors import CheckpointError
+from common.errors import first_line
 from checkpoint.manager import step_dir_name
 from checkpoint.ranks import Ranks
 

@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.errors import CheckpointError, first_line
+from checkpoint.errors import CheckpointError
+from common.errors import first_line
 from checkpoint.rng import rng_state, set_rng_state
 from checkpoint.shard_writer import ShardWriter
 

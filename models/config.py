@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from common.config import Strict
 
 IMPLEMENTED_MIXERS = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "R": "rwkv7", "O": "mom", "S": "sse"}
 RESERVED_MIXERS: dict[str, str] = {}
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class AttentionConfig(Strict):

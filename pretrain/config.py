@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from models.config import ModelConfig, Strict
+from common.config import Strict
+from models.config import ModelConfig
 
 
 class ConfigError(ValueError):

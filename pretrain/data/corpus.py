@@ -6,7 +6,8 @@ import os
 import sysconfig
 from pathlib import Path
 
-from pretrain.data.errors import DataError, first_line
+from common.errors import first_line
+from pretrain.data.errors import DataError
 
 FORMAT_BY_EXTENSION = {
     ".txt": "text", ".text": "text", ".md": "text",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.errors import DataError, first_line
+from common.errors import first_line
+from pretrain.data.errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence and document counts

@@ -6,7 +6,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from pretrain.data.errors import DataError, first_line
+from common.errors import first_line
+from pretrain.data.errors import DataError
 
 # Tried in order when a Hugging Face tokenizer declares no eos_token.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")

@@ -5,7 +5,7 @@ import pytest
 
 from pretrain.config import ConfigError, RunConfig, build_config, dump_config, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_config_validates():

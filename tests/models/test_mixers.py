@@ -203,7 +203,7 @@ def test_decay_parameters_follow_the_papers_and_skip_weight_decay():
 
 def test_out_proj_rescaled_by_residual_branches():
     for kind in MIXERS:
-        if kind == "R":  # RWKV-7's official init zeroes out_proj (tests/test_rwkv7.py)
+        if kind == "R":  # RWKV-7's official init zeroes out_proj (tests/models/test_rwkv7.py)
             continue
         plain = build_mixer(kind, ModelConfig(pattern=kind * 8, d_model=64, rescale_residual=False), 0)
         scaled = build_mixer(kind, ModelConfig(pattern=kind * 8, d_model=64), 0)

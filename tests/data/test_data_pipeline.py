@@ -21,7 +21,7 @@ from pretrain.data.streaming import held_out
 from pretrain.data.tokenizer import ByteTokenizer
 from pretrain.train import main as train_main
 from tests.distributed import run_distributed
-from tests.test_data import write_word_level_tokenizer
+from tests.data.test_data import write_word_level_tokenizer
 
 EOS = ByteTokenizer.eos_id
 DOCS = [f"record {i}: " + "lorem ipsum " * (i % 7) + "é" * (i % 3) for i in range(200)]

@@ -21,8 +21,8 @@ from checkpoint.ranks import Ranks
 from checkpoint.snapshot import Snapshot
 from pretrain.config import CheckpointConfig
 from pretrain.train import main as train_main
-from tests.test_checkpoint import make_state, train_steps
-from tests.test_train import TINY
+from tests.checkpoint.test_checkpoint import make_state, train_steps
+from tests.e2e.test_train import TINY
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 

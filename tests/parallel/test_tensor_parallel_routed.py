@@ -6,7 +6,7 @@ of an element whose gradient is near zero into up to a whole step."""
 from __future__ import annotations
 
 from models.config import ModelConfig
-from tests.test_tensor_parallel import VOCAB, Run, assert_tp_decoding_matches_single_process, assert_tp_matches_single_process
+from tests.parallel.test_tensor_parallel import VOCAB, Run, assert_tp_decoding_matches_single_process, assert_tp_matches_single_process
 
 PARAMS_ATOL = 1e-4
 

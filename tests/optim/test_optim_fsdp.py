@@ -4,7 +4,7 @@ dp_shard=2 resumed in one process.
 
 Blocks run along each tensor's last dim and FSDP2 shards dim 0, so a rank's shard quantises
 exactly as the same rows of the whole tensor do: the runs differ only by the order of the
-gradient sums (float32), as in tests/test_parallel_train.py. Tolerance: losses within 1e-4 (a
+gradient sums (float32), as in tests/parallel/test_parallel_train.py. Tolerance: losses within 1e-4 (a
 rounding difference can move a code to its neighbour, an lr-sized change of one weight)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from checkpoint.manager import find_latest
 from pretrain.config import RunConfig
 from pretrain.train import train
 from tests.distributed import run_distributed
-from tests.test_parallel_train import config, curve
+from tests.parallel.test_parallel_train import config, curve
 
 TOL = 1e-4
 # Matrices quantised; the 1-D tensors (< 256 elements here) stay fp32 in every layout: FSDP2

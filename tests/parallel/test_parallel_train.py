@@ -39,7 +39,7 @@ TINY = [
     "model.mixers.mom.chunk_size=8", "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8",
     "model.mixers.sse.chunk_size=8",
     # aux losses are per-rank batch statistics under dp, so one process cannot match them: off here
-    # (tests/test_pipeline.py and test_fsdp.py check that they cross stages and survive FSDP)
+    # (tests/parallel/test_pipeline.py and test_fsdp.py check that they cross stages and survive FSDP)
     "model.mixers.mom.aux_loss_scale=0", "model.mixers.sse.aux_loss_scale=0",
     "data.embedded_max_bytes=30000", "train.threads=1", "train.steps=3", "train.seq_len=16",
     "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "train.grad_clip=0.5",
@@ -145,7 +145,7 @@ def test_layout_errors_come_before_any_process_group(tmp_path: Path) -> None:
 def test_launch_script_runs_two_processes_and_shows_rank_0(tmp_path: Path) -> None:
     """launch/torchrun.sh: 2 processes (FSDP 2); only local rank 0 on the console, every rank's
     output in LOG_DIR; a layout that cannot run exits 2 with one `error:` line per rank."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs")}
     args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *TINY, "train.steps=2", f"train.run_dir={tmp_path / 'run'}"]
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,7 @@ from pretrain.config import load_config
 from pretrain.step import lm_loss
 from pretrain.train import train
 from tests.distributed import run_distributed
-from tests.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
+from tests.parallel.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
 
 PATTERN = "SRM*TGRO"
 

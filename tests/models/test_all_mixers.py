@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pretrain.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_config_has_every_implemented_mixer():

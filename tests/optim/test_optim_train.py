@@ -19,7 +19,7 @@ from optim.schedules import build_schedule
 from pretrain.config import ConfigError, OptimConfig, load_config
 from pretrain.train import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 ALL_MIXERS = REPO / "configs" / "all_mixers.yaml"
 QUIET = ["train.threads=1", "logging.tensorboard=false", "logging.progress=false", "train.eval_interval=0", "data.embedded_max_bytes=100000"]

@@ -11,7 +11,7 @@ import pytest
 from pretrain.config import load_config
 from pretrain.metrics import EVAL_FIELDS, TRAIN_FIELDS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "model.pattern=MTG*", "model.d_model=64", "model.vocab_size=320",
     "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",

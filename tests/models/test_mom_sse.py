@@ -22,7 +22,7 @@ from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forw
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 D_MODEL = 32
 SMALL = {
     "mom": {"num_memories": 3, "topk": 2, "num_heads": 2, "head_dim": 8, "chunk_size": 4},

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "pipeline_bubbles.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "pipeline_bubbles.py"
 PP, MICROBATCHES = 4, 8
 
 

@@ -14,7 +14,7 @@ from pretrain.data.loader import TokenBatches, tokenize_documents
 from pretrain.data.tokenizer import ByteTokenizer
 from tests.mixer_checks import assert_close64
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [f"doc {i}:" + "xyzw"[i % 4] * (3 + 5 * i % 17) for i in range(12)]
 SEQ_LEN, BATCH = 24, 2
 

@@ -1,0 +1,24 @@
+"""The base of every config section, and a validator for names chosen from a registry."""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def one_of(registry: Collection[str], what: str) -> Callable[[str], str]:
+    """A pydantic after-validator accepting the names in `registry` (read when validating, so a
+    name registered later is accepted)."""
+
+    def check(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {what} {name!r} (one of {', '.join(registry)})")
+        return name
+
+    return check
