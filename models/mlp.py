@@ -1,18 +1,41 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward, the MLP of every block whose mixer brings none: down(silu(gate(x)) * up(x))."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers.init import residual_scale
+from models.spec import TensorParallelPlan
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+    """Built, like every MLP, as `MLP(cfg, layer_idx)`; split by hidden unit under tensor
+    parallelism."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    tp_plan = TensorParallelPlan(colwise=("gate_proj", "up_proj"), rowwise=("down_proj",))
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d, hidden = cfg.d_model, cfg.mlp_width
+        self.std = cfg.init_std
+        self.down_std = cfg.init_std * residual_scale(cfg)
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std); the down-projection also / sqrt(residual branches) (GPT-2)."""
+        nn.init.normal_(self.gate_proj.weight, std=self.std)
+        nn.init.normal_(self.up_proj.weight, std=self.std)
+        nn.init.normal_(self.down_proj.weight, std=self.down_std)
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def flops_per_token(self) -> float:

@@ -6,7 +6,7 @@ from typing import Protocol
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from models.config import ModelConfig
-from parallel.tp import mixer_plan
+from models.mixers import SPECS
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -60,14 +60,15 @@ def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: in
 
 
 def _check_tensor_parallel(model: ModelConfig, tp: int) -> None:
-    for kind in dict.fromkeys(model.blocks):
-        try:
-            error = mixer_plan(kind).divisibility_error(model, tp)
-        except NotImplementedError as e:
-            raise ParallelError(str(e)) from None
-        if error:
-            raise ParallelError(error)
-    if model.mlp != "none" and model.mlp_width % tp:
-        raise ParallelError(f"MLP width ({model.mlp_width}) must be divisible by parallel.tp ({tp})")
-    if model.vocab_size % tp:
-        raise ParallelError(f"model.vocab_size ({model.vocab_size}) must be divisible by parallel.tp ({tp})")
+    """tp must divide what each mixer splits (its heads or groups), the MLP width and the vocabulary."""
+    divides: dict[str, int] = {}
+    for name in dict.fromkeys(model.mixer_names):
+        if getattr(SPECS[name].module, "tp_plan", None) is None:
+            raise ParallelError(f"mixer {name} declares no tensor-parallel plan; use parallel.tp=1")
+        divides |= model.mixer_config(name).tp_divides(model)
+    if model.mlp != "none":
+        divides["MLP width"] = model.mlp_width
+    divides["model.vocab_size"] = model.vocab_size
+    for what, count in divides.items():
+        if count % tp:
+            raise ParallelError(f"{what} ({count}) must be divisible by parallel.tp ({tp})")

@@ -39,7 +39,8 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from models.config import ModelConfig
-from models.model import CarryView, HybridLM, with_row_starts
+from models.model import CarryView, HybridLM
+from models.packing import cu_seqlens_from_mask, document_start_mask
 from parallel.tp import add_aux_loss
 
 SCHEDULES = {
@@ -115,26 +116,11 @@ def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
 
 def carry_layout(blocks: Sequence[nn.Module]) -> tuple[str, ...]:
     """The carry entries `blocks` write, in first-write order. A mixer that writes into the carry
-    dict names those entries in `carry_writes` (a tuple, or a property when it depends on config)."""
+    dict names those entries in `carry_writes` (models/spec.py)."""
     keys: list[str] = []
     for block in blocks:
-        keys += [key for key in getattr(block.mixer, "carry_writes", ()) if key not in keys]
+        keys += [key for key in block.mixer.carry_writes if key not in keys]
     return tuple(keys)
-
-
-def document_starts(cu_seqlens: Tensor, batch: int, length: int) -> Tensor:
-    """Bool [batch, length] mask, True where a document starts (the inverse of `cu_seqlens_of`)."""
-    starts = torch.zeros(batch * length, dtype=torch.bool, device=cu_seqlens.device)
-    starts[cu_seqlens[:-1].long()] = True
-    return starts.view(batch, length)
-
-
-def cu_seqlens_of(doc_starts: Tensor) -> Tensor:
-    """Document boundaries over the flattened microbatch, every row start included."""
-    flat = doc_starts.flatten()
-    end = torch.tensor([flat.numel()], device=flat.device)
-    cu_seqlens = torch.cat([flat.nonzero().flatten(), end]).to(torch.int32)
-    return with_row_starts(cu_seqlens, *doc_starts.shape)
 
 
 class StageModule(nn.Module):
@@ -153,7 +139,7 @@ class StageModule(nn.Module):
         self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
 
     def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor) -> Tensor | tuple[Tensor, ...]:
-        cu_seqlens = cu_seqlens_of(doc_starts)
+        cu_seqlens = cu_seqlens_from_mask(doc_starts)
         carry = CarryView(dict(zip(self.carry_in, carry_in)))
         h = x if self.embed is None else self.embed(x)
         for block in self.blocks.values():
@@ -258,7 +244,7 @@ def pipeline_train_step(
     (the pipeline's gradient accumulation). Every pp rank passes the same batch. Returns the mean
     loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
     gradient norm before clipping."""
-    doc_starts = document_starts(cu_seqlens, *input_ids.shape)
+    doc_starts = document_start_mask(cu_seqlens, *input_ids.shape)
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
     if pipeline.has_last:

@@ -1,27 +1,36 @@
-"""Sequence mixers, one per pattern character (DESIGN.md), all with the same contract:
-`Mixer(cfg, layer_idx)`, `forward(x, cu_seqlens=None, cache=None, carry=None)`,
-`reset_parameters()`, `flops_per_token(seq_len)`, and an output projection named `out_proj`.
-
-`carry` is the dict of tensors that cross blocks (RWKV-7's first-layer values, auxiliary
-losses to add to the training loss under "aux_loss"): it flows explicitly through the model so
-that pipeline stages can pass it on. Mixers that need nothing from it ignore it."""
+"""Sequence mixers, one file each, declaring its config, module and MLP in a `SPEC`
+(`models/spec.py`). `PATTERN` is the only place a pattern character appears: adding a
+mixer is its file and one line here."""
 from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from models.config import ModelConfig
-from models.mixers.attention import Attention
-from models.mixers.deltanet import DeltaNet
-from models.mixers.gated_deltanet import GatedDeltaNet
-from models.mixers.mamba2 import Mamba2
-from models.mixers.mom import MoM
-from models.mixers.rwkv7 import RWKV7
-from models.mixers.sse import SSE
+from models.spec import MixerSpec
 
-MIXERS: dict[str, type[nn.Module]] = {"*": Attention, "M": Mamba2, "T": DeltaNet, "G": GatedDeltaNet, "R": RWKV7, "O": MoM, "S": SSE}
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+PATTERN: dict[str, str] = {  # pattern character -> mixer name (its file, and its section under model.mixers)
+    "*": "attention",
+    "M": "mamba2",
+    "T": "deltanet",
+    "G": "gated_deltanet",
+    "R": "rwkv7",
+    "O": "mom",
+    "S": "sse",
+}
+
+SPECS: dict[str, MixerSpec] = {name: import_module(f"models.mixers.{name}").SPEC for name in PATTERN.values()}
+
+
+def spec_of(char: str) -> MixerSpec:
+    if char not in PATTERN:
+        raise ValueError(f"no mixer for pattern character {char!r}; known: {', '.join(PATTERN)}")
+    return SPECS[PATTERN[char]]
 
 
 def build_mixer(char: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    if char not in MIXERS:
-        raise ValueError(f"no mixer for pattern character {char!r}; known: {', '.join(MIXERS)}")
-    return MIXERS[char](cfg, layer_idx)
+    return spec_of(char).module(cfg, layer_idx)

@@ -1,15 +1,21 @@
 """Softmax attention: grouped-query heads, RoPE, optional sliding window, SDPA."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.flops import projection_flops
-from models.mixers.init import init_normal_, residual_scale
-from models.mixers.packing import document_ids, positions_in_documents
-from models.mixers.rope import apply_rope
+from models.layers.flops import projection_flops
+from models.layers.init import init_normal_, residual_scale
+from models.packing import check_not_decoding, document_ids, positions_in_documents
+from models.layers.rope import apply_rope
+from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 def visible(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -26,7 +32,33 @@ def mean_context(seq_len: int, window: int | None) -> float:
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
-class Attention(nn.Module):
+
+class AttentionConfig(MixerConfig):
+    num_heads: int = Field(8, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="grouped-query KV heads; None = num_heads")
+    head_dim: int | None = Field(None, gt=0, description="None = d_model // num_heads")
+    window_size: int | None = Field(None, gt=0, description="sliding window in tokens; None = full causal")
+    rope_theta: float = Field(10000.0, gt=0)
+    qkv_bias: bool = False
+
+    def check_shapes(self, model: ModelConfig) -> None:
+        if self.head_dim is None and model.d_model % self.num_heads:
+            raise ValueError(f"d_model ({model.d_model}) must be divisible by mixers.attention.num_heads ({self.num_heads})")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"mixers.attention.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """GQA: the kv heads are split too, so each rank holds the kv heads its query heads read."""
+        return {"mixers.attention.num_heads": self.num_heads, "mixers.attention.num_kv_heads": self.kv_heads}
+
+
+class Attention(Mixer):
+    tp_plan = TensorParallelPlan(colwise=("q_proj", "k_proj", "v_proj"))
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         c, d = cfg.mixers.attention, cfg.d_model
@@ -58,9 +90,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+        check_not_decoding(cu_seqlens, cache)
         if cache is not None:
-            if cu_seqlens is not None:
-                raise ValueError("packed documents (cu_seqlens) cannot be decoded from a cache")
             q, k, v, mask = self._extend_cache(q, k, v, cache)
         elif cu_seqlens is not None:
             positions = positions_in_documents(cu_seqlens, B * T).view(B, T)
@@ -97,3 +128,6 @@ class Attention(nn.Module):
         """Projections plus Q K^T and the weighted sum of V over the keys each query sees."""
         scores = 2 * 2.0 * self.num_heads * self.head_dim * mean_context(seq_len, self.cfg.window_size)
         return projection_flops(self) + scores
+
+
+SPEC = MixerSpec(AttentionConfig, Attention)

@@ -4,19 +4,42 @@ log alpha_t = -exp(A_log) softplus(a_t + dt_bias). With GVA (num_v_heads > num_h
 q/k head serves num_v_heads / num_heads consecutive value heads."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.deltanet import DeltaRuleMixer, write_strength
-from models.mixers.init import init_decay_
+from models.layers.delta_rule import DeltaRuleMixer
+from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.init import init_decay_
+from models.spec import MixerConfig, MixerSpec
 from models.ops import chunk_gated_delta_rule
 
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
-def log_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
-    """GDN's gate log alpha = -exp(A_log) softplus(a + dt_bias) < 0 (also MoM's and SSE's)."""
-    return -torch.exp(A_log) * F.softplus(a + dt_bias)
+
+class GatedDeltaNetConfig(GatedDecayConfig, MixerConfig):
+    num_heads: int = Field(4, gt=0, description="query/key heads")
+    num_v_heads: int | None = Field(None, gt=0, description="value heads (GVA); a multiple of num_heads")
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    use_short_conv: bool = True
+    conv_size: int = Field(4, gt=0)
+    allow_neg_eigval: bool = False
+
+    @model_validator(mode="after")
+    def _gva(self) -> "GatedDeltaNetConfig":
+        if self.num_v_heads is not None and self.num_v_heads % self.num_heads:
+            raise ValueError(
+                f"num_v_heads ({self.num_v_heads}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """num_v_heads is a multiple of num_heads, so it divides too."""
+        return {"mixers.gated_deltanet.num_heads": self.num_heads}
 
 
 class GatedDeltaNet(DeltaRuleMixer):
@@ -54,3 +77,6 @@ class GatedDeltaNet(DeltaRuleMixer):
         g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
         beta = write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)
         return q, k, v, g, beta
+
+
+SPEC = MixerSpec(GatedDeltaNetConfig, GatedDeltaNet)

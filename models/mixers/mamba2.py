@@ -9,21 +9,25 @@ what a tensor-parallel rank holds, at every tp. With n_groups = 1 this is transf
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.conv import ShortConv, conv_features
-from models.mixers.flops import chunked_recurrence_flops, projection_flops
-from models.mixers.init import init_decay_, no_weight_decay, residual_scale
-from models.mixers.packing import as_one_sequence
-from models.mixers.recurrence import cached_recurrence
-from models.norms import GatedRMSNorm
+from models.layers.conv import ShortConv, conv_features
+from models.layers.flops import chunked_recurrence_flops, projection_flops
+from models.layers.init import init_decay_, no_weight_decay, residual_scale
+from models.packing import as_one_sequence
+from models.layers.recurrence import cached_recurrence
+from models.layers.fused import split_groups
+from models.layers.norms import GatedRMSNorm
+from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 from models.ops import chunk_simple_gla
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 class GroupWidths(NamedTuple):
@@ -46,15 +50,44 @@ def group_widths(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> Gro
     return GroupWidths(d_inner // n_groups, d_state, n_heads // n_groups)
 
 
-def split_groups(t: Tensor, widths: Sequence[int], dim: int = -1) -> list[Tensor]:
-    """Split a group-major `dim` ([part_0 | part_1 | ...] for each group, parts `widths` wide)
-    into one tensor per part holding that part of every group in group order."""
-    dim = dim % t.dim()
-    groups = t.unflatten(dim, (-1, sum(widths)))
-    return [part.flatten(dim, dim + 1) for part in groups.split(list(widths), dim=dim + 1)]
+class Mamba2Config(MixerConfig):
+    d_state: int = Field(128, gt=0)
+    d_conv: int = Field(4, gt=0)
+    expand: int = Field(2, gt=0)
+    head_dim: int = Field(64, gt=0)
+    n_groups: int = Field(1, gt=0)
+    chunk_size: int = Field(256, gt=0)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    conv_bias: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+
+    def check_shapes(self, model: ModelConfig) -> None:
+        d_inner = self.expand * model.d_model
+        if d_inner % self.head_dim:
+            raise ValueError(f"expand*d_model ({d_inner}) must be divisible by mixers.mamba2.head_dim ({self.head_dim})")
+        if (d_inner // self.head_dim) % self.n_groups:
+            raise ValueError(f"mamba2 heads ({d_inner // self.head_dim}) must be divisible by mixers.mamba2.n_groups ({self.n_groups})")
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """Ranks hold whole groups of B and C with the heads that read them (Megatron-LM's rule):
+        n_groups = 1 cannot be split."""
+        return {"mixers.mamba2.n_groups": self.n_groups}
 
 
-class Mamba2(nn.Module):
+class Mamba2(Mixer):
+    """Under tensor parallelism rank r holds n_groups/tp whole groups: with the group-major rows,
+    plain colwise and dim-0 splits give each rank the layout of a Mamba2 with fewer groups, so
+    the SSD recurrence, D and the grouped gated norm are all local, and the global row order
+    (checkpoints, optimizer states) is the same at every tp."""
+
+    tp_plan = TensorParallelPlan(
+        colwise=("in_proj",),
+        sharded={"conv1d": ("weight", "bias"), "norm": ("weight",), "": ("A_log", "dt_bias", "D")},
+    )
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg.mixers.mamba2
@@ -115,3 +148,6 @@ class Mamba2(nn.Module):
         c = self.cfg
         ssd = chunked_recurrence_flops(min(c.chunk_size, seq_len), c.d_state, c.head_dim, delta_rule=False)
         return projection_flops(self) + self.num_heads * ssd
+
+
+SPEC = MixerSpec(Mamba2Config, Mamba2)

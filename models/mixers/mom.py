@@ -3,26 +3,57 @@ memories, each token routed to its top-k by a softmax router, plus an optional s
 sees every token."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.conv import ShortConv, segment_conv
-from models.mixers.deltanet import write_strength
-from models.mixers.flops import chunked_recurrence_flops
-from models.mixers.gated_deltanet import log_decay
-from models.mixers.mamba2 import split_groups
-from models.mixers.init import init_decay_, residual_scale, store_head_major_
-from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import Routes, TopKRouter, build_routes, documents_of_tokens, switch_aux_loss
-from models.norms import GatedRMSNorm, l2_norm
+from models.layers.conv import ShortConv, segment_conv
+from models.layers.flops import chunked_recurrence_flops
+from models.layers.fused import split_groups, store_head_major_
+from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.init import init_decay_, residual_scale
+from models.layers.norms import GatedRMSNorm, l2_norm
+from models.layers.recurrence import ChunkOp, cached_recurrence
+from models.layers.routing import Routes, TopKRouter, build_routes, switch_aux_loss
 from models.ops import chunk_gated_delta_rule
+from models.packing import check_not_decoding, documents_of_tokens
+from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
-class MoM(nn.Module):
+class MoMConfig(GatedDecayConfig, MixerConfig):
+    """Mixture-of-Memories (specs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
+
+    num_memories: int = Field(4, gt=0)
+    topk: int = Field(2, gt=0)
+    shared_memory: bool = Field(True, description="one more memory that sees every token")
+    num_heads: int = Field(4, gt=0)
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(1.0, gt=0)
+    capacity: float | None = Field(
+        None, ge=0, description="each memory keeps the last ceil(capacity*L/topk) routed tokens of a document of L; None/0 = all"
+    )
+    aux_loss_scale: float = Field(0.01, ge=0)
+    use_short_conv: bool = True
+    conv_size: int = Field(4, gt=1)
+    allow_neg_eigval: bool = False
+
+    @model_validator(mode="after")
+    def _topk(self) -> "MoMConfig":
+        if self.topk > self.num_memories:
+            raise ValueError(f"topk ({self.topk}) must be <= num_memories ({self.num_memories})")
+        return self
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        return {"mixers.mom.num_heads": self.num_heads}
+
+
+class MoM(Mixer):
     """p_t = softmax(W_r x_t) in fp32 (no bias); each token goes to its top-k memories with
     weights p renormalised over them. q_proj, A_log, dt_bias and the three short convolutions
     are shared; each memory m has its own k, v, b, a projection (`memories[m]`, fused and stored
@@ -47,6 +78,15 @@ class MoM(nn.Module):
     """
 
     op: ClassVar[ChunkOp] = staticmethod(chunk_gated_delta_rule)
+    tp_plan = TensorParallelPlan(
+        colwise=("q_proj", "g_proj", "memories.*"),
+        sharded={"q_conv1d": ("weight", "bias"), "k_conv1d": ("weight", "bias"), "v_conv1d": ("weight", "bias"), "": ("A_log", "dt_bias")},
+        summed={"o_norm": ("weight",)},
+        routers=("router",),
+    )
+    """By head. The router reads the replicated input, so every rank routes every token the same
+    way; its chosen probabilities weight read-outs of this rank's heads only. The auxiliary loss
+    comes from the router's probabilities alone: identical on every rank and counted once."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -113,8 +153,7 @@ class MoM(nn.Module):
     def forward(
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
     ) -> Tensor:
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("packed documents (cu_seqlens) cannot be decoded from a cache")
+        check_not_decoding(cu_seqlens, cache)
         B, T, _ = x.shape
         flat = x.reshape(B * T, -1)
         probs, chosen, weights = self.route(flat)
@@ -175,3 +214,6 @@ class MoM(nn.Module):
         )
         per_route = 2.0 * self.memories[0].in_features * self.memories[0].out_features + conv + core
         return dense + (c.topk + int(c.shared_memory)) * per_route
+
+
+SPEC = MixerSpec(MoMConfig, MoM)

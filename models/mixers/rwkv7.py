@@ -19,19 +19,24 @@ multipliers).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.conv import token_shift
-from models.mixers.flops import dplr_recurrence_flops, projection_flops
-from models.mixers.init import no_weight_decay
-from models.mixers.packing import as_one_sequence
-from models.mixers.recurrence import cached_recurrence
+from models.layers.conv import token_shift
+from models.layers.flops import dplr_recurrence_flops, projection_flops
+from models.layers.init import no_weight_decay
+from models.packing import as_one_sequence
+from models.layers.recurrence import cached_recurrence
+from models.mlp import SwiGLU
 from models.ops import chunk_rwkv7
+from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(d): w in (0.545, 1)
 MIX_EXPONENTS = (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)  # official mu init of x_r, x_w, x_k, x_v, x_a, x_g
@@ -77,11 +82,50 @@ def depth_ratios(layer_idx: int, n_layers: int) -> tuple[float, float]:
 
 
 def first_rwkv7_block(cfg: ModelConfig) -> int:
-    return cfg.blocks.index("R")
+    return cfg.mixer_names.index("rwkv7")
 
 
-class RWKV7(nn.Module):
+class RWKV7Config(MixerConfig):
+    """RWKV-7 time-mix (specs/layers.md section 4); LoRA ranks None = the official rule
+    max(32, round(m sqrt(d_model) / 32) * 32), m = 2.5 (decay, a) and 1.7 (value residual) times
+    head_dim / 64, m = 5 (output gate)."""
+
+    head_dim: int = Field(64, gt=0)
+    decay_rank: int | None = Field(None, gt=0)
+    a_rank: int | None = Field(None, gt=0, description="rank of the in-context learning rate's LoRA")
+    v_rank: int | None = Field(None, gt=0, description="rank of the value-residual mix's LoRA")
+    gate_rank: int | None = Field(None, gt=0)
+    channel_mix: bool = Field(True, description="R blocks' MLP is RWKV's channel-mix instead of SwiGLU")
+    channel_mix_hidden: int | None = Field(None, gt=0, description="None = 4 d_model")
+    chunk_size: int = Field(64, gt=0)
+    norm_eps: float = Field(64e-5, gt=0, description="eps of the per-head GroupNorm")
+
+    def check_shapes(self, model: ModelConfig) -> None:
+        if model.d_model % self.head_dim:
+            raise ValueError(f"d_model ({model.d_model}) must be divisible by mixers.rwkv7.head_dim ({self.head_dim})")
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """Whole heads per rank; the channel-mix's hidden width must split too."""
+        divides = {"RWKV-7 heads (d_model / mixers.rwkv7.head_dim)": model.d_model // self.head_dim}
+        if model.mlp != "none" and self.channel_mix:
+            divides["mixers.rwkv7.channel_mix_hidden"] = self.channel_mix_hidden or 4 * model.d_model
+        return divides
+
+
+class RWKV7(Mixer):
+    """Tensor parallelism splits it by head: r, k, v colwise; each LoRA's first matrix (model
+    width -> rank) replicated, its second colwise; the vectors acting on head channels (w0, a0,
+    v0, k_k, k_a, r_k) and the per-head GroupNorm by channel. The token-shift mix `mu` acts on the
+    model width: replicated. Every rank holds the same channels in every R block, so
+    carry["v_first"] lines up. The replicated parameters see replicated activations: every rank
+    computes their whole gradient."""
+
     carry_writes = ("v_first",)
+    tp_plan = TensorParallelPlan(
+        colwise=("r_proj", "k_proj", "v_proj", "*_lora.up"),
+        sharded={"o_norm": ("weight", "bias"), "": ("w0", "a0", "v0", "k_k", "k_a", "r_k")},
+        replicated={"*_lora.down": ("weight",), "": ("mu",)},
+    )
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -180,7 +224,10 @@ class RWKV7(nn.Module):
 
 class RWKV7ChannelMix(nn.Module):
     """RWKV's channel-mix, the MLP of R blocks: W_v relu(W_k(x + (x_{t-1} - x) o mu_k))^2. Its
-    token shift stops at document starts and continues from the decode cache like the time-mix."""
+    token shift stops at document starts and continues from the decode cache like the time-mix.
+    Under tensor parallelism the token-shift mix mu_k acts on the model width: replicated."""
+
+    tp_plan = TensorParallelPlan(colwise=("up_proj",), rowwise=("down_proj",), replicated={"": ("mu_k",)})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -210,3 +257,11 @@ class RWKV7ChannelMix(nn.Module):
 
     def flops_per_token(self) -> float:
         return 2.0 * 2 * self.up_proj.in_features * self.up_proj.out_features
+
+
+def rwkv7_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """R blocks' MLP: the channel-mix, or SwiGLU with mixers.rwkv7.channel_mix false."""
+    return RWKV7ChannelMix(cfg, layer_idx) if cfg.mixers.rwkv7.channel_mix else SwiGLU(cfg, layer_idx)
+
+
+SPEC = MixerSpec(RWKV7Config, RWKV7, mlp=rwkv7_mlp)

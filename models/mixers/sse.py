@@ -3,22 +3,27 @@ dense Gated DeltaNet state plus N state partitions with shared parameters, each 
 and reading from its top-k partitions."""
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.mixers.conv import ShortConv, conv_features
-from models.mixers.flops import chunked_recurrence_flops, projection_flops
-from models.mixers.gated_deltanet import log_decay
-from models.mixers.init import init_decay_, init_normal_, residual_scale, store_head_major_
-from models.mixers.packing import as_one_sequence
-from models.mixers.recurrence import ChunkOp, cached_recurrence
-from models.mixers.routing import TopKRouter, build_routes, documents_of_tokens, switch_aux_loss
-from models.norms import GatedRMSNorm, l2_norm
+from models.layers.conv import ShortConv, conv_features
+from models.layers.flops import chunked_recurrence_flops, projection_flops
+from models.layers.fused import store_head_major_
+from models.layers.gates import GatedDecayConfig, log_decay
+from models.layers.init import init_decay_, init_normal_, residual_scale
+from models.layers.norms import GatedRMSNorm, l2_norm
+from models.layers.recurrence import ChunkOp, cached_recurrence
+from models.layers.routing import TopKRouter, build_routes, switch_aux_loss
 from models.ops import chunk_gated_delta_rule
+from models.packing import as_one_sequence, documents_of_tokens
+from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 class Stream(NamedTuple):
@@ -30,7 +35,31 @@ class Stream(NamedTuple):
     beta: Tensor
 
 
-class SSE(nn.Module):
+class SSEConfig(GatedDecayConfig, MixerConfig):
+    """Sparse State Expansion, SSEGDN form (specs/layers.md section 6)."""
+
+    num_partitions: int = Field(4, gt=0)
+    topk: int = Field(1, gt=0, description="partitions each token writes to and reads from")
+    num_heads: int = Field(4, gt=0)
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    lora_rank: int | None = Field(None, gt=0, description="rank of the partition stream's q/k offsets; None = head_v_dim")
+    use_short_conv: bool = False
+    conv_size: int = Field(4, gt=1)
+    impl: Literal["varlen", "mask"] = Field("varlen", description="varlen: routed tokens as segments; mask: N+1 masked head copies")
+    aux_loss_scale: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _topk(self) -> "SSEConfig":
+        if self.topk > self.num_partitions:
+            raise ValueError(f"topk ({self.topk}) must be <= num_partitions ({self.num_partitions})")
+        return self
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        return {"mixers.sse.num_heads": self.num_heads}
+
+
+class SSE(Mixer):
     """Dense stream: GDN on (q1, k1, v, alpha0, beta0), q1 = W_q x, k1 = W_k x. Partition stream:
     q2 = q1 + LoRA_q(x), k2 = k1 + LoRA_k(x), gates alpha1, beta1 (a_proj and b_proj give 2H,
     stored head-major: [dense_h, partition_h] for each head h, as are A_log and dt_bias); partition n is advanced only on the tokens whose top-k
@@ -52,6 +81,16 @@ class SSE(nn.Module):
     """
 
     op: ClassVar[ChunkOp] = staticmethod(chunk_gated_delta_rule)
+    tp_plan = TensorParallelPlan(
+        colwise=("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "q_lora.1", "k_lora.1", "g_proj.1"),
+        sharded={"q_conv1d": ("weight", "bias"), "k_conv1d": ("weight", "bias"), "v_conv1d": ("weight", "bias"), "": ("A_log", "dt_bias")},
+        replicated={"q_lora.0": ("weight",), "k_lora.0": ("weight",), "g_proj.0": ("weight",)},
+        summed={"o_norm": ("weight",)},
+        routers=("router",),
+    )
+    """By head: a_proj, b_proj, A_log and dt_bias (2H, stored head-major, [dense_h, partition_h]
+    per head) split so that each rank keeps both gates of its heads; the low-rank factors' first
+    matrices (model width -> rank) replicated, their second colwise. The router as in MoM."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -177,3 +216,6 @@ class SSE(nn.Module):
         c = self.cfg
         core = chunked_recurrence_flops(min(c.chunk_size, seq_len), self.head_k_dim, self.head_v_dim, delta_rule=True)
         return projection_flops(self) + (1 + c.topk) * c.num_heads * core
+
+
+SPEC = MixerSpec(SSEConfig, SSE)

@@ -1,16 +1,17 @@
-"""Tensor parallelism: DTensor `parallelize_module` plans that shard every mixer by head, the
-SwiGLU MLP by hidden unit and the vocabulary (embedding and head, with loss-parallel
-cross-entropy), optionally with sequence-parallel norms (Megatron-style SP).
+"""Tensor parallelism: DTensor `parallelize_module` styles that shard every mixer by head, the
+MLPs by hidden unit and the vocabulary (embedding and head, with loss-parallel cross-entropy),
+optionally with sequence-parallel norms (Megatron-style SP).
 
-Each mixer brings its own plan and divisibility rule (`TP_PLANS`, keyed by pattern character);
-a mixer without one is rejected by `validate_layout` and `apply_tensor_parallel`. Inside a mixer
-the projections are colwise (local outputs), so mixers run on plain tensors holding this rank's
-heads; every mixer's `out_proj` is rowwise. Mixers and MLPs receive the replicated residual
-stream as a plain tensor (gathered first under SP), so routers and token shifts run on it
-unchanged."""
+Every mixer and MLP declares how it splits as data, a `TensorParallelPlan` (models/spec.py);
+`layer_styles` turns that vocabulary into styles, so no mixer knows about torch.distributed.
+Inside a mixer the per-head projections are colwise (local outputs), so mixers run on plain
+tensors holding this rank's heads; the projection back to the residual stream is rowwise.
+Mixers and MLPs receive the replicated residual stream as a plain tensor (gathered first under
+SP), so routers and token shifts run on it unchanged."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections import defaultdict
+from fnmatch import fnmatchcase
 
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -24,34 +25,48 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from models.config import ModelConfig
-from models.mixers.rwkv7 import RWKV7ChannelMix
-from parallel.tp import attention, delta_rule, mamba2, routed, rwkv7
-from parallel.tp.styles import LocalParameters
+from models.spec import TensorParallelPlan
+from parallel.tp.styles import LocalParameters, ReplicatedRouter
 
 
-class MixerPlan(NamedTuple):
-    plan: Callable[[nn.Module], dict[str, ParallelStyle]]  # styles for the mixer's inside, out_proj excluded
-    divisibility_error: Callable[[ModelConfig, int], str | None]  # why tp cannot split this config, or None
+def layer_styles(layer: nn.Module, activations: Placement) -> list[tuple[nn.Module, ParallelStyle]]:
+    """The styles `layer.tp_plan` asks for, on the modules of `layer` they name. Raises
+    NotImplementedError for a layer without a plan, ValueError for one whose plan misses a
+    parameter."""
+    plan: TensorParallelPlan | None = getattr(layer, "tp_plan", None)
+    if plan is None:
+        raise NotImplementedError(f"{type(layer).__name__} declares no tensor-parallel plan (tp_plan); use parallel.tp=1")
+    modules = dict(layer.named_modules())
+
+    def named(patterns: tuple[str, ...]) -> list[str]:
+        return [name for name in modules if any(fnmatchcase(name, p) for p in patterns)]
+
+    styles: list[tuple[nn.Module, ParallelStyle]] = [(modules[n], ColwiseParallel()) for n in named(plan.colwise)]
+    styles += [(modules[n], ReplicatedRouter()) for n in named(plan.routers)]
+    local: dict[str, dict[str, tuple[str, ...]]] = defaultdict(dict)
+    for kind, entries in (("sharded", plan.sharded), ("replicated", plan.replicated), ("summed", plan.summed)):
+        for pattern, params in entries.items():
+            for name in named((pattern,)):
+                local[name][kind] = local[name].get(kind, ()) + params
+    styles += [(modules[name], LocalParameters(**kinds)) for name, kinds in local.items()]
+    styles += [(modules[n], RowwiseParallel(output_layouts=activations)) for n in named(plan.rowwise)]
+    _check_covered(layer, styles)
+    return styles
 
 
-TP_PLANS: dict[str, MixerPlan] = {
-    "*": MixerPlan(attention.plan, attention.divisibility_error),
-    "M": MixerPlan(mamba2.plan, mamba2.divisibility_error),
-    "T": MixerPlan(delta_rule.plan, delta_rule.deltanet_divisibility_error),
-    "G": MixerPlan(delta_rule.plan, delta_rule.gated_deltanet_divisibility_error),
-    "R": MixerPlan(rwkv7.plan, rwkv7.divisibility_error),
-    "O": MixerPlan(routed.mom_plan, routed.mom_divisibility_error),
-    "S": MixerPlan(routed.sse_plan, routed.sse_divisibility_error),
-}
-
-
-def mixer_plan(kind: str) -> MixerPlan:
-    if kind not in TP_PLANS:
-        raise NotImplementedError(
-            f"mixer {kind!r} has no tensor-parallel plan (covered: {', '.join(TP_PLANS)}); use parallel.tp=1"
-        )
-    return TP_PLANS[kind]
+def _check_covered(layer: nn.Module, styles: list[tuple[nn.Module, ParallelStyle]]) -> None:
+    """Every parameter of `layer` must be placed by exactly one style."""
+    placed: list[int] = []
+    for module, style in styles:
+        if isinstance(style, LocalParameters):
+            names = (*style.sharded, *style.replicated, *style.summed)
+            placed += [id(p) for n, p in module.named_parameters(recurse=False) if n in names]
+        else:
+            placed += [id(p) for p in module.parameters()]
+    missing = [n for n, p in layer.named_parameters() if id(p) not in placed]
+    if missing or len(placed) != len(set(placed)):
+        problem = f"does not place {', '.join(missing)}" if missing else "places a parameter twice"
+        raise ValueError(f"{type(layer).__name__}'s tensor-parallel plan {problem}")
 
 
 def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
@@ -107,27 +122,12 @@ def _apply_styles(tp_mesh: DeviceMesh, styles: list[tuple[nn.Module | None, Para
 
 def _parallelize_block(block: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, activations: Placement) -> None:
     mixer, mlp = block.mixer, block.mlp
-    parallelize_module(mixer, tp_mesh, mixer_plan(block.kind).plan(mixer))
     styles: list[tuple[nn.Module | None, ParallelStyle]] = [
-        (block.mixer_norm, _norm_style(sequence_parallel)),
-        (mixer.out_proj, RowwiseParallel(output_layouts=activations)),
+        (block.mixer_norm, _norm_style(sequence_parallel)), *layer_styles(mixer, activations)
     ]
     if mlp is not None:
-        styles += [(block.mlp_norm, _norm_style(sequence_parallel)), *_mlp_styles(mlp, activations)]
+        styles += [(block.mlp_norm, _norm_style(sequence_parallel)), *layer_styles(mlp, activations)]
     if sequence_parallel:  # gather the tokens before each branch; its rowwise output scatters them again
         gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
         styles += [(mixer, gather), (mlp, gather)]
     _apply_styles(tp_mesh, styles)
-
-
-def _mlp_styles(mlp: nn.Module, activations: Placement) -> list[tuple[nn.Module | None, ParallelStyle]]:
-    """SwiGLU (gate and up colwise) or RWKV's channel-mix (up colwise; its token-shift mix mu_k
-    acts on the model width: replicated); down rowwise."""
-    styles: list[tuple[nn.Module | None, ParallelStyle]] = [
-        (getattr(mlp, "gate_proj", None), ColwiseParallel()),
-        (mlp.up_proj, ColwiseParallel()),
-        (mlp.down_proj, RowwiseParallel(output_layouts=activations)),
-    ]
-    if isinstance(mlp, RWKV7ChannelMix):
-        styles.append((mlp, LocalParameters(replicated=("mu_k",))))
-    return styles

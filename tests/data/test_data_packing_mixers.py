@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import IMPLEMENTED_MIXERS
+from models.mixers import PATTERN
 from models.model import HybridLM
 from pretrain.config import load_config
 from pretrain.data.loader import TokenBatches, tokenize_documents
@@ -33,7 +33,7 @@ def loader_batch(varlen: bool):
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["rows", "varlen"])
-@pytest.mark.parametrize("mixer", sorted(IMPLEMENTED_MIXERS))
+@pytest.mark.parametrize("mixer", sorted(PATTERN))
 def test_each_packed_document_gets_the_logits_it_gets_alone(mixer, varlen):
     model, batch = tiny_model(mixer), loader_batch(varlen)
     bounds = batch.cu_seqlens.tolist()

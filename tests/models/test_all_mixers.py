@@ -10,10 +10,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_config_has_every_implemented_mixer():
-    from models.config import IMPLEMENTED_MIXERS
+    from models.mixers import PATTERN
 
     cfg = load_config(REPO / "configs/all_mixers.yaml")
-    assert set(cfg.model.blocks) == set(IMPLEMENTED_MIXERS)
+    assert set(cfg.model.blocks) == set(PATTERN)
 
 
 def test_every_mixer_hybrid_trains_with_falling_loss(tmp_path):

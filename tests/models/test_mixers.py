@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.hf.mamba2_layout import from_transformers_layout, to_transformers_layout
-from models.mixers import MIXERS, build_mixer
-from models.mixers.conv import ShortConv
+from models.mixers import PATTERN, SPECS, build_mixer
+from models.layers.conv import ShortConv
 from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
 torch.set_num_threads(1)
@@ -130,7 +130,7 @@ def test_packed_documents_match_each_document_alone(kind, options):
     assert_packed_documents_match_each_alone(small_mixer(kind, **options), D_MODEL)
 
 
-def test_short_conv_matches_conv1d_and_stops_at_document_starts():
+def test_short_conv_matches_conv1d_and_stops_at_document_start_mask():
     torch.manual_seed(0)
     conv = ShortConv(6, 4, bias=True, activation=False).double()
     x = torch.randn(1, 12, 6, dtype=torch.float64)
@@ -202,7 +202,7 @@ def test_decay_parameters_follow_the_papers_and_skip_weight_decay():
 
 
 def test_out_proj_rescaled_by_residual_branches():
-    for kind in MIXERS:
+    for kind in PATTERN:
         if kind == "R":  # RWKV-7's official init zeroes out_proj (tests/models/test_rwkv7.py)
             continue
         plain = build_mixer(kind, ModelConfig(pattern=kind * 8, d_model=64, rescale_residual=False), 0)
@@ -213,14 +213,14 @@ def test_out_proj_rescaled_by_residual_branches():
 
 def test_registry_builds_every_mixer_and_rejects_unknown_characters():
     cfg = small_config("*")
-    for kind, cls in MIXERS.items():
+    for kind, name in PATTERN.items():
         mixer = build_mixer(kind, small_config(kind), layer_idx=3)
-        assert isinstance(mixer, cls) and isinstance(mixer.out_proj, torch.nn.Linear)
+        assert isinstance(mixer, SPECS[name].module) and isinstance(mixer.out_proj, torch.nn.Linear)
     with pytest.raises(ValueError, match="no mixer for pattern character 'X'"):
         build_mixer("X", cfg, 0)
 
 
-@pytest.mark.parametrize("kind", list(MIXERS))
+@pytest.mark.parametrize("kind", list(PATTERN))
 def test_flops_per_token_positive_and_growing_with_width(kind):
     narrow = build_mixer(kind, small_config(kind, d_model=32), 0).flops_per_token(256)
     wide = build_mixer(kind, small_config(kind, d_model=64), 0).flops_per_token(256)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.model import HybridLM, with_row_starts
+from models.model import HybridLM
+from models.packing import with_row_starts
 
 SMALL_MIXERS = {
     "attention": {"num_heads": 2},

@@ -22,7 +22,7 @@ from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
-from parallel.pipeline import cu_seqlens_of, document_starts
+from models.packing import cu_seqlens_from_mask, document_start_mask
 from pretrain.config import load_config
 from pretrain.step import lm_loss
 from pretrain.train import train
@@ -39,13 +39,13 @@ def train_losses(model: nn.Module, groups: int, rank: int | None = None) -> list
     optimizer = build_optimizer(model, OPTIM)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_starts(cu_seqlens, BATCH, SEQ)
+        starts = document_start_mask(cu_seqlens, BATCH, SEQ)
         mine = range(groups) if rank is None else [rank]
         step_loss = 0.0
         for g in mine:
             rows = slice(g * BATCH // groups, (g + 1) * BATCH // groups)
             carry: dict[str, torch.Tensor] = {}
-            loss = lm_loss(model(input_ids[rows], cu_seqlens=cu_seqlens_of(starts[rows]), carry=carry), labels[rows]) + carry["aux_loss"]
+            loss = lm_loss(model(input_ids[rows], cu_seqlens=cu_seqlens_from_mask(starts[rows]), carry=carry), labels[rows]) + carry["aux_loss"]
             (loss / len(mine)).backward()
             step_loss += loss.detach() / len(mine)
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

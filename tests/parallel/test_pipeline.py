@@ -17,6 +17,7 @@ from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_fsdp
+from models.packing import cu_seqlens_from_mask, document_start_mask
 from parallel.mesh import build_mesh
 from parallel.pipeline import (
     balanced_stage_sizes,
@@ -24,8 +25,6 @@ from parallel.pipeline import (
     build_schedule,
     build_stage_modules,
     carry_layout,
-    cu_seqlens_of,
-    document_starts,
     pipeline_train_step,
     stage_block_ranges,
     stages_of_rank,
@@ -74,11 +73,11 @@ def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dic
     optimizer = build_optimizer(model, OPTIM)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_starts(cu_seqlens, BATCH, SEQ)
+        starts = document_start_mask(cu_seqlens, BATCH, SEQ)
         step_loss = 0.0
         for ids, lab, st in zip(*(t.chunk(microbatches) for t in (input_ids, labels, starts))):
             carry: dict[str, torch.Tensor] = {}
-            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_of(st), carry=carry), lab) + carry["aux_loss"]
+            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_from_mask(st), carry=carry), lab) + carry["aux_loss"]
             (loss / microbatches).backward()
             step_loss += loss.item() / microbatches
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -150,15 +149,15 @@ def test_automatic_balance() -> None:
     )
 
 
-def test_placement_carry_layout_and_document_starts() -> None:
+def test_placement_carry_layout_and_document_start_mask() -> None:
     assert stages_of_rank(1, 2, 2) == [1, 3]
     model = HybridLM(tiny_config("M* S R T R"))
     assert carry_layout(model.blocks[:2]) == ()
     assert carry_layout(model.blocks) == ("aux_loss", "v_first")
     cu_seqlens = torch.tensor([0, 3, 8, 11, 16], dtype=torch.int32)
-    starts = document_starts(cu_seqlens, 2, 8)
-    assert torch.equal(cu_seqlens_of(starts), cu_seqlens)
-    assert torch.equal(cu_seqlens_of(starts[1:]), torch.tensor([0, 3, 8], dtype=torch.int32))
+    starts = document_start_mask(cu_seqlens, 2, 8)
+    assert torch.equal(cu_seqlens_from_mask(starts), cu_seqlens)
+    assert torch.equal(cu_seqlens_from_mask(starts[1:]), torch.tensor([0, 3, 8], dtype=torch.int32))
 
 
 @pytest.mark.parametrize(
@@ -193,8 +192,8 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_starts(cu_seqlens, BATCH, SEQ)[mine]
-        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_of(starts), GRAD_CLIP)
+        starts = document_start_mask(cu_seqlens, BATCH, SEQ)[mine]
+        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_from_mask(starts), GRAD_CLIP)
         if loss is not None:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=mesh["dp_shard"].get_group())
             losses.append(loss.item())

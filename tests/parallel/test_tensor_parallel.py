@@ -6,6 +6,7 @@ rtol 1e-4, losses within 2e-5 (the same computation, split over heads: only the 
 sums over heads and vocabulary shards differs)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -13,15 +14,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from models.config import ModelConfig
+from models.mixers import PATTERN, SPECS
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
-from parallel.tp import TP_PLANS, add_aux_loss, apply_tensor_parallel, mixer_plan
+from parallel.tp import add_aux_loss, apply_tensor_parallel, layer_styles
 from pretrain.config import OptimConfig, ParallelConfig
 from pretrain.step import IGNORE_INDEX, lm_loss
 from tests.distributed import run_distributed
@@ -123,10 +125,22 @@ def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor], atol: fl
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=RTOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_covered_mixers() -> None:
-    assert set(TP_PLANS) == {"*", "M", "T", "G", "R", "O", "S"}
-    with pytest.raises(NotImplementedError, match=r"mixer 'X' has no tensor-parallel plan"):
-        mixer_plan("X")
+def test_every_mixer_and_mlp_declares_a_plan_that_places_every_parameter() -> None:
+    small = dict(rwkv7=dict(head_dim=8), mom=dict(num_heads=2, head_dim=8), sse=dict(num_heads=2, head_dim=8))
+    cfg = ModelConfig(pattern="".join(PATTERN), d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS | small)
+    for block in HybridLM(cfg).blocks:
+        for layer in (block.mixer, block.mlp):
+            assert layer_styles(layer, Replicate()), type(layer).__name__
+    with pytest.raises(NotImplementedError, match=r"RMSNorm declares no tensor-parallel plan"):
+        layer_styles(block.mixer_norm, Replicate())
+
+
+def test_a_plan_that_misses_a_parameter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    mixer = HybridLM(CONFIG).blocks[0].mixer
+    plan = type(mixer).tp_plan
+    monkeypatch.setattr(type(mixer), "tp_plan", dataclasses.replace(plan, colwise=plan.colwise[1:]))
+    with pytest.raises(ValueError, match=r"tensor-parallel plan does not place"):
+        layer_styles(mixer, Replicate())
 
 
 def single_process(cfg: ModelConfig) -> tuple:
@@ -174,7 +188,7 @@ def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
         (dict(tp=4), with_mixers("T", deltanet=dict(num_heads=2)), 4, r"mixers.deltanet.num_heads \(2\)"),
         (dict(tp=4), with_mixers("G", gated_deltanet=dict(num_heads=2, num_v_heads=4)), 4, r"mixers.gated_deltanet.num_heads \(2\)"),
         (dict(tp=4), ModelConfig(pattern="R", d_model=48, mixers=dict(rwkv7=dict(head_dim=8))), 4,
-         r"RWKV-7 heads \(d_model / mixers.rwkv7.head_dim = 6\) must be divisible by parallel.tp \(4\)"),
+         r"RWKV-7 heads \(d_model / mixers.rwkv7.head_dim\) \(6\) must be divisible by parallel.tp \(4\)"),
         (dict(tp=4), ModelConfig(pattern="R", d_model=32, mixers=dict(rwkv7=dict(head_dim=8, channel_mix_hidden=34))), 4,
          r"mixers.rwkv7.channel_mix_hidden \(34\)"),
         (dict(tp=4), ModelConfig(pattern="O", d_model=32, mixers=dict(mom=dict(num_heads=2))), 4, r"mixers.mom.num_heads \(2\)"),
@@ -190,8 +204,8 @@ def test_invalid_layouts(parallel: dict, model: ModelConfig, world_size: int, me
 
 
 def test_mixer_without_plan_is_a_layout_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(TP_PLANS, "T")
-    with pytest.raises(ParallelError, match=r"mixer 'T' has no tensor-parallel plan"):
+    monkeypatch.setattr(SPECS["deltanet"].module, "tp_plan", None)
+    with pytest.raises(ParallelError, match=r"mixer deltanet declares no tensor-parallel plan"):
         validate_layout(ParallelConfig(tp=2), CONFIG, 2)
     validate_layout(ParallelConfig(tp=1), CONFIG, 2)  # no plan needed without TP
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.mixers.packing import document_ids
 
 
 @dataclass(frozen=True)
@@ -36,18 +35,10 @@ class Routes:
         return o.new_zeros(n_tokens, *o.shape[1:]).index_add(0, self.token, weighted)
 
 
-def documents_of_tokens(batch: int, length: int, cu_seqlens: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
-    """The document index of each of the B*T flat tokens (a batch row is a document unless
-    cu_seqlens packs several), and the number of documents."""
-    if cu_seqlens is None:
-        return torch.arange(batch, device=device).repeat_interleave(length), batch
-    return document_ids(cu_seqlens, batch * length), cu_seqlens.numel() - 1
-
-
 class TopKRouter(nn.Linear):
     """A softmax router (no bias) choosing each token's k most probable memories. A module, so
     that tensor parallelism can replicate it and sum the gradient of the chosen probabilities,
-    which weight read-outs of each rank's own heads (parallel.tp.routing)."""
+    which weight read-outs of each rank's own heads (parallel/tp/)."""
 
     def __init__(self, d_model: int, n_memories: int, k: int):
         super().__init__(d_model, n_memories, bias=False)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.mixers.packing import positions_in_documents
+from models.packing import positions_in_documents
 
 
 class ShortConv(nn.Conv1d):

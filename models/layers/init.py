@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from models.config import ModelConfig
+if TYPE_CHECKING:
+    from models.config import ModelConfig
 
 
 def no_weight_decay(*params: nn.Parameter) -> None:
@@ -47,13 +48,3 @@ def init_decay_(
     dt = log_dt.exp().clamp(min=dt_floor)
     dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     no_weight_decay(A_log, dt_bias)
-
-
-@torch.no_grad()
-def store_head_major_(param: Tensor, widths: Sequence[int], heads: int) -> None:
-    """Reorder dim 0 of a freshly initialised fused `param` from part-major ([part_0 of every
-    head | part_1 of every head | ...], `widths` rows each) to head-major ([part_0 | part_1 | ...]
-    for each head), so that a slice of whole heads is the same mixer with fewer heads (what a
-    tensor-parallel rank holds). Drawn part by part first: the values a seed gives are kept."""
-    parts = [part.unflatten(0, (heads, -1)) for part in param.split(list(widths))]
-    param.copy_(torch.cat(parts, dim=1).flatten(0, 1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.mixers.conv import ShortConv
+from models.layers.conv import ShortConv
 
 
 def projection_flops(mixer: nn.Module) -> float:

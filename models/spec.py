@@ -1,0 +1,97 @@
+"""What a mixer declares to the rest of ebb, once, in its own file.
+
+A mixer's file holds its config class (a `MixerConfig`: its section under `model.mixers`, with
+its own shape checks), its module (a `Mixer`) and `SPEC = MixerSpec(config, module, mlp)`. One
+line in `models/mixers/__init__.py` maps a pattern character to the file. From the module the
+framework reads:
+- `forward(x, cu_seqlens=None, cache=None, carry=None)`: x [B, T, d_model] -> [B, T, d_model];
+  `cu_seqlens` packs documents, `cache` makes the call a prefill or decode step, `carry` is the
+  dict of tensors that cross blocks (and pipeline stages);
+- `carry_writes`: the carry entries its forward writes;
+- `flops_per_token(seq_len)`: forward FLOPs counted from its own algorithm;
+- `tp_plan`: how tensor parallelism splits it, as data (`TensorParallelPlan`) that
+  `parallel/tp/` turns into DTensor styles; the mixer itself never sees torch.distributed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor, nn
+
+from common.config import Strict
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+ParameterNames = Mapping[str, tuple[str, ...]]  # module path within the layer ('' = itself) -> parameter names
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How tensor parallelism splits a layer (a mixer or an MLP) over the ranks.
+
+    Module paths are relative to the layer and may be fnmatch globs (`memories.*`); a path that
+    matches nothing in a built layer is skipped (optional pieces). Every parameter of the layer
+    must be named by exactly one entry: `parallel/tp/` refuses a layer with an unplanned one.
+    - `colwise`: Linear children split by output feature (per-head projections); their outputs
+      hold this rank's heads.
+    - `rowwise`: Linear children split by input feature, whose outputs are summed over ranks
+      (the projection back to the residual stream).
+    - `sharded`: parameters used directly, split on dim 0 (per head or per channel).
+    - `replicated`: whole on every rank, applied to replicated activations: every rank computes
+      their whole gradient.
+    - `summed`: whole on every rank but applied to this rank's heads only: their gradients are
+      summed over the ranks.
+    - `routers`: top-k routers, replicated; the gradient of their chosen probabilities (which
+      weight this rank's heads' read-outs) is summed over the ranks.
+    """
+
+    colwise: tuple[str, ...] = ()
+    rowwise: tuple[str, ...] = ("out_proj",)
+    sharded: ParameterNames = field(default_factory=dict)
+    replicated: ParameterNames = field(default_factory=dict)
+    summed: ParameterNames = field(default_factory=dict)
+    routers: tuple[str, ...] = ()
+
+
+class MixerConfig(Strict):
+    """A mixer's section under `model.mixers`."""
+
+    def check_shapes(self, model: ModelConfig) -> None:
+        """Raise ValueError naming the key when the mixer cannot be built at `model`'s width."""
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """The counts tensor parallelism splits, by the key (or expression) that sets them: `tp`
+        must divide each."""
+        return {}
+
+
+class Mixer(nn.Module):
+    """Base of every mixer: built as `Mixer(cfg: ModelConfig, layer_idx)`; see the module docs."""
+
+    tp_plan: ClassVar[TensorParallelPlan]
+    carry_writes: tuple[str, ...] = ()
+
+    def forward(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None, carry: dict | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> float:
+        raise NotImplementedError
+
+
+MLPBuilder = Callable[["ModelConfig", int], nn.Module]
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """A mixer as the framework sees it. `mlp` builds the block's MLP when the mixer brings its
+    own (RWKV-7's channel-mix), None for the model's SwiGLU. Every MLP is built as
+    `mlp(cfg, layer_idx)`, runs as `forward(x, cu_seqlens=None, cache=None)` and has a `tp_plan`."""
+
+    config: type[MixerConfig]
+    module: type[Mixer]
+    mlp: MLPBuilder | None = None
