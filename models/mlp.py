@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 
 class SwiGLU(nn.Module):
-    """Built, like every MLP, as `MLP(cfg, layer_idx)`; split by hidden unit under tensor
-    parallelism."""
+    """Built, like every MLP, as `MLP(cfg, layer_idx)` and initialised by the model's
+    `reset_parameters` (after the embedding); split by hidden unit under tensor parallelism."""
 
     tp_plan = TensorParallelPlan(colwise=("gate_proj", "up_proj"), rowwise=("down_proj",))
 
@@ -27,7 +27,6 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d, hidden, bias=False)
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """N(0, init_std); the down-projection also / sqrt(residual branches) (GPT-2)."""

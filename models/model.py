@@ -62,14 +62,17 @@ class HybridLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Embeddings and an untied head ~ N(0, init_std). Each mixer and MLP initialises itself
-        (as its paper does) when built."""
+        """Embeddings and an untied head ~ N(0, init_std), then every MLP's own init. Each mixer
+        initialises itself (as its paper does) when built."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            if block.mlp is not None:
+                block.mlp.reset_parameters()
 
     def forward(
         self,
@@ -99,6 +102,6 @@ class HybridLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token, counted per mixer from its own algorithm (DESIGN.md)."""
+        """Forward FLOPs per token, counted per mixer from its own algorithm (docs/design.md section 11)."""
         blocks = sum(block.flops_per_token(seq_len) for block in self.blocks)
         return blocks + 2.0 * self.cfg.d_model * self.cfg.vocab_size

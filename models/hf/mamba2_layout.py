@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.mixers.mamba2 import group_widths, split_groups
+from models.layers.fused import split_groups
+from models.mixers.mamba2 import group_widths
 
 def _widths_by_name(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> dict[str, list[int]]:
     """The per-group part widths along dim 0 of each reordered parameter."""

@@ -1,4 +1,4 @@
-"""Initialisers shared by the mixers (specs/layers.md, "Init" of each section)."""
+"""Initialisers shared by the mixers (docs/layers.md, "Init" of each section)."""
 from __future__ import annotations
 
 import math

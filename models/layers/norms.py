@@ -1,4 +1,4 @@
-"""RMSNorm and the two gated RMSNorms of specs/layers.md section 0."""
+"""RMSNorm and the two gated RMSNorms of docs/layers.md section 0."""
 from __future__ import annotations
 
 import torch

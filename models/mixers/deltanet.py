@@ -1,4 +1,4 @@
-"""DeltaNet mixer, specs/layers.md section 2 (fla `DeltaNet`, with negative eigenvalues as an
+"""DeltaNet mixer, docs/layers.md section 2 (fla `DeltaNet`, with negative eigenvalues as an
 option): S_t = S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t / sqrt(d_k)."""
 from __future__ import annotations
 

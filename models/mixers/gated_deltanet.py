@@ -1,4 +1,4 @@
-"""Gated DeltaNet mixer, specs/layers.md section 3 (fla `GatedDeltaNet`):
+"""Gated DeltaNet mixer, docs/layers.md section 3 (fla `GatedDeltaNet`):
 S_t = alpha_t S_{t-1}(I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t / sqrt(d_k),
 log alpha_t = -exp(A_log) softplus(a_t + dt_bias). With GVA (num_v_heads > num_heads) each
 q/k head serves num_v_heads / num_heads consecutive value heads."""

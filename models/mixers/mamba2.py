@@ -1,4 +1,4 @@
-"""Mamba2 (SSD) mixer, specs/layers.md section 1.
+"""Mamba2 (SSD) mixer, docs/layers.md section 1.
 
 Parameter names are those of transformers' `Mamba2Mixer` (and mamba_ssm). The in_proj rows are
 stored group-major, [z_g | x_g | B_g | C_g | dt_g] for each group g, and the conv channels

@@ -1,4 +1,4 @@
-"""Mixture-of-Memories (MoM, arXiv 2502.13685), specs/layers.md section 5: M Gated DeltaNet
+"""Mixture-of-Memories (MoM, arXiv 2502.13685), docs/layers.md section 5: M Gated DeltaNet
 memories, each token routed to its top-k by a softmax router, plus an optional shared memory that
 sees every token."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 class MoMConfig(GatedDecayConfig, MixerConfig):
-    """Mixture-of-Memories (specs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
+    """Mixture-of-Memories (docs/layers.md section 5): Gated DeltaNet memories, top-k routed."""
 
     num_memories: int = Field(4, gt=0)
     topk: int = Field(2, gt=0)

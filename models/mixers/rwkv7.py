@@ -1,4 +1,4 @@
-"""RWKV-7 "Goose" time-mix (pattern character R) and the RWKV channel-mix, specs/layers.md
+"""RWKV-7 "Goose" time-mix (pattern character R) and the RWKV channel-mix, docs/layers.md
 section 4 (BlinkDL's `RWKV_Tmix_x070` / `RWKV_CMix_x070`).
 
 Per head (N = head_dim) the state follows S_t = S_{t-1}(diag(w_t) - kappa_t (a_t o kappa_t)^T)
@@ -86,7 +86,7 @@ def first_rwkv7_block(cfg: ModelConfig) -> int:
 
 
 class RWKV7Config(MixerConfig):
-    """RWKV-7 time-mix (specs/layers.md section 4); LoRA ranks None = the official rule
+    """RWKV-7 time-mix (docs/layers.md section 4); LoRA ranks None = the official rule
     max(32, round(m sqrt(d_model) / 32) * 32), m = 2.5 (decay, a) and 1.7 (value residual) times
     head_dim / 64, m = 5 (output gate)."""
 
@@ -156,7 +156,7 @@ class RWKV7(Mixer):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The official RWKV-7 init (specs/layers.md 4d)."""
+        """The official RWKV-7 init (docs/layers.md 4d)."""
         d, N = self.w0.numel(), self.head_dim
         r01, r10 = depth_ratios(self.layer_idx, self.n_layers)
         n = torch.arange(d, dtype=torch.float64)
@@ -237,7 +237,6 @@ class RWKV7ChannelMix(nn.Module):
         self.mu_k = nn.Parameter(torch.empty(d))
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

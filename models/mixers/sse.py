@@ -1,4 +1,4 @@
-"""Sparse State Expansion (SSE, arXiv 2507.16577), SSEGDN form, specs/layers.md section 6: a
+"""Sparse State Expansion (SSE, arXiv 2507.16577), SSEGDN form, docs/layers.md section 6: a
 dense Gated DeltaNet state plus N state partitions with shared parameters, each token writing to
 and reading from its top-k partitions."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Stream(NamedTuple):
 
 
 class SSEConfig(GatedDecayConfig, MixerConfig):
-    """Sparse State Expansion, SSEGDN form (specs/layers.md section 6)."""
+    """Sparse State Expansion, SSEGDN form (docs/layers.md section 6)."""
 
     num_partitions: int = Field(4, gt=0)
     topk: int = Field(1, gt=0, description="partitions each token writes to and reads from")
@@ -66,7 +66,7 @@ class SSE(Mixer):
     router choices e_t = softmax(W_e x_t) include n. q, k, v pass through SiLU and q, k are
     l2-normalised; an optional short convolution (no activation) acts on q1, k1.
 
-    Routing weight (ebb differs from the reference here, spec section 9): the reference scales
+    Routing weight (ebb differs from the reference here, docs/layers.md 9b): the reference scales
     q2 and k2 by e_tn before the l2 norm, which cancels it, so W_e learns only from the aux loss.
     Here the partitions see the normalised q2, k2 unscaled and each partition's read-out is
     multiplied by e_tn afterwards:
@@ -76,7 +76,7 @@ class SSE(Mixer):
     Two computations of the same result (`impl`): "varlen" runs every (partition, document)
     token stream and the dense stream as segments of one chunked call (the routed work only);
     "mask" runs N+1 head copies with q, k, v, g, beta zeroed where a partition is not selected
-    (N+1 times the dense work; a reference). Aux loss (spec 6b), added to carry["aux_loss"]:
+    (N+1 times the dense work; a reference). Aux loss (docs/layers.md 6b), added to carry["aux_loss"]:
     aux_loss_scale * N/k sum_n mean_t(e_tn) mean_t(selected_tn).
     """
 

@@ -200,7 +200,7 @@ def rwkv7_block(layer_idx: int, pattern: str = "RTR", **options) -> RWKV7:
 
 
 def time_mix_by_the_papers(m: RWKV7, x: torch.Tensor, v_first: torch.Tensor) -> torch.Tensor:
-    """specs/layers.md 4a-b token by token for one sequence x [T, C], the state in the papers'
+    """docs/layers.md 4a-b token by token for one sequence x [T, C], the state in the papers'
     layout [V, K] and the decay in its softplus form w = exp(-exp(-softplus(-d) - 0.5))."""
     H, N = m.r_k.shape
     lora = lambda l, x: l.up.weight @ (l.activation or (lambda h: h))(l.down.weight @ x)  # noqa: E731
