@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.model import HybridLM
-from pretrain.flops import measure_matmul_peak
+from pretrain.peak_flops import measure_matmul_peak
 
 SHAPE = dict(d_model=512, n_layers=4, d_state=64, head_dim=64, expand=2, chunk_size=64, vocab_size=256)
 

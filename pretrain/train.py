@@ -26,7 +26,7 @@ from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import DataError, build_data
 from pretrain.data.loader import mixture_record
-from pretrain.flops import peak_flops
+from pretrain.peak_flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, parallelize, start
 from pretrain.runtime import Runtime, set_up

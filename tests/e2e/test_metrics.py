@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, LoggingConfig
-from pretrain.flops import gpu_peak_flops, measure_matmul_peak
+from pretrain.peak_flops import gpu_peak_flops, measure_matmul_peak
 from pretrain.metrics import MetricsLogger, Throughput
 
 QUIET = LoggingConfig(tensorboard=False, progress=False)
