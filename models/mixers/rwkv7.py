@@ -13,8 +13,8 @@ carry entry (`carry_writes`).
 Initialisation is the official one (4d), with l = the block's index in the whole stack and
 L = the number of blocks (model.init_std and rescale_residual do not apply; out_proj starts at
 zero). The per-channel vectors (mu, w0, a0, v0, k_k, k_a, r_k) skip weight decay; the official
-recipe also gives w0 twice the learning rate, which ebb does not do (no per-parameter LR
-multipliers).
+recipe also gives w0 twice the learning rate: an `optim.overrides` entry with `lr_scale: 2.0`
+does that (README).
 """
 from __future__ import annotations
 
