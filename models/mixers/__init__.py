@@ -21,6 +21,7 @@ PATTERN: dict[str, str] = {  # pattern character -> mixer name (its file, and it
     "R": "rwkv7",
     "O": "mom",
     "S": "sse",
+    "P": "gated_deltaproduct",
 }
 
 SPECS: dict[str, MixerSpec] = {name: import_module(f"models.mixers.{name}").SPEC for name in PATTERN.values()}

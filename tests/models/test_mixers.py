@@ -27,7 +27,6 @@ SMALL = {
     "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
     "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
 }
-SECTION = {"*": "attention", "M": "mamba2", "T": "deltanet", "G": "gated_deltanet", "R": "rwkv7", "O": "mom", "S": "sse"}
 
 # (pattern character, overrides of its config section): every option that changes the math
 CASES = [
@@ -48,7 +47,7 @@ def small_config(kind: str, d_model: int = D_MODEL, **options) -> ModelConfig:
     """A one-block model config; init_std 0.2 without residual rescaling keeps outputs O(1), so
     absolute tolerances mean what they say."""
     mixers = {name: dict(section) for name, section in SMALL.items()}
-    mixers[SECTION[kind]].update(options)
+    mixers.setdefault(PATTERN[kind], {}).update(options)  # a mixer without a SMALL entry: its defaults
     return ModelConfig(pattern=kind, d_model=d_model, init_std=0.2, rescale_residual=False, mixers=mixers)
 
 

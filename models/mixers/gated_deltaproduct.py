@@ -1,0 +1,161 @@
+"""Gated DeltaProduct mixer, specs/layers.md section 10 (Siems et al., DeltaProduct; fla
+`GatedDeltaProduct`): every token takes n_h = `num_householder` steps of the Gated DeltaNet
+update, each with its own key, value and write strength, the decay applied at the first:
+
+    S_{t,0} = S_{t-1};  S_{t,j} = a_{t,j} S_{t,j-1} (I - beta_{t,j} k_{t,j} k_{t,j}^T) + beta_{t,j} v_{t,j} k_{t,j}^T,
+    a_{t,1} = alpha_t (GDN's gate), a_{t,j>1} = 1;  S_t = S_{t,n_h};  o_t = S_t q_t / sqrt(d_k).
+
+The transition of a token is a product of n_h generalised Householder matrices: with negative
+eigenvalues (beta in (0, 2), on by default as in fla) it can be a rotation, which one step per
+token cannot, hence state tracking (permutations, modular counting) that Gated DeltaNet lacks.
+n_h = 1 is exactly Gated DeltaNet.
+
+Computation: time is expanded to T * n_h steps (token t's step j at t * n_h + j - 1) and the
+chunked gated delta rule runs on it with g at each token's first step (0 elsewhere) and q at its
+last step (zeros elsewhere); every n_h-th output is kept. Packed documents use cu_seqlens * n_h;
+a decode step of T tokens is an expansion of T * n_h steps from the cached state.
+
+Layout: k_proj, v_proj, b_proj and the k/v short convolutions store their n_h-times-wide rows
+head-major, [step_1 | ... | step_n_h] inside each head (fla stores them step-major, [head_1 |
+... | head_H] inside each step: permute rows (n, h, d) -> (h, n, d) to load fla weights). A
+contiguous slice of whole heads is then the same mixer with fewer heads, so tensor parallelism
+splits these colwise like every other per-head projection (DELTA_RULE_TP_PLAN)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from models.layers.conv import ShortConv
+from models.layers.delta_rule import DeltaRuleMixer
+from models.layers.flops import chunked_recurrence_flops, projection_flops
+from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.init import init_decay_
+from models.ops import chunk_gated_delta_rule
+from models.spec import MixerConfig, MixerSpec
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+
+
+class GatedDeltaProductConfig(GatedDecayConfig, MixerConfig):
+    num_heads: int = Field(4, gt=0, description="query/key heads")
+    num_v_heads: int | None = Field(None, gt=0, description="value heads (GVA); a multiple of num_heads")
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    use_short_conv: bool = True
+    conv_size: int = Field(4, gt=0)
+    num_householder: int = Field(2, gt=0, description="n_h: Householder steps (keys, values, betas) per token")
+    allow_neg_eigval: bool = Field(True, description="beta in (0, 2): each step's eigenvalues in [-1, 1]")
+
+    @model_validator(mode="after")
+    def _gva(self) -> "GatedDeltaProductConfig":
+        if self.num_v_heads is not None and self.num_v_heads % self.num_heads:
+            raise ValueError(
+                f"num_v_heads ({self.num_v_heads}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+    def check_shapes(self, model: ModelConfig) -> None:
+        if self.expand_v * self.head_dim != int(self.expand_v * self.head_dim):
+            raise ValueError(
+                f"mixers.gated_deltaproduct.expand_v ({self.expand_v}) times head_dim ({self.head_dim}) "
+                "must be a whole number"
+            )
+
+    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+        """num_v_heads is a multiple of num_heads, so it divides too."""
+        return {"mixers.gated_deltaproduct.num_heads": self.num_heads}
+
+
+def chunk_gated_delta_product(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """The gated delta product through the chunked gated delta rule on the expanded sequence.
+
+    q [B, T, H, K], k [B, T, n_h, H, K], v [B, T, n_h, H, V], g [B, T, H], beta [B, T, n_h, H];
+    returns o [B, T, H, V] and the final state [N, H, K, V] (fla's layouts otherwise).
+    """
+    B, T, n = k.shape[:3]
+    # token t's steps sit at t * n + j: the read after the last step, the decay at the first
+    q_steps = torch.cat([q.new_zeros(B, T, n - 1, *q.shape[2:]), q[:, :, None]], dim=2)
+    g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, *g.shape[2:])], dim=2)
+    o, state = chunk_gated_delta_rule(
+        q_steps.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), g_steps.flatten(1, 2), beta.flatten(1, 2),
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens * n, chunk_size=chunk_size,
+    )
+    return o.unflatten(1, (T, n))[:, :, -1], state
+
+
+class GatedDeltaProduct(DeltaRuleMixer):
+    """Gated DeltaNet's projections, gates and output (DeltaRuleMixer), with k, v and beta n_h
+    times as wide (head-major, see the module docs) and the product op above."""
+
+    op = staticmethod(chunk_gated_delta_product)
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        c = cfg.mixers.gated_deltaproduct
+        v_heads = c.num_v_heads or c.num_heads
+        head_v_dim = int(c.expand_v * c.head_dim)
+        super().__init__(
+            cfg, c.num_heads, v_heads, c.head_dim, head_v_dim,
+            c.use_short_conv, c.conv_size, use_gate=True, norm_eps=c.norm_eps, chunk_size=c.chunk_size,
+        )
+        self.cfg = c
+        self.layer_idx = layer_idx
+        self.num_householder = n = c.num_householder
+        d = cfg.d_model
+        # the base built one key and value per token: n_h of each, rows [head, step, channel]
+        self.k_proj = nn.Linear(d, c.num_heads * n * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, v_heads * n * head_v_dim, bias=False)
+        if c.use_short_conv:
+            self.k_conv1d = ShortConv(self.k_proj.out_features, c.conv_size)
+            self.v_conv1d = ShortConv(self.v_proj.out_features, c.conv_size)
+        self.a_proj = nn.Linear(d, v_heads, bias=False)
+        self.b_proj = nn.Linear(d, v_heads * n, bias=False)  # [head, step]
+        self.A_log = nn.Parameter(torch.empty(v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(v_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As Gated DeltaNet (fla): Linear and conv ~ N(0, init_std); A ~ U(0, 16), dt_bias as Mamba2."""
+        c = self.cfg
+        super().reset_parameters()
+        init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
+
+    def recurrence_inputs(
+        self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """q [B, T, H_v, K], k [B, T, n_h, H_v, K] (q/k repeated to the value heads), v
+        [B, T, n_h, H_v, V], g = log alpha [B, T, H_v] and beta [B, T, n_h, H_v]. Head counts
+        are read from the projections' widths: under tensor parallelism they are this rank's."""
+        n = self.num_householder
+        q, k, v = self.qkv(x, cu_seqlens, cache)  # k, v [B, T, heads * n_h, D], head-major
+        k, v = (t.unflatten(2, (-1, n)).transpose(2, 3) for t in (k, v))
+        group = self.num_v_heads // self.num_heads
+        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=3)
+        g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
+        beta = write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)
+        return q, k, v, g, beta.unflatten(-1, (-1, n)).transpose(-1, -2)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections and convs, plus the chunked gated delta rule on n_h steps per token."""
+        n = self.num_householder
+        chunk = min(self.chunk_size, n * seq_len)
+        core = chunked_recurrence_flops(chunk, self.head_k_dim, self.head_v_dim, delta_rule=True)
+        return projection_flops(self) + n * self.num_v_heads * core
+
+
+SPEC = MixerSpec(GatedDeltaProductConfig, GatedDeltaProduct)
