@@ -30,10 +30,12 @@ With GVA each rank holds num_heads/tp q/k heads and the num_v_heads/tp value hea
 
 
 class DeltaRuleMixer(Mixer):
-    """What DeltaNet and Gated DeltaNet share: q, k, v projections (no bias), each followed by a
-    short convolution and SiLU, q and k l2-normalised per head; the chunked op (`op`, fed by the
+    """What the delta-rule mixers share: q, k, v projections (no bias), each followed by a short
+    convolution and SiLU, q and k l2-normalised per head; the chunked op (`op`, fed by the
     subclass's `recurrence_inputs`); the output RMSNorm per value head (gated by g_proj(x) when
-    `use_gate`) and out_proj. Subclasses add their gates and call reset_parameters() last."""
+    `use_gate`) and out_proj. With `steps` > 1 each token has that many keys and values (Gated
+    DeltaProduct), stored head-major: [step_1 | ... | step_n] inside each head. Subclasses add
+    their gates and call reset_parameters() last."""
 
     op: ClassVar[ChunkOp]
     tp_plan = DELTA_RULE_TP_PLAN
@@ -50,6 +52,7 @@ class DeltaRuleMixer(Mixer):
         use_gate: bool,
         norm_eps: float,
         chunk_size: int,
+        steps: int = 1,
     ):
         super().__init__()
         d = cfg.d_model
@@ -60,10 +63,10 @@ class DeltaRuleMixer(Mixer):
         self.chunk_size = chunk_size
         key_dim, value_dim = heads * head_k_dim, v_heads * head_v_dim
         self.q_proj = nn.Linear(d, key_dim, bias=False)
-        self.k_proj = nn.Linear(d, key_dim, bias=False)
-        self.v_proj = nn.Linear(d, value_dim, bias=False)
+        self.k_proj = nn.Linear(d, steps * key_dim, bias=False)
+        self.v_proj = nn.Linear(d, steps * value_dim, bias=False)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
-            ShortConv(width, conv_size) if use_short_conv else None for width in (key_dim, key_dim, value_dim)
+            ShortConv(width, conv_size) if use_short_conv else None for width in (key_dim, steps * key_dim, steps * value_dim)
         )
         self.g_proj = nn.Linear(d, value_dim, bias=False) if use_gate else None
         self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps) if use_gate else RMSNorm(head_v_dim, eps=norm_eps)

@@ -1,4 +1,4 @@
-"""Gated DeltaProduct mixer, specs/layers.md section 10 (Siems et al., DeltaProduct; fla
+"""Gated DeltaProduct mixer, docs/layers.md section 10 (Siems et al., DeltaProduct; fla
 `GatedDeltaProduct`): every token takes n_h = `num_householder` steps of the Gated DeltaNet
 update, each with its own key, value and write strength, the decay applied at the first:
 
@@ -28,7 +28,6 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from models.layers.conv import ShortConv
 from models.layers.delta_rule import DeltaRuleMixer
 from models.layers.flops import chunked_recurrence_flops, projection_flops
 from models.layers.gates import GatedDecayConfig, log_decay, write_strength
@@ -100,8 +99,8 @@ def chunk_gated_delta_product(
 
 
 class GatedDeltaProduct(DeltaRuleMixer):
-    """Gated DeltaNet's projections, gates and output (DeltaRuleMixer), with k, v and beta n_h
-    times as wide (head-major, see the module docs) and the product op above."""
+    """Gated DeltaNet's projections, gates and output (DeltaRuleMixer), with n_h keys, values
+    and betas per token (head-major, see the module docs) and the product op above."""
 
     op = staticmethod(chunk_gated_delta_product)
 
@@ -110,19 +109,13 @@ class GatedDeltaProduct(DeltaRuleMixer):
         v_heads = c.num_v_heads or c.num_heads
         head_v_dim = int(c.expand_v * c.head_dim)
         super().__init__(
-            cfg, c.num_heads, v_heads, c.head_dim, head_v_dim,
-            c.use_short_conv, c.conv_size, use_gate=True, norm_eps=c.norm_eps, chunk_size=c.chunk_size,
+            cfg, c.num_heads, v_heads, c.head_dim, head_v_dim, c.use_short_conv, c.conv_size,
+            use_gate=True, norm_eps=c.norm_eps, chunk_size=c.chunk_size, steps=c.num_householder,
         )
         self.cfg = c
         self.layer_idx = layer_idx
         self.num_householder = n = c.num_householder
         d = cfg.d_model
-        # the base built one key and value per token: n_h of each, rows [head, step, channel]
-        self.k_proj = nn.Linear(d, c.num_heads * n * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, v_heads * n * head_v_dim, bias=False)
-        if c.use_short_conv:
-            self.k_conv1d = ShortConv(self.k_proj.out_features, c.conv_size)
-            self.v_conv1d = ShortConv(self.v_proj.out_features, c.conv_size)
         self.a_proj = nn.Linear(d, v_heads, bias=False)
         self.b_proj = nn.Linear(d, v_heads * n, bias=False)  # [head, step]
         self.A_log = nn.Parameter(torch.empty(v_heads))
