@@ -4,7 +4,8 @@ COAT's range expansion) moments, chosen per parameter group (`optim/groups.py`).
 One update rule for every codec: decode the moments to fp32, take the AdamW step in fp32 on the
 parameter (or on its fp32 master copy), encode the moments back. Two faster routes do the same
 step: torch's fused/foreach AdamW kernels for fp32 states of fp32 parameters (torch's own state
-layout), and bitsandbytes' fused 8-bit kernel for int8 states on CUDA. DTensor parameters (FSDP2,
+layout), and a codec's own fused kernel where it has one that applies (`StateCodec.fused_update_`:
+bitsandbytes' 8-bit kernel for int8 states on CUDA). DTensor parameters (FSDP2,
 TP) are updated shard by shard; their states are DTensors placed like them (`optim/shards.py`).
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from torch.distributed.tensor import DTensor
 
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
-from optim.codecs.int8 import INT8, bnb_can_update, bnb_update_
 from optim.groups import GroupSettings, build_param_groups, wants_weight_decay
 from optim.shards import like_param, local
 
@@ -125,9 +125,7 @@ class AdamW(torch.optim.Optimizer):
         grad = local(_placed_like(p.grad, p)).to(target.dtype)
         m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
         hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-        if codec is INT8 and bnb_can_update(target):
-            bnb_update_(target, grad, m, v, step, **hyper)
-        else:
+        if not codec.fused_update_(target, grad, m, v, step, **hyper):
             work = target if target.dtype == torch.float32 else target.float()
             m_value, v_value = codec.decode(m, True), codec.decode(v, False)
             adamw_update_(work, grad.float(), m_value, v_value, step, **hyper)

@@ -76,26 +76,6 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return from_blocks(to_blocks(entries, BLOCK) * absmax.unsqueeze(-1), codes.shape)
 
 
-class Int8Codec(StateCodec):
-    name, block, suffixes = "int8", BLOCK, ("_int8", "_int8_absmax")
-
-    def zeros(self, local: Tensor) -> Parts:
-        codes = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
-        absmax = torch.zeros(scale_shape(local.shape, BLOCK), dtype=torch.float32, device=local.device)
-        return {"_int8": codes, "_int8_absmax": absmax}
-
-    def decode(self, parts: Parts, signed: bool) -> Tensor:
-        return dequantize(parts["_int8"], parts["_int8_absmax"], signed)
-
-    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
-        codes, absmax = quantize(value, signed)
-        parts["_int8"].copy_(codes)
-        parts["_int8_absmax"].copy_(absmax)
-
-
-INT8 = Int8Codec()
-
-
 def bnb_can_update(param: Tensor) -> bool:
     """bitsandbytes' fused CUDA kernel applies: installed, CUDA, blocks = its flat blocks.
     (On CPU its 8-bit update is unfused, like ours, and its quantiser's bin search is not
@@ -115,3 +95,31 @@ def bnb_update_(
         dynamic_map(True, param.device), dynamic_map(False, param.device),
         m["_int8_absmax"].view(-1), v["_int8_absmax"].view(-1), weight_decay=weight_decay,
     )
+
+
+class Int8Codec(StateCodec):
+    name, block, suffixes = "int8", BLOCK, ("_int8", "_int8_absmax")
+
+    def zeros(self, local: Tensor) -> Parts:
+        codes = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
+        absmax = torch.zeros(scale_shape(local.shape, BLOCK), dtype=torch.float32, device=local.device)
+        return {"_int8": codes, "_int8_absmax": absmax}
+
+    def decode(self, parts: Parts, signed: bool) -> Tensor:
+        return dequantize(parts["_int8"], parts["_int8_absmax"], signed)
+
+    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
+        codes, absmax = quantize(value, signed)
+        parts["_int8"].copy_(codes)
+        parts["_int8_absmax"].copy_(absmax)
+
+    def fused_update_(
+        self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> bool:
+        if not bnb_can_update(target):
+            return False
+        bnb_update_(target, grad, m, v, step, lr, betas, eps, weight_decay)
+        return True
+
+
+INT8 = Int8Codec()
