@@ -43,8 +43,9 @@ from checkpoint.modes import build_checkpointer
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
-from pretrain.config import CheckpointConfig, OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
+from pretrain.config import CheckpointConfig
 
 MODES = ("torch.save", "sync", "async", "lazy")
 
@@ -71,7 +72,7 @@ class Trainer:
         config = ModelConfig(pattern="*" * args.layers, d_model=args.d_model, vocab_size=args.vocab_size)
         self.model = HybridLM(config).to(self.device)
         self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.schedule = build_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
+        self.schedule = build_lr_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
         self.data = Position()
 
     def state_bytes(self) -> int:

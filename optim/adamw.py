@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim.adam import adam as torch_adam
@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
-from optim.groups import GroupSettings, build_param_groups, wants_weight_decay
+from optim.config import OptimConfig
+from optim.groups import build_param_groups, wants_weight_decay
 from optim.shards import like_param, local
 
 __all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
@@ -29,13 +30,6 @@ __all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
 # torch >= 2.4 (ebb needs >= 2.6) has fused AdamW kernels for both.
 FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the first is signed, the second never negative
-
-
-class AdamWSettings(GroupSettings, Protocol):
-    betas: tuple[float, float]
-    eps: float
-    fused: bool | None
-    master_weights: bool
 
 
 def fused_available(params: list[nn.Parameter]) -> bool:
@@ -168,7 +162,7 @@ def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:
     return group["state_dtype"] == "fp32" and p.dtype == torch.float32
 
 
-def build_optimizer(model: nn.Module, cfg: AdamWSettings) -> AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available."""
     groups = build_param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]

@@ -10,8 +10,9 @@ from checkpoint.errors import CheckpointError
 from checkpoint.manager import find_latest, resolve_checkpoint
 from checkpoint.modes import build_checkpointer
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
-from pretrain.config import CheckpointConfig, OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
+from pretrain.config import CheckpointConfig
 
 MODES = ["sync", "async", "lazy"]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process
@@ -50,7 +51,7 @@ def make_state(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
     optimizer = build_optimizer(model, OptimConfig())
-    schedule = build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
+    schedule = build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
     return model, optimizer, schedule, Position()
 
 

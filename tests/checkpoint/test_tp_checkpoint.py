@@ -22,7 +22,7 @@ from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.tp import apply_tensor_parallel
-from pretrain.config import OptimConfig
+from optim.config import OptimConfig
 from tests.distributed import run_distributed
 
 TP, BATCH, SEQ, VOCAB, TOL = 2, 2, 16, 64, 1e-5

@@ -30,7 +30,8 @@ from parallel.pipeline import (
     stage_block_ranges,
     stages_of_rank,
 )
-from pretrain.config import ConfigError, OptimConfig, ParallelConfig, build_config
+from optim.config import OptimConfig
+from pretrain.config import ConfigError, ParallelConfig, build_config
 from pretrain.step import lm_loss
 from tests.distributed import run_distributed
 
