@@ -23,7 +23,7 @@ from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
 from optim.config import OptimConfig
 from optim.groups import build_param_groups, wants_weight_decay
-from optim.shards import like_param, local
+from optim.shards import like_param, local_shard
 
 __all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
 
@@ -92,7 +92,7 @@ class AdamW(torch.optim.Optimizer):
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
         state = self.state[p]
         if not state:
-            shard = local(p)
+            shard = local_shard(p)
             on_device = group["fused"] and _by_torch(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device if on_device else "cpu")
             for moment in MOMENTS:
@@ -115,8 +115,8 @@ class AdamW(torch.optim.Optimizer):
         state = self._state(p, group, codec)
         state["step"] += 1
         step = int(state["step"].item())
-        target = local(state["master"]) if "master" in state else local(p)
-        grad = local(_placed_like(p.grad, p)).to(target.dtype)
+        target = local_shard(state["master"]) if "master" in state else local_shard(p)
+        grad = local_shard(_placed_like(p.grad, p)).to(target.dtype)
         m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
         hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         if not codec.fused_update_(target, grad, m, v, step, **hyper):
@@ -128,12 +128,12 @@ class AdamW(torch.optim.Optimizer):
             if work is not target:
                 target.copy_(work)
         if "master" in state:
-            local(p).copy_(target)
+            local_shard(p).copy_(target)
 
     @staticmethod
     def _parts(state: dict[str, Tensor], moment: str, codec: StateCodec) -> Parts:
         """The local tensors of one moment's parts, keyed by suffix."""
-        return {suffix: local(state[moment + suffix]) for suffix in codec.suffixes}
+        return {suffix: local_shard(state[moment + suffix]) for suffix in codec.suffixes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts every floating state tensor to its parameter's dtype, which would
@@ -145,8 +145,8 @@ class AdamW(torch.optim.Optimizer):
         for saved_id, (p, group) in zip(saved_ids, owned):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
-                step_device = local(p).device if _by_torch(p, group) and group["fused"] else "cpu"
-                self.state[p] = {key: value.to(step_device if key == "step" else local(p).device) for key, value in saved.items()}
+                step_device = local_shard(p).device if _by_torch(p, group) and group["fused"] else "cpu"
+                self.state[p] = {key: value.to(step_device if key == "step" else local_shard(p).device) for key, value in saved.items()}
 
 
 def _placed_like(grad: Tensor, p: Tensor) -> Tensor:
