@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from common.config import Strict
 from models.config import ModelConfig
 from optim.config import OptimConfig
+from parallel.config import ActivationCheckpointing, ParallelConfig
 
 
 class ConfigError(ValueError):
@@ -86,40 +87,10 @@ class TrainConfig(Strict):
     stop_at_step: int | None = Field(
         None, gt=0, description="end this invocation after this step, as if preempted (the schedule still spans steps); continue with --resume"
     )
-    activation_checkpoint: Literal["none", "full", "selective"] = Field(
-        "none", description="recompute block activations in backward: full = every block, selective = every k-th"
+    activation_checkpoint: ActivationCheckpointing = Field(
+        "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
-
-
-class ParallelConfig(Strict):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    dp_shard: int = Field(-1, ge=-1)
-    dp_replicate: int = Field(1, ge=1)
-    cp: Literal[1] = 1
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
-        "1f1b", description="torch.distributed.pipelining schedule"
-    )
-    pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
-    pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
-    fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
-    sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals sharded over the sequence")
-
-    @property
-    def microbatches(self) -> int:
-        return self.pp_microbatches or self.pp
-
-    @model_validator(mode="after")
-    def _virtual_stages_fit_schedule(self) -> "ParallelConfig":
-        interleaved = self.pp_schedule in ("interleaved_1f1b", "zero_bubble")
-        if interleaved and self.pp_virtual_stages < 2:
-            raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
-        if not interleaved and self.pp_virtual_stages != 1:
-            raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
-        if self.sequence_parallel and (self.tp == 1 or self.pp > 1):
-            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 yet")
-        return self
 
 
 class CheckpointConfig(Strict):

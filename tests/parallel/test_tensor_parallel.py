@@ -23,7 +23,7 @@ from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
 from parallel.tp import TP_PLANS, add_aux_loss, apply_tensor_parallel, mixer_plan
 from optim.config import OptimConfig
-from pretrain.config import ParallelConfig
+from parallel.config import ParallelConfig
 from pretrain.step import IGNORE_INDEX, lm_loss
 from tests.distributed import run_distributed
 
