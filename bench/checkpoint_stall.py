@@ -38,16 +38,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from checkpoint.checkpointer import Checkpointer
-from checkpoint.modes import build_checkpointer
+from checkpoint import MODES as CHECKPOINT_MODES, CheckpointConfig, Checkpointer, build_checkpointer
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from optim.schedules import build_lr_schedule
-from pretrain.config import CheckpointConfig
 
-MODES = ("torch.save", "sync", "async", "lazy")
+MODES = ("torch.save", *CHECKPOINT_MODES)
 
 
 class Position:

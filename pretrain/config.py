@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from checkpoint import CheckpointConfig
 from common.config import Strict
 from models.config import ModelConfig
 from optim.config import OptimConfig
@@ -44,23 +45,6 @@ class TrainConfig(Strict):
         "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
-
-
-class CheckpointConfig(Strict):
-    interval: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
-    mode: Literal["sync", "async", "lazy"] = Field(
-        "lazy", description="sync: DCP save, blocking; async: DCP async_save; lazy: copy during the next forward/backward, stream to storage"
-    )
-    keep_last: int = Field(2, ge=1)
-    dir: str | None = Field(None, description="None = <run_dir>/checkpoints")
-    save_final: bool = True
-    on_error: Literal["warn", "fail"] = Field(
-        "fail", description="a checkpoint that cannot be written: fail = stop the run (exit code 2), warn = print and keep training"
-    )
-    when_busy: Literal["wait", "skip"] = Field(
-        "wait", description="a request while the previous checkpoint is still being written: wait for it, or skip this one (logged)"
-    )
-    host_buffer_gb: float = Field(64.0, gt=0, description="lazy mode: most host memory per process for staging one checkpoint, in GiB")
 
 
 class LoggingConfig(Strict):

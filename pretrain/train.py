@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint.errors import CheckpointError
-from checkpoint.manager import find_latest
-from checkpoint.modes import build_checkpointer
+from checkpoint import CheckpointError, build_checkpointer, find_latest
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.schedules import build_lr_schedule

@@ -4,15 +4,12 @@ import random
 import pytest
 import torch
 
-from checkpoint import manifest
-from checkpoint.checksum import ALGORITHM, file_checksum
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, manifest
 from checkpoint.manager import find_latest, resolve_checkpoint
-from checkpoint.modes import build_checkpointer
+from checkpoint.storage import ALGORITHM, file_checksum
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from optim.schedules import build_lr_schedule
-from pretrain.config import CheckpointConfig
 
 MODES = ["sync", "async", "lazy"]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process

@@ -12,12 +12,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from checkpoint import dcp, manager
+from checkpoint import CheckpointConfig, build_checkpointer, dcp, manager
 from checkpoint.manager import committed_checkpoints
-from checkpoint.modes import build_checkpointer
 from optim.config import OptimConfig
 from optim.schedules import build_lr_schedule
-from pretrain.config import CheckpointConfig
 from tests.distributed import run_distributed
 from tests.checkpoint.test_checkpoint import Position
 

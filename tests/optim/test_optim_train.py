@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointError
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
