@@ -1,13 +1,16 @@
 """Run configuration: one YAML file with sections model, data, train, optim, parallel,
 checkpoint, logging, validated by pydantic; `key.sub=value` overrides from the command line.
 
-Every problem becomes a `ConfigError` whose message is one line naming the key.
+Each package owns its section (models/config.py, pretrain/data/config.py, optim/config.py,
+parallel/config.py, checkpoint/config.py), names chosen from a registry validated against it;
+`train` and `logging` are here, with `RunConfig`, which composes them and checks what spans
+sections. Every problem becomes a `ConfigError` whose message is one line naming the key.
 """
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -92,14 +95,21 @@ class RunConfig(Strict):
         return self
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds: the annotation itself, or one inside a list or an Optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _section(arg)) is not None), None)
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed at `loc` (the parent of a rejected key), for close-match suggestions."""
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections
+            continue
+        model = _section(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if model is None:
             return []
-        model = ann
     return list(model.model_fields)
 
 
