@@ -5,8 +5,8 @@ One update rule for every codec: decode the moments to fp32, take the AdamW step
 parameter (or on its fp32 master copy), encode the moments back. Two faster routes do the same
 step: torch's fused/foreach AdamW kernels for fp32 states of fp32 parameters (torch's own state
 layout), and a codec's own fused kernel where it has one that applies (`StateCodec.fused_update_`:
-bitsandbytes' 8-bit kernel for int8 states on CUDA). DTensor parameters (FSDP2,
-TP) are updated shard by shard; their states are DTensors placed like them (`optim/shards.py`).
+bitsandbytes' 8-bit kernel for int8 states on CUDA). DTensor parameters (FSDP2, TP) are updated
+shard by shard; their states are DTensors placed like them (`optim/shards.py`).
 """
 from __future__ import annotations
 

@@ -76,27 +76,6 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return from_blocks(to_blocks(entries, BLOCK) * absmax.unsqueeze(-1), codes.shape)
 
 
-def bnb_can_update(param: Tensor) -> bool:
-    """bitsandbytes' fused CUDA kernel applies: installed, CUDA, blocks = its flat blocks.
-    (On CPU its 8-bit update is unfused, like ours, and its quantiser's bin search is not
-    exactly nearest-entry: the pure-PyTorch path is used there.)"""
-    return (
-        param.is_cuda and param.is_contiguous() and param.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and param.shape[-1] % BLOCK == 0 and _bnb_functional() is not None
-    )
-
-
-def bnb_update_(
-    param: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
-) -> None:
-    """One AdamW step by bitsandbytes' fused blockwise kernel, on our state tensors in place."""
-    _bnb_functional().optimizer_update_8bit_blockwise(
-        "adam", grad.contiguous(), param, m["_int8"], v["_int8"], betas[0], betas[1], 0.0, 0.0, eps, step, lr,
-        dynamic_map(True, param.device), dynamic_map(False, param.device),
-        m["_int8_absmax"].view(-1), v["_int8_absmax"].view(-1), weight_decay=weight_decay,
-    )
-
-
 class Int8Codec(StateCodec):
     name, block, suffixes = "int8", BLOCK, ("_int8", "_int8_absmax")
 
@@ -123,3 +102,24 @@ class Int8Codec(StateCodec):
 
 
 INT8 = Int8Codec()
+
+
+def bnb_can_update(param: Tensor) -> bool:
+    """bitsandbytes' fused CUDA kernel applies: installed, CUDA, blocks = its flat blocks.
+    (On CPU its 8-bit update is unfused, like ours, and its quantiser's bin search is not
+    exactly nearest-entry: the pure-PyTorch path is used there.)"""
+    return (
+        param.is_cuda and param.is_contiguous() and param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and param.shape[-1] % BLOCK == 0 and _bnb_functional() is not None
+    )
+
+
+def bnb_update_(
+    param: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
+    """One AdamW step by bitsandbytes' fused blockwise kernel, on our state tensors in place."""
+    _bnb_functional().optimizer_update_8bit_blockwise(
+        "adam", grad.contiguous(), param, m["_int8"], v["_int8"], betas[0], betas[1], 0.0, 0.0, eps, step, lr,
+        dynamic_map(True, param.device), dynamic_map(False, param.device),
+        m["_int8_absmax"].view(-1), v["_int8_absmax"].view(-1), weight_decay=weight_decay,
+    )
