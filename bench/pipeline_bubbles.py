@@ -2,12 +2,12 @@
 
     python bench/pipeline_bubbles.py [--pp 4] [--microbatches 8] [--virtual-stages 2]
 
-Each schedule is built the way `parallel.pipeline.build_pipeline_schedule` builds it (the class from
-`PIPELINE_SCHEDULES`, looped stage placement, `--virtual-stages` stages per rank for the multi-stage
-schedules, one for gpipe and 1f1b) on stand-in stages over a fake process group of `pp` ranks
-(torch's FakeStore: nothing is sent, nothing runs). Its `pipeline_order` holds, for every rank,
-the list of actions F (forward), B (full backward), I (input-grad backward), W (weight-grad
-backward) and None (idle slot).
+Each schedule is built the way `parallel.pipeline.build_pipeline_schedule` builds it (the class
+from `PIPELINE_SCHEDULES`, looped stage placement, `--virtual-stages` stages per rank for the
+multi-stage schedules, one for gpipe and 1f1b) on stand-in stages over a fake process group of
+`pp` ranks (torch's FakeStore: nothing is sent, nothing runs). Its `pipeline_order` holds, for
+every rank, the list of actions F (forward), B (full backward), I (input-grad backward), W
+(weight-grad backward) and None (idle slot).
 
 Cost model, in units of one forward through a whole rank's layers: F = 1, B = 2, I = 1, W = 1
 (I + W = B). With v virtual stages per rank each stage holds 1/v of the rank's layers, so its
