@@ -38,15 +38,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from checkpoint.checkpointer import Checkpointer
-from checkpoint.modes import build_checkpointer
+from checkpoint import MODES as CHECKPOINT_MODES, CheckpointConfig, Checkpointer, build_checkpointer
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
-from pretrain.config import CheckpointConfig, OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
 
-MODES = ("torch.save", "sync", "async", "lazy")
+MODES = ("torch.save", *CHECKPOINT_MODES)
 
 
 class Position:
@@ -71,7 +70,7 @@ class Trainer:
         config = ModelConfig(pattern="*" * args.layers, d_model=args.d_model, vocab_size=args.vocab_size)
         self.model = HybridLM(config).to(self.device)
         self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.schedule = build_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
+        self.schedule = build_lr_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
         self.data = Position()
 
     def state_bytes(self) -> int:

@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.model import HybridLM  # noqa: E402
-from pretrain.config import DataConfig, load_config  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
 from pretrain.data import build_data, embedded_corpus  # noqa: E402
+from pretrain.data.config import DataConfig  # noqa: E402
 from pretrain.data.preprocess import main as preprocess  # noqa: E402
 from pretrain.step import lm_loss  # noqa: E402
 

@@ -29,11 +29,13 @@ from torch import nn
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from pretrain.config import OptimConfig, load_config
+from optim.codecs import CODECS
+from optim.config import OptimConfig
+from pretrain.config import load_config
 from pretrain.step import lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
-STATE_DTYPES = ("fp32", "bf16", "int8", "fp8")
+STATE_DTYPES = tuple(CODECS)
 SIZE_350M = {"pattern": "MTG* " * 6, "d_model": 1024, "vocab_size": 32768, "tie_embeddings": True}
 
 
@@ -69,7 +71,7 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             state = optimizer.state[p]
             nbytes = sum(v.numel() * v.element_size() for k, v in state.items() if k not in ("step", "master", "qmap1", "qmap2"))
             total_bytes, total_params = total_bytes + nbytes, total_params + p.numel()
-            if group.get("state_dtype", "fp32") in ("int8", "fp8"):
+            if CODECS[group.get("state_dtype", "fp32")].block is not None:  # a block-quantising codec
                 quant_bytes, quant_params = quant_bytes + nbytes, quant_params + p.numel()
     return {"bytes_per_param": total_bytes / total_params, "bytes_per_quantised_param": quant_bytes / quant_params if quant_params else None}
 

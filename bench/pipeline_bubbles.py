@@ -2,12 +2,12 @@
 
     python bench/pipeline_bubbles.py [--pp 4] [--microbatches 8] [--virtual-stages 2]
 
-Each schedule is built the way `parallel.pipeline.build_schedule` builds it (the class from
-`SCHEDULES`, looped stage placement, `--virtual-stages` stages per rank for the multi-stage
-schedules, one for gpipe and 1f1b) on stand-in stages over a fake process group of `pp` ranks
-(torch's FakeStore: nothing is sent, nothing runs). Its `pipeline_order` holds, for every rank,
-the list of actions F (forward), B (full backward), I (input-grad backward), W (weight-grad
-backward) and None (idle slot).
+Each schedule is built the way `parallel.pipeline.build_pipeline_schedule` builds it (the class
+from `PIPELINE_SCHEDULES`, looped stage placement, `--virtual-stages` stages per rank for the
+multi-stage schedules, one for gpipe and 1f1b) on stand-in stages over a fake process group of
+`pp` ranks (torch's FakeStore: nothing is sent, nothing runs). Its `pipeline_order` holds, for
+every rank, the list of actions F (forward), B (full backward), I (input-grad backward), W
+(weight-grad backward) and None (idle slot).
 
 Cost model, in units of one forward through a whole rank's layers: F = 1, B = 2, I = 1, W = 1
 (I + W = B). With v virtual stages per rank each stage holds 1/v of the rank's layers, so its
@@ -45,7 +45,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from parallel.pipeline import MULTI_STAGE_SCHEDULES, SCHEDULES, stages_of_rank
+from parallel.pipeline import PIPELINE_SCHEDULES, runs_several_stages, stages_of_rank
 
 Order = dict[int, list[_Action | None]]
 Event = tuple[int, str, int]  # (stage, what it made available, microbatch)
@@ -91,8 +91,8 @@ def schedule_order(schedule: str, pp: int, microbatches: int, virtual_stages: in
     with fake_process_group(pp):
         stages = [PipelineStage(nn.Identity(), s, n_stages, torch.device("cpu"))
                   for s in stages_of_rank(0, pp, virtual_stages)]
-        stage_arg = stages if schedule in MULTI_STAGE_SCHEDULES else stages[0]
-        runner = SCHEDULES[schedule](stage_arg, n_microbatches=microbatches, loss_fn=nn.functional.mse_loss)
+        stage_arg = stages if runs_several_stages(schedule) else stages[0]
+        runner = PIPELINE_SCHEDULES[schedule](stage_arg, n_microbatches=microbatches, loss_fn=nn.functional.mse_loss)
         return runner.pipeline_order
 
 
@@ -189,7 +189,7 @@ def measure(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> d
     makespan, per_rank = bubble_fractions(replay(tasks, virtual_stages))
     textbook, formula = textbook_bubble(schedule, pp, microbatches, virtual_stages)
     return {
-        "schedule_class": SCHEDULES[schedule].__name__,
+        "schedule_class": PIPELINE_SCHEDULES[schedule].__name__,
         "virtual_stages": virtual_stages,
         "bubble_fraction": sum(per_rank.values()) / len(per_rank),
         "bubble_fraction_per_rank": per_rank,
@@ -208,8 +208,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/pipeline_bubbles.json")
     args = parser.parse_args()
 
-    rows = {name: measure(name, args.pp, args.microbatches, args.virtual_stages if name in MULTI_STAGE_SCHEDULES else 1)
-            for name in SCHEDULES}
+    rows = {name: measure(name, args.pp, args.microbatches, args.virtual_stages if runs_several_stages(name) else 1)
+            for name in PIPELINE_SCHEDULES}
 
     print(f"pipeline bubbles pp={args.pp} microbatches={args.microbatches}; "
           f"cost F=1 B=2 I=1 W=1 (1/v per virtual stage); timeline simulated with dependencies")

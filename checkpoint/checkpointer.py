@@ -1,15 +1,12 @@
-"""Checkpointers: turn save requests into committed checkpoints, in one of three modes.
+"""Checkpointers: turn save requests into committed checkpoints.
 
-- `sync`: DCP save on the training thread; the loop waits for the commit.
-- `async`: DCP `async_save` (the baseline torchtitan and flame use): the state is staged into host
-  memory on request (pinned and on a side stream on CUDA), then uploaded by DCP's thread.
-- `lazy` (checkpoint/lazy.py): the request returns at once; tensors are copied into reused host
-  buffers while the next forward and backward run, and each is written as soon as it is copied.
-
-All three share `Checkpointer`: the busy policy, the staging directory, the commit protocol of
-checkpoint/manager.py (run on a background thread for async and lazy) and the error policy. A
-background failure is reported at the next optimizer step (or request, or `finalize`): with
-`on_error: fail` it raises CheckpointError, with `warn` it prints one line and training goes on.
+`Checkpointer` itself is the `sync` mode: a DCP save on the training thread; the loop waits for
+the commit. Every other mode (`checkpoint.MODES`: one file each, e.g. checkpoint/lazy.py) is a
+subclass that overrides `background`, `_stage` and `wait_for_snapshot`, and shares the rest: the
+busy policy, the staging directory, the commit protocol of checkpoint/manager.py (run on a
+background thread by the background modes) and the error policy. A background failure is
+reported at the next optimizer step (or request, or `finalize`): with `on_error: fail` it raises
+CheckpointError, with `warn` it prints one line and training goes on.
 
 The training loop calls `save` at the end of a step, `attach(optimizer)` once (the optimizer's
 step pre-hook then runs `before_optimizer_step`: wait for the snapshot, report errors), and
@@ -22,28 +19,20 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from checkpoint import dcp, manager
-from checkpoint.errors import CheckpointError
-from common.errors import first_line
+from checkpoint import CheckpointError, dcp, manager
 from checkpoint.manager import step_dir_name
 from checkpoint.ranks import Ranks
+from common.errors import first_line
+
+if TYPE_CHECKING:  # checkpoint.config validates `checkpoint.mode` against the modes built on this class
+    from checkpoint.config import CheckpointConfig
 
 WriteFiles = Callable[[], dict[str, str]]  # writes this rank's DCP files; their checksums by name
-
-
-class CheckpointSettings(Protocol):
-    """What a checkpointer reads from the `checkpoint` config section."""
-
-    mode: Literal["sync", "async", "lazy"]
-    keep_last: int
-    on_error: Literal["warn", "fail"]
-    when_busy: Literal["wait", "skip"]
-    host_buffer_gb: float
 
 
 class Checkpointer:
@@ -52,7 +41,7 @@ class Checkpointer:
 
     background = False
 
-    def __init__(self, root: Path, settings: CheckpointSettings, files: dict[str, str] | None = None, layout: dict[str, Any] | None = None):
+    def __init__(self, root: Path, settings: CheckpointConfig, files: dict[str, str] | None = None, layout: dict[str, Any] | None = None):
         self.root = Path(root)
         self.settings = settings
         self.files = files or {}  # name -> text written into every checkpoint (e.g. config.yaml)

@@ -9,7 +9,7 @@ A checkpoint directory holds:
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
 (`checkpoint/manager.py` adds `manifest.json` and the commit.) Files are written by
-checkpoint/shard_writer.py (around the page cache, checksummed on the way), without torch.save's
+checkpoint/storage.py (around the page cache, checksummed on the way), without torch.save's
 own per-record zip CRC-32: the manifest's checksums cover every byte already, and that CRC
 (miniz's, about 0.5 GB/s) was most of a flush's CPU time. Under a process group every rank
 writes and loads its own part of the model and optimizer (DTensors under TP/FSDP, its stages
@@ -20,12 +20,14 @@ whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads 
 from __future__ import annotations
 
 import copy
+import random
 import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dist_cp
@@ -42,10 +44,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointError
+from checkpoint.storage import ShardWriter
 from common.errors import first_line
-from checkpoint.rng import rng_state, set_rng_state
-from checkpoint.shard_writer import ShardWriter
 
 TRAINER_STATE = "trainer_state.pt"
 DCP_METADATA = ".metadata"
@@ -76,6 +77,27 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     under TP/FSDP, any dtype (low-bit optimizer codes and scales included)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     return {"model": model_state, "optimizer": optim_state}
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain Python values
+    (so that `torch.load(weights_only=True)` can read them back)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def capture_trainer_state(step: int, schedule: Stateful, data: Stateful) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoint import dcp
-from checkpoint.errors import CheckpointError
-from checkpoint.manifest import describe, fsync_path, read_manifest, verify, write_manifest
+from checkpoint import CheckpointError, dcp
+from checkpoint.manifest import describe, read_manifest, verify, write_manifest
 from checkpoint.ranks import Ranks
+from checkpoint.storage import fsync_path
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d+)")

@@ -1,8 +1,7 @@
 """A committed checkpoint's manifest: what it holds and how to tell that it is intact.
 
 `manifest.json` records the step, the layout it was saved under, and every file's size and XXH3-64
-checksum (checkpoint/checksum.py; DCP's files are hashed while they are written, by
-checkpoint/shard_writer.py).
+checksum (DCP's files are hashed while they are written: checkpoint/storage.py).
 It is written last into the staging directory, before the commit rename, so a committed
 checkpoint without a matching manifest is damaged. Files are fsynced before they are described,
 and directories after entries are added or renamed in them, so a commit survives a power loss.
@@ -10,23 +9,13 @@ and directories after entries are added or renamed in them, so a commit survives
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from checkpoint.checksum import ALGORITHM, file_checksum
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointError
+from checkpoint.storage import ALGORITHM, file_checksum, fsync_path
 
 MANIFEST = "manifest.json"
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entries to storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def describe(directory: Path, names: list[str], checksums: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointError
 
 
 class Ranks:

@@ -4,14 +4,15 @@ COAT's range expansion) moments, chosen per parameter group (`optim/groups.py`).
 One update rule for every codec: decode the moments to fp32, take the AdamW step in fp32 on the
 parameter (or on its fp32 master copy), encode the moments back. Two faster routes do the same
 step: torch's fused/foreach AdamW kernels for fp32 states of fp32 parameters (torch's own state
-layout), and bitsandbytes' fused 8-bit kernel for int8 states on CUDA. DTensor parameters (FSDP2,
-TP) are updated shard by shard; their states are DTensors placed like them (`optim/shards.py`).
+layout), and a codec's own fused kernel where it has one that applies (`StateCodec.fused_update_`:
+bitsandbytes' 8-bit kernel for int8 states on CUDA). DTensor parameters (FSDP2, TP) are updated
+shard by shard; their states are DTensors placed like them (`optim/shards.py`).
 """
 from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim.adam import adam as torch_adam
@@ -20,22 +21,15 @@ from torch.distributed.tensor import DTensor
 
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
-from optim.codecs.int8 import INT8, bnb_can_update, bnb_update_
-from optim.groups import GroupSettings, build_param_groups, wants_weight_decay
-from optim.shards import like_param, local
+from optim.config import OptimConfig
+from optim.groups import build_param_groups, wants_weight_decay
+from optim.shards import like_param, local_shard
 
 __all__ = ["AdamW", "build_optimizer", "wants_weight_decay"]
 
 # torch >= 2.4 (ebb needs >= 2.6) has fused AdamW kernels for both.
 FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda"})
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the first is signed, the second never negative
-
-
-class AdamWSettings(GroupSettings, Protocol):
-    betas: tuple[float, float]
-    eps: float
-    fused: bool | None
-    master_weights: bool
 
 
 def fused_available(params: list[nn.Parameter]) -> bool:
@@ -98,7 +92,7 @@ class AdamW(torch.optim.Optimizer):
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
         state = self.state[p]
         if not state:
-            shard = local(p)
+            shard = local_shard(p)
             on_device = group["fused"] and _by_torch(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device if on_device else "cpu")
             for moment in MOMENTS:
@@ -121,13 +115,11 @@ class AdamW(torch.optim.Optimizer):
         state = self._state(p, group, codec)
         state["step"] += 1
         step = int(state["step"].item())
-        target = local(state["master"]) if "master" in state else local(p)
-        grad = local(_placed_like(p.grad, p)).to(target.dtype)
+        target = local_shard(state["master"]) if "master" in state else local_shard(p)
+        grad = local_shard(_placed_like(p.grad, p)).to(target.dtype)
         m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
         hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-        if codec is INT8 and bnb_can_update(target):
-            bnb_update_(target, grad, m, v, step, **hyper)
-        else:
+        if not codec.fused_update_(target, grad, m, v, step, **hyper):
             work = target if target.dtype == torch.float32 else target.float()
             m_value, v_value = codec.decode(m, True), codec.decode(v, False)
             adamw_update_(work, grad.float(), m_value, v_value, step, **hyper)
@@ -136,12 +128,12 @@ class AdamW(torch.optim.Optimizer):
             if work is not target:
                 target.copy_(work)
         if "master" in state:
-            local(p).copy_(target)
+            local_shard(p).copy_(target)
 
     @staticmethod
     def _parts(state: dict[str, Tensor], moment: str, codec: StateCodec) -> Parts:
         """The local tensors of one moment's parts, keyed by suffix."""
-        return {suffix: local(state[moment + suffix]) for suffix in codec.suffixes}
+        return {suffix: local_shard(state[moment + suffix]) for suffix in codec.suffixes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts every floating state tensor to its parameter's dtype, which would
@@ -153,8 +145,8 @@ class AdamW(torch.optim.Optimizer):
         for saved_id, (p, group) in zip(saved_ids, owned):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
-                step_device = local(p).device if _by_torch(p, group) and group["fused"] else "cpu"
-                self.state[p] = {key: value.to(step_device if key == "step" else local(p).device) for key, value in saved.items()}
+                step_device = local_shard(p).device if _by_torch(p, group) and group["fused"] else "cpu"
+                self.state[p] = {key: value.to(step_device if key == "step" else local_shard(p).device) for key, value in saved.items()}
 
 
 def _placed_like(grad: Tensor, p: Tensor) -> Tensor:
@@ -170,7 +162,7 @@ def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:
     return group["state_dtype"] == "fp32" and p.dtype == torch.float32
 
 
-def build_optimizer(model: nn.Module, cfg: AdamWSettings) -> AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available."""
     groups = build_param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]

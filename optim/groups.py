@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
 from optim.codecs import CODECS
+from optim.config import OptimConfig, ParamGroupOverride
 from optim.shards import blocks_survive_sharding
-
-
-class GroupOverride(Protocol):
-    params: str
-    state_dtype: str | None
-    lr_scale: float
-    weight_decay: float | None
-
-
-class GroupSettings(Protocol):
-    lr: float
-    weight_decay: float
-    state_dtype: str
-    min_quant_numel: int
-    fp32_embedding_states: bool
-    overrides: Sequence[GroupOverride]
 
 
 def wants_weight_decay(param: nn.Parameter) -> bool:
@@ -37,7 +22,7 @@ def embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def state_dtype_for(param: nn.Parameter, wanted: str, cfg: GroupSettings, is_embedding: bool) -> str:
+def state_dtype_for(param: nn.Parameter, wanted: str, cfg: OptimConfig, is_embedding: bool) -> str:
     """`wanted`, unless the tensor is small, an embedding kept in fp32 by option, or sharded so
     that its blocks would span shards: then fp32."""
     if wanted == "fp32":
@@ -49,11 +34,11 @@ def state_dtype_for(param: nn.Parameter, wanted: str, cfg: GroupSettings, is_emb
     return wanted
 
 
-def first_override(name: str, overrides: Sequence[GroupOverride]) -> GroupOverride | None:
+def first_override(name: str, overrides: Sequence[ParamGroupOverride]) -> ParamGroupOverride | None:
     return next((o for o in overrides if fnmatch.fnmatchcase(name, o.params)), None)
 
 
-def build_param_groups(model: nn.Module, cfg: GroupSettings) -> list[dict[str, Any]]:
+def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """One group per distinct (weight decay, state dtype, lr scale); the plain decay and no-decay
     groups come first (group 0 carries the unscaled lr that the trainer logs)."""
     embeddings = embedding_weights(model)

@@ -10,22 +10,20 @@ exactly at the final step `s = total_steps - 1` and held after it.
   last `decay_fraction` of the steps. A run stopped at the end of the stable phase can be
   continued or branched into a decay without replaying anything.
 - constant: warmup, then 1.
+
+`LR_SCHEDULES` maps each `optim.schedule` name to its multiplier.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-
-class ScheduleSettings(Protocol):
-    schedule: Literal["cosine", "wsd", "constant"]
-    warmup_steps: int
-    min_lr_ratio: float
-    decay_fraction: float
+if TYPE_CHECKING:  # optim.config validates `optim.schedule` against LR_SCHEDULES below
+    from optim.config import OptimConfig
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -62,15 +60,19 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, decay_fraction: f
     return min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress))
 
 
-def lr_factor(step: int, optim_cfg: ScheduleSettings, total_steps: int) -> float:
+LrFactor = Callable[[int, "OptimConfig", int], float]  # (step, optim config, total steps) -> multiplier
+
+LR_SCHEDULES: dict[str, LrFactor] = {
+    "cosine": lambda step, cfg, total: cosine_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio),
+    "wsd": lambda step, cfg, total: wsd_factor(step, cfg.warmup_steps, total, cfg.decay_fraction, cfg.min_lr_ratio),
+    "constant": lambda step, cfg, total: constant_factor(step, cfg.warmup_steps),
+}
+
+
+def lr_factor(step: int, optim_cfg: OptimConfig, total_steps: int) -> float:
     """The multiplier of the peak lr at optimizer step `step` (0-based)."""
-    w = optim_cfg.warmup_steps
-    if optim_cfg.schedule == "cosine":
-        return cosine_factor(step, w, total_steps, optim_cfg.min_lr_ratio)
-    if optim_cfg.schedule == "wsd":
-        return wsd_factor(step, w, total_steps, optim_cfg.decay_fraction, optim_cfg.min_lr_ratio)
-    return constant_factor(step, w)
+    return LR_SCHEDULES[optim_cfg.schedule](step, optim_cfg, total_steps)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg: ScheduleSettings, total_steps: int) -> LambdaLR:
+def build_lr_schedule(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, functools.partial(lr_factor, optim_cfg=optim_cfg, total_steps=total_steps))

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Shard
 from optim.codecs.base import scale_shape
 
 
-def local(t: Tensor) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
     """The local shard of a DTensor (a view: writing to it writes the DTensor); plain tensors as they are."""
     return t.to_local() if isinstance(t, DTensor) else t
 

@@ -11,7 +11,7 @@ Apply activation checkpointing before FSDP, so each FSDP unit wraps a checkpoint
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,7 +19,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-CheckpointMode = Literal["none", "full", "selective"]
+BlockChoice = Callable[[int, int], bool]  # (block index, train.activation_checkpoint_every) -> recompute it
+
+ACTIVATION_CHECKPOINTING: dict[str, BlockChoice] = {  # `train.activation_checkpoint` names
+    "none": lambda index, every: False,
+    "full": lambda index, every: True,
+    "selective": lambda index, every: (index + 1) % every == 0,
+}
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mixed_precision: bool, reshard_after_forward: bool = True) -> None:
@@ -46,13 +52,12 @@ def parameter_marks(model: nn.Module) -> dict[str, dict]:
     return {name: dict(vars(param)) for name, param in model.named_parameters() if vars(param)}
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: CheckpointMode, every: int = 2) -> None:
-    """Recompute blocks' activations in backward instead of keeping them: every block (`full`) or
-    every `every`-th block (`selective`: blocks every-1, 2 every-1, ...). The wrapper keeps
-    state-dict keys unchanged, so checkpoints load with or without it."""
-    if mode == "none":
-        return
-    period = 1 if mode == "full" else every
-    for i, (name, block) in enumerate(list(model.blocks.named_children())):
-        if (i + 1) % period == 0:
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> None:
+    """Recompute in backward, instead of keeping, the activations of the blocks that `mode` picks
+    (`ACTIVATION_CHECKPOINTING`): none, every block (`full`) or every `every`-th block
+    (`selective`: blocks every-1, 2 every-1, ...). The wrapper keeps state-dict keys unchanged, so
+    checkpoints load with or without it."""
+    recompute = ACTIVATION_CHECKPOINTING[mode]
+    for index, (name, block) in enumerate(list(model.blocks.named_children())):
+        if recompute(index, every):
             setattr(model.blocks, name, checkpoint_wrapper(block))

@@ -1,24 +1,13 @@
 """The device mesh (pp, dp_replicate, dp_shard, tp) and the layout checks run before any work."""
 from __future__ import annotations
 
-from typing import Protocol
-
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from models.config import ModelConfig
 from models.mixers import SPECS
+from parallel.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-
-
-class ParallelConfig(Protocol):
-    """The `parallel` section of a run config (pretrain.config.ParallelConfig, which sits above
-    this package)."""
-
-    pp: int
-    dp_replicate: int
-    dp_shard: int
-    tp: int
 
 
 class ParallelError(ValueError):

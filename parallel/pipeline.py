@@ -36,20 +36,19 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
-from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule
 
 from models.config import ModelConfig
 from models.model import CarryView, HybridLM
 from models.packing import cu_seqlens_from_mask, document_start_mask
 from parallel.tp import add_aux_loss
 
-SCHEDULES = {
+PIPELINE_SCHEDULES: dict[str, type[_PipelineSchedule]] = {  # `parallel.pp_schedule` names
     "gpipe": ScheduleGPipe,
     "1f1b": Schedule1F1B,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zero_bubble": ScheduleInterleavedZeroBubble,
 }
-MULTI_STAGE_SCHEDULES = frozenset({"interleaved_1f1b", "zero_bubble"})
 LOSS_CARRY = "aux_loss"
 
 
@@ -201,7 +200,12 @@ class Pipeline:
         return [p for module in self.modules for p in module.parameters()]
 
 
-def build_schedule(
+def runs_several_stages(schedule: str) -> bool:
+    """Whether the pipeline schedule runs several stages per pp rank (the interleaved ones) or one."""
+    return issubclass(PIPELINE_SCHEDULES[schedule], PipelineScheduleMulti)
+
+
+def build_pipeline_schedule(
     modules: list[StageModule], stage_ids: list[int], pp_mesh: DeviceMesh, schedule: str, microbatches: int,
     lm_loss: LossFn, device: torch.device,
 ) -> Pipeline:
@@ -211,8 +215,8 @@ def build_schedule(
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, index, n_stages, device, group=group) for module, index in zip(modules, stage_ids)]
     loss_fn = with_aux_loss(lm_loss)
-    schedule_class = SCHEDULES[schedule]
-    if schedule in MULTI_STAGE_SCHEDULES:
+    schedule_class = PIPELINE_SCHEDULES[schedule]
+    if runs_several_stages(schedule):
         runner = schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn)
     elif len(stages) == 1:
         runner = schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)

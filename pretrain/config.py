@@ -1,71 +1,30 @@
 """Run configuration: one YAML file with sections model, data, train, optim, parallel,
 checkpoint, logging, validated by pydantic; `key.sub=value` overrides from the command line.
 
-Every problem becomes a `ConfigError` whose message is one line naming the key.
+Each package owns its section (models/config.py, pretrain/data/config.py, optim/config.py,
+parallel/config.py, checkpoint/config.py), names chosen from a registry validated against it;
+`train` and `logging` are here, with `RunConfig`, which composes them and checks what spans
+sections. Every problem becomes a `ConfigError` whose message is one line naming the key.
 """
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from checkpoint import CheckpointConfig
 from common.config import Strict
 from models.config import ModelConfig
+from optim.config import OptimConfig
+from parallel.config import ActivationCheckpointing, ParallelConfig
+from pretrain.data.config import DataConfig
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is a single line naming the offending key."""
-
-
-class SourceConfig(Strict):
-    """One source of a data blend; how `path` is read is in the README (Data)."""
-
-    path: str | list[str] | None = Field(
-        None,
-        description="a Megatron prefix (PREFIX.bin/.idx), text/jsonl/parquet/arrow file(s) (file, directory or glob), "
-        "a saved Hugging Face dataset directory, or hf:NAME for a hub dataset; None = embedded corpus",
-    )
-    weight: float = Field(1.0, gt=0, description="share of the blend (weights are normalised)")
-    type: Literal["auto", "indexed", "files", "hf", "embedded"] = Field("auto", description="auto: decided from path (README)")
-    format: Literal["auto", "text", "json", "parquet", "arrow"] = "auto"
-    text_key: str = "text"
-    subset: str | None = Field(None, description="hf: the dataset's configuration name")
-    split: str = Field("train", description="hf and saved datasets: the split to read")
-    streaming: bool = Field(False, description="files and hf: read as a stream instead of tokenizing everything up front")
-
-
-class DataConfig(Strict):
-    path: str | list[str] | None = Field(
-        None, description="one-source shorthand for sources: [{path}] (text/jsonl/parquet/arrow, a Megatron prefix, hf:NAME); None = embedded corpus"
-    )
-    sources: list[SourceConfig] | None = Field(None, description="weighted blend of sources; exclusive with data.path")
-    format: Literal["auto", "text", "json", "parquet", "arrow"] = "auto"
-    text_key: str = "text"
-    tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer path")
-    val_fraction: float = Field(0.02, ge=0, lt=1, description="fraction of documents held out for evaluation")
-    embedded_max_bytes: int = Field(4_000_000, gt=0, description="size of the embedded corpus")
-    cache_dir: str | None = Field(None, description="datasets cache for prepared files; None = the datasets default")
-    packing: Literal["rows", "varlen"] = Field(
-        "rows", description="rows: batch_size rows of seq_len tokens; varlen: one padding-free row of whole documents, batch_size*seq_len tokens at most"
-    )
-    prefetch: int = Field(4, ge=0, description="batches a background thread prepares ahead; 0 = in the training thread")
-
-    @model_validator(mode="after")
-    def _one_way_to_name_sources(self) -> "DataConfig":
-        if self.path is not None and self.sources is not None:
-            raise ValueError("set data.path (one source) or data.sources (a blend), not both")
-        if self.sources == []:
-            raise ValueError("data.sources is empty; omit it for the embedded corpus")
-        return self
-
-    def source_list(self) -> list[SourceConfig]:
-        """`sources`, or the one source `path` (with `format`, `text_key`) stands for."""
-        if self.sources is not None:
-            return self.sources
-        return [SourceConfig(path=self.path, format=self.format, text_key=self.text_key)]
 
 
 class TrainConfig(Strict):
@@ -85,91 +44,10 @@ class TrainConfig(Strict):
     stop_at_step: int | None = Field(
         None, gt=0, description="end this invocation after this step, as if preempted (the schedule still spans steps); continue with --resume"
     )
-    activation_checkpoint: Literal["none", "full", "selective"] = Field(
-        "none", description="recompute block activations in backward: full = every block, selective = every k-th"
+    activation_checkpoint: ActivationCheckpointing = Field(
+        "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
-
-
-StateDtype = Literal["fp32", "bf16", "int8", "fp8"]
-
-
-class ParamGroupOverride(Strict):
-    params: str = Field(..., description="glob on parameter names, e.g. '*.w0' or 'blocks.0.*'")
-    state_dtype: StateDtype | None = Field(None, description="this group's optimizer-state dtype; None = optim.state_dtype")
-    lr_scale: float = Field(1.0, gt=0, description="multiplies the scheduled lr for these parameters")
-    weight_decay: float | None = Field(None, ge=0, description="None = optim.weight_decay (exclusions still apply)")
-
-
-class OptimConfig(Strict):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: fraction of steps spent decaying")
-    fused: bool | None = Field(None, description="torch fused AdamW for fp32 states; None = where available")
-    state_dtype: StateDtype = Field(
-        "fp32", description="Adam moments: fp32, bf16, int8 (block-wise dynamic map, 256/block) or fp8 (E4M3 + COAT range expansion, 128/group)"
-    )
-    min_quant_numel: int = Field(4096, ge=0, description="tensors with fewer elements keep fp32 states")
-    fp32_embedding_states: bool = Field(
-        False, description="embedding tables keep fp32 states (half of bitsandbytes' StableEmbedding advice); off: 6 more bytes per embedding entry"
-    )
-    master_weights: bool = Field(False, description="keep an fp32 master copy in the optimizer state for non-fp32 parameters")
-    overrides: list[ParamGroupOverride] = Field(
-        [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
-    )
-
-
-class ParallelConfig(Strict):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    dp_shard: int = Field(-1, ge=-1)
-    dp_replicate: int = Field(1, ge=1)
-    cp: Literal[1] = 1
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
-        "1f1b", description="torch.distributed.pipelining schedule"
-    )
-    pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
-    pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
-    fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
-    sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals sharded over the sequence")
-
-    @property
-    def microbatches(self) -> int:
-        return self.pp_microbatches or self.pp
-
-    @model_validator(mode="after")
-    def _virtual_stages_fit_schedule(self) -> "ParallelConfig":
-        interleaved = self.pp_schedule in ("interleaved_1f1b", "zero_bubble")
-        if interleaved and self.pp_virtual_stages < 2:
-            raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
-        if not interleaved and self.pp_virtual_stages != 1:
-            raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
-        if self.sequence_parallel and (self.tp == 1 or self.pp > 1):
-            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 yet")
-        return self
-
-
-class CheckpointConfig(Strict):
-    interval: int = Field(0, ge=0, description="save every N steps; 0 = only at the end")
-    mode: Literal["sync", "async", "lazy"] = Field(
-        "lazy", description="sync: DCP save, blocking; async: DCP async_save; lazy: copy during the next forward/backward, stream to storage"
-    )
-    keep_last: int = Field(2, ge=1)
-    dir: str | None = Field(None, description="None = <run_dir>/checkpoints")
-    save_final: bool = True
-    on_error: Literal["warn", "fail"] = Field(
-        "fail", description="a checkpoint that cannot be written: fail = stop the run (exit code 2), warn = print and keep training"
-    )
-    when_busy: Literal["wait", "skip"] = Field(
-        "wait", description="a request while the previous checkpoint is still being written: wait for it, or skip this one (logged)"
-    )
-    host_buffer_gb: float = Field(64.0, gt=0, description="lazy mode: most host memory per process for staging one checkpoint, in GiB")
 
 
 class LoggingConfig(Strict):
@@ -217,14 +95,21 @@ class RunConfig(Strict):
         return self
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds: the annotation itself, or one inside a list or an Optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _section(arg)) is not None), None)
+
+
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed at `loc` (the parent of a rejected key), for close-match suggestions."""
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections
+            continue
+        model = _section(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if model is None:
             return []
-        model = ann
     return list(model.model_fields)
 
 

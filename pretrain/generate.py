@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from checkpoint.dcp import load_model
-from checkpoint.errors import CheckpointError
-from checkpoint.manager import resolve_checkpoint
+from checkpoint import CheckpointError, load_model, resolve_checkpoint
 from models.model import HybridLM
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import DataError, load_tokenizer

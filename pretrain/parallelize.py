@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from models.model import HybridLM
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import build_mesh, validate_layout
-from parallel.pipeline import Pipeline, StageModule, build_schedule, build_stage_modules
+from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
 from pretrain.data.loader import IGNORE_INDEX
@@ -150,7 +150,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     par.module = model
     if pp > 1:
         par.microbatches = p.microbatches
-        par.pipeline = build_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, par.loss, runtime.device)
+        par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, par.loss, runtime.device)
         par.module = RankStages(stages)
 
 

@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint.errors import CheckpointError
-from checkpoint.manager import find_latest
-from checkpoint.modes import build_checkpointer
+from checkpoint import CheckpointError, build_checkpointer, find_latest
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
+from optim.schedules import build_lr_schedule
 from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import DataError, build_data
@@ -82,7 +80,7 @@ def train(cfg: RunConfig, resume: bool) -> None:
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
-    schedule = build_schedule(optimizer, cfg.optim, t.steps)
+    schedule = build_lr_schedule(optimizer, cfg.optim, t.steps)
     checkpoints = build_checkpointer(checkpoint_dir(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
     if resume:
         first = checkpoints.resume(par.module, optimizer, schedule, train_batches)

@@ -41,6 +41,14 @@ class StateCodec(ABC):
     def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
         """Store the float32 `value` into `parts`, in place."""
 
+    def fused_update_(
+        self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> bool:
+        """The whole AdamW step on `target` and both moments' parts, in place, by a fused kernel
+        of this codec's own where one applies to `target`; False, having done nothing, where
+        none does (then the optimizer decodes, steps in fp32 and encodes)."""
+        return False
+
 
 def num_blocks(last_dim: int, block: int) -> int:
     return math.ceil(last_dim / block)

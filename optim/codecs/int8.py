@@ -92,6 +92,14 @@ class Int8Codec(StateCodec):
         parts["_int8"].copy_(codes)
         parts["_int8_absmax"].copy_(absmax)
 
+    def fused_update_(
+        self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    ) -> bool:
+        if not bnb_can_update(target):
+            return False
+        bnb_update_(target, grad, m, v, step, lr, betas, eps, weight_decay)
+        return True
+
 
 INT8 = Int8Codec()
 

@@ -12,13 +12,13 @@ resumed with another DP size continues from that position: no unit is repeated o
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from pretrain.config import DataConfig, TrainConfig
 from pretrain.data.blend import Blend, realised_proportions
+from pretrain.data.config import DataConfig
 from pretrain.data.documents import Documents, concatenated, tokenize
 from pretrain.data.errors import DataError
 from pretrain.data.packing import IGNORE_INDEX, Batch, PackedRows, VarlenPacks, make_batch
@@ -26,6 +26,9 @@ from pretrain.data.prefetch import Prefetcher
 from pretrain.data.sources import open_source
 from pretrain.data.streaming import StreamedRows
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # pretrain.config imports this package for DataConfig
+    from pretrain.config import TrainConfig
 
 __all__ = ["IGNORE_INDEX", "Batch", "TokenBatches", "build_data", "eval_batches", "split_documents", "tokenize_documents"]
 

@@ -12,14 +12,18 @@ as it is read with `streaming: true` (files and hf sources).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pretrain.config import DataConfig, SourceConfig, TrainConfig
+from pretrain.data.config import DataConfig, SourceConfig
 from pretrain.data.corpus import embedded_corpus, load_documents, load_hf_documents, open_files, open_hf
 from pretrain.data.documents import Documents, tokenize
 from pretrain.data.errors import DataError
 from pretrain.data.indexed import IndexedDocuments, check_indexed_vocab, is_indexed_prefix, strip_indexed_suffix
 from pretrain.data.streaming import StreamedRows
 from pretrain.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # pretrain.config imports this package for DataConfig
+    from pretrain.config import TrainConfig
 
 HF_PREFIX = "hf:"
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")

@@ -4,14 +4,12 @@ import random
 import pytest
 import torch
 
-from checkpoint import manifest
-from checkpoint.checksum import ALGORITHM, file_checksum
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, manifest
 from checkpoint.manager import find_latest, resolve_checkpoint
-from checkpoint.modes import build_checkpointer
+from checkpoint.storage import ALGORITHM, file_checksum
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
-from pretrain.config import CheckpointConfig, OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
 
 MODES = ["sync", "async", "lazy"]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process
@@ -50,7 +48,7 @@ def make_state(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
     optimizer = build_optimizer(model, OptimConfig())
-    schedule = build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
+    schedule = build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
     return model, optimizer, schedule, Position()
 
 

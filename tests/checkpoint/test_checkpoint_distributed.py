@@ -12,11 +12,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from checkpoint import dcp, manager
+from checkpoint import CheckpointConfig, build_checkpointer, dcp, manager
 from checkpoint.manager import committed_checkpoints
-from checkpoint.modes import build_checkpointer
-from optim.schedules import build_schedule
-from pretrain.config import CheckpointConfig, OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
 from tests.distributed import run_distributed
 from tests.checkpoint.test_checkpoint import Position
 
@@ -32,7 +31,7 @@ def build(seed: int, world: int | None):
         for layer in (model[0], model[2], model):
             fully_shard(layer, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, optimizer, build_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10), Position()
+    return model, optimizer, build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10), Position()
 
 
 def full_state(model, optimizer) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""checkpoint/direct_file.py: O_DIRECT writes through an aligned stage give back exactly the bytes
+"""checkpoint/storage.py's DirectFile: O_DIRECT writes through an aligned stage give back exactly the bytes
 written, whatever the sizes of the writes, and fall back to a buffered file where O_DIRECT is refused."""
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from checkpoint import direct_file
-from checkpoint.direct_file import ALIGN, DirectFile, open_for_writing
+from checkpoint import storage
+from checkpoint.storage import ALIGN, DirectFile, open_for_writing
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
 
 
 @pytest.fixture
 def small_stage(monkeypatch):
-    monkeypatch.setattr(direct_file, "STAGE_BYTES", 4 * ALIGN)  # writes cross many stage boundaries
+    monkeypatch.setattr(storage, "STAGE_BYTES", 4 * ALIGN)  # writes cross many stage boundaries
 
 
 def chunks(data: bytes, sizes: list[int]):

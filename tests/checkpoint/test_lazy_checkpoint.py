@@ -12,14 +12,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
-from checkpoint import dcp
-from checkpoint.errors import CheckpointError
-from checkpoint.lazy import WRITE_DELAY_ENV
+from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, dcp
+from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
-from checkpoint.modes import build_checkpointer
 from checkpoint.ranks import Ranks
-from checkpoint.snapshot import Snapshot
-from pretrain.config import CheckpointConfig
 from pretrain.train import main as train_main
 from tests.checkpoint.test_checkpoint import make_state, train_steps
 from tests.e2e.test_train import TINY

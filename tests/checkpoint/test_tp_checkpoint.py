@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
+from optim.config import OptimConfig
 from parallel.tp import apply_tensor_parallel
-from pretrain.config import OptimConfig
 from tests.distributed import run_distributed
 
 TP, BATCH, SEQ, VOCAB, TOL = 2, 2, 16, 64, 1e-5

@@ -10,8 +10,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from pretrain.config import DataConfig, TrainConfig
+from pretrain.config import TrainConfig
 from pretrain.data import DataError, build_data, embedded_corpus, load_documents, load_tokenizer
+from pretrain.data.config import DataConfig
 from pretrain.data.corpus import stdlib_sources
 from pretrain.data.documents import concatenated
 from pretrain.data.loader import IGNORE_INDEX, TokenBatches, eval_batches, split_documents, tokenize_documents

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pretrain.config import DataConfig, SourceConfig, TrainConfig
+from pretrain.config import TrainConfig
 from pretrain.data import DataError, build_data
+from pretrain.data.config import DataConfig, SourceConfig
 from pretrain.data.documents import tokenize
 from pretrain.data.indexed import sidecar_path
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record, tokenize_documents

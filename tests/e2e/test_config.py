@@ -3,9 +3,22 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint import MODES
+from optim.codecs import CODECS
+from optim.schedules import LR_SCHEDULES
+from parallel.data_parallel import ACTIVATION_CHECKPOINTING
+from parallel.pipeline import PIPELINE_SCHEDULES
 from pretrain.config import ConfigError, RunConfig, build_config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
+# keys whose value is a name from a registry: (key, registry, what the error calls a name)
+REGISTRY_KEYS = [
+    ("optim.state_dtype", CODECS, "state dtype"),
+    ("optim.schedule", LR_SCHEDULES, "lr schedule"),
+    ("checkpoint.mode", MODES, "checkpoint mode"),
+    ("parallel.pp_schedule", PIPELINE_SCHEDULES, "pipeline schedule"),
+    ("train.activation_checkpoint", ACTIVATION_CHECKPOINTING, "activation checkpointing mode"),
+]
 
 
 def test_every_shipped_config_validates():
@@ -56,6 +69,8 @@ def test_dump_round_trips(tmp_path):
         (["model.patern=MM"], "unknown config key model.patern (did you mean model.pattern?)"),
         (["trian.steps=3"], "unknown config key trian (did you mean train?)"),
         (["model.mixers.mamba2.dstate=8"], "did you mean model.mixers.mamba2.d_state?"),
+        (["optim.overrides=[{params: '*', stat_dtype: fp32}]"], "unknown config key optim.overrides.0.stat_dtype (did you mean optim.overrides.0.state_dtype?)"),
+        (["data.sources=[{pth: x}]"], "did you mean data.sources.0.path?"),
         (["model.pattern=MX"], "unknown mixer character 'X'"),
         (["model.pattern=  |"], "pattern has no blocks"),
         (["model.pattern=R", "model.d_model=80"], "must be divisible by mixers.rwkv7.head_dim"),
@@ -79,6 +94,26 @@ def test_bad_configs_give_one_line_naming_the_cause(overrides, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("key, registry, what", REGISTRY_KEYS)
+def test_a_name_outside_its_registry_is_one_line_naming_the_key_and_the_choices(key, registry, what):
+    with pytest.raises(ConfigError) as info:
+        build_config({}, [f"{key}=nosuch"])
+    assert str(info.value) == f"config key {key}: unknown {what} 'nosuch' (one of {', '.join(registry)})"
+
+
+def test_an_override_state_dtype_is_checked_against_the_codecs():
+    with pytest.raises(ConfigError) as info:
+        build_config({}, ["optim.overrides=[{params: '*.w0', state_dtype: int4}]"])
+    assert str(info.value) == f"config key optim.overrides.0.state_dtype: unknown state dtype 'int4' (one of {', '.join(CODECS)})"
+
+
+@pytest.mark.parametrize("key, registry, what", REGISTRY_KEYS)
+def test_a_name_is_valid_once_registered(monkeypatch, key, registry, what):
+    monkeypatch.setitem(registry, "added", next(iter(registry.values())))
+    section, field = key.split(".")
+    assert getattr(getattr(build_config({}, [f"{key}=added"]), section), field) == "added"
 
 
 def test_missing_and_malformed_files(tmp_path):

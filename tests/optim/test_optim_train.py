@@ -12,11 +12,12 @@ import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from checkpoint.errors import CheckpointError
+from checkpoint import CheckpointError
 from models.model import HybridLM
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule
-from pretrain.config import ConfigError, OptimConfig, load_config
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
+from pretrain.config import ConfigError, load_config
 from pretrain.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_groups_thresholds_embeddings_overrides_and_scaled_schedule():
             assert dtype == ("fp8" if name.startswith("blocks.0.") else "int8"), name
         assert lr == pytest.approx(cfg.lr * (2.0 if name.startswith("blocks.0.") else 1.0))
     assert optimizer.param_groups[0]["lr"] == cfg.lr and optimizer.param_groups[0]["state_dtype"] == "int8"
-    schedule = build_schedule(optimizer, cfg, total_steps=100)
+    schedule = build_lr_schedule(optimizer, cfg, total_steps=100)
     for _ in range(10):
         optimizer.step()
         schedule.step()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from optim.adamw import build_optimizer
-from optim.schedules import build_schedule, cosine_factor, lr_factor, wsd_decay_start, wsd_factor
-from pretrain.config import OptimConfig
+from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule, cosine_factor, lr_factor, wsd_decay_start, wsd_factor
 
 
 def test_warmup_is_linear_and_reaches_peak_on_its_last_step():
@@ -46,7 +46,7 @@ def test_lambda_lr_drives_the_optimizer_lr_step_by_step():
     cfg = OptimConfig(lr=1e-3, schedule="wsd", warmup_steps=2, decay_fraction=0.5, min_lr_ratio=0.1)
     model = torch.nn.Linear(4, 4)
     optimizer = build_optimizer(model, cfg)
-    schedule = build_schedule(optimizer, cfg, total_steps=6)
+    schedule = build_lr_schedule(optimizer, cfg, total_steps=6)
     seen = []
     for _ in range(6):
         seen.append(optimizer.param_groups[0]["lr"])

@@ -22,14 +22,16 @@ from parallel.mesh import build_mesh
 from parallel.pipeline import (
     balanced_stage_sizes,
     block_costs,
-    build_schedule,
+    build_pipeline_schedule,
     build_stage_modules,
     carry_layout,
     pipeline_train_step,
     stage_block_ranges,
     stages_of_rank,
 )
-from pretrain.config import ConfigError, OptimConfig, ParallelConfig, build_config
+from optim.config import OptimConfig
+from parallel.config import ParallelConfig
+from pretrain.config import ConfigError, build_config
 from pretrain.step import lm_loss
 from tests.distributed import run_distributed
 
@@ -92,7 +94,7 @@ def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str,
     torch.manual_seed(0)
     model = HybridLM(cfg)
     modules, stage_ids = build_stage_modules(model, mesh.get_local_rank(), pp, virtual_stages, SEQ)
-    pipeline = build_schedule(modules, stage_ids, mesh, schedule, microbatches, lm_loss, torch.device("cpu"))
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh, schedule, microbatches, lm_loss, torch.device("cpu"))
     optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
@@ -163,7 +165,7 @@ def test_placement_carry_layout_and_document_start_mask() -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["parallel.pp_schedule=foo"], "parallel.pp_schedule: Input should be 'gpipe', '1f1b', 'interleaved_1f1b' or 'zero_bubble'"),
+        (["parallel.pp_schedule=foo"], r"parallel.pp_schedule: unknown pipeline schedule 'foo' \(one of gpipe, 1f1b, interleaved_1f1b, zero_bubble\)"),
         (["parallel.pp_schedule=interleaved_1f1b"], "needs pp_virtual_stages >= 2"),
         (["parallel.pp_virtual_stages=2"], "runs one stage per rank"),
         (["parallel.pp=2", "parallel.pp_microbatches=3", "train.batch_size=8"], r"pp_microbatches \(3\) must divide train.batch_size \(8\)"),
@@ -186,7 +188,7 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
     modules, stage_ids = build_stage_modules(model, mesh["pp"].get_local_rank(), 2, 1, SEQ)
     for module in modules:
         apply_fsdp(module, mesh["dp_shard"], mixed_precision=False)
-    pipeline = build_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, lm_loss, torch.device("cpu"))
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, lm_loss, torch.device("cpu"))
     optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
     dp_rank, rows = mesh["dp_shard"].get_local_rank(), BATCH // 2
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)

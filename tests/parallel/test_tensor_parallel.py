@@ -23,8 +23,9 @@ from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
+from optim.config import OptimConfig
+from parallel.config import ParallelConfig
 from parallel.tp import add_aux_loss, apply_tensor_parallel, layer_styles
-from pretrain.config import OptimConfig, ParallelConfig
 from pretrain.step import IGNORE_INDEX, lm_loss
 from tests.distributed import run_distributed
 

@@ -1,3 +1,0 @@
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or resumed; the message is a single line naming the path."""
-

@@ -1,0 +1,43 @@
+"""The `optim` section of a run config: AdamW's hyperparameters, the codec of its moments, the
+learning-rate schedule, and per-parameter-group overrides."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from common.config import Strict, one_of
+from optim.codecs import CODECS
+from optim.schedules import LR_SCHEDULES
+
+StateDtype = Annotated[str, AfterValidator(one_of(CODECS, "state dtype"))]
+LrSchedule = Annotated[str, AfterValidator(one_of(LR_SCHEDULES, "lr schedule"))]
+
+
+class ParamGroupOverride(Strict):
+    params: str = Field(..., description="glob on parameter names, e.g. '*.w0' or 'blocks.0.*'")
+    state_dtype: StateDtype | None = Field(None, description="this group's optimizer-state dtype; None = optim.state_dtype")
+    lr_scale: float = Field(1.0, gt=0, description="multiplies the scheduled lr for these parameters")
+    weight_decay: float | None = Field(None, ge=0, description="None = optim.weight_decay (exclusions still apply)")
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    schedule: LrSchedule = Field("cosine", description="the lr multiplier after warmup, by name in optim.schedules.LR_SCHEDULES")
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: fraction of steps spent decaying")
+    fused: bool | None = Field(None, description="torch fused AdamW for fp32 states; None = where available")
+    state_dtype: StateDtype = Field("fp32", description="the codec of Adam's moments, by name in optim.codecs.CODECS (README: Optimizer states)")
+    min_quant_numel: int = Field(4096, ge=0, description="tensors with fewer elements keep fp32 states")
+    fp32_embedding_states: bool = Field(
+        False, description="embedding tables keep fp32 states (half of bitsandbytes' StableEmbedding advice); off: 6 more bytes per embedding entry"
+    )
+    master_weights: bool = Field(False, description="keep an fp32 master copy in the optimizer state for non-fp32 parameters")
+    overrides: list[ParamGroupOverride] = Field(
+        [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
+    )

@@ -1,0 +1,41 @@
+"""The `parallel` section of a run config, and the activation-checkpointing choice of `train`."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from common.config import Strict, one_of
+from parallel.data_parallel import ACTIVATION_CHECKPOINTING
+from parallel.pipeline import PIPELINE_SCHEDULES, runs_several_stages
+
+PipelineSchedule = Annotated[str, AfterValidator(one_of(PIPELINE_SCHEDULES, "pipeline schedule"))]
+ActivationCheckpointing = Annotated[str, AfterValidator(one_of(ACTIVATION_CHECKPOINTING, "activation checkpointing mode"))]
+
+
+class ParallelConfig(Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp_shard: int = Field(-1, ge=-1)
+    dp_replicate: int = Field(1, ge=1)
+    cp: Literal[1] = 1
+    pp_schedule: PipelineSchedule = Field("1f1b", description="torch.distributed.pipelining schedule, by name in parallel.pipeline.PIPELINE_SCHEDULES")
+    pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
+    pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
+    fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
+    sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals sharded over the sequence")
+
+    @property
+    def microbatches(self) -> int:
+        return self.pp_microbatches or self.pp
+
+    @model_validator(mode="after")
+    def _virtual_stages_fit_schedule(self) -> "ParallelConfig":
+        interleaved = runs_several_stages(self.pp_schedule)
+        if interleaved and self.pp_virtual_stages < 2:
+            raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
+        if not interleaved and self.pp_virtual_stages != 1:
+            raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
+        if self.sequence_parallel and (self.tp == 1 or self.pp > 1):
+            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 yet")
+        return self
