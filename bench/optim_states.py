@@ -30,7 +30,7 @@ from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from pretrain.config import OptimConfig, load_config
-from pretrain.step import lm_loss
+from pretrain.loss import lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_DTYPES = ("fp32", "bf16", "int8", "fp8")

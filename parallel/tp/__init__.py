@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -52,14 +52,6 @@ def mixer_plan(kind: str) -> MixerPlan:
             f"mixer {kind!r} has no tensor-parallel plan (covered: {', '.join(TP_PLANS)}); use parallel.tp=1"
         )
     return TP_PLANS[kind]
-
-
-def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
-    """loss + aux_loss, as plain tensors. Under loss parallelism `loss` is a replicated DTensor,
-    while the routers' aux loss is a plain tensor that is the same on every TP rank (each rank
-    routes identically) and counts once on each: adding it to the DTensor would hand the plain
-    graph behind it a DTensor gradient."""
-    return (loss.full_tensor() if isinstance(loss, DTensor) else loss) + aux_loss
 
 
 def apply_tensor_parallel(

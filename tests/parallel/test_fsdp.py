@@ -24,7 +24,7 @@ from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.pipeline import cu_seqlens_of, document_starts
 from pretrain.config import load_config
-from pretrain.step import lm_loss
+from pretrain.loss import lm_loss
 from pretrain.train import train
 from tests.distributed import run_distributed
 from tests.parallel.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config

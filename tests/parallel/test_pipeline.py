@@ -31,7 +31,7 @@ from parallel.pipeline import (
     stages_of_rank,
 )
 from pretrain.config import ConfigError, OptimConfig, ParallelConfig, build_config
-from pretrain.step import lm_loss
+from pretrain.loss import lm_loss, microbatch_loss, token_scale
 from tests.distributed import run_distributed
 
 STEPS, BATCH, SEQ, VOCAB = 3, 4, 16, 64
@@ -93,11 +93,13 @@ def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str,
     torch.manual_seed(0)
     model = HybridLM(cfg)
     modules, stage_ids = build_stage_modules(model, mesh.get_local_rank(), pp, virtual_stages, SEQ)
-    pipeline = build_schedule(modules, stage_ids, mesh, schedule, microbatches, lm_loss, torch.device("cpu"))
+    pipeline = build_schedule(modules, stage_ids, mesh, schedule, microbatches, microbatch_loss, torch.device("cpu"))
     optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
+    shape = dict(pp=pp, dp_replicate=1, dp_shard=1, tp=1)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
-        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids, labels, cu_seqlens, GRAD_CLIP)
+        scale = token_scale(labels, shape, microbatches)
+        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids, labels, cu_seqlens, GRAD_CLIP, {"scale": scale})
         losses.append(None if loss is None else loss.item())
     params = {name: p.detach().clone() for module in modules for name, p in module.named_parameters()}
     return (losses if pipeline.has_last else None), params
@@ -187,14 +189,15 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
     modules, stage_ids = build_stage_modules(model, mesh["pp"].get_local_rank(), 2, 1, SEQ)
     for module in modules:
         apply_fsdp(module, mesh["dp_shard"], mixed_precision=False)
-    pipeline = build_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, lm_loss, torch.device("cpu"))
+    pipeline = build_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, microbatch_loss, torch.device("cpu"))
     optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
     dp_rank, rows = mesh["dp_shard"].get_local_rank(), BATCH // 2
     mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
     losses = []
     for input_ids, labels, cu_seqlens in packed_batches():
         starts = document_starts(cu_seqlens, BATCH, SEQ)[mine]
-        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_of(starts), GRAD_CLIP)
+        scale = token_scale(labels[mine], dict(pp=2, dp_replicate=1, dp_shard=2, tp=1), microbatches)
+        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_of(starts), GRAD_CLIP, {"scale": scale})
         if loss is not None:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=mesh["dp_shard"].get_group())
             losses.append(loss.item())

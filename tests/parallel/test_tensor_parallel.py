@@ -21,9 +21,9 @@ from models.model import HybridLM
 from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
-from parallel.tp import TP_PLANS, add_aux_loss, apply_tensor_parallel, mixer_plan
+from parallel.tp import TP_PLANS, apply_tensor_parallel, mixer_plan
 from pretrain.config import OptimConfig, ParallelConfig
-from pretrain.step import IGNORE_INDEX, lm_loss
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss
 from tests.distributed import run_distributed
 
 TP, STEPS, BATCH, SEQ, VOCAB = 2, 3, 2, 16, 64
