@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-IGNORE_INDEX = -100  # labels that count in no loss: an eos's (the next document's first token)
+IGNORE_INDEX = -100  # the label after an eos (the next document's first token), counted in no loss
 
 Shape = Mapping[str, int]  # mesh dim -> size, as `parallel.mesh.mesh_shape` gives it
 
@@ -49,7 +49,7 @@ def loss_context(shape: Shape) -> contextlib.AbstractContextManager:
     return loss_parallel() if shape["tp"] > 1 and shape["pp"] == 1 else contextlib.nullcontext()
 
 
-def sum_over_world(value: Tensor, shape: Shape) -> Tensor:
+def _sum_over_world(value: Tensor, shape: Shape) -> Tensor:
     if math.prod(shape.values()) > 1:
         value = value.clone()
         dist.all_reduce(value)
@@ -59,7 +59,7 @@ def sum_over_world(value: Tensor, shape: Shape) -> Tensor:
 def global_token_count(labels: Tensor, shape: Shape) -> Tensor:
     """Valid labels in the global batch: every replica's count, which its tp x pp ranks share."""
     count = (labels != IGNORE_INDEX).sum().float()
-    return sum_over_world(count, shape) / (shape["pp"] * shape["tp"])
+    return _sum_over_world(count, shape) / (shape["pp"] * shape["tp"])
 
 
 def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
@@ -80,4 +80,4 @@ def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, sca
 def mean_over_replicas(value: Tensor, shape: Shape) -> Tensor:
     """The mean over dp ranks of a per-replica value that the ranks of the last pipeline stage
     hold (the others pass 0), the same on every rank afterwards."""
-    return sum_over_world(local(value).float(), shape) / (math.prod(shape.values()) // shape["pp"])
+    return _sum_over_world(local(value).float(), shape) / (math.prod(shape.values()) // shape["pp"])

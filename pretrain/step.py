@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from parallel.pipeline import pipeline_train_step
 from pretrain.data import Batch
-from pretrain.loss import IGNORE_INDEX, add_aux_loss, local, lm_loss, loss_context, mean_over_replicas, token_scale
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
 from pretrain.parallelize import Parallel
 from pretrain.runtime import Runtime
 
