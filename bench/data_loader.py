@@ -33,7 +33,7 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.data import build_data, embedded_corpus  # noqa: E402
 from pretrain.data.config import DataConfig  # noqa: E402
 from pretrain.data.preprocess import main as preprocess  # noqa: E402
-from pretrain.step import lm_loss  # noqa: E402
+from pretrain.loss import lm_loss  # noqa: E402
 
 
 def write_jsonl(path: Path, megabytes: int) -> None:

@@ -32,7 +32,7 @@ from optim.adamw import build_optimizer
 from optim.codecs import CODECS
 from optim.config import OptimConfig
 from pretrain.config import load_config
-from pretrain.step import lm_loss
+from pretrain.loss import lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_DTYPES = tuple(CODECS)

@@ -11,7 +11,14 @@ What crosses a cut: positional tensors `(hidden, *carry)`. `carry` holds the ent
 model's carry dict that blocks before the cut wrote, in the order blocks first write them
 (`carry_layout`; a mixer declares what it writes in `carry_writes`), so each
 stage's inputs and outputs have static shapes. The last stage returns `(logits, *carry)` with
-only "aux_loss" kept, and the pipeline's loss function (`with_aux_loss`) adds it to the language-model loss.
+only "aux_loss" kept, and the loss function gets both (`LossFn`).
+
+The loss. A schedule takes its loss function once, at construction, and calls it on every
+microbatch, on the thread that runs `schedule.step`. What varies per step (the token normaliser
+of the step's global batch) is not stored on it: `pipeline_train_step` takes it as `loss_kwargs`
+and binds them to a context variable for the duration of the call, from which every
+microbatch's loss call reads them (torch's own `loss_kwargs` argument of `step` exists only from
+torch 2.13).
 
 Packed documents. `cu_seqlens` has a length that varies per batch and cannot be split into
 microbatches by the schedule. Every pp rank instead passes `doc_starts`, a bool [B, T] mask of
@@ -21,8 +28,10 @@ like `input_ids`, and each stage rebuilds its microbatch's `cu_seqlens` from its
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +50,6 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 from models.config import ModelConfig
 from models.model import CarryView, HybridLM
 from models.packing import cu_seqlens_from_mask, document_start_mask
-from parallel.tp import add_aux_loss
 
 PIPELINE_SCHEDULES: dict[str, type[_PipelineSchedule]] = {  # `parallel.pp_schedule` names
     "gpipe": ScheduleGPipe,
@@ -149,17 +157,21 @@ class StageModule(nn.Module):
         return outputs if len(outputs) > 1 else h
 
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor]
+"""`loss_fn(logits, labels, aux_loss, **loss_kwargs)`: one microbatch's loss from the last stage's
+logits and auxiliary loss (None when no block writes one), with the step's `loss_kwargs`."""
 
 
-def with_aux_loss(lm_loss: LossFn) -> LossFn:
-    """The last stage's loss: `lm_loss(logits, labels)`, plus the auxiliary loss when it carries one."""
+_STEP_LOSS_KWARGS: ContextVar[Mapping[str, Any]] = ContextVar("ebb_step_loss_kwargs", default={})
+
+
+def last_stage_loss(loss_fn: LossFn) -> Callable[..., Tensor]:
+    """The schedule's loss function: the last stage's output, `logits` or `(logits, aux_loss)`,
+    unpacked for `loss_fn`, with the running step's `loss_kwargs`."""
 
     def loss(output: Tensor | tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        if isinstance(output, Tensor):
-            return lm_loss(output, labels)
-        logits, aux_loss = output
-        return add_aux_loss(lm_loss(logits, labels), aux_loss)
+        logits, aux_loss = (output, None) if isinstance(output, Tensor) else output
+        return loss_fn(logits, labels, aux_loss, **_STEP_LOSS_KWARGS.get())
 
     return loss
 
@@ -207,14 +219,14 @@ def runs_several_stages(schedule: str) -> bool:
 
 def build_pipeline_schedule(
     modules: list[StageModule], stage_ids: list[int], pp_mesh: DeviceMesh, schedule: str, microbatches: int,
-    lm_loss: LossFn, device: torch.device,
+    loss_fn: LossFn, device: torch.device,
 ) -> Pipeline:
     """Wrap the stage modules (after any FSDP and activation checkpointing) in PipelineStages on the
-    mesh's pp group, and a schedule that averages the loss over `microbatches`."""
+    mesh's pp group, and a schedule that averages `loss_fn` over `microbatches`."""
     n_stages = pp_mesh.size() * len(modules)
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, index, n_stages, device, group=group) for module, index in zip(modules, stage_ids)]
-    loss_fn = with_aux_loss(lm_loss)
+    loss_fn = last_stage_loss(loss_fn)
     schedule_class = PIPELINE_SCHEDULES[schedule]
     if runs_several_stages(schedule):
         runner = schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn)
@@ -242,19 +254,24 @@ def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float | None, gr
 
 def pipeline_train_step(
     pipeline: Pipeline, optimizer: torch.optim.Optimizer, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor,
-    grad_clip: float | None,
+    grad_clip: float | None, loss_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """One optimizer step over a whole batch, which the schedule splits into its microbatches
-    (the pipeline's gradient accumulation). Every pp rank passes the same batch. Returns the mean
-    loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
-    gradient norm before clipping."""
+    (the pipeline's gradient accumulation). Every pp rank passes the same batch; `loss_kwargs` go
+    to the loss function of every microbatch. Returns the mean loss (language model plus
+    auxiliary) on ranks holding the last stage, None elsewhere, and the gradient norm before
+    clipping."""
     doc_starts = document_start_mask(cu_seqlens, *input_ids.shape)
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
-    if pipeline.has_last:
-        pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, doc_starts=doc_starts)
-    else:
-        pipeline.schedule.step(*args, return_outputs=False, doc_starts=doc_starts)
+    bound = _STEP_LOSS_KWARGS.set(dict(loss_kwargs or {}))
+    try:
+        if pipeline.has_last:
+            pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, doc_starts=doc_starts)
+        else:
+            pipeline.schedule.step(*args, return_outputs=False, doc_starts=doc_starts)
+    finally:
+        _STEP_LOSS_KWARGS.reset(bound)
     grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

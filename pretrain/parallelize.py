@@ -4,24 +4,18 @@ what this rank holds and runs.
 Order (`parallelize`): tensor parallelism on the whole model, this pp rank's pipeline stages,
 activation checkpointing, FSDP/HSDP on each stage (or the model), the pipeline schedule. Build the
 optimizer afterwards, on `Parallel.module`, whose parameter names are the single-process model's
-(so optimizer state and checkpoints are keyed the same under every layout).
-
-Loss normalisation. The language-model loss of a step is the mean over every valid label of the
-global batch, as in one process: each rank sums its tokens' losses and divides by the global
-count (all-reduced), times what the averaging after it divides by (FSDP averages gradients over
-the dp ranks; the pipeline schedule averages over its microbatches).
+(so optimizer state and checkpoints are keyed the same under every layout). The pipeline's loss
+function is `pretrain.loss.microbatch_loss`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import loss_parallel
 
 from models.model import HybridLM
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
@@ -29,9 +23,8 @@ from parallel.mesh import build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
-from pretrain.data.loader import IGNORE_INDEX
+from pretrain.loss import microbatch_loss
 from pretrain.runtime import Runtime
-from pretrain.step import lm_loss, local
 
 
 def world_size() -> int:
@@ -44,17 +37,6 @@ def init_process_group(device: torch.device) -> None:
     (a test) has already initialised it."""
     if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-
-
-class ScaledTokenLoss:
-    """The pipeline's loss function: `lm_loss` summed over the microbatch's tokens times `scale`
-    (set before every step)."""
-
-    def __init__(self) -> None:
-        self.scale = 1.0
-
-    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return lm_loss(logits, labels, reduction="sum") * self.scale
 
 
 class RankStages(nn.Module):
@@ -80,7 +62,6 @@ class Parallel:
     module: nn.Module | None = None
     pipeline: Pipeline | None = None
     microbatches: int = 1  # the pipeline's per step
-    loss: ScaledTokenLoss = field(default_factory=ScaledTokenLoss)
 
     @property
     def world_size(self) -> int:
@@ -101,26 +82,6 @@ class Parallel:
     def is_main(self) -> bool:
         """Rank 0 alone prints, logs metrics and writes the run directory's files."""
         return self.rank == 0
-
-    def loss_context(self) -> contextlib.AbstractContextManager:
-        """Cross-entropy (and its backward) on vocabulary-sharded logits under TP without PP."""
-        return loss_parallel() if self.shape["tp"] > 1 and self.pipeline is None else contextlib.nullcontext()
-
-    def sum_over_world(self, value: Tensor) -> Tensor:
-        if self.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-        return value
-
-    def global_token_count(self, labels: Tensor) -> Tensor:
-        """Valid labels in the global batch: every replica's count, which its tp x pp ranks share."""
-        count = (labels != IGNORE_INDEX).sum().float()
-        return self.sum_over_world(count) / (self.world_size // self.dp_size)
-
-    def mean_over_replicas(self, value: Tensor) -> Tensor:
-        """The mean over dp ranks of a per-replica value that the ranks of the last pipeline stage
-        hold (the others pass 0), the same on every rank afterwards."""
-        return self.sum_over_world(local(value).float()) / (self.world_size // self.shape["pp"])
 
 
 def start(cfg: RunConfig, runtime: Runtime) -> Parallel:
@@ -150,7 +111,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     par.module = model
     if pp > 1:
         par.microbatches = p.microbatches
-        par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, par.loss, runtime.device)
+        par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, microbatch_loss, runtime.device)
         par.module = RankStages(stages)
 
 

@@ -1,41 +1,27 @@
-"""One training step and one evaluation pass."""
+"""One training step and one evaluation pass, on what `pretrain.parallelize` built for this rank."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from parallel.pipeline import pipeline_train_step
-from parallel.tp import add_aux_loss
 from pretrain.data import Batch
-from pretrain.data.loader import IGNORE_INDEX
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
+from pretrain.parallelize import Parallel
 from pretrain.runtime import Runtime
 
-if TYPE_CHECKING:
-    from pretrain.parallelize import Parallel
 
-
-def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy in float32 (bf16 logits lose too much in the softmax)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime, reduction: str = "mean") -> tuple[Tensor, Tensor | None]:
-    """The language-model loss, and the auxiliary loss the blocks added up (None when none has one)."""
+def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime) -> tuple[Tensor, Tensor | None]:
+    """The language-model loss summed over the batch's tokens, and the auxiliary loss the blocks
+    added up (None when none has one)."""
     batch = batch.to(runtime.device)
     carry: dict[str, Tensor] = {}
     with runtime.autocast():
         logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, carry=carry)
-    return lm_loss(logits, batch.labels, reduction), carry.get("aux_loss")
-
-
-def local(value: Tensor) -> Tensor:
-    """A replicated DTensor (loss, norm) as a plain tensor; plain tensors unchanged."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    return lm_loss(logits, batch.labels, reduction="sum"), carry.get("aux_loss")
 
 
 class StepResult(NamedTuple):
@@ -60,9 +46,9 @@ def train_step(
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
         batch = next(batches).to(runtime.device)
-        scale = par.dp_size / par.global_token_count(batch.labels)  # FSDP divides by dp_size again
-        with par.loss_context():
-            loss, aux_loss = forward_loss(model, batch, runtime, reduction="sum")
+        scale = token_scale(batch.labels, par.shape)
+        with loss_context(par.shape):
+            loss, aux_loss = forward_loss(model, batch, runtime)
             loss = loss * scale
             total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
             (total / grad_accum).backward()
@@ -72,20 +58,22 @@ def train_step(
     grad_norm = local(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    aux_loss = par.mean_over_replicas(torch.stack(aux_losses).mean()) if aux_losses else None
-    return StepResult(par.mean_over_replicas(loss_sum), grad_norm, aux_loss)
+    aux_loss = mean_over_replicas(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
+    return StepResult(mean_over_replicas(loss_sum, par.shape), grad_norm, aux_loss)
 
 
 def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, runtime: Runtime) -> StepResult:
-    """`pipeline_train_step` on this replica's batch; the schedule averages over its microbatches
-    and FSDP over the dp ranks, so each microbatch's token sum is scaled by both."""
+    """`pipeline_train_step` on this replica's batch, with the step's token normaliser for the
+    loss of each microbatch (`pretrain.loss.microbatch_loss`)."""
     batch = batch.to(runtime.device)
-    par.loss.scale = par.microbatches * par.dp_size / par.global_token_count(batch.labels)
+    scale = token_scale(batch.labels, par.shape, par.microbatches)
     with runtime.autocast():
-        loss, grad_norm = pipeline_train_step(par.pipeline, optimizer, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip)
+        loss, grad_norm = pipeline_train_step(
+            par.pipeline, optimizer, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale}
+        )
     if loss is None:  # not on the last stage
         loss = torch.zeros((), device=runtime.device)
-    return StepResult(par.mean_over_replicas(loss), grad_norm, None)
+    return StepResult(mean_over_replicas(loss, par.shape), grad_norm, None)
 
 
 @torch.no_grad()
@@ -95,8 +83,8 @@ def evaluate(par: Parallel, batches: list[Batch], runtime: Runtime) -> dict[str,
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        with par.loss_context():
-            loss_sum += local(forward_loss(model, batch, runtime, reduction="sum")[0]).item()
+        with loss_context(par.shape):
+            loss_sum += local(forward_loss(model, batch, runtime)[0]).item()
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)

@@ -4,26 +4,29 @@
     torchrun --nproc-per-node 4 -m pretrain.train --config ... parallel.tp=2   # see launch/torchrun.sh
 
 Under torchrun every rank runs this loop on its part of the model (pretrain/parallelize.py); rank
-0 alone prints, logs metrics and writes the run directory's files.
+0 alone prints, logs metrics and writes the run directory's files. `train` is `build_run` (all
+that the loop needs, as a `Run`) then `train_loop`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 
-from checkpoint import CheckpointError, build_checkpointer, find_latest
+from checkpoint import Checkpointer, CheckpointError, build_checkpointer, find_latest
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.schedules import build_lr_schedule
 from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
-from pretrain.data import DataError, build_data
-from pretrain.data.loader import mixture_record
+from pretrain.data import Batch, DataError, build_data
+from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.peak_flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, parallelize, start
@@ -68,7 +71,32 @@ def print_header(cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtim
         print("ebb: no evaluation under pipeline parallelism (the schedules have no eval step); train.eval_interval is ignored", flush=True)
 
 
+@dataclass
+class Run:
+    """What the training loop needs, built on every rank by `build_run`."""
+
+    cfg: RunConfig
+    runtime: Runtime
+    par: Parallel
+    optimizer: torch.optim.Optimizer
+    schedule: LRScheduler
+    checkpoints: Checkpointer
+    train_batches: TokenBatches | PrefetchedBatches
+    val_batches: list[Batch]  # empty under PP, whose schedules have no evaluation step
+    first: int  # the last step already taken: 0, or the resumed checkpoint's
+    end: int  # the last step this run takes
+    throughput: Throughput
+    metrics: MetricsLogger | None  # rank 0's
+
+
 def train(cfg: RunConfig, resume: bool) -> None:
+    train_loop(build_run(cfg, resume))
+
+
+def build_run(cfg: RunConfig, resume: bool) -> Run:
+    """Set the process up, build this rank's data, model part, optimizer, LR schedule and
+    checkpointer, resume (or refuse to overwrite a run), and on rank 0 write the run's config,
+    print its header and open its metrics."""
     runtime = set_up(cfg.train)
     par = start(cfg, runtime)
     t = cfg.train
@@ -100,26 +128,40 @@ def train(cfg: RunConfig, resume: bool) -> None:
     peak = peak_flops(runtime.device) if par.is_main else None
     cluster_peak = None if peak is None else peak * par.world_size
     throughput = Throughput(tokens_per_step(t, par.dp_size), 3 * flops_per_token, cluster_peak)
-    began, record = time.perf_counter(), {}
-    for step in range(first + 1, end + 1):
-        lr, tick = optimizer.param_groups[0]["lr"], time.perf_counter()
-        result = train_step(par, optimizer, train_batches, t.grad_accum, t.grad_clip, runtime)
-        schedule.step()
-        log_now = step % t.log_interval == 0 or step == end
-        if log_now:
-            runtime.synchronize()
-        throughput.add_step(time.perf_counter() - tick)
-        record = {"step": step} | (train_record(result, lr, throughput, runtime) | mixture_record(train_batches) if log_now else {})
-        if val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == end):
-            record |= evaluate(par, val_batches, runtime)
-        if metrics is not None and len(record) > 1:
-            metrics.log(record)
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == end and cfg.checkpoint.save_final):
-            checkpoints.save(step, par.module, optimizer, schedule, train_batches, final=step == end)
-    saved = checkpoints.finalize()
-    if metrics is not None:
-        metrics.close()
-        print(summary(first, end, time.perf_counter() - began, record, saved))
+    return Run(cfg, runtime, par, optimizer, schedule, checkpoints, train_batches, val_batches, first, end, throughput, metrics)
+
+
+def train_loop(run: Run) -> None:
+    """Steps first+1 .. end, each logged and checkpointed as configured; then wait for the last
+    checkpoint and, on rank 0, print the summary."""
+    cfg, began, record = run.cfg, time.perf_counter(), {}
+    for step in range(run.first + 1, run.end + 1):
+        record = run_step(run, step)
+        if run.metrics is not None and len(record) > 1:
+            run.metrics.log(record)
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final):
+            run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
+    saved = run.checkpoints.finalize()
+    if run.metrics is not None:
+        run.metrics.close()
+        print(summary(run.first, run.end, time.perf_counter() - began, record, saved))
+
+
+def run_step(run: Run, step: int) -> dict:
+    """Train one step; its record: the step, and its metrics on a logged step, and the evaluation
+    on an evaluated one."""
+    t = run.cfg.train
+    lr, tick = run.optimizer.param_groups[0]["lr"], time.perf_counter()
+    result = train_step(run.par, run.optimizer, run.train_batches, t.grad_accum, t.grad_clip, run.runtime)
+    run.schedule.step()
+    log_now = step % t.log_interval == 0 or step == run.end
+    if log_now:
+        run.runtime.synchronize()
+    run.throughput.add_step(time.perf_counter() - tick)
+    record = {"step": step} | (train_record(result, lr, run.throughput, run.runtime) | mixture_record(run.train_batches) if log_now else {})
+    if run.val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == run.end):
+        record |= evaluate(run.par, run.val_batches, run.runtime)
+    return record
 
 
 def train_record(result: StepResult, lr: float, throughput: Throughput, runtime: Runtime) -> dict:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import defaultdict
 from fnmatch import fnmatchcase
 
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -67,14 +67,6 @@ def _check_covered(layer: nn.Module, styles: list[tuple[nn.Module, ParallelStyle
     if missing or len(placed) != len(set(placed)):
         problem = f"does not place {', '.join(missing)}" if missing else "places a parameter twice"
         raise ValueError(f"{type(layer).__name__}'s tensor-parallel plan {problem}")
-
-
-def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
-    """loss + aux_loss, as plain tensors. Under loss parallelism `loss` is a replicated DTensor,
-    while the routers' aux loss is a plain tensor that is the same on every TP rank (each rank
-    routes identically) and counts once on each: adding it to the DTensor would hand the plain
-    graph behind it a DTensor gradient."""
-    return (loss.full_tensor() if isinstance(loss, DTensor) else loss) + aux_loss
 
 
 def apply_tensor_parallel(

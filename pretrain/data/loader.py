@@ -21,7 +21,7 @@ from pretrain.data.blend import Blend, realised_proportions
 from pretrain.data.config import DataConfig
 from pretrain.data.documents import Documents, concatenated, tokenize
 from pretrain.data.errors import DataError
-from pretrain.data.packing import IGNORE_INDEX, Batch, PackedRows, VarlenPacks, make_batch
+from pretrain.data.packing import Batch, PackedRows, VarlenPacks, make_batch
 from pretrain.data.prefetch import Prefetcher
 from pretrain.data.sources import open_source
 from pretrain.data.streaming import StreamedRows
@@ -30,7 +30,7 @@ from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 if TYPE_CHECKING:  # pretrain.config imports this package for DataConfig
     from pretrain.config import TrainConfig
 
-__all__ = ["IGNORE_INDEX", "Batch", "TokenBatches", "build_data", "eval_batches", "split_documents", "tokenize_documents"]
+__all__ = ["Batch", "TokenBatches", "build_data", "eval_batches", "split_documents", "tokenize_documents"]
 
 
 def tokenize_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> Documents:

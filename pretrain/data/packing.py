@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from pretrain.data.documents import Documents
-
-IGNORE_INDEX = -100
+from pretrain.loss import IGNORE_INDEX
 
 
 @dataclass

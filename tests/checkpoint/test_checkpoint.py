@@ -6,10 +6,9 @@ import torch
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, manifest
 from checkpoint.manager import find_latest, resolve_checkpoint
-from checkpoint.storage import ALGORITHM, file_checksum
-from optim.adamw import build_optimizer
-from optim.config import OptimConfig
-from optim.schedules import build_lr_schedule
+from checkpoint import build_checkpointer
+from checkpoint import CheckpointConfig
+from tests.toy_state import make_state, train_steps
 
 MODES = ["sync", "async", "lazy"]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's async upload thread, one process
@@ -29,39 +28,6 @@ class Saver:
 
     def resume(self, *state) -> int:
         return build_checkpointer(self.root, self.settings).resume(*state)
-
-
-class Position:
-    """Stand-in for the data iterator's resumable position."""
-
-    def __init__(self, row: int = 0):
-        self.row = row
-
-    def state_dict(self) -> dict[str, int]:
-        return {"row": self.row}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.row = state["row"]
-
-
-def make_state(seed: int, device: str = "cpu"):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
-    schedule = build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
-    return model, optimizer, schedule, Position()
-
-
-def train_steps(model, optimizer, schedule, n: int) -> list[float]:
-    losses = []
-    for _ in range(n):
-        loss = model(torch.randn(4, 8).to(model[0].weight.device)).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -17,10 +17,10 @@ from checkpoint.manager import committed_checkpoints
 from optim.config import OptimConfig
 from optim.schedules import build_lr_schedule
 from tests.distributed import run_distributed
-from tests.checkpoint.test_checkpoint import Position
+from tests.toy_state import Position
 
 SAVE_AT, STEPS = (2, 4), 4
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the one-process load
+pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]  # the one-process load
 
 
 def build(seed: int, world: int | None):

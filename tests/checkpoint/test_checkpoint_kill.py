@@ -20,9 +20,9 @@ from checkpoint.manager import find_latest, verify_together
 from checkpoint.ranks import Ranks
 from models.model import HybridLM
 from pretrain.config import load_config
-from tests.e2e.test_train import REPO, TINY
+from tests.runs import REPO, SMALL_RUN
 
-RUN = [*TINY, "train.steps=1000", "train.eval_interval=0", "checkpoint.interval=1", "checkpoint.mode=lazy"]
+RUN = [*SMALL_RUN, "train.steps=1000", "train.eval_interval=0", "checkpoint.interval=1", "checkpoint.mode=lazy"]
 KILL_AFTER = [0.0, 0.25, 0.5, 0.8]  # seconds after the flush (about 0.9 s: ~900 items x 1 ms) started writing
 
 

@@ -17,8 +17,8 @@ from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
 from checkpoint.ranks import Ranks
 from pretrain.train import main as train_main
-from tests.checkpoint.test_checkpoint import make_state, train_steps
-from tests.e2e.test_train import TINY
+from tests.runs import SMALL_RUN
+from tests.toy_state import make_state, train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 
@@ -206,7 +206,7 @@ def test_a_request_while_the_previous_flushes_waits_or_is_skipped(tmp_path, monk
 
 def test_a_run_whose_flush_fails_exits_2_with_one_line_and_keeps_its_checkpoints(tmp_path, monkeypatch, capsys):
     fail_writes_after(monkeypatch, 1, STORAGE_ERRORS[0])
-    assert train_main([*TINY, f"train.run_dir={tmp_path}", "train.eval_interval=0", "checkpoint.interval=2"]) == 2
+    assert train_main([*SMALL_RUN, f"train.run_dir={tmp_path}", "train.eval_interval=0", "checkpoint.interval=2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: checkpoint step-00000004 was not saved: cannot write checkpoint"), err
     assert "No space left on device" in err

@@ -18,21 +18,19 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from parallel.tp import apply_tensor_parallel
+from optim.config import OptimConfig
+from tests.conftest import TP2_MIXERS, tiny_model_config
 from tests.distributed import run_distributed
 
 TP, BATCH, SEQ, VOCAB, TOL = 2, 2, 16, 64, 1e-5
-CONFIG = ModelConfig(
-    pattern="M*", d_model=32, vocab_size=VOCAB, mlp_hidden=64,
-    mixers=dict(mamba2=dict(d_state=8, head_dim=8, n_groups=2, chunk_size=8), attention=dict(num_heads=4, num_kv_heads=2)),
-)
+CONFIG = tiny_model_config("M*", vocab_size=VOCAB, mlp_hidden=64, mixers=TP2_MIXERS)
 OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
 IN_PROJ = "blocks.0.mixer.in_proj.weight"
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the one-process save/load
+pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]  # the one-process save/load
 
 Snapshot = dict[str, Tensor]  # logits on a probe batch, in_proj's weight and AdamW moments
 

@@ -8,15 +8,15 @@ import pyarrow.parquet as pq
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from pretrain.config import TrainConfig
 from pretrain.data import DataError, build_data, embedded_corpus, load_documents, load_tokenizer
 from pretrain.data.config import DataConfig
 from pretrain.data.corpus import stdlib_sources
 from pretrain.data.documents import concatenated
-from pretrain.data.loader import IGNORE_INDEX, TokenBatches, eval_batches, split_documents, tokenize_documents
+from pretrain.data.loader import TokenBatches, eval_batches, split_documents, tokenize_documents
 from pretrain.data.tokenizer import ByteTokenizer
+from pretrain.loss import IGNORE_INDEX
 
 EOS = ByteTokenizer.eos_id
 DOCS = [f"document {i}: " + "abcdefghij"[i % 10] * (5 + 7 * i % 23) + " ünïcödé" * (i % 3) for i in range(30)]
@@ -58,17 +58,9 @@ def test_byte_tokenizer_round_trip_including_non_ascii():
     assert [a.tolist() for a in tok.encode_batch(["ab", "é"])] == [[97, 98], [0xC3, 0xA9]]
 
 
-def write_word_level_tokenizer(path) -> None:
-    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "again": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
 @pytest.mark.parametrize("as_directory", [False, True])
-def test_hf_tokenizer_loads_from_local_tokenizer_json(tmp_path, as_directory):
-    write_word_level_tokenizer(tmp_path / "tokenizer.json")
-    tok = load_tokenizer(str(tmp_path if as_directory else tmp_path / "tokenizer.json"))
+def test_hf_tokenizer_loads_from_local_tokenizer_json(word_level_tokenizer, as_directory):
+    tok = load_tokenizer(str(word_level_tokenizer.parent if as_directory else word_level_tokenizer))
     assert tok.vocab_size == 5 and tok.eos_id == 1
     assert tok.encode("hello world again") == [2, 3, 4]
     assert tok.encode("hello zebra") == [2, 0]

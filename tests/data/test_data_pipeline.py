@@ -22,7 +22,6 @@ from pretrain.data.streaming import held_out
 from pretrain.data.tokenizer import ByteTokenizer
 from pretrain.train import main as train_main
 from tests.distributed import run_distributed
-from tests.data.test_data import write_word_level_tokenizer
 
 EOS = ByteTokenizer.eos_id
 DOCS = [f"record {i}: " + "lorem ipsum " * (i % 7) + "é" * (i % 3) for i in range(200)]
@@ -48,15 +47,14 @@ def take(batches, n: int) -> list[torch.Tensor]:
 # ---- preprocessing ----
 
 @pytest.mark.parametrize("tokenizer", ["byte", "word-level"])
-def test_preprocessed_corpus_reads_back_in_megatron_core_as_direct_tokenization(tmp_path, tokenizer):
+def test_preprocessed_corpus_reads_back_in_megatron_core_as_direct_tokenization(tmp_path, word_level_tokenizer, tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from pretrain.data.tokenizer import load_tokenizer
 
     docs = DOCS if tokenizer == "byte" else ["hello world", "again", "", "world world hello"] * 10
     if tokenizer != "byte":
-        write_word_level_tokenizer(tmp_path / "tokenizer.json")
-        tokenizer = str(tmp_path / "tokenizer.json")
+        tokenizer = str(word_level_tokenizer)
     tok = load_tokenizer(tokenizer)
     dataset = IndexedDataset(preprocess(tmp_path, docs, tokenizer=tokenizer))
     expected = [tok.encode(d) + [tok.eos_id] for d in docs if d]
@@ -151,6 +149,7 @@ def rank_batches(prefix: str, jsonl: str, steps: int) -> dict[str, list[torch.Te
     return out
 
 
+@pytest.mark.distributed
 def test_two_data_parallel_processes_read_disjoint_halves_of_one_process_batches(tmp_path):
     rng = np.random.default_rng(0)  # random letters: no two rows alike, so equal rows would be the same row
     random_docs = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(5, 60))) for _ in range(400)]

@@ -2,16 +2,8 @@ import pytest
 import torch
 
 from models.model import HybridLM
-from pretrain.config import load_config
 from pretrain.generate import generate, sample_next
-
-TINY = [
-    "model.d_model=32", "model.vocab_size=64",
-    "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
-    "model.mixers.mamba2.head_dim=8", "model.mixers.mamba2.d_state=8", "model.mixers.mamba2.chunk_size=8",
-    "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.head_dim=8",
-]
-
+from tests.conftest import tiny_model_config
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -25,8 +17,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model(one_thread) -> HybridLM:
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.pattern=MTG*", "model.init_std=0.5", *TINY])
-    return HybridLM(cfg.model).double().eval()  # float64: near-tied logits cannot flip the argmax
+    return HybridLM(tiny_model_config("MTG*", init_std=0.5)).double().eval()  # float64: near-tied logits cannot flip the argmax
 
 
 def greedy_by_full_forwards(model: HybridLM, prompt: list[int], n: int) -> list[int]:

@@ -1,5 +1,4 @@
 """End-to-end runs of `python -m pretrain.train` / `pretrain.generate` on a tiny hybrid, as subprocesses."""
-import json
 import math
 import os
 import subprocess
@@ -10,17 +9,7 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.metrics import EVAL_FIELDS, TRAIN_FIELDS
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.pattern=MTG*", "model.d_model=64", "model.vocab_size=320",
-    "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
-    "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=16", "model.mixers.mamba2.chunk_size=16",
-    "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.head_dim=16",
-    "data.embedded_max_bytes=100000", "train.threads=1", "train.steps=6", "train.seq_len=32",
-    "train.batch_size=2", "train.grad_accum=2", "train.eval_interval=3", "train.eval_batches=2",
-    "optim.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep_last=2", "logging.progress=false",
-]
+from tests.runs import REPO, SMALL_RUN, records
 
 
 def run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -31,13 +20,9 @@ def run(module: str, *args: str, env: dict[str, str] | None = None) -> subproces
 
 
 def train(run_dir: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
-    result = run("pretrain.train", *(["--resume"] if resume else []), *TINY, f"train.run_dir={run_dir}", *extra)
+    result = run("pretrain.train", *(["--resume"] if resume else []), *SMALL_RUN, f"train.run_dir={run_dir}", *extra)
     assert result.returncode == 0, result.stderr
     return result
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -108,13 +93,13 @@ def test_generate_cli_prints_text_from_a_saved_run(baseline):
     ],
 )
 def test_bad_runs_fail_with_one_line(tmp_path, overrides, env, expected):
-    result = run("pretrain.train", *TINY, f"train.run_dir={tmp_path}", *overrides, env=env)
+    result = run("pretrain.train", *SMALL_RUN, f"train.run_dir={tmp_path}", *overrides, env=env)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert expected in result.stderr
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(baseline):
-    result = run("pretrain.train", *TINY, f"train.run_dir={baseline}")
+    result = run("pretrain.train", *SMALL_RUN, f"train.run_dir={baseline}")
     assert result.returncode == 2 and "already holds checkpoints" in result.stderr
     assert len(records(baseline)) == 6  # the earlier run's files are untouched

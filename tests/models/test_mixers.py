@@ -101,6 +101,19 @@ def test_decoding_matches_full_forward(kind, options):
     assert_decoding_matches_full_forward(small_mixer(kind, **options), D_MODEL)
 
 
+@pytest.mark.parametrize("kind", list(PATTERN))
+def test_every_registered_mixer_decodes_and_packs_documents(kind):
+    """Its defaults (with the small sizes above where known): from the cache as in one forward,
+    and each packed document as alone. Every weight is moved off its init (RWKV-7's zeroes
+    out_proj), so that the output depends on everything."""
+    mixer = small_mixer(kind)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert_decoding_matches_full_forward(mixer, D_MODEL)
+    assert_packed_documents_match_each_alone(mixer, D_MODEL)
+
+
 @pytest.mark.parametrize("kind", ["M", "T", "G"])
 def test_linear_mixers_decode_in_constant_memory(kind):
     mixer = small_mixer(kind)

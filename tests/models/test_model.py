@@ -2,22 +2,14 @@
 import pytest
 import torch
 
-from models.config import ModelConfig
 from models.model import HybridLM
 from models.packing import with_row_starts
-
-SMALL_MIXERS = {
-    "attention": {"num_heads": 2},
-    "mamba2": {"d_state": 8, "head_dim": 16, "chunk_size": 8},
-    "deltanet": {"num_heads": 2, "chunk_size": 8},
-    "gated_deltanet": {"num_heads": 2, "head_dim": 16, "chunk_size": 8},
-}
+from tests.conftest import tiny_model_config
 
 
 def small_model(pattern: str = "MTG*", **overrides) -> HybridLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(pattern=pattern, d_model=32, vocab_size=64, mixers=SMALL_MIXERS, **overrides)
-    return HybridLM(cfg).double().eval()
+    return HybridLM(tiny_model_config(pattern, **overrides)).double().eval()
 
 
 def test_row_starts_are_added_once():

@@ -18,9 +18,10 @@ from checkpoint.manager import find_latest
 from pretrain.config import RunConfig
 from pretrain.train import train
 from tests.distributed import run_distributed
-from tests.parallel.test_parallel_train import config, curve
+from tests.runs import curve, layout_config
 
 TOL = 1e-4
+pytestmark = pytest.mark.distributed
 # Matrices quantised; the 1-D tensors (< 256 elements here) stay fp32 in every layout: FSDP2
 # shards their only dim, which would cut their blocks
 CODEC = ["model.pattern=RM*TG", "optim.min_quant_numel=256"]
@@ -42,8 +43,8 @@ ROW_PARALLEL_FP32 = "optim.overrides=[{params: '*.out_proj.weight', state_dtype:
 )
 def test_sharded_run_matches_one_process_with_the_same_codec(tmp_path: Path, dtype: str, layout: list[str], world: int, overrides: list[str]) -> None:
     settings = [*CODEC, f"optim.state_dtype={dtype}", *overrides]
-    run_distributed(train_rank, world, config(tmp_path / "sharded", *settings, *layout, "train.batch_size=2"))
-    train(config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
+    run_distributed(train_rank, world, layout_config(tmp_path / "sharded", *settings, *layout, "train.batch_size=2"))
+    train(layout_config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(curve(tmp_path / "sharded", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
 
@@ -53,12 +54,12 @@ def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:
     together), and the one-process run resumed from it takes step 3 as an uninterrupted
     one-process run does."""
     settings = [*CODEC, "optim.state_dtype=int8"]
-    run_distributed(train_rank, 2, config(tmp_path / "dp2", *settings, "parallel.dp_shard=2", "train.batch_size=2", "train.stop_at_step=2"))
+    run_distributed(train_rank, 2, layout_config(tmp_path / "dp2", *settings, "parallel.dp_shard=2", "train.batch_size=2", "train.stop_at_step=2"))
     saved = dist_cp.FileSystemReader(find_latest(tmp_path / "dp2" / "checkpoints")).read_metadata().state_dict_metadata
     weight = "blocks.0.mixer.r_proj.weight"
     rows, columns = saved[f"model.{weight}"].size
     assert saved[f"optimizer.state.{weight}.exp_avg_int8"].size == (rows, columns)
     assert saved[f"optimizer.state.{weight}.exp_avg_sq_int8_absmax"].size == (rows, -(-columns // 256))
-    train(config(tmp_path / "dp2", *settings, "train.batch_size=4"), resume=True)
-    train(config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
+    train(layout_config(tmp_path / "dp2", *settings, "train.batch_size=4"), resume=True)
+    train(layout_config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     torch.testing.assert_close(curve(tmp_path / "dp2", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)

@@ -1,68 +1,48 @@
 """FSDP2 (dp_shard=2) and HSDP (2 x 2) on gloo against one process that sees the whole global
-batch; activation checkpointing in process and under FSDP.
+batch, both trained by the production step (tests/parity.py); activation checkpointing in process
+and under FSDP.
 
-The one process cuts the global batch into as many row groups as there are ranks and averages
-their losses: for the language-model loss that is the whole batch's mean (equal token counts),
-and it is what data parallelism means for SSE's auxiliary loss, a batch statistic that each rank
+The one process accumulates over as many row groups of the global batch as there are ranks: for
+the language-model loss that is the whole batch's mean (normalised by the global token count), and
+it is what data parallelism means for SSE's auxiliary loss, a batch statistic that each rank
 computes on its own rows. Tolerance: float32, losses and final parameters within 2e-5."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from models.config import ModelConfig
 from models.model import HybridLM
-from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
-from models.packing import cu_seqlens_from_mask, document_start_mask
 from pretrain.config import load_config
-from pretrain.step import lm_loss
+from pretrain.parallelize import Parallel
 from pretrain.train import train
+from tests.conftest import every_mixer, tiny_model_config, tiny_model_overrides
 from tests.distributed import run_distributed
-from tests.parallel.test_pipeline import BATCH, GRAD_CLIP, OPTIM, SEQ, TOL, packed_batches, tiny_config
+from tests.parity import SEQ, layout, one_process, packed_batches, row_groups, total_losses, train_steps
+from tests.runs import records
 
-PATTERN = "SRM*TGRO"
+PATTERN = every_mixer(2)
+TOL = 2e-5
+AUX_LOSSES = {"sse": {"aux_loss_scale": 0.1}, "mom": {"aux_loss_scale": 0.1}}  # large enough to matter
 
 
-def train_losses(model: nn.Module, groups: int, rank: int | None = None) -> list[torch.Tensor]:
-    """Three steps of AdamW with clipping; each global batch's rows are cut into `groups` equal
-    groups, and the loss is the mean of the groups' losses: over every group (`rank` None, one
-    process) or over this rank's group (with gradients averaged across ranks by FSDP)."""
-    optimizer = build_optimizer(model, OPTIM)
-    losses = []
-    for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_start_mask(cu_seqlens, BATCH, SEQ)
-        mine = range(groups) if rank is None else [rank]
-        step_loss = 0.0
-        for g in mine:
-            rows = slice(g * BATCH // groups, (g + 1) * BATCH // groups)
-            carry: dict[str, torch.Tensor] = {}
-            loss = lm_loss(model(input_ids[rows], cu_seqlens=cu_seqlens_from_mask(starts[rows]), carry=carry), labels[rows]) + carry["aux_loss"]
-            (loss / len(mine)).backward()
-            step_loss += loss.detach() / len(mine)
-        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-    return losses
+def fsdp_config(tie_embeddings: bool = True) -> ModelConfig:
+    return tiny_model_config(PATTERN, tie_embeddings=tie_embeddings, mixers=AUX_LOSSES)
 
 
 def reference_run(cfg: ModelConfig, groups: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
-    losses = [loss.item() for loss in train_losses(model, groups)]
-    return losses, {name: value.clone() for name, value in model.state_dict().items()}
+    return one_process(cfg, [row_groups(batch, groups) for batch in packed_batches()])
 
 
 def fsdp_rank(cfg: ModelConfig, mesh_shape: tuple[int, ...], checkpointing: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Rank r trains on row group r of each global batch."""
     names = ("dp_replicate", "dp_shard")[-len(mesh_shape):]
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     torch.manual_seed(0)
@@ -71,16 +51,17 @@ def fsdp_rank(cfg: ModelConfig, mesh_shape: tuple[int, ...], checkpointing: str)
     apply_fsdp(model, mesh, mixed_precision=False)
     first = next(model.parameters())
     assert isinstance(first, DTensor) and first.placements[-1] == Shard(0)
-    losses = torch.stack(train_losses(model, dist.get_world_size(), dist.get_rank()))
-    dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-    return losses.tolist(), {name: value.full_tensor() for name, value in model.state_dict().items()}
+    steps = [[row_groups(batch, dist.get_world_size())[dist.get_rank()]] for batch in packed_batches()]
+    losses = total_losses(train_steps(Parallel(layout(**dict(zip(names, mesh_shape))), module=model), steps))
+    return losses, {name: value.full_tensor() for name, value in model.state_dict().items()}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "mesh_shape, checkpointing", [((2,), "full"), ((2, 2), "selective")], ids=["fsdp2-full-ac", "hsdp2x2-selective-ac"]
 )
 def test_fsdp_matches_one_process(mesh_shape: tuple[int, ...], checkpointing: str) -> None:
-    cfg = tiny_config(PATTERN, tie_embeddings=True)
+    cfg = fsdp_config()
     world = math.prod(mesh_shape)
     ref_losses, ref_params = reference_run(cfg, world)
     results = run_distributed(fsdp_rank, world, cfg, mesh_shape, checkpointing)
@@ -91,9 +72,10 @@ def test_fsdp_matches_one_process(mesh_shape: tuple[int, ...], checkpointing: st
             torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
 
 
-@pytest.mark.parametrize("mode, wrapped", [("none", []), ("full", list(range(8))), ("selective", [1, 3, 5, 7])])
-def test_activation_checkpointing_wraps_blocks_and_keeps_numerics(mode: str, wrapped: list[int]) -> None:
-    cfg = tiny_config(PATTERN)
+@pytest.mark.parametrize("mode, every_kth", [("none", None), ("full", 1), ("selective", 2)])
+def test_activation_checkpointing_wraps_blocks_and_keeps_numerics(mode: str, every_kth: int | None) -> None:
+    cfg = fsdp_config(tie_embeddings=False)
+    wrapped = [] if every_kth is None else list(range(every_kth - 1, cfg.n_layers, every_kth))
     torch.manual_seed(0)
     plain = HybridLM(cfg)
     torch.manual_seed(0)
@@ -120,20 +102,14 @@ def mixed_precision_rank(cfg: ModelConfig) -> tuple[torch.dtype, torch.dtype, bo
     return logits.dtype, grad.dtype, "aux_loss" in carry
 
 
+@pytest.mark.distributed
 def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_the_carry() -> None:
-    results = run_distributed(mixed_precision_rank, 2, tiny_config(PATTERN, tie_embeddings=True))
+    results = run_distributed(mixed_precision_rank, 2, fsdp_config())
     assert results == [(torch.bfloat16, torch.float32, True)] * 2
 
 
 TINY_RUN = [
-    "model.pattern=SRM*TGRO", "model.d_model=32", "model.vocab_size=320",
-    "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
-    "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=8", "model.mixers.mamba2.chunk_size=8",
-    "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.head_dim=8",
-    "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8", "model.mixers.sse.num_partitions=2",
-    "model.mixers.rwkv7.head_dim=16", "model.mixers.rwkv7.decay_rank=8", "model.mixers.rwkv7.a_rank=8",
-    "model.mixers.rwkv7.v_rank=8", "model.mixers.rwkv7.gate_rank=8",
-    "model.mixers.mom.num_memories=2", "model.mixers.mom.topk=1", "model.mixers.mom.num_heads=2", "model.mixers.mom.head_dim=8",
+    *tiny_model_overrides(PATTERN, vocab_size=320),
     "data.embedded_max_bytes=50000", "train.threads=1", "train.steps=3", "train.seq_len=16", "train.batch_size=2",
     "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "optim.warmup_steps=1", "logging.progress=false",
     "logging.tensorboard=false",
@@ -142,7 +118,7 @@ TINY_RUN = [
 
 def train_run(run_dir, *extra: str, resume: bool = False) -> list[float]:
     train(load_config(None, [*TINY_RUN, f"train.run_dir={run_dir}", *extra]), resume)
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
 def test_train_loop_with_activation_checkpointing_matches_and_resumes(tmp_path) -> None:

@@ -7,7 +7,6 @@ order of sums over heads, vocabulary shards, dp ranks and microbatches differs).
 within 1e-5 of the ones the ranks' own weights give (DCP only moves bytes)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -19,50 +18,23 @@ from checkpoint.dcp import load_model
 from checkpoint.manager import find_latest
 from models.model import HybridLM
 from parallel.mesh import ParallelError
-from pretrain.config import RunConfig, load_config
+from pretrain.config import RunConfig
 from pretrain.data.loader import TokenBatches, tokenize_documents
 from pretrain.data.tokenizer import ByteTokenizer
 from pretrain.parallelize import parallelize, start
 from pretrain.runtime import set_up
 from pretrain.train import train
 from tests.distributed import run_distributed
+from tests.runs import LAYOUT_RUN, REPO, curve, layout_config, records
 
 TOL, LOGITS_TOL = 5e-5, 1e-5
-TINY = [
-    "model.d_model=32", "model.vocab_size=320", "model.mlp_hidden=64", "model.tie_embeddings=false",
-    "model.mixers.attention.num_heads=4", "model.mixers.attention.num_kv_heads=2",
-    "model.mixers.mamba2.head_dim=8", "model.mixers.mamba2.d_state=8", "model.mixers.mamba2.n_groups=2",
-    "model.mixers.mamba2.chunk_size=8", "model.mixers.deltanet.num_heads=2",
-    "model.mixers.gated_deltanet.num_heads=2", "model.mixers.gated_deltanet.num_v_heads=4",
-    "model.mixers.gated_deltanet.head_dim=8", "model.mixers.gated_deltanet.expand_v=1.0",
-    "model.mixers.rwkv7.head_dim=8", "model.mixers.mom.num_heads=2", "model.mixers.mom.head_dim=8",
-    "model.mixers.mom.chunk_size=8", "model.mixers.sse.num_heads=2", "model.mixers.sse.head_dim=8",
-    "model.mixers.sse.chunk_size=8",
-    # aux losses are per-rank batch statistics under dp, so one process cannot match them: off here
-    # (tests/parallel/test_pipeline.py and test_fsdp.py check that they cross stages and survive FSDP)
-    "model.mixers.mom.aux_loss_scale=0", "model.mixers.sse.aux_loss_scale=0",
-    "data.embedded_max_bytes=30000", "train.threads=1", "train.steps=3", "train.seq_len=16",
-    "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "train.grad_clip=0.5",
-    "optim.lr=3e-3", "optim.warmup_steps=1", "optim.fused=false", "logging.progress=false", "logging.tensorboard=false",
-]
-
-
-def config(run_dir: Path, *overrides: str) -> RunConfig:
-    return load_config(None, [*TINY, f"train.run_dir={run_dir}", *overrides])
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def curve(run_dir: Path, key: str) -> torch.Tensor:
-    return torch.tensor([r[key] for r in records(run_dir) if key in r])
 
 
 def train_rank(cfg: RunConfig) -> None:
     train(cfg, resume=False)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "pattern, layout, batch_size, eval_interval",
     [
@@ -77,10 +49,10 @@ def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[s
     """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
     checkpoint with all 4 ranks."""
     common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}"]
-    parallel_cfg = config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
+    parallel_cfg = layout_config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
     run_distributed(train_rank, 4, parallel_cfg)
     dp = 2 if "parallel.dp_shard=2" in layout else 1  # evaluation batches have train.batch_size rows: evaluate the same rows
-    train(config(tmp_path / "one", *common, f"train.batch_size={dp * batch_size}", f"train.eval_batches={4 // dp}"), resume=False)
+    train(layout_config(tmp_path / "one", *common, f"train.batch_size={dp * batch_size}", f"train.eval_batches={4 // dp}"), resume=False)
     for key in ("loss", "grad_norm", "eval_loss"):
         torch.testing.assert_close(curve(tmp_path / "parallel", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
     assert len(curve(tmp_path / "parallel", "loss")) == 3
@@ -102,12 +74,13 @@ def reloaded_full_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {name: value.full_tensor() for name, value in par.module.state_dict().items()}
 
 
+@pytest.mark.distributed
 def test_save_under_tp2_pp2_load_in_one_process(tmp_path: Path) -> None:
     """Weights: one process loading the tp2 x pp2 checkpoint has exactly the weights (and so the
     logits) that the 4 ranks hold. Optimizer and data state: one process resuming it takes step 4
     as an uninterrupted one-process run does. Every mixer is in the model (Mamba2's
     fused in_proj is stored group-major, the same under every tp)."""
-    cfg = config(tmp_path / "tp2pp2", *SAVE_LOAD, *TP2_PP2, "train.stop_at_step=3")
+    cfg = layout_config(tmp_path / "tp2pp2", *SAVE_LOAD, *TP2_PP2, "train.stop_at_step=3")
     per_rank = run_distributed(reloaded_full_weights, 4, cfg)
     held = {name: value for weights in per_rank for name, value in weights.items()}
     one = HybridLM(cfg.model)
@@ -120,8 +93,8 @@ def test_save_under_tp2_pp2_load_in_one_process(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(one(ids), ranks(ids), rtol=0, atol=LOGITS_TOL)
 
-    train(config(tmp_path / "tp2pp2", *SAVE_LOAD), resume=True)  # one process, from the tp2 x pp2 checkpoint
-    train(config(tmp_path / "one", *SAVE_LOAD), resume=False)
+    train(layout_config(tmp_path / "tp2pp2", *SAVE_LOAD), resume=True)  # one process, from the tp2 x pp2 checkpoint
+    train(layout_config(tmp_path / "one", *SAVE_LOAD), resume=False)
     torch.testing.assert_close(curve(tmp_path / "tp2pp2", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)
 
 
@@ -139,20 +112,20 @@ def test_data_parallel_ranks_read_disjoint_rows_of_the_global_batch() -> None:
 
 def test_layout_errors_come_before_any_process_group(tmp_path: Path) -> None:
     with pytest.raises(ParallelError, match="world size 1 is not divisible by pp\\*dp_replicate\\*tp = 2"):
-        train(config(tmp_path, "model.pattern=M*TG", "parallel.tp=2"), resume=False)
+        train(layout_config(tmp_path, "model.pattern=M*TG", "parallel.tp=2"), resume=False)
 
 
+@pytest.mark.distributed
 def test_launch_script_runs_two_processes_and_shows_rank_0(tmp_path: Path) -> None:
     """launch/torchrun.sh: 2 processes (FSDP 2); only local rank 0 on the console, every rank's
     output in LOG_DIR; a layout that cannot run exits 2 with one `error:` line per rank."""
-    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs")}
-    args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *TINY, "train.steps=2", f"train.run_dir={tmp_path / 'run'}"]
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *LAYOUT_RUN, "train.steps=2", f"train.run_dir={tmp_path / 'run'}"]
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[default0]:ebb:" in result.stdout and "dp_shard 2" in result.stdout and "[default1]" not in result.stdout
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
     assert {p.parent.name for p in (tmp_path / "logs").glob("*/attempt_0/*/stdout.log")} == {"0", "1"}
-    bad = subprocess.run([*args, "parallel.tp=3"], cwd=repo, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([*args, "parallel.tp=3"], cwd=REPO, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert bad.stderr.count("error: world size 2 is not divisible by pp*dp_replicate*tp = 3") == 2

@@ -1,7 +1,8 @@
 """Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B, ZeroBubble, GPipe)
-and PP=4 on gloo against one process doing the same gradient accumulation over the same
-microbatches. The tiny models hold every mixer; SSE and the first RWKV-7 block come first, so the
-auxiliary loss (SSE, MoM) and RWKV-7's v_first cross stage boundaries in the carry.
+and PP=4 on gloo against one process accumulating gradients over the same microbatches, both
+trained by the production step (tests/parity.py). The tiny models hold every mixer; SSE and the
+first RWKV-7 block come first, so the auxiliary loss (SSE, MoM) and RWKV-7's v_first cross stage
+boundaries in the carry.
 
 Tolerance: float32, losses and final parameters within 2e-5 (the computations per microbatch are
 the same; only the order of gradient accumulation and the norm reduction differ)."""
@@ -9,13 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from models.config import ModelConfig
 from models.model import HybridLM
-from optim.adamw import build_optimizer
 from parallel.data_parallel import apply_fsdp
 from models.packing import cu_seqlens_from_mask, document_start_mask
 from parallel.mesh import build_mesh
@@ -25,68 +23,37 @@ from parallel.pipeline import (
     build_pipeline_schedule,
     build_stage_modules,
     carry_layout,
-    pipeline_train_step,
     stage_block_ranges,
     stages_of_rank,
 )
-from optim.config import OptimConfig
 from parallel.config import ParallelConfig
 from pretrain.config import ConfigError, build_config
-from pretrain.step import lm_loss
+from pretrain.loss import microbatch_loss
+from pretrain.parallelize import Parallel, RankStages
+from tests.conftest import every_mixer, tiny_model_config
 from tests.distributed import run_distributed
+from tests.parity import BATCH, CPU, SEQ, full, layout, one_process, packed_batches, row_groups, total_losses, train_steps
 
-STEPS, BATCH, SEQ, VOCAB = 3, 4, 16, 64
-OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
-GRAD_CLIP = 0.5
 TOL = 2e-5
+AUX_LOSSES = {"sse": {"aux_loss_scale": 0.1}, "mom": {"aux_loss_scale": 0.1}}  # large enough to matter
 
 
-def tiny_config(pattern: str, tie_embeddings: bool = False) -> ModelConfig:
-    return ModelConfig(
-        pattern=pattern, d_model=32, vocab_size=VOCAB, tie_embeddings=tie_embeddings,
-        mixers={
-            "attention": {"num_heads": 2},
-            "deltanet": {"num_heads": 2, "chunk_size": 8},
-            "mamba2": {"head_dim": 16, "d_state": 8, "chunk_size": 8},
-            "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
-            "sse": {"num_heads": 2, "head_dim": 8, "num_partitions": 2, "chunk_size": 8, "aux_loss_scale": 0.1},
-            "rwkv7": {"head_dim": 16, "decay_rank": 8, "a_rank": 8, "v_rank": 8, "gate_rank": 8, "chunk_size": 8},
-            "mom": {"num_memories": 2, "topk": 1, "num_heads": 2, "head_dim": 8, "chunk_size": 8, "aux_loss_scale": 0.1},
-        },
-    )
-
-
-def packed_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, labels, cu_seqlens) per step, with documents of random lengths across rows."""
-    gen = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(STEPS):
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
-        starts = torch.randperm(BATCH * SEQ - 1, generator=gen)[:5] + 1
-        cu_seqlens = torch.unique(torch.cat([starts, torch.arange(0, BATCH * SEQ + 1, SEQ)])).to(torch.int32)
-        batches.append((tokens[:, :-1], tokens[:, 1:], cu_seqlens))
-    return batches
+def pipeline_config(pattern: str) -> ModelConfig:
+    return tiny_model_config(pattern, tie_embeddings=False, mixers=AUX_LOSSES)
 
 
 def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process: gradient accumulation over the same microbatches, then the same clip and step."""
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
-    optimizer = build_optimizer(model, OPTIM)
-    losses = []
-    for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_start_mask(cu_seqlens, BATCH, SEQ)
-        step_loss = 0.0
-        for ids, lab, st in zip(*(t.chunk(microbatches) for t in (input_ids, labels, starts))):
-            carry: dict[str, torch.Tensor] = {}
-            loss = lm_loss(model(ids, cu_seqlens=cu_seqlens_from_mask(st), carry=carry), lab) + carry["aux_loss"]
-            (loss / microbatches).backward()
-            step_loss += loss.item() / microbatches
-        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+    """One process accumulating over each batch's `microbatches` row groups."""
+    return one_process(cfg, [row_groups(batch, microbatches) for batch in packed_batches()])
+
+
+def pipelined(par: Parallel, dp_rank: int = 0) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
+    """Train this rank's stages on dp rank `dp_rank`'s rows of every batch; the losses (on the
+    ranks holding the last stage, else None) and the stages' parameters, gathered."""
+    steps = [[row_groups(batch, par.dp_size)[dp_rank]] for batch in packed_batches()]
+    losses = total_losses(train_steps(par, steps))
+    params = {name: full(value) for name, value in par.module.state_dict().items()}
+    return (losses if par.pipeline.has_last else None), params
 
 
 def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
@@ -94,29 +61,26 @@ def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str,
     torch.manual_seed(0)
     model = HybridLM(cfg)
     modules, stage_ids = build_stage_modules(model, mesh.get_local_rank(), pp, virtual_stages, SEQ)
-    pipeline = build_pipeline_schedule(modules, stage_ids, mesh, schedule, microbatches, lm_loss, torch.device("cpu"))
-    optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
-    losses = []
-    for input_ids, labels, cu_seqlens in packed_batches():
-        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids, labels, cu_seqlens, GRAD_CLIP)
-        losses.append(None if loss is None else loss.item())
-    params = {name: p.detach().clone() for module in modules for name, p in module.named_parameters()}
-    return (losses if pipeline.has_last else None), params
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh, schedule, microbatches, microbatch_loss, CPU.device)
+    return pipelined(Parallel(layout(pp=pp), module=RankStages(modules), pipeline=pipeline, microbatches=microbatches))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "pattern, pp, virtual_stages, schedule",
     [
-        ("SRM*TGRO", 2, 1, "1f1b"),
-        ("SR | M* | TG | RO", 2, 2, "interleaved_1f1b"),
+        (every_mixer(2), 2, 1, "1f1b"),
+        (every_mixer(2, stages=4), 2, 2, "interleaved_1f1b"),
+        # zero bubble keeps a fixed pattern: with RWKV-7's first block on a later stage, torch's
+        # split input-gradient step fails there (a known gap, README: Pipeline)
         ("SR | M* | TG | RO", 2, 2, "zero_bubble"),
-        ("SRM*TGRO", 2, 1, "gpipe"),
-        ("SR | M* | TG | RO", 4, 1, "1f1b"),
+        (every_mixer(2), 2, 1, "gpipe"),
+        (every_mixer(2, stages=4), 4, 1, "1f1b"),
     ],
     ids=["pp2-1f1b", "pp2-interleaved", "pp2-zero-bubble", "pp2-gpipe", "pp4-1f1b"],
 )
 def test_pipeline_matches_one_process(pattern: str, pp: int, virtual_stages: int, schedule: str) -> None:
-    cfg = tiny_config(pattern)
+    cfg = pipeline_config(pattern)
     microbatches = BATCH
     ref_losses, ref_params = reference_run(cfg, microbatches)
     results = run_distributed(pipeline_rank, pp, cfg, pp, virtual_stages, schedule, microbatches)
@@ -126,13 +90,13 @@ def test_pipeline_matches_one_process(pattern: str, pp: int, virtual_stages: int
     seen = set()
     for _, params in results:
         for name, value in params.items():
-            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
+            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=lambda m: f"{name}: {m}")
             seen.add(name)
     assert seen == set(ref_params)
 
 
 def test_pattern_cuts_give_stages() -> None:
-    model = HybridLM(tiny_config("M* | T | G*"))
+    model = HybridLM(pipeline_config("M* | T | G*"))
     assert stage_block_ranges(model, 3, SEQ) == [range(0, 2), range(2, 3), range(3, 5)]
     with pytest.raises(ValueError, match="need 2 non-empty stages"):
         stage_block_ranges(model, 2, SEQ)
@@ -142,7 +106,7 @@ def test_automatic_balance() -> None:
     assert balanced_stage_sizes([1, 1, 1, 1], 2) == [2, 2]
     assert balanced_stage_sizes([4, 1, 1, 1, 1], 2) == [1, 4]
     assert balanced_stage_sizes([1, 1, 1, 1, 1, 5], 3) == [2, 3, 1]
-    model = HybridLM(tiny_config("MMMM"))
+    model = HybridLM(pipeline_config("MMMM"))
     costs = block_costs(model, SEQ)
     assert costs[-1] > costs[0]  # the head rides with the last block
     sizes = [len(r) for r in stage_block_ranges(model, 2, SEQ)]
@@ -153,7 +117,7 @@ def test_automatic_balance() -> None:
 
 def test_placement_carry_layout_and_document_start_mask() -> None:
     assert stages_of_rank(1, 2, 2) == [1, 3]
-    model = HybridLM(tiny_config("M* S R T R"))
+    model = HybridLM(pipeline_config("M* S R T R"))
     assert carry_layout(model.blocks[:2]) == ()
     assert carry_layout(model.blocks) == ("aux_loss", "v_first")
     cu_seqlens = torch.tensor([0, 3, 8, 11, 16], dtype=torch.int32)
@@ -188,30 +152,21 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
     modules, stage_ids = build_stage_modules(model, mesh["pp"].get_local_rank(), 2, 1, SEQ)
     for module in modules:
         apply_fsdp(module, mesh["dp_shard"], mixed_precision=False)
-    pipeline = build_pipeline_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, lm_loss, torch.device("cpu"))
-    optimizer = build_optimizer(nn.ModuleList(modules), OPTIM)
-    dp_rank, rows = mesh["dp_shard"].get_local_rank(), BATCH // 2
-    mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
-    losses = []
-    for input_ids, labels, cu_seqlens in packed_batches():
-        starts = document_start_mask(cu_seqlens, BATCH, SEQ)[mine]
-        loss, _ = pipeline_train_step(pipeline, optimizer, input_ids[mine], labels[mine], cu_seqlens_from_mask(starts), GRAD_CLIP)
-        if loss is not None:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=mesh["dp_shard"].get_group())
-            losses.append(loss.item())
-    params = {name: value.full_tensor() for module in modules for name, value in module.state_dict().items()}
-    return (losses if pipeline.has_last else None), params
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, microbatch_loss, CPU.device)
+    par = Parallel(layout(pp=2, dp_shard=2), module=RankStages(modules), pipeline=pipeline, microbatches=microbatches)
+    return pipelined(par, mesh["dp_shard"].get_local_rank())
 
 
+@pytest.mark.distributed
 def test_pipeline_with_fsdp_matches_one_process() -> None:
     """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows)."""
-    cfg = tiny_config("SRM* | TGRO")
+    cfg = pipeline_config("SRM* | TGRO")
     ref_losses, ref_params = reference_run(cfg, 4)
     results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2)
     for losses, params in results:
         if losses is not None:
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=TOL)
         for name, value in params.items():
-            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=name)
+            torch.testing.assert_close(value, ref_params[name], rtol=0, atol=TOL, msg=lambda m: f"{name}: {m}")
     assert sum(r[0] is not None for r in results) == 2
     assert set().union(*(r[1] for r in results)) == set(ref_params)

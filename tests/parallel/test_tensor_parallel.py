@@ -1,135 +1,34 @@
 """Tensor parallelism: TP=2 on gloo (with and without sequence parallelism) against one process
-with the same seed, for a model with every mixer that has a TP plan; layout errors in process.
-
-Tolerance: float32; logits, gradients and parameters after 3 AdamW steps within atol 2e-5 /
-rtol 1e-4, losses within 2e-5 (the same computation, split over heads: only the order of the
-sums over heads and vocabulary shards differs)."""
+with the same seed, for a model with every mixer that has a TP plan (the harness and tolerances:
+tests/tp_parity.py); layout errors in process."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any
 
 import pytest
-import torch
-from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import loss_parallel
+from torch.distributed.tensor import Replicate
 
 from models.config import ModelConfig
-from models.mixers import PATTERN, SPECS
+from models.mixers import SPECS
 from models.model import HybridLM
-from optim.adamw import build_optimizer
-from parallel.data_parallel import apply_activation_checkpointing
-from parallel.mesh import ParallelError, build_mesh, mesh_shape, validate_layout
-from optim.config import OptimConfig
 from parallel.config import ParallelConfig
-from parallel.tp import add_aux_loss, apply_tensor_parallel, layer_styles
-from pretrain.step import IGNORE_INDEX, lm_loss
-from tests.distributed import run_distributed
+from parallel.mesh import ParallelError, mesh_shape, validate_layout
+from parallel.tp import layer_styles
+from tests.conftest import TP2_MIXERS, every_mixer, tiny_model_config
+from tests.tp_parity import VOCAB, TPRun, assert_tp_decoding_matches_single_process, assert_tp_matches_single_process
 
-TP, STEPS, BATCH, SEQ, VOCAB = 2, 3, 2, 16, 64
-OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, fused=False)
-GRAD_CLIP = 0.5
-ATOL, RTOL, LOSS_TOL = 2e-5, 1e-4, 2e-5
-MIXERS = dict(
-    attention=dict(num_heads=4, num_kv_heads=2),
-    mamba2=dict(d_state=8, head_dim=8, n_groups=2, chunk_size=8),
-    deltanet=dict(num_heads=2),
-    gated_deltanet=dict(num_heads=2, num_v_heads=4, head_dim=8, expand_v=1.0),
-)
-CONFIG = ModelConfig(pattern="M*TG", d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS)
-
-
-def batches() -> list[tuple[Tensor, Tensor, Tensor | None]]:
-    """Input ids, labels (some ignored) and document starts; the first batch packs documents."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for step in range(STEPS):
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-        labels = ids[:, 1:].clone()
-        labels[:, :3] = IGNORE_INDEX
-        cu_seqlens = torch.tensor([0, 5, 11, 21]) if step == 0 else None
-        out.append((ids[:, :-1], labels, cu_seqlens))
-    return out
-
-
-def full(t: Tensor) -> Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameter names as in the state dict (without activation-checkpoint wrappers' prefix)."""
-    return ((n.replace("_checkpoint_wrapped_module.", ""), p) for n, p in model.named_parameters())
-
-
-def train(model: nn.Module) -> tuple[Tensor, dict[str, Tensor], list[float], list[float], dict[str, Tensor]]:
-    """First-step logits and gradients, every step's loss (with the mixers' auxiliary losses, as
-    the train step adds them) and gradient norm (clipped as the train
-    step clips) and the final parameters, as plain tensors (DTensors gathered)."""
-    optimizer = build_optimizer(model, OPTIM)
-    losses, norms, logits0, grads0 = [], [], None, None
-    for input_ids, labels, cu_seqlens in batches():
-        carry: dict[str, Tensor] = {}
-        logits = model(input_ids, cu_seqlens=cu_seqlens, carry=carry)
-        with loss_parallel():
-            loss = lm_loss(logits, labels)
-            if "aux_loss" in carry:
-                loss = add_aux_loss(loss, carry["aux_loss"])
-            loss.backward()
-        if logits0 is None:
-            logits0 = full(logits).detach()
-            grads0 = {n: full(p.grad).clone() for n, p in named_parameters(model)}
-        losses.append(full(loss).item())
-        norms.append(full(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)).item())
-        optimizer.step()
-        optimizer.zero_grad()
-    return logits0, grads0, losses, norms, {n: full(p).detach() for n, p in named_parameters(model)}
-
-
-class Run(NamedTuple):
-    model: tuple[tuple[str, object], ...]  # ModelConfig changes
-    sequence_parallel: bool
-    checkpointed: bool = False  # activation checkpointing, applied before TP (the harder order)
-    base: ModelConfig = CONFIG
-
-    def config(self) -> ModelConfig:
-        return self.base.model_copy(update=dict(self.model))
-
-
+CONFIG = tiny_model_config("M*TG", vocab_size=VOCAB, mlp_hidden=64, mixers=TP2_MIXERS)
 RUNS = [
-    Run((), sequence_parallel=False),
-    Run((), sequence_parallel=True),
-    Run((("tie_embeddings", False),), sequence_parallel=True, checkpointed=True),
-    Run((("mlp", "none"),), sequence_parallel=True),
+    TPRun(CONFIG, sequence_parallel=False),
+    TPRun(CONFIG, sequence_parallel=True),
+    TPRun(CONFIG.model_copy(update=dict(tie_embeddings=False)), sequence_parallel=True, checkpointed=True),
+    TPRun(CONFIG.model_copy(update=dict(mlp="none")), sequence_parallel=True),
 ]
 
 
-def tensor_parallel_rank(runs: list[Run]) -> list:
-    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
-    results = []
-    for run in runs:
-        torch.manual_seed(0)
-        model = HybridLM(run.config())
-        if run.checkpointed:
-            apply_activation_checkpointing(model, "full")
-        apply_tensor_parallel(model, mesh, sequence_parallel=run.sequence_parallel)
-        assert all(isinstance(p, DTensor) for p in model.parameters()), "every parameter is a DTensor"
-        results.append(train(model))
-    return results
-
-
-def assert_close_dicts(got: dict[str, Tensor], want: dict[str, Tensor], atol: float = ATOL) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=RTOL, msg=lambda m: f"{name}: {m}")
-
-
 def test_every_mixer_and_mlp_declares_a_plan_that_places_every_parameter() -> None:
-    small = dict(rwkv7=dict(head_dim=8), mom=dict(num_heads=2, head_dim=8), sse=dict(num_heads=2, head_dim=8))
-    cfg = ModelConfig(pattern="".join(PATTERN), d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=MIXERS | small)
-    for block in HybridLM(cfg).blocks:
+    for block in HybridLM(tiny_model_config(every_mixer(), mixers=TP2_MIXERS)).blocks:
         for layer in (block.mixer, block.mlp):
             assert layer_styles(layer, Replicate()), type(layer).__name__
     with pytest.raises(NotImplementedError, match=r"RMSNorm declares no tensor-parallel plan"):
@@ -144,37 +43,16 @@ def test_a_plan_that_misses_a_parameter_is_refused(monkeypatch: pytest.MonkeyPat
         layer_styles(mixer, Replicate())
 
 
-def single_process(cfg: ModelConfig) -> tuple:
-    """What `train` gives in one process (the same parameter layout as TP's gathered one)."""
-    torch.manual_seed(0)
-    return train(HybridLM(cfg))
-
-
-def assert_tp_matches_single_process(runs: list[Run], params_atol: float = ATOL) -> None:
-    """Logits, per-parameter gradients, 3 clipped AdamW steps' losses, gradient norms and final
-    parameters (within `params_atol`) of every run under TP=2 equal one process's (runs with the
-    same model changes share one single-process reference)."""
-    want = {run.model: single_process(run.config()) for run in runs}
-    for rank in run_distributed(tensor_parallel_rank, TP, runs):
-        for run, (logits, grads, losses, norms, params) in zip(runs, rank):
-            print(run)  # shown on failure
-            want_logits, want_grads, want_losses, want_norms, want_params = want[run.model]
-            torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=RTOL)
-            assert_close_dicts(grads, want_grads)
-            assert losses == pytest.approx(want_losses, abs=LOSS_TOL)
-            assert norms == pytest.approx(want_norms, rel=RTOL)
-            assert_close_dicts(params, want_params, params_atol)
-
-
+@pytest.mark.distributed
 def test_tp2_matches_single_process() -> None:
     """Tied embeddings without and with sequence parallelism; with SP, untied under activation
     checkpointing, and mixer-only blocks (mlp: none)."""
     assert_tp_matches_single_process(RUNS)
 
 
-def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
-    mixers = {k: {**v, **changes.get(k, {})} for k, v in MIXERS.items()}
-    return ModelConfig(pattern=pattern, d_model=32, vocab_size=VOCAB, mlp_hidden=64, mixers=mixers)
+def with_mixers(pattern: str, **changes: dict[str, Any]) -> ModelConfig:
+    mixers = {name: {**TP2_MIXERS.get(name, {}), **changes.get(name, {})} for name in TP2_MIXERS | changes}
+    return tiny_model_config(pattern, vocab_size=VOCAB, mlp_hidden=64, mixers=mixers)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +72,7 @@ def with_mixers(pattern: str, **changes: dict) -> ModelConfig:
          r"mixers.rwkv7.channel_mix_hidden \(34\)"),
         (dict(tp=4), ModelConfig(pattern="O", d_model=32, mixers=dict(mom=dict(num_heads=2))), 4, r"mixers.mom.num_heads \(2\)"),
         (dict(tp=4), ModelConfig(pattern="S", d_model=32, mixers=dict(sse=dict(num_heads=6))), 4, r"mixers.sse.num_heads \(6\)"),
+        (dict(tp=4), with_mixers("P", gated_deltaproduct=dict(num_heads=2)), 4, r"mixers.gated_deltaproduct.num_heads \(2\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(mlp_hidden=65)), 2, r"MLP width \(65\)"),
         (dict(tp=2), CONFIG.model_copy(update=dict(vocab_size=65)), 2, r"model.vocab_size \(65\)"),
         (dict(pp=8, dp_shard=1), CONFIG, 8, r"4 blocks cannot fill parallel.pp = 8 pipeline stages"),
@@ -218,30 +97,7 @@ def test_mesh_shape() -> None:
     )
 
 
-def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
-    mesh = build_mesh(ParallelConfig(tp=TP), TP, "cpu")
-    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp") and mesh.shape == (1, 1, 1, TP)
-    torch.manual_seed(0)
-    model = apply_tensor_parallel(HybridLM(cfg), mesh["tp"], loss_parallel=False)
-    cache = model.new_cache()
-    with torch.no_grad():
-        logits = [model(input_ids[:, :prefill], cache=cache)]
-        logits += [model(input_ids[:, t : t + 1], cache=cache) for t in range(prefill, input_ids.shape[1])]
-    return torch.cat(logits, dim=1)
-
-
-def assert_tp_decoding_matches_single_process(cfg: ModelConfig) -> None:
-    """Prefill then token-by-token decoding from each rank's cache of its own heads, with gathered
-    (plain) logits, equals one process's full forward."""
-    torch.manual_seed(0)
-    reference = HybridLM(cfg)
-    input_ids = torch.randint(0, VOCAB, (BATCH, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = reference(input_ids)
-    for got in run_distributed(decode_rank, TP, cfg, input_ids, 8):
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-
-
+@pytest.mark.distributed
 def test_tp2_decoding_matches_single_process() -> None:
     """On build_mesh's 4-dim mesh."""
     assert_tp_decoding_matches_single_process(CONFIG)

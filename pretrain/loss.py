@@ -1,0 +1,83 @@
+"""The training loss, and its normalisation so that every layout trains as one process does.
+
+A step's language-model loss is the mean over every valid label (not `IGNORE_INDEX`) of the global
+batch. Each rank sums its tokens' cross-entropy and multiplies the sum by `token_scale`: one over
+the global count of valid labels (all-reduced), times what the averaging after it divides by again
+(FSDP averages gradients over the dp ranks; a pipeline schedule averages over its microbatches).
+
+The layout is the mesh shape (`pp`, `dp_replicate`, `dp_shard`, `tp` sizes), so this module needs
+nothing above torch and the data code can import `IGNORE_INDEX` from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+IGNORE_INDEX = -100  # the label after an eos (the next document's first token), counted in no loss
+
+Shape = Mapping[str, int]  # mesh dim -> size, as `parallel.mesh.mesh_shape` gives it
+
+
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy in float32 (bf16 logits lose too much in the softmax)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
+    """loss + aux_loss, as plain tensors. Under loss parallelism `loss` is a replicated DTensor,
+    while the routers' aux loss is a plain tensor that is the same on every TP rank (each rank
+    routes identically) and counts once on each: adding it to the DTensor would hand the plain
+    graph behind it a DTensor gradient."""
+    return local(loss) + aux_loss
+
+
+def local(value: Tensor) -> Tensor:
+    """A replicated DTensor (loss, norm) as a plain tensor; plain tensors unchanged."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def loss_context(shape: Shape) -> contextlib.AbstractContextManager:
+    """Cross-entropy (and its backward) on vocabulary-sharded logits under TP without PP; under PP
+    the loss runs inside the schedule, so the head gathers the logits instead."""
+    return loss_parallel() if shape["tp"] > 1 and shape["pp"] == 1 else contextlib.nullcontext()
+
+
+def _sum_over_world(value: Tensor, shape: Shape) -> Tensor:
+    if math.prod(shape.values()) > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def global_token_count(labels: Tensor, shape: Shape) -> Tensor:
+    """Valid labels in the global batch: every replica's count, which its tp x pp ranks share."""
+    count = (labels != IGNORE_INDEX).sum().float()
+    return _sum_over_world(count, shape) / (shape["pp"] * shape["tp"])
+
+
+def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
+    """What this rank's summed token losses are multiplied by (see the module docstring):
+    `labels` are the replica's batch, which a pipeline schedule cuts into `microbatches`."""
+    return microbatches * (shape["dp_replicate"] * shape["dp_shard"]) / global_token_count(labels, shape)
+
+
+def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor) -> Tensor:
+    """A pipeline's loss on one microbatch (`parallel.pipeline.build_pipeline_schedule`'s `loss_fn`): the
+    summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
+    batch), which the schedule gets from `pipeline_train_step`'s `loss_kwargs` since it varies per
+    step, plus the auxiliary loss of the last stage."""
+    loss = lm_loss(logits, labels, reduction="sum") * scale
+    return loss if aux_loss is None else add_aux_loss(loss, aux_loss)
+
+
+def mean_over_replicas(value: Tensor, shape: Shape) -> Tensor:
+    """The mean over dp ranks of a per-replica value that the ranks of the last pipeline stage
+    hold (the others pass 0), the same on every rank afterwards."""
+    return _sum_over_world(local(value).float(), shape) / (math.prod(shape.values()) // shape["pp"])

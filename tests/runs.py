@@ -1,0 +1,47 @@
+"""Training runs the tests start, in process (`pretrain.train.train`) or as subprocesses, and what
+they log."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.config import RunConfig, load_config
+from tests.conftest import TP2_MIXERS, tiny_model_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny MTG* run with evaluation and checkpoints, as the command line takes it
+SMALL_RUN = [
+    *tiny_model_overrides("MTG*", vocab_size=320),
+    "data.embedded_max_bytes=100000", "train.threads=1", "train.steps=6", "train.seq_len=32",
+    "train.batch_size=2", "train.grad_accum=2", "train.eval_interval=3", "train.eval_batches=2",
+    "optim.warmup_steps=2", "checkpoint.interval=2", "checkpoint.keep_last=2", "logging.progress=false",
+]
+
+# Every mixer, tp 2 divides it, for runs compared across layouts (the pattern comes with each
+# run). The aux losses are per-rank batch statistics under dp, so one process cannot match them:
+# off here (tests/parallel/test_pipeline.py and test_fsdp.py check that they cross stages and
+# survive FSDP).
+LAYOUT_RUN = [
+    *tiny_model_overrides(
+        vocab_size=320, mlp_hidden=64, tie_embeddings=False,
+        mixers=TP2_MIXERS | {"mom": {"aux_loss_scale": 0}, "sse": {"aux_loss_scale": 0}},
+    ),
+    "data.embedded_max_bytes=30000", "train.threads=1", "train.steps=3", "train.seq_len=16",
+    "train.eval_interval=0", "train.dtype=float32", "train.device=cpu", "train.grad_clip=0.5",
+    "optim.lr=3e-3", "optim.warmup_steps=1", "optim.fused=false", "logging.progress=false", "logging.tensorboard=false",
+]
+
+
+def layout_config(run_dir: Path, *overrides: str) -> RunConfig:
+    return load_config(None, [*LAYOUT_RUN, f"train.run_dir={run_dir}", *overrides])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir: Path, key: str) -> torch.Tensor:
+    return torch.tensor([r[key] for r in records(run_dir) if key in r])
