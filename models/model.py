@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import UserDict
 
-import torch
 from torch import Tensor, nn
 
 from models.config import ModelConfig

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from models.layers.conv import ShortConv, conv_features
 from models.layers.flops import chunked_recurrence_flops, projection_flops
-from models.layers.init import init_normal_, residual_scale
+from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.init import init_decay_, init_normal_, residual_scale
 from models.layers.norms import GatedRMSNorm, RMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
 from models.spec import Mixer, TensorParallelPlan
@@ -111,3 +113,53 @@ class DeltaRuleMixer(Mixer):
         chunk = min(self.chunk_size, seq_len)
         core = chunked_recurrence_flops(chunk, self.head_k_dim, self.head_v_dim, delta_rule=True)
         return projection_flops(self) + self.num_v_heads * core
+
+
+class GatedDeltaRuleConfig(GatedDecayConfig):
+    """The options of a Gated DeltaNet layer (docs/layers.md section 3), which Gated DeltaProduct
+    extends."""
+
+    num_heads: int = Field(4, gt=0, description="query/key heads")
+    num_v_heads: int | None = Field(None, gt=0, description="value heads (GVA); a multiple of num_heads")
+    head_dim: int = Field(64, gt=0)
+    expand_v: float = Field(2.0, gt=0)
+    use_short_conv: bool = True
+    conv_size: int = Field(4, gt=0)
+    allow_neg_eigval: bool = False
+
+    @model_validator(mode="after")
+    def _gva(self) -> GatedDeltaRuleConfig:
+        if self.num_v_heads is not None and self.num_v_heads % self.num_heads:
+            raise ValueError(f"num_v_heads ({self.num_v_heads}) must be a multiple of num_heads ({self.num_heads})")
+        return self
+
+
+class GatedDeltaRuleMixer(DeltaRuleMixer):
+    """Gated DeltaNet's layer: the delta-rule base with the decay gate log alpha = -exp(A_log)
+    softplus(a_proj(x) + dt_bias) per value head and `steps` write strengths beta per token and
+    value head (b_proj, head-major)."""
+
+    def __init__(self, cfg: ModelConfig, c: GatedDeltaRuleConfig, layer_idx: int, steps: int = 1):
+        v_heads = c.num_v_heads or c.num_heads
+        super().__init__(
+            cfg, c.num_heads, v_heads, c.head_dim, int(c.expand_v * c.head_dim), c.use_short_conv, c.conv_size,
+            use_gate=True, norm_eps=c.norm_eps, chunk_size=c.chunk_size, steps=steps,
+        )
+        self.cfg = c
+        self.layer_idx = layer_idx
+        self.a_proj = nn.Linear(cfg.d_model, v_heads, bias=False)
+        self.b_proj = nn.Linear(cfg.d_model, v_heads * steps, bias=False)
+        self.A_log = nn.Parameter(torch.empty(v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(v_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fla: Linear and conv ~ N(0, init_std); A ~ U(0, 16), dt_bias as Mamba2."""
+        c = self.cfg
+        super().reset_parameters()
+        init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """g = log alpha [..., H_v] and beta [..., H_v * steps] (head-major)."""
+        g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
+        return g, write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)

@@ -25,13 +25,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import Field, model_validator
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
-from models.layers.delta_rule import DeltaRuleMixer
+from models.layers.delta_rule import GatedDeltaRuleConfig, GatedDeltaRuleMixer
 from models.layers.flops import chunked_recurrence_flops, projection_flops
-from models.layers.gates import GatedDecayConfig, log_decay, write_strength
-from models.layers.init import init_decay_
 from models.ops import chunk_gated_delta_rule
 from models.spec import MixerConfig, MixerSpec
 
@@ -39,23 +37,9 @@ if TYPE_CHECKING:
     from models.config import ModelConfig
 
 
-class GatedDeltaProductConfig(GatedDecayConfig, MixerConfig):
-    num_heads: int = Field(4, gt=0, description="query/key heads")
-    num_v_heads: int | None = Field(None, gt=0, description="value heads (GVA); a multiple of num_heads")
-    head_dim: int = Field(64, gt=0)
-    expand_v: float = Field(2.0, gt=0)
-    use_short_conv: bool = True
-    conv_size: int = Field(4, gt=0)
+class GatedDeltaProductConfig(GatedDeltaRuleConfig, MixerConfig):
     num_householder: int = Field(2, gt=0, description="n_h: Householder steps (keys, values, betas) per token")
     allow_neg_eigval: bool = Field(True, description="beta in (0, 2): each step's eigenvalues in [-1, 1]")
-
-    @model_validator(mode="after")
-    def _gva(self) -> "GatedDeltaProductConfig":
-        if self.num_v_heads is not None and self.num_v_heads % self.num_heads:
-            raise ValueError(
-                f"num_v_heads ({self.num_v_heads}) must be a multiple of num_heads ({self.num_heads})"
-            )
-        return self
 
     def check_shapes(self, model: ModelConfig) -> None:
         if self.expand_v * self.head_dim != int(self.expand_v * self.head_dim):
@@ -98,7 +82,7 @@ def chunk_gated_delta_product(
     return o.unflatten(1, (T, n))[:, :, -1], state
 
 
-class GatedDeltaProduct(DeltaRuleMixer):
+class GatedDeltaProduct(GatedDeltaRuleMixer):
     """Gated DeltaNet's projections, gates and output (DeltaRuleMixer), with n_h keys, values
     and betas per token (head-major, see the module docs) and the product op above."""
 
@@ -106,27 +90,8 @@ class GatedDeltaProduct(DeltaRuleMixer):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         c = cfg.mixers.gated_deltaproduct
-        v_heads = c.num_v_heads or c.num_heads
-        head_v_dim = int(c.expand_v * c.head_dim)
-        super().__init__(
-            cfg, c.num_heads, v_heads, c.head_dim, head_v_dim, c.use_short_conv, c.conv_size,
-            use_gate=True, norm_eps=c.norm_eps, chunk_size=c.chunk_size, steps=c.num_householder,
-        )
-        self.cfg = c
-        self.layer_idx = layer_idx
-        self.num_householder = n = c.num_householder
-        d = cfg.d_model
-        self.a_proj = nn.Linear(d, v_heads, bias=False)
-        self.b_proj = nn.Linear(d, v_heads * n, bias=False)  # [head, step]
-        self.A_log = nn.Parameter(torch.empty(v_heads))
-        self.dt_bias = nn.Parameter(torch.empty(v_heads))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """As Gated DeltaNet (fla): Linear and conv ~ N(0, init_std); A ~ U(0, 16), dt_bias as Mamba2."""
-        c = self.cfg
-        super().reset_parameters()
-        init_decay_(self.A_log, self.dt_bias, c.A_init_range, c.dt_min, c.dt_max, c.dt_init_floor)
+        super().__init__(cfg, c, layer_idx, steps=c.num_householder)
+        self.num_householder = c.num_householder
 
     def recurrence_inputs(
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None
@@ -139,8 +104,7 @@ class GatedDeltaProduct(DeltaRuleMixer):
         k, v = (t.unflatten(2, (-1, n)).transpose(2, 3) for t in (k, v))
         group = self.num_v_heads // self.num_heads
         q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=3)
-        g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
-        beta = write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)
+        g, beta = self.gates(x)
         return q, k, v, g, beta.unflatten(-1, (-1, n)).transpose(-1, -2)
 
     def flops_per_token(self, seq_len: int) -> float:
