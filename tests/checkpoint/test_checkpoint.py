@@ -6,8 +6,7 @@ import torch
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, manifest
 from checkpoint.manager import find_latest, resolve_checkpoint
-from checkpoint import build_checkpointer
-from checkpoint import CheckpointConfig
+from checkpoint.storage import ALGORITHM, file_checksum
 from tests.toy_state import make_state, train_steps
 
 MODES = ["sync", "async", "lazy"]

@@ -22,7 +22,6 @@ from models.model import HybridLM
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from parallel.tp import apply_tensor_parallel
-from optim.config import OptimConfig
 from tests.conftest import TP2_MIXERS, tiny_model_config
 from tests.distributed import run_distributed
 

@@ -3,6 +3,7 @@ resume from quantised checkpoints, bf16 parameters with master weights, paramete
 (exclusions, thresholds, embeddings, overrides), and errors."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -122,9 +123,7 @@ def test_bf16_parameters_keep_fp32_master_and_scales_through_save_and_load(dtype
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
 
 
-def _round_trip(state: dict) -> "io.BytesIO":
-    import io
-
+def _round_trip(state: dict) -> io.BytesIO:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
