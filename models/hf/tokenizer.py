@@ -25,6 +25,8 @@ BYTE = "byte"
 BYTE_VOCAB_SIZE = 257
 BYTE_EOS_ID = 256
 BYTE_EOS = "<|endoftext|>"
+# pretrain's rule for a Hugging Face tokenizer without an eos_token (pretrain/data/tokenizer.py)
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -72,6 +74,9 @@ def write_tokenizer(spec: str, folder: Path) -> tuple[int, dict[str, int | None]
     tokenizer = byte_tokenizer() if spec == BYTE else load_hf_tokenizer(spec)
     tokenizer.save_pretrained(str(folder))
     eos = tokenizer.eos_token_id
+    if eos is None:  # the token ebb ended documents with (pretrain's rule)
+        vocab = tokenizer.get_vocab()
+        eos = next((vocab[token] for token in EOS_CANDIDATES if token in vocab), None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return len(tokenizer), {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
 
