@@ -9,7 +9,9 @@ at once.) Above `max_shard_bytes` the weights go into `model-0000i-of-0000n.safe
 with transformers' `model.safetensors.index.json`; the files read back with safetensors' reader.
 
 Reading: `HFWeights` opens a folder's `model.safetensors` (or its index and shards; or
-`pytorch_model.bin`, memory-mapped) and returns one tensor at a time.
+`pytorch_model.bin`, memory-mapped) and returns one tensor at a time, read from the file into a
+tensor of its own (not memory-mapped: pages of a mapping count as the process's memory while the
+mapping lives, which would be the whole file by the end).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -100,35 +103,65 @@ def write_safetensors(folder: Path, entries: list[Entry], tensors: Iterator[tupl
     return [*names, INDEX]
 
 
+class SafetensorsFile:
+    """One safetensors file: its header, and each tensor read into memory of its own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        self.data_start = 8 + length
+        self.entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def get(self, name: str) -> Tensor:
+        entry = self.entries[name]
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise ValueError(f"{self.path.name}: {name} has dtype {entry['dtype']}, which ebb does not read")
+        tensor = torch.empty(self.shape(name), dtype=TORCH_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if end - begin != tensor.numel() * tensor.element_size():
+            raise ValueError(f"{self.path.name}: {name} has {end - begin} bytes for shape {self.shape(name)}")
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path.name} ends inside {name}")
+                done += n
+        return tensor
+
+
 class HFWeights:
     """A Hugging Face folder's weights, by name, read one tensor at a time."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
         self.files: dict[str, Path] = {}  # tensor name -> file
-        self._open: dict[Path, object] = {}  # safetensors files, opened (memory-mapped) once
-        self._open_pickled: dict[Path, dict[str, Tensor]] = {}
+        self._safetensors: dict[Path, SafetensorsFile] = {}
+        self._pickled: dict[Path, dict[str, Tensor]] = {}
         if (folder / INDEX).is_file() or (folder / PICKLED_INDEX).is_file():
             index = folder / INDEX if (folder / INDEX).is_file() else folder / PICKLED_INDEX
             self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif (folder / SINGLE).is_file():
-            self.files = dict.fromkeys(self._safetensors_names(folder / SINGLE), folder / SINGLE)
+            self.files = dict.fromkeys(self._file(folder / SINGLE).entries, folder / SINGLE)
         elif (folder / PICKLED).is_file():
-            self.files = dict.fromkeys(self._pickled(folder / PICKLED), folder / PICKLED)
+            self.files = dict.fromkeys(self._file(folder / PICKLED), folder / PICKLED)
         else:
             raise FileNotFoundError(f"{folder} has no {SINGLE}, {INDEX} or {PICKLED}")
 
-    @staticmethod
-    def _safetensors_names(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-
-    def _pickled(self, path: Path) -> dict[str, Tensor]:
-        if path not in self._open_pickled:
-            self._open_pickled[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return self._open_pickled[path]
+    def _file(self, path: Path) -> SafetensorsFile | dict[str, Tensor]:
+        if path.suffix == ".bin":
+            if path not in self._pickled:
+                self._pickled[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return self._pickled[path]
+        if path not in self._safetensors:
+            self._safetensors[path] = SafetensorsFile(path)
+        return self._safetensors[path]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -136,21 +169,10 @@ class HFWeights:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        path = self.files[name]
-        if path.suffix == ".bin":
-            return tuple(self._pickled(path)[name].shape)
-        return tuple(self._handle(path).get_slice(name).get_shape())
+        file = self._file(self.files[name])
+        return file.shape(name) if isinstance(file, SafetensorsFile) else tuple(file[name].shape)
 
     def get(self, name: str) -> Tensor:
-        path = self.files[name]
-        if path.suffix == ".bin":
-            return self._pickled(path)[name]
-        return self._handle(path).get_tensor(name)
+        file = self._file(self.files[name])
+        return file.get(name) if isinstance(file, SafetensorsFile) else file[name]

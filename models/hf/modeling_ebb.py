@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic  # noqa: F401  ebb's model configs; named here so that transformers asks for it when missing
 import torch
 import torch.nn.functional as F
 import transformers

@@ -56,7 +56,9 @@ def test_attention_only_is_the_matching_transformers_class(tmp_path: Path, optio
     round_trip(tmp_path, cfg, architecture)
 
 
-def test_a_mamba2_made_by_transformers_imports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("files", ["sharded-safetensors", "pytorch_model.bin"])
+def test_a_mamba2_made_by_transformers_imports(tmp_path: Path, files: str) -> None:
+    from safetensors.torch import load_file
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     torch.manual_seed(0)
@@ -69,7 +71,13 @@ def test_a_mamba2_made_by_transformers_imports(tmp_path: Path) -> None:
         for name, p in theirs.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", "conv1d.bias")):
                 p.add_(0.3 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "theirs")
+    theirs.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")  # transformers' own index and shards
+    assert (tmp_path / "theirs" / "model.safetensors.index.json").is_file()
+    if files == "pytorch_model.bin":
+        shards = sorted((tmp_path / "theirs").glob("*.safetensors"))
+        torch.save({k: v for shard in shards for k, v in load_file(shard).items()}, tmp_path / "theirs" / "pytorch_model.bin")
+        for path in [*shards, tmp_path / "theirs" / "model.safetensors.index.json"]:
+            path.unlink()
     from_hf(tmp_path / "theirs", tmp_path / "run")
     ids = token_ids(vocab=96, shape=(2, 19))
     # transformers keeps the residual stream in float32 (residual_in_fp32): the same in float32
