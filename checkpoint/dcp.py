@@ -134,10 +134,12 @@ def _without_zip_crc() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> dict[str, str]:
+def write_state(
+    path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None, file_per_tensor: bool = False,
+) -> dict[str, str]:
     """DCP-save `state` into the existing directory `path` (every rank of `group` calls it);
     returns the checksums of the files this rank wrote, by name."""
-    writer = ShardWriter(path)
+    writer = ShardWriter(path, file_per_tensor)
     with write_errors(path), _single_process_quietly(), _without_zip_crc():
         dist_cp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=_no_dist())
     return writer.checksums
@@ -202,10 +204,11 @@ class LazyModelPlanner(DefaultSavePlanner):
 
 def write_weights_only(path: Path, shapes: dict[str, tuple[torch.Size, torch.dtype]], fetch: Any, step: int) -> dict[str, str]:
     """DCP-save model weights into the existing directory `path` (one process), streamed: `shapes`
-    names each parameter's shape and dtype, `fetch(name)` returns its tensor. Writes the trainer
-    state of a weights-only checkpoint; returns the files' checksums."""
+    names each parameter's shape and dtype, `fetch(name)` returns its tensor, and each tensor goes
+    into a file of its own, so one is in memory at a time. Writes the trainer state of a
+    weights-only checkpoint; returns the files' checksums."""
     state = {"model": {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}}
-    checksums = write_state(path, state, LazyModelPlanner(fetch))
+    checksums = write_state(path, state, LazyModelPlanner(fetch), file_per_tensor=True)
     write_trainer_state(path, {"step": step})
     return checksums
 
