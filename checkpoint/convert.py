@@ -86,8 +86,9 @@ def run_config(checkpoint: Path, given: Path) -> dict[str, Any]:
 
 
 def model_config(tree: dict[str, Any], source: Path):
-    from models.config import ModelConfig
     from pydantic import ValidationError
+
+    from models.config import ModelConfig
 
     try:
         return ModelConfig.model_validate(tree.get("model") or {})
@@ -117,13 +118,16 @@ class Output:
         self.tmp.mkdir()
 
     def commit(self) -> None:
-        if self.path.exists():
-            old = self.path.parent / f".old-{self.path.name}-{os.getpid()}"
-            os.rename(self.path, old)
+        if not self.path.exists():
             os.rename(self.tmp, self.path)
+            return
+        old = self.path.parent / f".old-{self.path.name}-{os.getpid()}"
+        os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(self.tmp, self.path)
+            old.unlink()
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
