@@ -21,13 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A run dir with checkpoints at steps 3 and 5 of a small hybrid."""
+    """A run dir with checkpoints at steps 3 (sync) and 5 (async) of a small hybrid."""
     root = tmp_path_factory.mktemp("run")
     model = small_model(small_config("MG*"))
     save_checkpoint(root / "checkpoints", model, step=3)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
-    save_checkpoint(root / "checkpoints", model, step=5)
+    save_checkpoint(root / "checkpoints", model, step=5, mode="async")
     return root
 
 
