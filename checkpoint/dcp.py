@@ -8,6 +8,10 @@ A checkpoint directory holds:
   rank 0 with `torch.save` and read by every rank with `weights_only=True` (the data position is
   in global rows, the same on every rank; the RNG restored everywhere is rank 0's).
 
+A weights-only checkpoint (`{step}` alone in `trainer_state.pt`, only `model.` keys in DCP: what
+`python -m checkpoint.convert from-hf` writes at step 0) resumes as a fresh run whose weights are
+the checkpoint's: optimizer, schedule, data position and RNG start as a new run's do.
+
 (`checkpoint/manager.py` adds `manifest.json` and the commit.) Files are written by
 checkpoint/storage.py (around the page cache, checksummed on the way), without torch.save's
 own per-record zip CRC-32: the manifest's checksums cover every byte already, and that CRC
@@ -33,7 +37,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dist_cp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import SavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlanner, WriteItem
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import (
@@ -128,10 +134,12 @@ def _without_zip_crc() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-def write_state(path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None) -> dict[str, str]:
+def write_state(
+    path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None, file_per_tensor: bool = False,
+) -> dict[str, str]:
     """DCP-save `state` into the existing directory `path` (every rank of `group` calls it);
     returns the checksums of the files this rank wrote, by name."""
-    writer = ShardWriter(path)
+    writer = ShardWriter(path, file_per_tensor)
     with write_errors(path), _single_process_quietly(), _without_zip_crc():
         dist_cp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=_no_dist())
     return writer.checksums
@@ -154,8 +162,12 @@ def write_trainer_state(path: Path, trainer: dict[str, Any]) -> None:
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Stateful, data: Stateful) -> int:
-    """Restore everything `save` wrote, RNG included; returns the step the checkpoint was taken after."""
+    """Restore everything `save` wrote, RNG included; returns the step the checkpoint was taken after.
+    From a weights-only checkpoint only the weights: the rest stays as built, as a fresh run's."""
     trainer = _read_trainer_state(path)
+    if weights_only(trainer):
+        load_model(path, model)
+        return int(trainer["step"])
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_state, "optimizer": optim_state}
     _dcp_load(path, state)
@@ -173,6 +185,72 @@ def load_model(path: Path, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
+def weights_only(trainer: dict[str, Any]) -> bool:
+    """Whether a checkpoint's trainer state says it holds the model weights alone."""
+    return "schedule" not in trainer
+
+
+class LazyModelPlanner(DefaultSavePlanner):
+    """DCP's default plan for a state dict of meta tensors (shapes and dtypes alone), each tensor
+    fetched by `fetch(name)` only when the writer needs it: one tensor in memory at a time."""
+
+    def __init__(self, fetch: Any):
+        super().__init__()
+        self.fetch = fetch
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return self.fetch(write_item.index.fqn.removeprefix("model."))
+
+
+def write_weights_only(path: Path, shapes: dict[str, tuple[torch.Size, torch.dtype]], fetch: Any, step: int) -> dict[str, str]:
+    """DCP-save model weights into the existing directory `path` (one process), streamed: `shapes`
+    names each parameter's shape and dtype, `fetch(name)` returns its tensor, and each tensor goes
+    into a file of its own, so one is in memory at a time. Writes the trainer state of a
+    weights-only checkpoint; returns the files' checksums."""
+    state = {"model": {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}}
+    checksums = write_state(path, state, LazyModelPlanner(fetch), file_per_tensor=True)
+    write_trainer_state(path, {"step": step})
+    return checksums
+
+
+class _MetadataOnce(dist_cp.FileSystemReader):
+    """DCP's file reader, unpickling `.metadata` once however many loads it serves."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class ModelReader:
+    """A checkpoint's model weights, read one whole tensor at a time through DCP's reader from
+    whichever shards hold its pieces, however the ranks that saved it were laid out."""
+
+    def __init__(self, path: Path):
+        _check_layout(path)
+        self.path = path
+        self.reader = _MetadataOnce(path)
+        try:
+            metadata = self.reader.read_metadata()
+        except Exception as exc:  # a damaged .metadata can raise almost anything
+            raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
+        self.tensors: dict[str, TensorStorageMetadata] = {  # by parameter name: global shape, dtype
+            key.removeprefix("model."): meta
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+        }
+
+    def read(self, name: str) -> torch.Tensor:
+        meta = self.tensors[name]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        _dcp_load(self.path, {"model": {name: tensor}}, self.reader)
+        return tensor
+
+
 def _check_layout(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -181,9 +259,9 @@ def _check_layout(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
 
 
-def _dcp_load(path: Path, state: dict[str, Any]) -> None:
+def _dcp_load(path: Path, state: dict[str, Any], reader: dist_cp.FileSystemReader | None = None) -> None:
     _check_layout(path)
-    reader = dist_cp.FileSystemReader(path)
+    reader = reader or dist_cp.FileSystemReader(path)
     try:
         reader.read_metadata()  # fails cleanly here rather than in DCP's logged fallbacks
         with _single_process_quietly():

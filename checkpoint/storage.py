@@ -189,10 +189,13 @@ class ShardFileSystem(FileSystem):
 
 
 class ShardWriter(FileSystemWriter):
-    """DCP's `FileSystemWriter`; `checksums` holds each written file's checksum once it is closed."""
+    """DCP's `FileSystemWriter`; `checksums` holds each written file's checksum once it is closed.
+    `file_per_tensor`: one file per tensor instead of one per rank (DCP keeps every tensor of a
+    file referenced until the file is closed, so only this bounds a streamed save's memory)."""
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path, sync_files=False)  # the commit fsyncs every file once (manifest.describe)
+    def __init__(self, path: str | os.PathLike, file_per_tensor: bool = False):
+        # the commit fsyncs every file once (manifest.describe)
+        super().__init__(path, sync_files=False, single_file_per_rank=not file_per_tensor)
         self.fs = ShardFileSystem()
 
     @property

@@ -11,12 +11,16 @@ framework reads:
 - `flops_per_token(seq_len)`: forward FLOPs counted from its own algorithm;
 - `tp_plan`: how tensor parallelism splits it, as data (`TensorParallelPlan`) that
   `parallel/tp/` turns into DTensor styles; the mixer itself never sees torch.distributed.
+A mixer that transformers has a class for also declares, in `MixerSpec.hf`, how a model made
+only of it maps onto that class (`HFNative`: names, layouts, config), for the native Hugging Face
+export and import (`python -m checkpoint.convert`). Every mixer exports in the remote-code format,
+which keeps ebb's own parameter names, without one.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -84,14 +88,50 @@ class Mixer(nn.Module):
 
 
 MLPBuilder = Callable[["ModelConfig", int], nn.Module]
+TensorLayout = Callable[["ModelConfig", str, Tensor], Tensor]  # (model, ebb parameter name, tensor) -> tensor
+
+
+def same_layout(model: ModelConfig, name: str, tensor: Tensor) -> Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class HFNative:
+    """How a model whose every block is this mixer is one of transformers' own architectures, so
+    that it exports to (`to-hf --format native`) and imports from (`from-hf`) that class's format
+    with no remote code. `models/hf/native.py` reads it.
+
+    - `architectures`: the transformers class names it exports to and imports from;
+    - `architecture(model)`: the class for this ModelConfig, or ValueError (one line) naming what
+      the class cannot express;
+    - `config(model)`: that class's config entries (vocabulary, width, depth, norms, tying; RoPE
+      as `rope_theta`);
+    - `model_config(hf)`: back from a transformers config dict to the ebb `model` section (a dict),
+      or ValueError naming what ebb cannot express;
+    - `names`: every ebb parameter name -> the transformers one, `{i}` standing for the block index
+      (an ebb name missing here cannot be exported);
+    - `to_hf`, `from_hf`: a tensor's layout change by its ebb name (Mamba2's group-major rows),
+      one tensor at a time so that conversion streams.
+    """
+
+    architectures: tuple[str, ...]
+    architecture: Callable[["ModelConfig"], str]
+    config: Callable[["ModelConfig"], dict[str, Any]]
+    model_config: Callable[[Mapping[str, Any]], dict[str, Any]]
+    names: Mapping[str, str]
+    to_hf: TensorLayout = same_layout
+    from_hf: TensorLayout = same_layout
 
 
 @dataclass(frozen=True)
 class MixerSpec:
     """A mixer as the framework sees it. `mlp` builds the block's MLP when the mixer brings its
     own (RWKV-7's channel-mix), None for the model's SwiGLU. Every MLP is built as
-    `mlp(cfg, layer_idx)`, runs as `forward(x, cu_seqlens=None, cache=None)` and has a `tp_plan`."""
+    `mlp(cfg, layer_idx)`, runs as `forward(x, cu_seqlens=None, cache=None)` and has a `tp_plan`.
+    `hf`: the transformers class a model of only this mixer is (`HFNative`), None where there is
+    none (such models export in the remote-code format alone)."""
 
     config: type[MixerConfig]
     module: type[Mixer]
     mlp: MLPBuilder | None = None
+    hf: HFNative | None = None

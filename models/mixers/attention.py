@@ -1,7 +1,8 @@
 """Softmax attention: grouped-query heads, RoPE, optional sliding window, SDPA."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from models.layers.flops import projection_flops
 from models.layers.init import init_normal_, residual_scale
 from models.packing import check_not_decoding, document_ids, positions_in_documents
 from models.layers.rope import apply_rope
-from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -130,4 +131,76 @@ class Attention(Mixer):
         return projection_flops(self) + scores
 
 
-SPEC = MixerSpec(AttentionConfig, Attention)
+# --- Hugging Face: an attention-only model is transformers' Llama (Qwen2 with qkv bias, Mistral
+# with a window); the same rotate-half RoPE, RMSNorm and SwiGLU, with these names ------------------
+
+_LAYER = "model.layers.{i}."
+HF_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "blocks.{i}.mixer_norm.weight": _LAYER + "input_layernorm.weight",
+    **{f"blocks.{{i}}.mixer.{p}_proj.{w}": f"{_LAYER}self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")},
+    "blocks.{i}.mixer.out_proj.weight": _LAYER + "self_attn.o_proj.weight",
+    "blocks.{i}.mlp_norm.weight": _LAYER + "post_attention_layernorm.weight",
+    **{f"blocks.{{i}}.mlp.{p}.weight": f"{_LAYER}mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")},
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def hf_architecture(model: ModelConfig) -> str:
+    c = model.mixers.attention
+    if model.mlp != "swiglu":
+        raise ValueError("model.mlp is none, but transformers' Llama, Qwen2 and Mistral have a SwiGLU MLP in every layer")
+    return "Qwen2ForCausalLM" if c.qkv_bias else "MistralForCausalLM" if c.window_size else "LlamaForCausalLM"
+
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    c = model.mixers.attention
+    entries = {
+        "vocab_size": model.vocab_size, "hidden_size": model.d_model, "intermediate_size": model.mlp_width,
+        "num_hidden_layers": model.n_layers, "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim or model.d_model // c.num_heads, "hidden_act": "silu", "rms_norm_eps": model.norm_eps,
+        "rope_theta": c.rope_theta, "tie_word_embeddings": model.tie_embeddings,
+    }
+    if c.qkv_bias:  # Qwen2: biases on q, k, v only; a window on every layer
+        return entries | ({"use_sliding_window": True, "sliding_window": c.window_size, "max_window_layers": 0} if c.window_size else {})
+    if c.window_size:
+        return entries | {"sliding_window": c.window_size}
+    return entries | {"attention_bias": False, "mlp_bias": False}
+
+
+def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ebb `model` section of a Llama, Qwen2 or Mistral config (a dict with its defaults)."""
+    kind = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r}: ebb's MLP is SwiGLU (silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention_bias/mlp_bias: ebb's attention has no output-projection bias and its MLP no biases")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r}: ebb's RoPE is the default (unscaled) one")
+    window = hf.get("sliding_window") if kind == "mistral" else None
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        kinds = set(hf.get("layer_types") or ["sliding_attention"])
+        if kinds != {"sliding_attention"}:
+            raise ValueError("a sliding window on some layers only: ebb's attention blocks share one window_size")
+        window = hf["sliding_window"]
+    heads = hf["num_attention_heads"]
+    return {
+        "pattern": "*" * hf["num_hidden_layers"], "d_model": hf["hidden_size"], "vocab_size": hf["vocab_size"],
+        "mlp": "swiglu", "mlp_hidden": hf["intermediate_size"], "tie_embeddings": bool(hf.get("tie_word_embeddings")),
+        "norm_eps": hf["rms_norm_eps"],
+        "mixers": {"attention": {
+            "num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads, "window_size": window,
+            "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "qkv_bias": kind == "qwen2",
+        }},
+    }
+
+
+HF = HFNative(
+    architectures=("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"),
+    architecture=hf_architecture, config=hf_config, model_config=hf_model_config, names=HF_NAMES,
+)
+
+SPEC = MixerSpec(AttentionConfig, Attention, hf=HF)

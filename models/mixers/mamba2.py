@@ -9,7 +9,8 @@ what a tensor-parallel rank holds, at every tp. With n_groups = 1 this is transf
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from models.packing import as_one_sequence
 from models.layers.recurrence import cached_recurrence
 from models.layers.fused import split_groups
 from models.layers.norms import GatedRMSNorm
-from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 from models.ops import chunk_simple_gla
 
 if TYPE_CHECKING:
@@ -150,4 +151,79 @@ class Mamba2(Mixer):
         return projection_flops(self) + self.num_heads * ssd
 
 
-SPEC = MixerSpec(Mamba2Config, Mamba2)
+# --- Hugging Face: a Mamba2-only model without MLPs is transformers' Mamba2ForCausalLM, with
+# these names; in_proj and conv1d rows reorder when n_groups > 1 (models/hf/mamba2_layout.py) -------
+
+_LAYER = "backbone.layers.{i}."
+HF_NAMES = {
+    "embed.weight": "backbone.embeddings.weight",
+    "blocks.{i}.mixer_norm.weight": _LAYER + "norm.weight",
+    **{f"blocks.{{i}}.mixer.{p}": f"{_LAYER}mixer.{p}" for p in (
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")},
+    "norm.weight": "backbone.norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def hf_architecture(model: ModelConfig) -> str:
+    if model.mlp != "none":
+        raise ValueError("model.mlp is swiglu, but transformers' Mamba2 blocks have no MLP (model.mlp: none)")
+    if model.mixers.mamba2.norm_eps != model.norm_eps:
+        raise ValueError("mixers.mamba2.norm_eps differs from model.norm_eps: transformers' Mamba2 has one layer_norm_epsilon")
+    return "Mamba2ForCausalLM"
+
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    c = model.mixers.mamba2
+    return {
+        "vocab_size": model.vocab_size, "hidden_size": model.d_model, "num_hidden_layers": model.n_layers,
+        "state_size": c.d_state, "expand": c.expand, "n_groups": c.n_groups, "head_dim": c.head_dim,
+        "num_heads": c.expand * model.d_model // c.head_dim, "conv_kernel": c.d_conv, "use_conv_bias": c.conv_bias,
+        "use_bias": False, "chunk_size": c.chunk_size, "time_step_limit": tuple(c.dt_limit), "time_step_min": c.dt_min,
+        "time_step_max": c.dt_max, "time_step_floor": c.dt_init_floor, "layer_norm_epsilon": model.norm_eps,
+        "rms_norm": True, "residual_in_fp32": False, "hidden_act": "silu", "tie_word_embeddings": model.tie_embeddings,
+    }
+
+
+def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ebb `model` section of a transformers Mamba2 config (a dict with its defaults)."""
+    if hf.get("use_bias") or not hf.get("rms_norm", True) or hf.get("hidden_act", "silu") != "silu":
+        raise ValueError("use_bias, rms_norm: false or a hidden_act other than silu: ebb's Mamba2 is mamba_ssm's default")
+    if hf["num_heads"] * hf["head_dim"] != hf["expand"] * hf["hidden_size"]:
+        raise ValueError(f"num_heads * head_dim ({hf['num_heads']} * {hf['head_dim']}) is not expand * hidden_size: ebb derives the heads from them")
+    return {
+        "pattern": "M" * hf["num_hidden_layers"], "d_model": hf["hidden_size"], "vocab_size": hf["vocab_size"],
+        "mlp": "none", "tie_embeddings": bool(hf.get("tie_word_embeddings")), "norm_eps": hf["layer_norm_epsilon"],
+        "mixers": {"mamba2": {
+            "d_state": hf["state_size"], "d_conv": hf["conv_kernel"], "expand": hf["expand"], "head_dim": hf["head_dim"],
+            "n_groups": hf["n_groups"], "chunk_size": hf["chunk_size"], "conv_bias": hf["use_conv_bias"],
+            "dt_limit": tuple(hf.get("time_step_limit") or (0.0, float("inf"))), "dt_min": hf.get("time_step_min", 1e-3),
+            "dt_max": hf.get("time_step_max", 0.1), "dt_init_floor": hf.get("time_step_floor", 1e-4),
+            "norm_eps": hf["layer_norm_epsilon"],
+        }},
+    }
+
+
+def _layout(model: ModelConfig) -> tuple[int, int, int, int]:
+    c = model.mixers.mamba2
+    return c.expand * model.d_model, c.d_state, c.n_groups, c.expand * model.d_model // c.head_dim
+
+
+def hf_to(model: ModelConfig, name: str, tensor: Tensor) -> Tensor:
+    from models.hf.mamba2_layout import to_transformers_layout  # it imports this module
+
+    return to_transformers_layout({name: tensor}, *_layout(model))[name]
+
+
+def hf_from(model: ModelConfig, name: str, tensor: Tensor) -> Tensor:
+    from models.hf.mamba2_layout import from_transformers_layout
+
+    return from_transformers_layout({name: tensor}, *_layout(model))[name]
+
+
+HF = HFNative(
+    architectures=("Mamba2ForCausalLM",), architecture=hf_architecture, config=hf_config,
+    model_config=hf_model_config, names=HF_NAMES, to_hf=hf_to, from_hf=hf_from,
+)
+
+SPEC = MixerSpec(Mamba2Config, Mamba2, hf=HF)

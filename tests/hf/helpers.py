@@ -1,0 +1,89 @@
+"""Small models, checkpoints saved through ebb's checkpointer, and the conversion CLI in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from checkpoint import build_checkpointer
+from checkpoint.config import CheckpointConfig
+from checkpoint.convert import main as convert
+from models.config import ModelConfig
+from models.model import HybridLM
+
+D_MODEL = 32
+SMALL = {
+    "attention": {"num_heads": 4, "num_kv_heads": 2},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+    "deltanet": {"num_heads": 2, "chunk_size": 4},
+    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "rwkv7": {"head_dim": 8, "chunk_size": 4},
+    "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "gated_deltaproduct": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+}
+HYBRID = "MTG* ROSP"  # every mixer
+
+
+def small_config(pattern: str, mixers: dict | None = None, **model) -> ModelConfig:
+    sections = {name: dict(section) for name, section in SMALL.items()}
+    for name, options in (mixers or {}).items():
+        sections[name].update(options)
+    return ModelConfig(pattern=pattern, d_model=D_MODEL, mlp_hidden=64, mixers=sections, **model)
+
+
+def small_model(cfg: ModelConfig, seed: int = 0) -> HybridLM:
+    """Norm weights and biases start at 1 and 0: perturbed here, so that a misplaced one shows."""
+    torch.manual_seed(seed)
+    model = HybridLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", ".bias", "norm_f.weight")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+class _Stub:
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def save_checkpoint(root: Path, model: HybridLM, step: int = 3, mode: str = "sync", tokenizer: str = "byte") -> Path:
+    """`model` saved at `step` through ebb's checkpointer (with AdamW's state, as training saves it)."""
+    text = yaml.safe_dump({"model": model.cfg.model_dump(mode="json"), "data": {"tokenizer": tokenizer}}, sort_keys=False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = build_checkpointer(root, CheckpointConfig(mode=mode), {"config.yaml": text})
+    checkpoints.save(step, model, optimizer, _Stub(), _Stub(), final=True)
+    return checkpoints.finalize()
+
+
+def to_hf(checkpoint: Path, output: Path, *args: str) -> None:
+    assert convert(["to-hf", "--checkpoint", str(checkpoint), "--output", str(output), *args]) == 0
+
+
+def from_hf(folder: Path, output: Path, *args: str) -> None:
+    assert convert(["from-hf", "--model", str(folder), "--output", str(output), *args]) == 0
+
+
+def reloaded(run_dir: Path) -> HybridLM:
+    """The ebb model of a run dir that from-hf wrote, with its step-0 weights."""
+    from checkpoint import load_model, resolve_checkpoint
+    from pretrain.config import load_config
+
+    model = HybridLM(load_config(run_dir / "config.yaml").model)
+    load_model(resolve_checkpoint(run_dir), model)
+    return model.eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def token_ids(vocab: int = 257, shape: tuple[int, int] = (2, 13), seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))

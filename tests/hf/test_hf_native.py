@@ -1,0 +1,84 @@
+"""`to-hf --format native`: a Mamba2-only model loads in transformers' Mamba2ForCausalLM, an
+attention-only one in LlamaForCausalLM (Qwen2ForCausalLM with qkv bias, MistralForCausalLM with
+a window), with no remote code and ebb's logits (float32, 1e-5; norms, MLP, RoPE and tying
+included); `from-hf` brings them back, and imports a Mamba2 made by transformers itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.hf.helpers import from_hf, logits, reloaded, save_checkpoint, small_config, small_model, to_hf, token_ids
+
+torch.set_num_threads(1)
+TOL = 1e-5
+
+
+def load_native(folder: Path) -> torch.nn.Module:
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and not list(folder.glob("*.py"))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def round_trip(tmp_path: Path, cfg, architecture: str) -> None:
+    model = small_model(cfg)
+    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    ids = token_ids(shape=(2, 17))
+    expected = logits(model, ids)
+    exported = load_native(tmp_path / "hf")
+    assert type(exported).__name__ == architecture
+    torch.testing.assert_close(logits(exported, ids), expected, rtol=0, atol=TOL)
+    from_hf(tmp_path / "hf", tmp_path / "back")
+    torch.testing.assert_close(logits(reloaded(tmp_path / "back"), ids), expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_only_is_mamba2forcausallm(tmp_path: Path, n_groups: int) -> None:
+    cfg = small_config("MMM", mixers={"mamba2": {"n_groups": n_groups}}, mlp="none")
+    round_trip(tmp_path, cfg, "Mamba2ForCausalLM")
+
+
+@pytest.mark.parametrize(
+    "options, tie, architecture",
+    [
+        ({}, False, "LlamaForCausalLM"),
+        ({"qkv_bias": True, "rope_theta": 500.0}, True, "Qwen2ForCausalLM"),
+        ({"window_size": 5}, False, "MistralForCausalLM"),
+        ({"window_size": 5, "qkv_bias": True}, False, "Qwen2ForCausalLM"),
+    ],
+    ids=["llama", "qwen2-qkv-bias-tied", "mistral-window", "qwen2-window"],
+)
+def test_attention_only_is_the_matching_transformers_class(tmp_path: Path, options: dict, tie: bool, architecture: str) -> None:
+    cfg = small_config("***", mixers={"attention": options}, tie_embeddings=tie, norm_eps=1e-6)
+    round_trip(tmp_path, cfg, architecture)
+
+
+@pytest.mark.parametrize("files", ["sharded-safetensors", "pytorch_model.bin"])
+def test_a_mamba2_made_by_transformers_imports(tmp_path: Path, files: str) -> None:
+    from safetensors.torch import load_file
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8, num_heads=8,
+        n_groups=2, chunk_size=8, conv_kernel=4, tie_word_embeddings=True,
+    )
+    theirs = Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")  # transformers' own index and shards
+    assert (tmp_path / "theirs" / "model.safetensors.index.json").is_file()
+    if files == "pytorch_model.bin":
+        shards = sorted((tmp_path / "theirs").glob("*.safetensors"))
+        torch.save({k: v for shard in shards for k, v in load_file(shard).items()}, tmp_path / "theirs" / "pytorch_model.bin")
+        for path in [*shards, tmp_path / "theirs" / "model.safetensors.index.json"]:
+            path.unlink()
+    from_hf(tmp_path / "theirs", tmp_path / "run")
+    ids = token_ids(vocab=96, shape=(2, 19))
+    # transformers keeps the residual stream in float32 (residual_in_fp32): the same in float32
+    torch.testing.assert_close(logits(reloaded(tmp_path / "run"), ids), logits(theirs, ids), rtol=0, atol=TOL)
