@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.mixers import build_mixer
+from models.model import build_mixer
 from models.ops import recurrent_gated_delta_rule
 
 D_MODEL = 256

@@ -77,5 +77,5 @@ class ModelConfig(Strict):
     def _shapes_divide(self) -> "ModelConfig":
         used = set(self.mixer_names)
         for name in (name for name in SPECS if name in used):
-            self.mixer_config(name).check_shapes(self)
+            self.mixer_config(name).check_shapes(self.d_model)
         return self

@@ -7,9 +7,14 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.layers.norms import RMSNorm
-from models.mixers import build_mixer, spec_of
+from models.mixers import spec_of
 from models.mlp import SwiGLU
 from models.packing import check_not_decoding, with_row_starts
+
+
+def build_mixer(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The mixer of pattern character `kind`."""
+    return spec_of(kind).module(cfg, layer_idx)
 
 
 def build_mlp(kind: str, cfg: ModelConfig, layer_idx: int) -> nn.Module | None:

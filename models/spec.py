@@ -20,14 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from common.config import Strict
-
-if TYPE_CHECKING:
-    from models.config import ModelConfig
 
 ParameterNames = Mapping[str, tuple[str, ...]]  # module path within the layer ('' = itself) -> parameter names
 
@@ -63,10 +60,10 @@ class TensorParallelPlan:
 class MixerConfig(Strict):
     """A mixer's section under `model.mixers`."""
 
-    def check_shapes(self, model: ModelConfig) -> None:
-        """Raise ValueError naming the key when the mixer cannot be built at `model`'s width."""
+    def check_shapes(self, d_model: int) -> None:
+        """Raise ValueError naming the key when the mixer cannot be built at this model width."""
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         """The counts tensor parallelism splits, by the key (or expression) that sets them: `tp`
         must divide each."""
         return {}
@@ -87,11 +84,11 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
 
-MLPBuilder = Callable[["ModelConfig", int], nn.Module]
-TensorLayout = Callable[["ModelConfig", str, Tensor], Tensor]  # (model, ebb parameter name, tensor) -> tensor
+MLPBuilder = Callable[..., nn.Module]  # (cfg: ModelConfig, layer_idx) -> the MLP
+TensorLayout = Callable[[Any, str, Tensor], Tensor]  # (model: ModelConfig, ebb parameter name, tensor) -> tensor
 
 
-def same_layout(model: ModelConfig, name: str, tensor: Tensor) -> Tensor:
+def same_layout(model: Any, name: str, tensor: Tensor) -> Tensor:
     return tensor
 
 
@@ -115,8 +112,8 @@ class HFNative:
     """
 
     architectures: tuple[str, ...]
-    architecture: Callable[["ModelConfig"], str]
-    config: Callable[["ModelConfig"], dict[str, Any]]
+    architecture: Callable[[Any], str]  # (model: ModelConfig) -> class name
+    config: Callable[[Any], dict[str, Any]]  # (model: ModelConfig) -> config entries
     model_config: Callable[[Mapping[str, Any]], dict[str, Any]]
     names: Mapping[str, str]
     to_hf: TensorLayout = same_layout

@@ -54,7 +54,7 @@ def _check_tensor_parallel(model: ModelConfig, tp: int) -> None:
     for name in dict.fromkeys(model.mixer_names):
         if getattr(SPECS[name].module, "tp_plan", None) is None:
             raise ParallelError(f"mixer {name} declares no tensor-parallel plan; use parallel.tp=1")
-        divides |= model.mixer_config(name).tp_divides(model)
+        divides |= model.mixer_config(name).tp_divides(model.d_model)
     if model.mlp != "none":
         divides["MLP width"] = model.mlp_width
     divides["model.vocab_size"] = model.vocab_size

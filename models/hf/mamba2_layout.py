@@ -11,8 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.layers.fused import split_groups
-from models.mixers.mamba2 import group_widths
+from models.layers.fused import group_widths, split_groups
 
 def _widths_by_name(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> dict[str, list[int]]:
     """The per-group part widths along dim 0 of each reordered parameter."""

@@ -4,6 +4,7 @@ tensor-parallel rank holds."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,3 +25,23 @@ def store_head_major_(param: Tensor, widths: Sequence[int], heads: int) -> None:
     for each head). Drawn part by part first: the values a seed gives are kept."""
     parts = [part.unflatten(0, (heads, -1)) for part in param.split(list(widths))]
     param.copy_(torch.cat(parts, dim=1).flatten(0, 1))
+
+
+class GroupWidths(NamedTuple):
+    """Widths of one group's slice of Mamba2's in_proj output."""
+
+    inner: int  # z_g and x_g: heads_per_group * head_dim
+    state: int  # B_g and C_g: d_state
+    heads: int  # dt_g: heads_per_group
+
+    def in_proj(self) -> list[int]:
+        """[z_g | x_g | B_g | C_g | dt_g]"""
+        return [self.inner, self.inner, self.state, self.state, self.heads]
+
+    def conv(self) -> list[int]:
+        """[x_g | B_g | C_g]"""
+        return [self.inner, self.state, self.state]
+
+
+def group_widths(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> GroupWidths:
+    return GroupWidths(d_inner // n_groups, d_state, n_heads // n_groups)

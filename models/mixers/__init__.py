@@ -4,14 +4,8 @@ mixer is its file and one line here."""
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING
-
-from torch import nn
 
 from models.spec import MixerSpec
-
-if TYPE_CHECKING:
-    from models.config import ModelConfig
 
 PATTERN: dict[str, str] = {  # pattern character -> mixer name (its file, and its section under model.mixers)
     "*": "attention",
@@ -31,7 +25,3 @@ def spec_of(char: str) -> MixerSpec:
     if char not in PATTERN:
         raise ValueError(f"no mixer for pattern character {char!r}; known: {', '.join(PATTERN)}")
     return SPECS[PATTERN[char]]
-
-
-def build_mixer(char: str, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return spec_of(char).module(cfg, layer_idx)

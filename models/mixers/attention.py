@@ -42,9 +42,9 @@ class AttentionConfig(MixerConfig):
     rope_theta: float = Field(10000.0, gt=0)
     qkv_bias: bool = False
 
-    def check_shapes(self, model: ModelConfig) -> None:
-        if self.head_dim is None and model.d_model % self.num_heads:
-            raise ValueError(f"d_model ({model.d_model}) must be divisible by mixers.attention.num_heads ({self.num_heads})")
+    def check_shapes(self, d_model: int) -> None:
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by mixers.attention.num_heads ({self.num_heads})")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"mixers.attention.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
 
@@ -52,7 +52,7 @@ class AttentionConfig(MixerConfig):
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         """GQA: the kv heads are split too, so each rank holds the kv heads its query heads read."""
         return {"mixers.attention.num_heads": self.num_heads, "mixers.attention.num_kv_heads": self.kv_heads}
 

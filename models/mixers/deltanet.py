@@ -28,11 +28,11 @@ class DeltaNetConfig(MixerConfig):
     chunk_size: int = Field(64, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
 
-    def check_shapes(self, model: ModelConfig) -> None:
-        if self.head_dim is None and model.d_model % self.num_heads:
-            raise ValueError(f"d_model ({model.d_model}) must be divisible by mixers.deltanet.num_heads ({self.num_heads})")
+    def check_shapes(self, d_model: int) -> None:
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by mixers.deltanet.num_heads ({self.num_heads})")
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         return {"mixers.deltanet.num_heads": self.num_heads}
 
 

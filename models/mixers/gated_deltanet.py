@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class GatedDeltaNetConfig(GatedDeltaRuleConfig, MixerConfig):
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         """num_v_heads is a multiple of num_heads, so it divides too."""
         return {"mixers.gated_deltanet.num_heads": self.num_heads}
 

@@ -41,14 +41,14 @@ class GatedDeltaProductConfig(GatedDeltaRuleConfig, MixerConfig):
     num_householder: int = Field(2, gt=0, description="n_h: Householder steps (keys, values, betas) per token")
     allow_neg_eigval: bool = Field(True, description="beta in (0, 2): each step's eigenvalues in [-1, 1]")
 
-    def check_shapes(self, model: ModelConfig) -> None:
+    def check_shapes(self, d_model: int) -> None:
         if self.expand_v * self.head_dim != int(self.expand_v * self.head_dim):
             raise ValueError(
                 f"mixers.gated_deltaproduct.expand_v ({self.expand_v}) times head_dim ({self.head_dim}) "
                 "must be a whole number"
             )
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         """num_v_heads is a multiple of num_heads, so it divides too."""
         return {"mixers.gated_deltaproduct.num_heads": self.num_heads}
 

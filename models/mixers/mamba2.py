@@ -10,7 +10,7 @@ what a tensor-parallel rank holds, at every tp. With n_groups = 1 this is transf
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,33 +22,13 @@ from models.layers.flops import chunked_recurrence_flops, projection_flops
 from models.layers.init import init_decay_, no_weight_decay, residual_scale
 from models.packing import as_one_sequence
 from models.layers.recurrence import cached_recurrence
-from models.layers.fused import split_groups
+from models.layers.fused import group_widths, split_groups
 from models.layers.norms import GatedRMSNorm
 from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 from models.ops import chunk_simple_gla
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
-
-
-class GroupWidths(NamedTuple):
-    """Widths of one group's slice of the in_proj output."""
-
-    inner: int  # z_g and x_g: heads_per_group * head_dim
-    state: int  # B_g and C_g: d_state
-    heads: int  # dt_g: heads_per_group
-
-    def in_proj(self) -> list[int]:
-        """[z_g | x_g | B_g | C_g | dt_g]"""
-        return [self.inner, self.inner, self.state, self.state, self.heads]
-
-    def conv(self) -> list[int]:
-        """[x_g | B_g | C_g]"""
-        return [self.inner, self.state, self.state]
-
-
-def group_widths(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> GroupWidths:
-    return GroupWidths(d_inner // n_groups, d_state, n_heads // n_groups)
 
 
 class Mamba2Config(MixerConfig):
@@ -66,14 +46,14 @@ class Mamba2Config(MixerConfig):
     conv_bias: bool = True
     norm_eps: float = Field(1e-5, gt=0)
 
-    def check_shapes(self, model: ModelConfig) -> None:
-        d_inner = self.expand * model.d_model
+    def check_shapes(self, d_model: int) -> None:
+        d_inner = self.expand * d_model
         if d_inner % self.head_dim:
             raise ValueError(f"expand*d_model ({d_inner}) must be divisible by mixers.mamba2.head_dim ({self.head_dim})")
         if (d_inner // self.head_dim) % self.n_groups:
             raise ValueError(f"mamba2 heads ({d_inner // self.head_dim}) must be divisible by mixers.mamba2.n_groups ({self.n_groups})")
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         """Ranks hold whole groups of B and C with the heads that read them (Megatron-LM's rule):
         n_groups = 1 cannot be split."""
         return {"mixers.mamba2.n_groups": self.n_groups}

@@ -49,7 +49,7 @@ class MoMConfig(GatedDecayConfig, MixerConfig):
             raise ValueError(f"topk ({self.topk}) must be <= num_memories ({self.num_memories})")
         return self
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         return {"mixers.mom.num_heads": self.num_heads}
 
 

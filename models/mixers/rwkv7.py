@@ -100,15 +100,16 @@ class RWKV7Config(MixerConfig):
     chunk_size: int = Field(64, gt=0)
     norm_eps: float = Field(64e-5, gt=0, description="eps of the per-head GroupNorm")
 
-    def check_shapes(self, model: ModelConfig) -> None:
-        if model.d_model % self.head_dim:
-            raise ValueError(f"d_model ({model.d_model}) must be divisible by mixers.rwkv7.head_dim ({self.head_dim})")
+    def check_shapes(self, d_model: int) -> None:
+        if d_model % self.head_dim:
+            raise ValueError(f"d_model ({d_model}) must be divisible by mixers.rwkv7.head_dim ({self.head_dim})")
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
-        """Whole heads per rank; the channel-mix's hidden width must split too."""
-        divides = {"RWKV-7 heads (d_model / mixers.rwkv7.head_dim)": model.d_model // self.head_dim}
-        if model.mlp != "none" and self.channel_mix:
-            divides["mixers.rwkv7.channel_mix_hidden"] = self.channel_mix_hidden or 4 * model.d_model
+    def tp_divides(self, d_model: int) -> dict[str, int]:
+        """Whole heads per rank; the channel-mix's hidden width must split too (whenever it is on,
+        also with model.mlp none, where no block builds it)."""
+        divides = {"RWKV-7 heads (d_model / mixers.rwkv7.head_dim)": d_model // self.head_dim}
+        if self.channel_mix:
+            divides["mixers.rwkv7.channel_mix_hidden"] = self.channel_mix_hidden or 4 * d_model
         return divides
 
 

@@ -55,7 +55,7 @@ class SSEConfig(GatedDecayConfig, MixerConfig):
             raise ValueError(f"topk ({self.topk}) must be <= num_partitions ({self.num_partitions})")
         return self
 
-    def tp_divides(self, model: ModelConfig) -> dict[str, int]:
+    def tp_divides(self, d_model: int) -> dict[str, int]:
         return {"mixers.sse.num_heads": self.num_heads}
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from models.mixers import build_mixer
+from models.model import build_mixer
 from models.model import HybridLM
 from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
@@ -170,7 +170,7 @@ def test_config_checks():
         product_config(num_v_heads=3)
     with pytest.raises(ValueError, match=r"expand_v \(1.1\) times head_dim \(8\) must be a whole number"):
         product_config(expand_v=1.1)
-    assert product_config().mixers.gated_deltaproduct.tp_divides(product_config()) == {
+    assert product_config().mixers.gated_deltaproduct.tp_divides(product_config().d_model) == {
         "mixers.gated_deltaproduct.num_heads": 2
     }
 

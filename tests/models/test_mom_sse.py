@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.mixers import build_mixer
+from models.model import build_mixer
 from models.layers.routing import switch_aux_loss
 from models.model import HybridLM
 from models.ops import recurrent_gated_delta_rule
