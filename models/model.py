@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import UserDict
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -84,10 +85,16 @@ class HybridLM(nn.Module):
         cu_seqlens: Tensor | None = None,
         cache: list[dict] | None = None,
         carry: dict | None = None,
+        head: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab]. `cu_seqlens` marks document starts over the flattened B*T tokens
         (packed training); `cache` (from `new_cache`) makes the call a prefill or decode step;
-        `carry`, when given, receives what the blocks pass along, e.g. carry["aux_loss"]."""
+        `carry`, when given, receives what the blocks pass along, e.g. carry["aux_loss"].
+
+        With `head`, what `head(hidden, lm_head.weight)` returns instead of the logits, `hidden`
+        being the final norm's output [B, T, d_model]: a loss that applies the head itself (in
+        chunks, never holding the logits), called inside this forward so that wrappers that
+        gather parameters around it (FSDP) hold the head's weight."""
         check_not_decoding(cu_seqlens, cache)
         if cu_seqlens is not None:
             cu_seqlens = with_row_starts(cu_seqlens, *input_ids.shape)
@@ -95,7 +102,8 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i], carry=carry)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x) if head is None else head(x, self.lm_head.weight)
 
     def new_cache(self) -> list[dict]:
         """One empty state per block; mixers fill and update their own entry in place."""

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from checkpoint import CheckpointConfig
-from common.config import Strict
+from common.config import Strict, one_of
 from models.config import ModelConfig
 from optim.config import OptimConfig
 from parallel.config import ActivationCheckpointing, ParallelConfig
 from pretrain.data.config import DataConfig
+from pretrain.linear_ce import LOSSES
+
+LossName = Annotated[str, AfterValidator(one_of(LOSSES, "loss"))]
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,8 @@ class TrainConfig(Strict):
         "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
+    loss: LossName = Field("auto", description="cross-entropy: full logits, chunked (never all logits), fused (a CUDA kernel), auto (fused on CUDA where installed, else chunked); pretrain/linear_ce.py")
+    compile: bool = Field(False, description="torch.compile each block and the loss")
 
 
 class LoggingConfig(Strict):

@@ -14,6 +14,7 @@ import contextlib
 import math
 from collections.abc import Mapping
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,8 +27,10 @@ Shape = Mapping[str, int]  # mesh dim -> size, as `parallel.mesh.mesh_shape` giv
 
 
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy in float32 (bf16 logits lose too much in the softmax)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    """Next-token cross-entropy in float32 at least (bf16 logits lose too much in the softmax;
+    float64 logits stay float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:

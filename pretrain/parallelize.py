@@ -10,11 +10,12 @@ function is `pretrain.loss.microbatch_loss`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.model import HybridLM
@@ -23,7 +24,8 @@ from parallel.mesh import build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
-from pretrain.loss import microbatch_loss
+from pretrain.linear_ce import HeadLoss, head_loss, resolve_loss
+from pretrain.loss import lm_loss, microbatch_loss
 from pretrain.runtime import Runtime
 
 
@@ -62,6 +64,9 @@ class Parallel:
     module: nn.Module | None = None
     pipeline: Pipeline | None = None
     microbatches: int = 1  # the pipeline's per step
+    loss: str = "full"  # the resolved `train.loss` (pretrain.linear_ce.resolve_loss)
+    head: HeadLoss | None = None  # the chunked or fused linear cross-entropy; None: logits then `logits_loss`
+    logits_loss: Callable[..., Tensor] = lm_loss
 
     @property
     def world_size(self) -> int:
@@ -109,6 +114,10 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         if par.dp_size > 1:
             apply_fsdp(module, data_parallel_mesh(par), runtime.dtype == torch.bfloat16, p.fsdp_reshard_after_forward)
     par.module = model
+    par.loss, warning = resolve_loss(t.loss, runtime.device, par.shape)
+    if warning and par.is_main:
+        print(warning, flush=True)
+    par.head = head_loss(par.loss)
     if pp > 1:
         par.microbatches = p.microbatches
         par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, microbatch_loss, runtime.device)

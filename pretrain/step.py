@@ -2,26 +2,35 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from parallel.pipeline import pipeline_train_step
 from pretrain.data import Batch
+from pretrain.linear_ce import HeadLoss
 from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
 from pretrain.parallelize import Parallel
 from pretrain.runtime import Runtime
 
 
-def forward_loss(model: nn.Module, batch: Batch, runtime: Runtime) -> tuple[Tensor, Tensor | None]:
+def forward_loss(
+    model: nn.Module, batch: Batch, runtime: Runtime, head: HeadLoss | None = None, logits_loss: Callable[..., Tensor] = lm_loss
+) -> tuple[Tensor, Tensor | None]:
     """The language-model loss summed over the batch's tokens, and the auxiliary loss the blocks
-    added up (None when none has one)."""
+    added up (None when none has one). With `head` (`Parallel.head`: the chunked or fused linear
+    cross-entropy) the model hands it its hidden states and head weight and never makes the
+    logits; otherwise `logits_loss` (`lm_loss`, or its compiled form) runs on the logits."""
     batch = batch.to(runtime.device)
     carry: dict[str, Tensor] = {}
     with runtime.autocast():
+        if head is not None:
+            labels = batch.labels
+            loss = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, carry=carry, head=lambda h, w: head(h, w, labels))
+            return loss, carry.get("aux_loss")
         logits = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, carry=carry)
-    return lm_loss(logits, batch.labels, reduction="sum"), carry.get("aux_loss")
+    return logits_loss(logits, batch.labels, reduction="sum"), carry.get("aux_loss")
 
 
 class StepResult(NamedTuple):
@@ -48,7 +57,7 @@ def train_step(
         batch = next(batches).to(runtime.device)
         scale = token_scale(batch.labels, par.shape)
         with loss_context(par.shape):
-            loss, aux_loss = forward_loss(model, batch, runtime)
+            loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
             loss = loss * scale
             total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
             (total / grad_accum).backward()
@@ -84,7 +93,7 @@ def evaluate(par: Parallel, batches: list[Batch], runtime: Runtime) -> dict[str,
     loss_sum, tokens = 0.0, 0
     for batch in batches:
         with loss_context(par.shape):
-            loss_sum += local(forward_loss(model, batch, runtime)[0]).item()
+            loss_sum += local(forward_loss(model, batch, runtime, par.head, par.logits_loss)[0]).item()
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)

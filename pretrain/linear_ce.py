@@ -1,0 +1,173 @@
+"""The head and the cross-entropy as one op that never holds the whole logits (`train.loss`).
+
+- `full`: today's `lm_head` then `lm_loss`: [tokens, vocab] float32 logits and their gradient.
+- `chunked`: `chunked_linear_cross_entropy`, pure PyTorch on any device: the tokens are cut into
+  chunks of about `CHUNK_ELEMENTS / vocab` rows; each chunk's logits are computed, reduced to its
+  loss and, when a gradient is wanted, turned at once into that chunk's gradient for the hidden
+  states and its share of the head's gradient (liger's scheme), then freed. Backward only scales
+  the saved gradients, so neither pass holds more than one chunk's logits.
+- `fused`: a Triton kernel of the same op on CUDA (liger-kernel's, else fla's), when installed.
+- `auto`: `fused` on CUDA where one is installed, else `chunked`.
+
+Matmuls run in the autocast dtype (as `lm_head` does under autocast), the softmax in float32 (or
+float64 for float64 inputs), exactly as `lm_loss(lm_head(h))` does.
+
+Under tensor parallelism (a vocabulary-sharded head with loss-parallel) and under pipeline
+parallelism (the schedule's loss function receives the last stage's logits) the head stays
+`full`: `resolve_loss` says so in one `ebb: warning:` line.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # pretrain.loss.IGNORE_INDEX (not imported: loss.py imports torch.distributed)
+LOSSES = ("auto", "full", "chunked", "fused")  # `train.loss` names
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32): 256 tokens at a 128k vocabulary
+
+HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden [..., d], head weight [V, d], labels [...]) -> summed loss
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype, ignore_index: int) -> Tensor:
+        acc = torch.promote_types(dtype, torch.float32)  # the softmax's precision, float32 at least
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            y = labels[start : start + chunk]
+            logits = (h @ w.t()).to(acc)  # rounded to `dtype` first, as lm_head's output is
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = y != ignore_index
+            target = torch.where(valid, y, 0)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - picked, 0).sum()
+            if want_hidden or want_weight:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, target[:, None], -torch.ones_like(picked[:, None]))
+                grad.mul_(valid[:, None])
+                grad = grad.to(dtype)
+                if want_hidden:
+                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                if want_weight:
+                    grad_weight += (grad.t() @ h).to(acc)
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str = "sum", chunk_tokens: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """cross_entropy(hidden @ weight.T, labels) summed (or averaged over the valid labels), in
+    float32 at least, holding one chunk of `chunk_tokens` tokens' logits at a time."""
+    hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, labels1d, chunk, _compute_dtype(hidden, weight), ignore_index)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (labels1d != ignore_index).sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+@functools.cache
+def fused_kernel() -> tuple[str, Callable[[], Callable]] | None:
+    """(name, factory of a summed-loss module) of an installed fused linear cross-entropy, liger's
+    first, else fla's; None when neither imports (both need Triton)."""
+    for name, module, cls in (
+        ("liger-kernel", "liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"),
+        ("fla", "fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"),
+    ):
+        try:
+            factory = getattr(importlib.import_module(module), cls)
+        except Exception:  # ImportError, or a Triton that fails at import
+            continue
+        return name, functools.partial(factory, ignore_index=IGNORE_INDEX, reduction="sum")
+    return None
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """The installed fused kernel (see `fused_kernel`) on CUDA tensors, summed over the tokens."""
+    found = fused_kernel()
+    if found is None:
+        raise RuntimeError("no fused linear cross-entropy installed (pip install liger-kernel, or flash-linear-attention)")
+    name, factory = found
+    module = _fused_module(name)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    dtype = _compute_dtype(hidden, weight)
+    h, w = h.to(dtype), weight.to(dtype)
+    return module(w, h, y) if name == "liger-kernel" else module(h, y, w)
+
+
+@functools.cache
+def _fused_module(name: str):
+    return fused_kernel()[1]()
+
+
+def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | None = None) -> tuple[str, str | None]:
+    """The loss a run uses for `train.loss = name` on `device` and layout `shape`, and the warning
+    line to print when that is not what was asked for (None when it is)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (one of {', '.join(LOSSES)})")
+    shape = shape or {}
+    if name == "full":
+        return "full", None
+    for dim, why in (("tp", "the vocabulary-sharded head computes its loss with loss-parallel"), ("pp", "the pipeline's last stage computes the loss from logits")):
+        if shape.get(dim, 1) > 1:  # auto picks full silently (the header says so); an explicit choice warns
+            return "full", None if name == "auto" else f"ebb: warning: train.loss={name} uses the full logits with parallel.{dim} > 1 ({why})"
+    on_cuda = torch.device(device).type == "cuda"
+    fused = fused_kernel() if on_cuda else None
+    if name == "auto":
+        return ("fused" if fused else "chunked"), None
+    if name == "fused" and fused is None:
+        why = "not on CUDA" if not on_cuda else "neither liger-kernel nor fla imports"
+        return "chunked", f"ebb: warning: train.loss=fused falls back to chunked ({why})"
+    return name, None
+
+
+def head_loss(name: str) -> HeadLoss | None:
+    """What the model applies to its normed hidden states and head weight instead of logits, for a
+    resolved loss name; None for `full` (the model returns logits)."""
+    if name == "chunked":
+        return lambda hidden, weight, labels: chunked_linear_cross_entropy(hidden, weight, labels)
+    if name == "fused":
+        return fused_linear_cross_entropy
+    return None
+
+
+def describe(name: str) -> str:
+    """The header's words for a resolved loss."""
+    if name == "fused":
+        return f"fused ({fused_kernel()[0]})"
+    if name == "chunked":
+        return f"chunked (<= {CHUNK_ELEMENTS:,} logits at a time)"
+    return "full logits"
+
+
