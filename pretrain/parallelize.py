@@ -24,7 +24,7 @@ from parallel.mesh import build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
-from pretrain.linear_ce import HeadLoss, head_loss, resolve_loss
+from pretrain.linear_ce import HeadLoss, describe, head_loss, resolve_loss
 from pretrain.loss import lm_loss, microbatch_loss
 from pretrain.runtime import Runtime
 
@@ -111,6 +111,8 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         stages, stage_ids = build_stage_modules(model, par.mesh["pp"].get_local_rank(), pp, p.pp_virtual_stages, t.seq_len)
     for module in stages:
         apply_activation_checkpointing(module, t.activation_checkpoint, t.activation_checkpoint_every)
+        if t.compile:
+            compile_blocks(module)
         if par.dp_size > 1:
             apply_fsdp(module, data_parallel_mesh(par), runtime.dtype == torch.bfloat16, p.fsdp_reshard_after_forward)
     par.module = model
@@ -118,10 +120,28 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if warning and par.is_main:
         print(warning, flush=True)
     par.head = head_loss(par.loss)
+    if t.compile and par.loss == "chunked":
+        par.head = torch.compile(par.head)
+    elif t.compile and par.loss == "full" and tp == 1:
+        par.logits_loss = torch.compile(lm_loss)
     if pp > 1:
         par.microbatches = p.microbatches
         par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, microbatch_loss, runtime.device)
         par.module = RankStages(stages)
+
+
+def compile_blocks(module: nn.Module) -> None:
+    """torch.compile each block in place (torchtitan's per-block compile: one graph reused by every
+    block of a kind, parameter names unchanged), inside any activation-checkpoint wrapper and
+    before FSDP wraps it. Ops that cannot be traced (fla's kernels, routing) break the graph."""
+    for block in module.blocks.children():
+        block.compile()
+
+
+def fast_path_header(par: Parallel, cfg: RunConfig) -> str:
+    """The header's line on the loss and compilation (the ops' line is `models.ops.plan_model`'s)."""
+    compiled = "each block and the loss" if par.head is not None or par.shape["tp"] == 1 else "each block"
+    return f"ebb: loss {par.loss}: {describe(par.loss)}; torch.compile: {compiled if cfg.train.compile else 'off'}"
 
 
 def data_parallel_mesh(par: Parallel) -> DeviceMesh:

@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from checkpoint import Checkpointer, CheckpointError, build_checkpointer, find_latest
 from models.model import HybridLM
+from models.ops import plan_model
 from optim.adamw import build_optimizer
 from optim.schedules import build_lr_schedule
 from parallel.mesh import ParallelError
@@ -29,7 +30,7 @@ from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.peak_flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
-from pretrain.parallelize import Parallel, parallelize, start
+from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
 from pretrain.runtime import Runtime, set_up
 from pretrain.step import StepResult, evaluate, train_step
 
@@ -105,6 +106,7 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
     if par.shape["pp"] > 1:
         val_batches = []
     model = HybridLM(cfg.model).to(runtime.device)
+    ops_line = plan_model(model, runtime.device, runtime.dtype)  # fla or PyTorch per op, decided once
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
@@ -123,6 +125,7 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         print_header(cfg, num_params, par, runtime, first, end, eval_skipped)
+        print(ops_line, fast_path_header(par, cfg), sep="\n", flush=True)
         metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
     # only rank 0 reports MFU; on CPU the other ranks measuring at once would also skew its peak
     peak = peak_flops(runtime.device) if par.is_main else None

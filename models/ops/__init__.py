@@ -1,18 +1,22 @@
 """Sequence-mixing ops with fla's names, signatures and layouts.
 
-On CUDA, when flash-linear-attention (fla) is importable, each chunk_* op calls fla's Triton
-kernel of the same name; otherwise the pure-PyTorch chunked form runs. EBB_OPS_BACKEND=torch
-forces the pure-PyTorch form everywhere (EBB_OPS_BACKEND=auto, the default, is the rule above).
+Each chunk_* op runs fla's Triton kernel of the same name or the pure-PyTorch chunked form, as
+`models.ops.dispatch.decision` says for its device, dtype and head dims (decided once per such
+combination, never a kernel known to refuse or miscompile them). EBB_OPS_BACKEND=torch forces the
+PyTorch form everywhere, EBB_OPS_BACKEND=fla fla's kernel wherever fla imports (on CUDA);
+auto (the default) is the rule in dispatch.py. `plan_model` makes the decisions for a built model
+and states them in the run's header.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import os
 from typing import Callable
 
-from models.ops import delta_rule, gated_delta_rule, rwkv7, simple_gla
+import torch
+from torch import nn
+
+from models.ops import delta_rule, dispatch, gated_delta_rule, rwkv7, simple_gla
 from models.ops.recurrent import (
     recurrent_delta_rule,
     recurrent_gated_delta_rule,
@@ -29,39 +33,28 @@ __all__ = [
     "recurrent_delta_rule",
     "recurrent_gated_delta_rule",
     "recurrent_rwkv7",
+    "plan_model",
 ]
-
-
-@functools.cache
-def _fla_kernel(module: str, name: str) -> Callable | None:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError:
-        return None
-
-
-def _use_torch_backend() -> bool:
-    backend = os.environ.get("EBB_OPS_BACKEND", "auto")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"EBB_OPS_BACKEND must be 'auto' or 'torch', got {backend!r}")
-    return backend == "torch"
 
 
 def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
     """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped)."""
     signature = inspect.signature(torch_op)
+    name = torch_op.__name__
 
     @functools.wraps(torch_op)
     def op(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
         first_input = next(iter(arguments.values()))  # q, or r for RWKV-7
-        if not _use_torch_backend() and first_input.is_cuda:
-            fla_op = _fla_kernel(fla_module, torch_op.__name__)
-            if fla_op is not None:
-                arguments.pop("chunk_size", None)
-                return fla_op(**arguments)
+        dispatch.backend_override()  # a bad EBB_OPS_BACKEND is an error on every device
+        if dispatch.record(name, arguments):  # plan_model's probe: note the shapes, run the PyTorch form
+            return torch_op(*args, **kwargs)
+        if first_input.is_cuda and dispatch.decision(name, first_input.device, first_input.dtype, first_input.shape[-1]).backend == "fla":
+            arguments.pop("chunk_size", None)
+            return dispatch.fla_kernel(name)(**arguments)
         return torch_op(*args, **kwargs)
 
+    op.torch_op = torch_op
     return op
 
 
@@ -69,3 +62,10 @@ chunk_simple_gla = _fla_on_cuda(simple_gla.chunk_simple_gla, "fla.ops.simple_gla
 chunk_delta_rule = _fla_on_cuda(delta_rule.chunk_delta_rule, "fla.ops.delta_rule")
 chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule, "fla.ops.gated_delta_rule")
 chunk_rwkv7 = _fla_on_cuda(rwkv7.chunk_rwkv7, "fla.ops.rwkv7")
+
+
+def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """Decide, once, fla or PyTorch for every op `model` calls on `device` under `dtype` autocast
+    (checking fla's #640 workaround on the device where it applies); the header's one line."""
+    torch_ops = {op.__name__: op.torch_op for op in (chunk_simple_gla, chunk_delta_rule, chunk_gated_delta_rule, chunk_rwkv7)}
+    return dispatch.plan_model(model, device, dtype, torch_ops)

@@ -180,15 +180,18 @@ _chunk_simple_gla.__name__ = "chunk_simple_gla"
     ],
 )
 def test_dispatch_calls_fla_by_keyword_only_on_cuda(monkeypatch, on_cuda, backend, has_fla, expected):
+    """The wrapper asks `dispatch.decision` (here on a fake Hopper with a good Triton) and calls
+    fla's kernel with ebb's keywords, chunk_size dropped."""
+    from models.ops import dispatch
+
     calls = []
-    module = f"fake_fla_{on_cuda}_{backend}_{has_fla}"
-    if has_fla:
-        fake = types.ModuleType(module)
-        fake.chunk_simple_gla = lambda **kwargs: calls.append(kwargs) or "fla"
-        monkeypatch.setitem(sys.modules, module, fake)
+    fake_platform = dispatch.Platform(cuda=True, capability=(9, 0), triton="3.7.1", fla=has_fla)
+    monkeypatch.setattr(dispatch, "platform_of", lambda device: fake_platform)
+    monkeypatch.setattr(dispatch, "fla_kernel", lambda name: (lambda **kwargs: calls.append(kwargs) or "fla") if has_fla else None)
+    monkeypatch.setattr(dispatch, "_decision", dispatch._decision.__wrapped__)  # uncached: the fakes differ per case
     monkeypatch.setenv("EBB_OPS_BACKEND", backend)
-    op = ops._fla_on_cuda(_chunk_simple_gla, module)
-    q = types.SimpleNamespace(is_cuda=on_cuda)
+    op = ops._fla_on_cuda(_chunk_simple_gla, "fla.ops.simple_gla")
+    q = types.SimpleNamespace(is_cuda=on_cuda, device="cuda", dtype=torch.bfloat16, shape=(1, 8, 2, 128))
 
     assert op(q, "k", "v", "g", 0.5, chunk_size=32, cu_seqlens="cu") == expected
     if expected == "fla":

@@ -1,0 +1,247 @@
+"""Which backend runs each recurrent op: fla's Triton kernel or ebb's PyTorch form (docs/design.md 4d).
+
+`decide` is a pure function of the op, a `Platform` (CUDA, device capability, Triton and fla
+versions), the input dtype and the key head dim, and `EBB_OPS_BACKEND` (auto | torch | fla). It
+never picks a kernel known to refuse or miscompile its inputs:
+- not on CUDA, or fla not importable: torch;
+- float64: torch (fla has no float64 kernels); float32 into `chunk_delta_rule`: torch (fla asserts
+  q.dtype != float32 there);
+- the gated ops (`chunk_simple_gla`, `chunk_gated_delta_rule`) on Hopper with Triton in
+  [3.4.0, 3.7.1) (fla #640): fla raises in their backward. The miscompile is pinned to a key tile
+  BK = 64; the tile is min(next_pow2(K), 128) there, so with K > 64 ebb lifts fla's guard
+  (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`) after checking the op forward and backward
+  against the PyTorch form on the device (`check_against_torch`); otherwise torch.
+
+`models.ops` asks `decision` (cached per op, device, dtype, head dims) at every call, so an input
+the build did not foresee still gets a decision that cannot crash; `plan_model` makes the decisions
+for a built model up front, runs the checks, and returns the header's one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+BACKENDS = ("auto", "torch", "fla")
+GATED = frozenset({"chunk_simple_gla", "chunk_gated_delta_rule"})  # their backward calls fla's gated chunk_bwd_dqkwg
+FLA_640_TRITON = ((3, 4, 0), (3, 7, 1))  # [low, high): Hopper miscompiles gated chunk_bwd_dqkwg at BK = 64
+FLA_MODULES = {
+    "chunk_simple_gla": "fla.ops.simple_gla",
+    "chunk_delta_rule": "fla.ops.delta_rule",
+    "chunk_gated_delta_rule": "fla.ops.gated_delta_rule",
+    "chunk_rwkv7": "fla.ops.rwkv7",
+}
+
+
+@dataclass(frozen=True)
+class Platform:
+    cuda: bool
+    capability: tuple[int, int] | None = None
+    triton: str | None = None  # version, None when not importable
+    fla: bool = False  # fla's ops import
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str  # "fla" | "torch"
+    reason: str
+    lift_640: bool = False  # fla's #640 guard must be lifted (and the op checked) for this to run
+
+
+def version(text: str | None) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string ('3.7.1rc1' -> (3, 7, 1))."""
+    import re
+
+    parts = [int(n) for n in re.findall(r"\d+", re.match(r"[\d.]*", text or "0").group())]
+    return tuple((parts + [0, 0, 0])[:3])
+
+
+def key_tile(key_dim: int, capability: tuple[int, int] | None) -> int:
+    """fla's BK in chunk_bwd_dqkwg: min(max(next_pow2(K), 16), 128) on Hopper."""
+    return min(max(1 << max(key_dim - 1, 0).bit_length(), 16), 128 if capability and capability[0] >= 9 else 64)
+
+
+def backend_override() -> str:
+    backend = os.environ.get("EBB_OPS_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"EBB_OPS_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def decide(op: str, platform: Platform, dtype: torch.dtype, key_dim: int, backend: str = "auto") -> Decision:
+    """fla or torch for one op on one platform, with the reason in a few words."""
+    if backend == "torch":
+        return Decision("torch", "EBB_OPS_BACKEND=torch")
+    if not platform.cuda:
+        return Decision("torch", "not on CUDA")
+    if not platform.fla:
+        return Decision("torch", "fla not installed")
+    if backend == "fla":
+        return Decision("fla", "EBB_OPS_BACKEND=fla", lift_640=False)
+    if dtype == torch.float64:
+        return Decision("torch", "float64 inputs (fla has no float64 kernels)")
+    if dtype == torch.float32 and op == "chunk_delta_rule":
+        return Decision("torch", "float32 inputs (fla's chunk_delta_rule takes bf16/fp16)")
+    hopper = platform.capability is not None and platform.capability[0] == 9
+    low, high = FLA_640_TRITON
+    if op in GATED and hopper and low <= version(platform.triton) < high:
+        tile = key_tile(key_dim, platform.capability)
+        if tile == 64 or key_dim <= 64:
+            return Decision("torch", f"fla #640: Hopper, Triton {platform.triton}, key dim {key_dim} (tile {tile})")
+        return Decision("fla", f"fla #640 guard lifted (key dim {key_dim}, tile {tile})", lift_640=True)
+    return Decision("fla", "fla kernel")
+
+
+@functools.cache
+def fla_kernel(op: str) -> Callable | None:
+    try:
+        return getattr(importlib.import_module(FLA_MODULES[op]), op)
+    except Exception:  # ImportError, or a Triton/driver that fails at import
+        return None
+
+
+@functools.cache
+def platform_of(device: torch.device) -> Platform:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return Platform(cuda=False)
+    try:
+        triton = importlib.import_module("triton").__version__
+    except Exception:
+        triton = None
+    fla = any(fla_kernel(op) is not None for op in FLA_MODULES)
+    return Platform(True, torch.cuda.get_device_capability(device), triton, fla)
+
+
+_checked: dict[tuple, Decision] = {}  # decisions a start-up check overrode (the check failed)
+_check_errors: dict[tuple, float] = {}  # the start-up checks' largest relative errors
+
+
+@functools.cache
+def _decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int, backend: str) -> Decision:
+    d = decide(op, platform_of(device), dtype, key_dim, backend)
+    if d.backend == "fla" and fla_kernel(op) is None:
+        return Decision("torch", f"fla has no {op}")
+    if d.lift_640:
+        lift_fla_640_guard()
+    return d
+
+
+def decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int) -> Decision:
+    backend = backend_override()
+    return _checked.get((op, device, dtype, key_dim, backend)) or _decision(op, device, dtype, key_dim, backend)
+
+
+def lift_fla_640_guard() -> None:
+    """fla raises on gated backward on Hopper with Triton in [3.4.0, 3.7.1); `decide` only lets
+    through key dims whose tile is not the miscompiled 64."""
+    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    if not hasattr(chunk_o, "TRITON_ABOVE_3_7_1"):
+        raise RuntimeError("fla.ops.common.chunk_o has no TRITON_ABOVE_3_7_1: this fla's #640 guard is not the one ebb knows")
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
+# --- recording which ops a model calls, with which shapes ---------------------------------------
+
+_calls: list | None = None  # while `recording`: (block kind, op, dtype, q's [H, K], v's [HV, V]) per call
+_block = "?"  # the pattern character of the block running, while recording
+
+
+def record(op: str, arguments: dict) -> bool:
+    """Called by the op wrappers: note the call when recording; True when recording (run torch)."""
+    if _calls is None:
+        return False
+    q, v = next(iter(arguments.values())), arguments["v"]
+    _calls.append((_block, op, q.dtype, tuple(q.shape[2:]), tuple(v.shape[2:])))
+    return True
+
+
+def _enter_block(kind: str) -> None:
+    global _block
+    _block = kind
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[list]:
+    global _calls
+    _calls, calls = [], []
+    _calls = calls
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, kind=getattr(block, "kind", "?"): _enter_block(kind))
+        for block in getattr(model, "blocks", [])
+    ]
+    try:
+        yield calls
+    finally:
+        _calls = None
+        for h in handles:
+            h.remove()
+
+
+def _inputs(op: str, q_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device, T: int = 128) -> dict[str, Tensor]:
+    """Small random inputs for `op` (B = 1, T tokens) with the recorded per-head shapes."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    (H, K), (HV, V) = q_shape, v_shape
+    q = torch.nn.functional.normalize(rand(1, T, H, K), dim=-1)
+    k = torch.nn.functional.normalize(rand(1, T, H, K), dim=-1)
+    v = rand(1, T, HV, V)
+    args = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
+    if op in ("chunk_simple_gla", "chunk_gated_delta_rule"):
+        args["g"] = -torch.nn.functional.softplus(rand(1, T, HV)).float()
+    if op in ("chunk_delta_rule", "chunk_gated_delta_rule"):
+        args["beta"] = torch.sigmoid(rand(1, T, HV)).to(dtype)
+    return args
+
+
+def check_against_torch(fla_op: Callable, torch_op: Callable, args: dict[str, Tensor], tolerance: float = 0.05) -> tuple[bool, float]:
+    """Forward and backward of `fla_op` against `torch_op` on the same inputs: (passed, the
+    largest relative error over the output and every input's gradient)."""
+    worst = 0.0
+    results = []
+    for fn in (fla_op, torch_op):
+        leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in args.items()}
+        out = fn(**leaves)[0]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        out.backward(grad_out)
+        results.append([out.detach().float()] + [leaves[n].grad.float() for n in args])
+    for got, want in zip(*results):
+        err = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
+        worst = max(worst, err if err == err else float("inf"))
+    return worst <= tolerance, worst
+
+
+def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch_ops: dict[str, Callable], seq_len: int = 64) -> str:
+    """Decide each op the model calls once, check the #640 workaround where it applies, and say
+    what runs per mixer in one line (the run's header). On CPU nothing is probed."""
+    backend = backend_override()
+    if device.type != "cuda":
+        why = "EBB_OPS_BACKEND=torch" if backend == "torch" else f"device {device.type}"
+        return f"ebb: ops: PyTorch for every mixer ({why})"
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with recording(model) as calls, torch.no_grad(), autocast:
+        model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+    per_mixer: dict[str, dict[str, str]] = {}
+    for kind, op, op_dtype, q_shape, v_shape in calls:
+        key = (op, device, op_dtype, q_shape[-1], backend)
+        d = decision(op, device, op_dtype, q_shape[-1])
+        words = f"{d.backend} {op} ({d.reason})"
+        if d.lift_640:
+            if key not in _check_errors:
+                passed, _check_errors[key] = check_against_torch(fla_kernel(op), torch_ops[op], _inputs(op, q_shape, v_shape, op_dtype, device))
+                if not passed:
+                    _checked[key] = Decision("torch", f"fla #640 workaround failed its check (rel err {_check_errors[key]:.1e})")
+            d = decision(op, device, op_dtype, q_shape[-1])
+            words = f"{d.backend} {op} ({d.reason}" + (f"; checked against torch, rel err {_check_errors[key]:.1e})" if d.lift_640 else ")")
+        per_mixer.setdefault(kind, {})[op] = words
+    kinds = [getattr(b, "kind", "?") for b in getattr(model, "blocks", [])]
+    parts = [f"{k}: " + (", ".join(per_mixer[k].values()) if k in per_mixer else "no recurrent op") for k in dict.fromkeys(kinds)]
+    return "ebb: ops: " + "; ".join(parts)
