@@ -34,7 +34,7 @@ HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden [..., d], head 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     device = hidden.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
 

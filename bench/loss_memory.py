@@ -1,0 +1,97 @@
+"""Peak memory of one loss forward + backward: today's full logits against the chunked linear
+cross-entropy (pretrain/linear_ce.py), same inputs, as a ratio.
+
+    python bench/loss_memory.py [--vocab 131072] [--tokens 16384] [--hidden 1024] [--real-tokens 1024]
+
+The peak counts every tensor alive at once (inputs, weights, logits, saved activations,
+gradients), tracked at each op by a dispatch mode over tensor storages. On `meta` tensors this is
+exact at any size without allocating; the same tracker on real CPU tensors at `--real-tokens`
+checks that the meta count is the real one. Inputs are float32 (CPU); the head's weight gets a
+gradient. Writes bench/results/loss_memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pretrain.linear_ce import chunked_linear_cross_entropy  # noqa: E402
+from pretrain.loss import lm_loss  # noqa: E402
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by live tensor storages, counted from when it was entered
+    (pre-existing tensors count through `hold`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.peak = 0
+
+    def hold(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self.live[StorageWeakRef(t.untyped_storage())] = t.untyped_storage().nbytes()
+        self._update()
+
+    def _update(self) -> None:
+        self.live = {ref: n for ref, n in self.live.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(self.live.values()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                self.live.setdefault(ref, t.untyped_storage().nbytes())
+        self._update()
+        return out
+
+
+def peak(kind: str, tokens: int, vocab: int, hidden: int, device: str) -> int:
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    with LiveBytes() as mode:
+        mode.hold(h, w, labels)
+        if kind == "full":
+            loss = lm_loss((h @ w.t())[None], labels[None], reduction="sum")
+        else:
+            loss = chunked_linear_cross_entropy(h, w, labels)
+        loss.backward()
+        mode.hold(h.grad, w.grad)
+        del loss
+    return mode.peak
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=131072)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--real-tokens", type=int, default=1024, help="tokens of the check on real CPU tensors (0: skip)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "loss_memory.json"))
+    args = parser.parse_args(argv)
+    rows = []
+    sizes = [("meta", args.tokens)] + ([("meta", args.real_tokens), ("cpu", args.real_tokens)] if args.real_tokens else [])
+    print(f"{'device':>6} {'tokens':>7} {'vocab':>7} {'hidden':>6} {'full GiB':>9} {'chunked GiB':>12} {'ratio':>7}")
+    for device, tokens in sizes:
+        full, chunked = (peak(kind, tokens, args.vocab, args.hidden, device) for kind in ("full", "chunked"))
+        row = {"device": device, "tokens": tokens, "vocab": args.vocab, "hidden": args.hidden,
+               "full_peak_bytes": full, "chunked_peak_bytes": chunked, "ratio": chunked / full}
+        rows.append(row)
+        print(f"{device:>6} {tokens:>7} {args.vocab:>7} {args.hidden:>6} {full / 2**30:>9.2f} {chunked / 2**30:>12.2f} {chunked / full:>7.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
