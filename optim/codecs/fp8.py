@@ -27,17 +27,23 @@ K_MAX = 8.0  # a group of (nearly) equal values has R ~ 1: any k fits, keep x' f
 
 def expansion(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(k, centre, scale) per group of `blocks` [..., groups, GROUP]; an all-zero group gets
-    k = 1, centre = 1, scale = 1 (its codes are 0 whatever they are)."""
+    k = 1, centre = 1, scale = 1 (its codes are 0 whatever they are).
+
+    The logarithm, square root and power of each group are taken in float64 and rounded to
+    float32: a float32 power or logarithm differs in its last bit between a vector loop (SLEEF)
+    and a scalar one (libm), eager or compiled, so where a group falls in a tensor, or in the
+    tensors stepped together, would change its scale. In float64 the two agree to far below a
+    float32 rounding step (and the square root is then exactly float32's)."""
     mag = blocks.abs()
     big = mag.amax(-1)
     small = torch.where(mag > 0, mag, torch.inf).amin(-1)
     empty = big == 0
     big, small = torch.where(empty, 1.0, big), torch.where(empty, 1.0, small)
-    log2_range = torch.log2(big / small)
+    log2_range = torch.log2((big / small).double()).float()
     k = torch.floor(K_STEPS * TARGET_LOG2_RANGE / log2_range.clamp(min=1e-6)) / K_STEPS
     k = torch.where(empty, 1.0, k.clamp(1.0 / K_STEPS, K_MAX))
-    centre = torch.sqrt(big * small)
-    scale = torch.pow(big / centre, k) / E4M3_MAX
+    centre = torch.sqrt((big * small).double()).float()
+    scale = (torch.pow((big / centre).double(), k.double()) / E4M3_MAX).float()
     return k, centre, scale
 
 
@@ -73,12 +79,11 @@ class Fp8Codec(StateCodec):
             "_fp8_scale": ones.clone(), "_fp8_k": ones.clone(), "_fp8_centre": ones,
         }
 
-    def decode(self, parts: Parts, signed: bool) -> Tensor:
+    def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
         return dequantize(parts["_fp8"], parts["_fp8_scale"], parts["_fp8_k"], parts["_fp8_centre"])
 
-    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
-        for key, new in zip(self.suffixes, quantize(value)):
-            parts[key].copy_(new)
+    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
+        return dict(zip(self.suffixes, quantize(value)))
 
 
 FP8 = Fp8Codec()
