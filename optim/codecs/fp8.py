@@ -7,6 +7,10 @@ x' = sign(x) (|x|/c)^k, scale s = (M/c)^k / 448 and the code q = e4m3(x'/s). Dec
 it: x = sign(q) |q s|^(1/k) c. Each group stores three fp32 numbers (s, k, c): 2.19 B/param for
 both moments. Codes are kept as the uint8 view of float8_e4m3fn (loaders and casts leave uint8
 alone). Branch-free tensor code, so `torch.compile` can fuse it.
+
+The per-element powers are taken as exp2(k log2 y), within a few float32 ulps of pow(y, k) and
+a third of its cost (the step's largest); far below E4M3's 3-bit mantissa either way. The
+sign is carried by copysign (a zero keeps its sign bit).
 """
 from __future__ import annotations
 
@@ -51,15 +55,15 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(uint8 view of the E4M3 codes shaped like `x`, scale, k, centre per group)."""
     blocks = to_blocks(x, GROUP)
     k, centre, scale = expansion(blocks)
-    expanded = torch.sign(blocks) * torch.pow(blocks.abs() / centre.unsqueeze(-1), k.unsqueeze(-1))
+    expanded = torch.copysign(torch.exp2(torch.log2(blocks.abs() / centre.unsqueeze(-1)) * k.unsqueeze(-1)), blocks)
     codes = (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
     return from_blocks(codes, x.shape), scale, k, centre
 
 
 def dequantize(codes: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
     q = to_blocks(codes.view(E4M3).float(), GROUP)
-    magnitude = torch.pow(q.abs() * scale.unsqueeze(-1), 1.0 / k.unsqueeze(-1)) * centre.unsqueeze(-1)
-    return from_blocks(torch.sign(q) * magnitude, codes.shape)
+    magnitude = torch.exp2(torch.log2(q.abs() * scale.unsqueeze(-1)) * (1.0 / k).unsqueeze(-1)) * centre.unsqueeze(-1)
+    return from_blocks(torch.copysign(magnitude, q), codes.shape)
 
 
 def plain_e4m3_roundtrip(x: Tensor) -> Tensor:
