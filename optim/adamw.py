@@ -74,6 +74,11 @@ class AdamW(torch.optim.Optimizer):
         self.bucket_numel = bucket_numel
         self._stepper = Stepper(compile, self._auto_compile)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_stepper"):  # more codec states: decide again
+            self._stepper.decided.clear()
+
     def _auto_compile(self, device: torch.device) -> bool:
         """Compile where it pays: a device inductor serves, and codec states large enough."""
         codec_numel = sum(

@@ -32,6 +32,11 @@ from optim.codecs.base import Parts, scale_shape
 from optim.update import codec_step, coefficients
 
 BUCKET_NUMEL = 1 << 22  # elements per call: bounds the temporaries (a few bytes per element) and still amortises a launch
+# A viewable tensor this large steps alone where it lies, rather than being copied into a shared
+# bucket and back: on CPU a call costs ~50 us, copying a tensor's operands ~2.5 ns an element, so
+# from ~20K elements a call of its own is cheaper; on a GPU a call costs as much as copying ~4M
+# elements (BUCKET_NUMEL), so only tensors that fill a bucket step alone.
+ALONE_NUMEL = {"cpu": 1 << 16}
 RECOMPILE_LIMIT = 64  # graphs of the compiled step kept: codecs x dtypes x devices, and dynamo's size-1 specialisation
 
 
@@ -128,9 +133,11 @@ def _viewable(member: Member, layout: Layout, codec: StateCodec) -> bool:
     return all(layout.view(t) is not None for t in wholes) and all(t.is_contiguous() for t in scales)
 
 
-def plan(members: list[Member], codec: StateCodec, bucket_numel: int) -> Iterator[list[_Piece]]:
-    """Buckets of pieces, in order: slices of large viewable members alone, the rest packed
-    together up to `bucket_numel` elements. `bucket_numel` 0: one bucket per member, whole."""
+def plan(members: list[Member], codec: StateCodec, bucket_numel: int, alone_numel: int | None = None) -> Iterator[list[_Piece]]:
+    """Buckets of pieces, in order: viewable members of `alone_numel` elements or more alone
+    (in slices of up to `bucket_numel`), the rest packed together up to `bucket_numel`
+    elements. `bucket_numel` 0: one bucket per member, whole."""
+    alone_numel = bucket_numel if alone_numel is None else min(alone_numel, bucket_numel)
     block = codec.block or 1
     shared: list[_Piece] = []
     shared_rows = 0
@@ -142,7 +149,7 @@ def plan(members: list[Member], codec: StateCodec, bucket_numel: int) -> Iterato
             yield [_Piece(member, layout)]
             continue
         per_bucket = max(1, bucket_numel // block)
-        if layout.rows * block >= bucket_numel and _viewable(member, layout, codec):
+        if layout.rows * block >= alone_numel and _viewable(member, layout, codec):
             starts = list(range(0, layout.rows, per_bucket))
             if layout.rows - starts[-1] == 1 and len(starts) > 1:
                 starts[-1] -= 1  # no slice of one row (see `_Arrays`)
@@ -251,12 +258,14 @@ class Stepper:
 
     def __init__(self, compile: bool | None, auto: Callable[[torch.device], bool]):
         self.compile, self.auto = compile, auto
-        self.failed: set[torch.device] = set()  # devices where auto compiling failed: eager there
+        self.decided: dict[torch.device, bool] = {}  # auto's answer per device (False where compiling failed)
 
     def compiles(self, device: torch.device) -> bool:
         if self.compile is not None:
             return self.compile
-        return device not in self.failed and self.auto(device)
+        if device not in self.decided:
+            self.decided[device] = self.auto(device)
+        return self.decided[device]
 
     def step(self, codec: StateCodec, members: list[Member], hyper: dict[str, Any], bucket_numel: int) -> None:
         """One AdamW step of `members` (one codec, device, dtypes and step count)."""
@@ -265,7 +274,7 @@ class Stepper:
         tables = codec.tables(device)
         if compiled:
             coeffs = coefficients(device=device, **hyper)
-        for pieces in plan(members, codec, bucket_numel):
+        for pieces in plan(members, codec, bucket_numel, ALONE_NUMEL.get(device.type)):
             arrays = _Arrays(pieces, codec)
             if compiled:
                 new_m, new_v = self._run_compiled(codec, arrays, coeffs, hyper, tables, len(members))
@@ -286,7 +295,7 @@ class Stepper:
             if self.compile is not None or torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
                 raise
             device = arrays.target.device
-            self.failed.add(device)
+            self.decided[device] = False
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _say(f"ebb: warning: compiling the {codec.name} optimizer step failed ({type(error).__name__}: {reason}); "
                  f"it steps eagerly on {device} (optim.compile: false skips the attempt)", warning=True)

@@ -203,6 +203,29 @@ def test_compiled_step_compiles_once_per_codec_says_so_and_matches_per_parameter
     assert sorted(said) == sorted([(name, "8", "float32", "float32") for name in LOW_BIT] + [("int8", "8", "float32", "bfloat16")])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("state_dtype", LOW_BIT)
+def test_compiled_step_on_cuda_is_per_parameter_and_tracks_cpu(state_dtype):
+    """Triton: grouped = per-parameter bit for bit; against the eager CPU step, parameters
+    within what a code rounding the other way moves them."""
+    def on_cuda(bucket_numel: int) -> tuple[list[nn.Parameter], AdamW]:
+        ps = [nn.Parameter(p.detach().cuda()) for p in params()]
+        optimizer = AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_dtype=state_dtype, bucket_numel=bucket_numel, compile=True)
+        for step in range(3):
+            cpu = params()
+            set_grads(cpu, step)
+            for p, q in zip(ps, cpu):
+                p.grad = None if q.grad is None else q.grad.cuda()
+            optimizer.step()
+        return ps, optimizer
+
+    grouped, per_parameter = on_cuda(SMALL_BUCKET), on_cuda(0)
+    assert_same(grouped, per_parameter)
+    for a, b in zip(grouped[0], run(state_dtype, SMALL_BUCKET, compile=False)[0]):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=0, atol=1e-3)
+
+
 def test_compile_auto_compiles_where_it_pays():
     small = AdamW([nn.Parameter(torch.zeros(64, 256))], state_dtype="int8")
     large = AdamW([nn.Parameter(torch.zeros(1024, 1024))], state_dtype="int8")
