@@ -259,6 +259,7 @@ class Stepper:
     def __init__(self, compile: bool | None, auto: Callable[[torch.device], bool]):
         self.compile, self.auto = compile, auto
         self.decided: dict[torch.device, bool] = {}  # auto's answer per device (False where compiling failed)
+        self.ran: set[torch.device] = set()  # devices where a compiled step has run
 
     def compiles(self, device: torch.device) -> bool:
         if self.compile is not None:
@@ -270,13 +271,11 @@ class Stepper:
     def step(self, codec: StateCodec, members: list[Member], hyper: dict[str, Any], bucket_numel: int) -> None:
         """One AdamW step of `members` (one codec, device, dtypes and step count)."""
         device = members[0].target.device
-        compiled = self.compiles(device)
         tables = codec.tables(device)
-        if compiled:
-            coeffs = coefficients(device=device, **hyper)
+        coeffs = coefficients(device=device, **hyper) if self.compiles(device) else None
         for pieces in plan(members, codec, bucket_numel, ALONE_NUMEL.get(device.type)):
             arrays = _Arrays(pieces, codec)
-            if compiled:
+            if coeffs is not None and self.compiles(device):
                 new_m, new_v = self._run_compiled(codec, arrays, coeffs, hyper, tables, len(members))
             else:
                 new_m, new_v = codec_step(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, hyper, tables)
@@ -292,14 +291,15 @@ class Stepper:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 out = _compiled()(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, coeffs, tables)
         except Exception as error:  # no C++ compiler, no Triton...: eager where compiling was our choice
-            if self.compile is not None or torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
-                raise
             device = arrays.target.device
+            if self.compile is not None or device in self.ran:
+                raise
             self.decided[device] = False
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _say(f"ebb: warning: compiling the {codec.name} optimizer step failed ({type(error).__name__}: {reason}); "
                  f"it steps eagerly on {device} (optim.compile: false skips the attempt)", warning=True)
             return codec_step(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, hyper, tables)
+        self.ran.add(arrays.target.device)
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
             dtypes = f"{str(arrays.target.dtype).removeprefix('torch.')} target, {str(arrays.grad.dtype).removeprefix('torch.')} gradients"
             _say(f"ebb: compiled the {codec.name} optimizer step ({tensors} tensors, {dtypes}, {arrays.target.device}) in {time.perf_counter() - began:.1f}s")

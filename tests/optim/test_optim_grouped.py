@@ -236,6 +236,25 @@ def test_compile_auto_compiles_where_it_pays():
     assert build_optimizer(nn.Linear(4, 4), OptimConfig(compile=True))._stepper.compiles(cpu)
 
 
+def test_a_step_that_fails_to_compile_runs_eagerly_when_compiling_was_auto(monkeypatch, capfd):
+    from optim import adamw, buckets
+
+    def no_compiler():
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found\nmore")
+        return fail
+
+    monkeypatch.setattr(buckets, "_compiled", no_compiler)
+    monkeypatch.setattr(buckets, "ALONE_NUMEL", {"cpu": 0})  # every tensor its own call: the warning still comes once
+    monkeypatch.setattr(adamw, "AUTO_COMPILE_NUMEL", 0)
+    auto = run("int8", SMALL_BUCKET, steps=2, compile=None)
+    assert_same(run("int8", SMALL_BUCKET, steps=2, compile=False), auto)
+    warnings = re.findall(r"ebb: warning: compiling the int8 optimizer step failed \(RuntimeError: no C\+\+ compiler found\); it steps eagerly on cpu", capfd.readouterr().err)
+    assert len(warnings) == 1
+    with pytest.raises(RuntimeError, match="no C"):
+        run("int8", SMALL_BUCKET, steps=1, compile=True)
+
+
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.17e-38, 2.0**-31, -(2.0**-30), 3e-7, 5.5e-7, 1e-6, 1e-5, 0.1, 0.09999, 0.5, 0.99, 0.9999999]
 
 
