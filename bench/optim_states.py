@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,6 @@ from optim.adamw import build_optimizer  # noqa: E402
 from optim.codecs import CODECS  # noqa: E402
 from optim.config import OptimConfig  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.step import lm_loss  # noqa: E402
 
 SIZE_350M = {"pattern": "MTG* " * 6, "d_model": 1024, "vocab_size": 32768, "tie_embeddings": True}
 TINY_MODEL = [
@@ -222,7 +222,8 @@ def optimizer_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 def training_step(batch: torch.Tensor) -> Callable[[nn.Module, torch.optim.Optimizer], None]:
     def run(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        lm_loss(model(batch[:, :-1]), batch[:, 1:]).backward()
+        logits = model(batch[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
