@@ -1,18 +1,18 @@
 """Codec-state AdamW steps over many tensors per call.
 
-The codec path of `AdamW.step` hands every parameter that steps (its local shard, gradient,
-moments' parts and master copy, a `Member`) to `step_members`, which sorts them into buckets of
-one codec, device, dtypes and step count and runs `optim.update.codec_step` once per bucket:
-eagerly, or `torch.compile`d (one graph per codec and dtypes, for every bucket size: the row
-count is a dynamic dimension, and the learning rate and step count are tensor inputs).
+The codec path of `AdamW.step` hands the parameters that step (each one's local shard,
+gradient, moments' parts and master copy: a `Member`), sorted by codec, device, dtypes and step
+count, to `Stepper.step`, which cuts them into buckets and runs `optim.update.codec_step` once
+per bucket: eagerly, or `torch.compile`d (one graph per codec and dtypes, for every bucket size:
+the row count is a dynamic dimension, and the learning rate and step count are tensor inputs).
 
 A bucket lays its tensors out as one array per operand: rows of whole blocks, `[rows, block]`,
 for block codecs (each tensor's rows padded to whole blocks with the code of zero; per-block
 scales `[rows, 1]`), flat `[elements]` for the others. A contiguous tensor whose last dim is
 whole blocks is a view in that layout, so a large one is stepped where it lies, in slices of
 rows of at most `bucket_numel` elements (blocks never cross rows, so a slice quantises as the
-whole does). Tensors under `bucket_numel`, and those that need padding, are copied together into
-a shared bucket and copied back after the step. Local shards of DTensors are plain tensors
+whole does). Smaller tensors (`ALONE_NUMEL`), and those that need padding, are copied together
+into a shared bucket of up to `bucket_numel` elements and copied back after the step. Local shards of DTensors are plain tensors
 here: placements never enter, as no block crosses a shard (`optim/shards.py`).
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ from optim.update import codec_step, coefficients
 
 BUCKET_NUMEL = 1 << 22  # elements per call: bounds the temporaries (a few bytes per element) and still amortises a launch
 # A viewable tensor this large steps alone where it lies, rather than being copied into a shared
-# bucket and back: on CPU a call costs ~50 us, copying a tensor's operands ~2.5 ns an element, so
-# from ~20K elements a call of its own is cheaper; on a GPU a call costs as much as copying ~4M
-# elements (BUCKET_NUMEL), so only tensors that fill a bucket step alone.
+# bucket and back: on CPU a compiled call costs ~0.1-0.2 ms (guards, wrapper), copying a
+# tensor's operands in and out ~2.5 ns an element, so from ~64K elements a call of its own is
+# cheaper; on a GPU a call costs as much as copying millions of elements, so only tensors that
+# fill a bucket (BUCKET_NUMEL) step alone.
 ALONE_NUMEL = {"cpu": 1 << 16}
 RECOMPILE_LIMIT = 64  # graphs of the compiled step kept: codecs x dtypes x devices, and dynamo's size-1 specialisation
 
