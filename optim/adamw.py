@@ -20,7 +20,7 @@ from torch.optim.adam import adam as torch_adam
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from optim.buckets import BUCKET_NUMEL, Member, Stepper
+from optim.buckets import Member, Stepper
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
 from optim.config import OptimConfig
@@ -52,7 +52,8 @@ class AdamW(torch.optim.Optimizer):
     of every non-fp32 parameter in the state (else such parameters are updated in fp32 and
     rounded back each step); `fused` picks torch's fused kernel for the fp32 route. `compile`:
     run the codec step `torch.compile`d (None: where it pays, `AUTO_COMPILE_*`); `bucket_numel`:
-    elements per call of the codec step (0: one call per parameter, the per-parameter path)."""
+    elements per call of the codec step (None: the device's default, `optim.buckets.BUCKET_NUMEL`;
+    0: one call per parameter, the per-parameter path)."""
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class AdamW(torch.optim.Optimizer):
         master_weights: bool = False,
         fused: bool = False,
         compile: bool | None = None,
-        bucket_numel: int = BUCKET_NUMEL,
+        bucket_numel: int | None = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, master_weights=master_weights, fused=fused)
         super().__init__(params, defaults)
