@@ -1,183 +1,313 @@
-"""Low-bit optimizer states: state bytes per parameter, optimizer-step time against torch's fused
-AdamW (same run), and the peak memory of a training step, per `optim.state_dtype`.
+"""Low-bit optimizer states against what users would pick instead: optimizer-step time as a
+multiple of torch's fused fp32 AdamW (same run), state bytes per parameter and peak memory, for
+ebb's fp32, bf16, int8 and fp8 states, bitsandbytes' AdamW8bit and torchao's AdamW8bit and
+AdamWFp8, on two parameter sets: a flat set of large tensors, and a model's parameter list
+(many small tensors).
 
-    python bench/optim_states.py                                  # quickstart model, CPU
-    python bench/optim_states.py --device cuda --size 350m        # ~350M-param hybrid on a GPU
+    python bench/optim_states.py                               # CPU, the quickstart model
+    python bench/optim_states.py --device cuda --size 350m     # a ~350M-param hybrid on a GPU
+    python bench/optim_states.py --tiny                        # seconds: a smoke run (the test's)
 
-Every dtype uses the config's defaults (tensors under 4096 elements keep fp32 states). Bytes/param counts the moments and their scales (not the step counter): over the
-quantised tensors alone (targets: fp32 8, int8 <= 2.1, fp8 <= 2.2) and over the whole model.
-Step time is the median of --repeats optimizer steps on fixed random gradients, the dtypes and
-torch's fused AdamW taking turns; on CUDA int8 runs bitsandbytes' fused kernel, and
-bitsandbytes' own AdamW8bit is timed too. Peak memory is one forward/backward/step of a
---batch-size x --seq-len batch after two warm-up steps: CUDA's max allocated bytes, or on CPU
-the growth of the resident set of a fresh process per dtype (the process peak cannot be reset).
+Every optimizer has its own copy of the same parameters and fixed random gradients; its first
+step creates the state (and compiles, for ebb's low-bit states: `optim.compile` auto), then
+`--repeats` rounds step every optimizer once in turn, and the median is reported. ebb uses the
+config's defaults (tensors under `optim.min_quant_numel` keep fp32 states, as bitsandbytes' and
+torchao's do under 4096 elements; torchao also keeps fp32 states for tensors that are not whole
+blocks). Bytes/param count the moments and their scales (not step counters or shared maps):
+over all tensors, and over the tensors each optimizer quantises. Peak memory: of one optimizer
+step (flat set) or one forward/backward/step of a --batch-size x --seq-len batch (model), after
+warm-up steps: CUDA's max allocated bytes, or on CPU the peak resident set (its high-water mark
+reset after warm-up) above the process's resident set before the parameters were made.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import importlib.util
 import json
-import multiprocessing
-import resource
+import re
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from models.model import HybridLM
-from optim.adamw import build_optimizer
-from optim.codecs import CODECS
-from optim.config import OptimConfig
-from pretrain.config import load_config
-from pretrain.loss import lm_loss
-
 REPO = Path(__file__).resolve().parents[1]
-STATE_DTYPES = tuple(CODECS)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.config import ModelConfig  # noqa: E402
+from models.model import HybridLM  # noqa: E402
+from optim.adamw import build_optimizer  # noqa: E402
+from optim.codecs import CODECS  # noqa: E402
+from optim.config import OptimConfig  # noqa: E402
+from pretrain.config import load_config  # noqa: E402
+
 SIZE_350M = {"pattern": "MTG* " * 6, "d_model": 1024, "vocab_size": 32768, "tie_embeddings": True}
+TINY_MODEL = [
+    "model.d_model=64", "model.vocab_size=512", "model.mixers.attention.num_heads=2", "model.mixers.deltanet.num_heads=2",
+    "model.mixers.mamba2.head_dim=16", "model.mixers.mamba2.d_state=16", "model.mixers.gated_deltanet.num_heads=2",
+    "model.mixers.gated_deltanet.head_dim=16",
+]
+FLAT = [(2048, 2048)] * 4 + [(256, 1024)] * 16  # the issue's set: 21M parameters
+FLAT_TINY = [(64, 256)] * 2 + [(16, 256)] * 2
+EBB = [f"ebb_{name}" for name in CODECS]  # ebb_fp32 steps fp32 parameters with torch's fused kernel
+LIBRARIES = {"bnb_adamw8bit": "bitsandbytes", "torchao_adamw8bit": "torchao", "torchao_adamwfp8": "torchao"}
+EIGHT_BIT_LIBRARIES = ("bnb_adamw8bit", "torchao_adamw8bit")
 
 
-def model_config(size: str) -> tuple[ModelConfig, OptimConfig]:
-    cfg = load_config(REPO / "configs" / "quickstart.yaml")
-    if size == "quickstart":
-        return cfg.model, cfg.optim
-    return cfg.model.model_copy(update=SIZE_350M), cfg.optim
+def configs(size: str) -> tuple[ModelConfig, OptimConfig]:
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", TINY_MODEL if size == "tiny" else [])
+    if size == "350m":
+        return cfg.model.model_copy(update=SIZE_350M), cfg.optim
+    return cfg.model, cfg.optim
 
 
-def build(size: str, device: str) -> nn.Module:
+def flat_module(shapes: list[tuple[int, ...]], device: str) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    return nn.ParameterList([nn.Parameter(torch.randn(shape, generator=gen).to(device)) for shape in shapes])
+
+
+def model_module(size: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    return HybridLM(model_config(size)[0]).to(device)
+    return HybridLM(configs(size)[0]).to(device)
 
 
-def optimizer_for(name: str, model: nn.Module, size: str) -> torch.optim.Optimizer:
-    optim_cfg = model_config(size)[1]
+def optimizer_for(name: str, module: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+    hyper = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
+    params = list(module.parameters())
     if name == "torch_fused":
-        return torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, betas=optim_cfg.betas, fused=True)
+        return torch.optim.AdamW(params, fused=True, **hyper)
     if name == "bnb_adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(model.parameters(), lr=optim_cfg.lr, betas=optim_cfg.betas)
-    return build_optimizer(model, optim_cfg.model_copy(update={"state_dtype": name}))
+        return bnb.optim.AdamW8bit(params, **hyper)
+    if name == "torchao_adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, **hyper)
+    if name == "torchao_adamwfp8":
+        from torchao.optim import AdamWFp8
+
+        return AdamWFp8(params, **hyper)
+    return build_optimizer(module, optim_cfg.model_copy(update={"state_dtype": name.removeprefix("ebb_")}))
 
 
-def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Bytes of moments and scales per parameter: over all tensors, and over the quantised ones
-    (bitsandbytes' shared maps are not counted)."""
+def available(names: list[str]) -> tuple[list[str], list[str]]:
+    present = [n for n in names if n not in LIBRARIES or importlib.util.find_spec(LIBRARIES[n]) is not None]
+    return present, [n for n in names if n not in present]
+
+
+def fill_gradients(module: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for p in module.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device, p.dtype)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+MAPS = ("qmap", "qmap1", "qmap2")  # bitsandbytes' and torchao's code maps, one per optimizer or shared
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> tuple[int, bool]:
+    """Bytes of a state tensor (torchao's states are tensor subclasses: their inner tensors but
+    the map), counting each storage once; and whether it holds 1-byte codes."""
+    inner = [getattr(t, name) for name in t.__tensor_flatten__()[0] if name not in MAPS] if hasattr(t, "__tensor_flatten__") else [t]
+    total, low_bit = 0, False
+    for part in inner:
+        if isinstance(part, torch.Tensor) and part.data_ptr() not in seen:
+            seen.add(part.data_ptr())
+            total += part.numel() * part.element_size()
+            low_bit |= part.element_size() == 1
+    return total, low_bit
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
+    """Bytes of moments and scales per parameter: over all tensors, and over the quantised ones."""
+    seen: set[int] = set()
     total_bytes = total_params = quant_bytes = quant_params = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            state = optimizer.state[p]
-            nbytes = sum(v.numel() * v.element_size() for k, v in state.items() if k not in ("step", "master", "qmap1", "qmap2"))
+            nbytes, low_bit = 0, False
+            for key, value in optimizer.state[p].items():
+                if isinstance(value, torch.Tensor) and key not in ("step", "master", *MAPS):
+                    b, lb = _tensor_bytes(value, seen)
+                    nbytes, low_bit = nbytes + b, low_bit or lb
             total_bytes, total_params = total_bytes + nbytes, total_params + p.numel()
-            if CODECS[group.get("state_dtype", "fp32")].block is not None:  # a block-quantising codec
+            if low_bit:
                 quant_bytes, quant_params = quant_bytes + nbytes, quant_params + p.numel()
     return {"bytes_per_param": total_bytes / total_params, "bytes_per_quantised_param": quant_bytes / quant_params if quant_params else None}
 
 
-def fill_gradients(model: nn.Module) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device)
-
-
-def time_step(optimizer: torch.optim.Optimizer, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def step_times(names: list[str], size: str, device: str, repeats: int) -> dict[str, dict]:
-    """Median optimizer-step seconds per optimizer, taking turns; state sizes after the first step."""
+def step_times(names: list[str], make: Callable[[], nn.Module], optim_cfg: OptimConfig, device: str, repeats: int) -> dict[str, dict]:
+    """Median optimizer-step seconds per optimizer over `repeats` rounds in which each steps once."""
     runs = {}
     for name in names:
-        model = build(size, device)
-        fill_gradients(model)
-        optimizer = optimizer_for(name, model, size)
-        time_step(optimizer, device)  # creates the state
-        runs[name] = (model, optimizer, [])
+        module = make()
+        fill_gradients(module)
+        optimizer = optimizer_for(name, module, optim_cfg)
+        synchronize(device)
+        began = time.perf_counter()
+        optimizer.step()  # creates the state; compiles
+        synchronize(device)
+        runs[name] = (module, optimizer, time.perf_counter() - began, [])
     for _ in range(repeats):
-        for name, (_, optimizer, times) in runs.items():
-            times.append(time_step(optimizer, device))
-    return {name: {"step_ms": 1e3 * statistics.median(times), **state_bytes_per_param(optimizer)} for name, (_, optimizer, times) in runs.items()}
+        for name, (_, optimizer, _, times) in runs.items():
+            synchronize(device)
+            began = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            times.append(time.perf_counter() - began)
+    return {
+        name: {"step_ms": 1e3 * statistics.median(times), "first_step_s": first, **state_bytes(optimizer)}
+        for name, (_, optimizer, first, times) in runs.items()
+    }
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> None:
-    lm_loss(model(batch[:, :-1]), batch[:, 1:]).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _status_mb(key: str) -> float:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
 
 
-def peak_memory_mb(name: str, size: str, device: str, batch_size: int, seq_len: int) -> float:
-    """Peak memory of one training step (after two warm-up steps), model and optimizer included."""
-    model = build(size, device)
-    optimizer = optimizer_for(name, model, size)
-    vocab = model.embed.num_embeddings
-    batch = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+def _release_memory(device: str) -> None:
+    gc.collect()
     if device == "cuda":
-        for _ in range(2):
-            training_step(model, optimizer, batch)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        training_step(model, optimizer, batch)
-        return torch.cuda.max_memory_allocated() / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
-        training_step(model, optimizer, batch)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10
-
-
-def peak_memory_in_fresh_process(name: str, size: str, device: str, batch_size: int, seq_len: int) -> float:
-    if device == "cuda":
-        gc.collect()  # the previous optimizer's model and states, before the peak is reset
         torch.cuda.empty_cache()
-        return peak_memory_mb(name, size, device, batch_size, seq_len)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(peak_memory_mb, (name, size, device, batch_size, seq_len))
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so that the resident set is what is live
+        except OSError:
+            pass
 
 
-def main() -> None:
+def peak_memory_mb(name: str, make: Callable[[], nn.Module], optim_cfg: OptimConfig, device: str, work: Callable[[nn.Module, torch.optim.Optimizer], None]) -> float | None:
+    """Peak memory of `work` (after two warm-up runs), parameters and states included."""
+    _release_memory(device)
+    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+    elif Path("/proc/self/clear_refs").exists():
+        base = _status_mb("VmRSS")
+    else:
+        return None
+    module = make()
+    optimizer = optimizer_for(name, module, optim_cfg)
+    for _ in range(2):
+        work(module, optimizer)
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        work(module, optimizer)
+        synchronize(device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        _release_memory(device)
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from here
+        work(module, optimizer)
+        peak = _status_mb("VmHWM") - base
+    del module, optimizer
+    return peak
+
+
+def optimizer_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    fill_gradients(module)
+    optimizer.step()
+
+
+def training_step(batch: torch.Tensor) -> Callable[[nn.Module, torch.optim.Optimizer], None]:
+    def run(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        logits = model(batch[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def ratios(rows: dict[str, dict]) -> None:
+    """Each row's step time over torch's fused AdamW; int8 over the faster 8-bit library, fp8
+    over torchao's AdamWFp8 (the goals)."""
+    fused = rows["torch_fused"]["step_ms"]
+    libraries = [rows[n]["step_ms"] for n in EIGHT_BIT_LIBRARIES if n in rows]
+    for name, row in rows.items():
+        row["vs_torch_fused"] = row["step_ms"] / fused
+        if name == "ebb_int8" and libraries:
+            row["vs_library"], row["library"] = row["step_ms"] / min(libraries), "faster 8-bit"
+        if name == "ebb_fp8" and "torchao_adamwfp8" in rows:
+            row["vs_library"], row["library"] = row["step_ms"] / rows["torchao_adamwfp8"]["step_ms"], "torchao fp8"
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(title)
+    print(f"{'optimizer':<19}{'B/param':>8}{'B/quant.':>9}{'step ms':>10}{'vs fused':>9}{'vs library':>24}{'peak MB':>9}{'1st step s':>11}")
+    for name, row in rows.items():
+        quant = "-" if row["bytes_per_quantised_param"] is None else f"{row['bytes_per_quantised_param']:.3f}"
+        library = f"{row['vs_library']:.2f}x {row['library']}" if "vs_library" in row else ""
+        peak = "-" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
+        print(f"{name:<19}{row['bytes_per_param']:>8.3f}{quant:>9}{row['step_ms']:>10.1f}{row['vs_torch_fused']:>8.2f}x{library:>24}{peak:>9}{row['first_step_s']:>11.1f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--size", choices=["quickstart", "350m"], default="quickstart")
-    parser.add_argument("--repeats", type=int, default=5, help="timed optimizer steps per optimizer (after one that creates the state)")
+    parser.add_argument("--size", choices=["quickstart", "350m"], default="quickstart", help="the model whose parameter list is the second set")
+    parser.add_argument("--tiny", action="store_true", help="tiny tensors and model, 2 rounds: checks that the bench runs")
+    parser.add_argument("--sets", default="flat,model", help="comma-separated: flat, model")
+    parser.add_argument("--only", default=None, help="comma-separated optimizers (torch_fused always runs)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after one step that creates the states)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="default bench/results/optim_states_<device>_<size>.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["torch_fused", *STATE_DTYPES]
-    if args.device == "cuda":
-        try:
-            import bitsandbytes  # noqa: F401
-
-            names.append("bnb_adamw8bit")
-        except ImportError:
-            pass
-    rows = step_times(names, args.size, args.device, args.repeats)
-    for name in names:
-        rows[name]["vs_torch_fused"] = rows[name]["step_ms"] / rows["torch_fused"]["step_ms"]
-        rows[name]["peak_step_mb"] = peak_memory_in_fresh_process(name, args.size, args.device, args.batch_size, args.seq_len)
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in HybridLM(model_config(args.size)[0]).parameters())
-    print(f"optimizer states, {args.size} model ({params / 1e6:.1f}M params), {args.device}, threads {torch.get_num_threads()}, "
-          f"step time median of {args.repeats}, peak memory of a {args.batch_size}x{args.seq_len} training step")
-    print(f"{'optimizer':<15}{'B/param':>9}{'B/quant. param':>16}{'step ms':>10}{'vs fused':>10}{'peak MB':>10}")
-    for name, row in rows.items():
-        quant = "-" if row["bytes_per_quantised_param"] is None else f"{row['bytes_per_quantised_param']:.3f}"
-        print(f"{name:<15}{row['bytes_per_param']:>9.3f}{quant:>16}{row['step_ms']:>10.1f}{row['vs_torch_fused']:>9.2f}x{row['peak_step_mb']:>10.0f}")
-    out = Path(args.out or f"bench/results/optim_states_{args.device}_{args.size}.json")
+    size = "tiny" if args.tiny else args.size
+    repeats = 2 if args.tiny else args.repeats
+    batch_size, seq_len = (2, 16) if args.tiny else (args.batch_size, args.seq_len)
+    names = ["torch_fused", *EBB, *LIBRARIES]
+    if args.only:
+        names = ["torch_fused", *(n for n in args.only.split(",") if n != "torch_fused")]
+    names, missing = available(names)
+    optim_cfg = configs(size)[1]
+    flat_shapes = FLAT_TINY if args.tiny else FLAT
+    sets = {
+        "flat": (lambda: flat_module(flat_shapes, args.device), optimizer_step),
+        "model": (lambda: model_module(size, args.device), None),
+    }
+    results: dict[str, dict] = {}
+    for set_name in args.sets.split(","):
+        make, work = sets[set_name]
+        if work is None:
+            vocab = configs(size)[0].vocab_size
+            work = training_step(torch.randint(0, vocab, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(args.device))
+        rows = step_times(names, make, optim_cfg, args.device, repeats)
+        ratios(rows)
+        for name in names:
+            rows[name]["peak_mb"] = None if args.no_peak else peak_memory_mb(name, make, optim_cfg, args.device, work)
+        module = make()
+        params, tensors = sum(p.numel() for p in module.parameters()), len(list(module.parameters()))
+        what = "an optimizer step" if set_name == "flat" else f"a {batch_size}x{seq_len} training step"
+        title = (f"{set_name} set ({'the ' + size + ' model' if set_name == 'model' else 'large tensors'}): {tensors} tensors, {params / 1e6:.1f}M params, "
+                 f"{args.device}, threads {torch.get_num_threads()}, median of {repeats} alternated rounds; peak memory of {what}")
+        print_table(title, rows)
+        if missing:
+            print(f"not installed, not measured: {', '.join(missing)}")
+        print()
+        results[set_name] = {"tensors": tensors, "params": params, "rows": rows}
+    out = Path(args.out or REPO / f"bench/results/optim_states_{args.device}_{size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": args.size, "device": args.device, "params": params, "threads": torch.get_num_threads(),
-                               "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len, "results": rows}, indent=2))
+    report = {"device": args.device, "size": size, "threads": torch.get_num_threads(), "repeats": repeats, "batch_size": batch_size,
+              "seq_len": seq_len, "torch": torch.__version__, "missing": missing, "sets": results}
+    out.write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class OptimConfig(Strict):
         False, description="embedding tables keep fp32 states (half of bitsandbytes' StableEmbedding advice); off: 6 more bytes per embedding entry"
     )
     master_weights: bool = Field(False, description="keep an fp32 master copy in the optimizer state for non-fp32 parameters")
+    compile: bool | None = Field(
+        None, description="torch.compile the step of non-fp32 states (one graph per codec and dtypes); None = on CPU and CUDA once they hold 1M+ elements"
+    )
     overrides: list[ParamGroupOverride] = Field(
         [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
     )

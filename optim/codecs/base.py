@@ -5,6 +5,12 @@ shape is the tensor's, and for block codecs per-block scales of shape `shape[:-1
 Blocks run along the last dimension (a 1-D tensor is one row; the last block of a row may be
 short), so sharding any other dimension (FSDP2's dim 0, TP's row split) never cuts a block and a
 shard quantises exactly as the whole tensor does.
+
+The math is pure tensor code on any shape, with lookup tables passed in (`tables`), so that the
+optimizer can run it eagerly or inside one `torch.compile`d step over many tensors at once: it
+lays the tensors of a group out as rows of whole blocks, `[blocks, block]` (each tensor's rows
+padded to whole blocks with the code of zero), and a `[blocks, block]` array is just another
+tensor to `decode` and `encode` (`optim/buckets.py`).
 """
 from __future__ import annotations
 
@@ -33,13 +39,25 @@ class StateCodec(ABC):
     def zeros(self, local: Tensor) -> Parts:
         """The parts holding an all-zero moment for a tensor like `local`."""
 
-    @abstractmethod
-    def decode(self, parts: Parts, signed: bool) -> Tensor:
-        """The moment in float32 (may alias the codes when they are float32)."""
+    def tables(self, device: torch.device) -> Parts:
+        """Constant tensors the math reads (e.g. int8's maps), one copy per device; passed to
+        `decode` and `encode` as inputs, so that a compiled step reads them rather than rebuilding
+        them. None by default."""
+        return {}
 
     @abstractmethod
+    def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
+        """The moment in float32 (may alias the codes when they are float32). `tables`: this
+        codec's `tables` on the parts' device (looked up when None)."""
+
+    @abstractmethod
+    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
+        """The parts holding the float32 `value` (new tensors, or `value` itself for fp32)."""
+
     def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
         """Store the float32 `value` into `parts`, in place."""
+        for suffix, new in self.encode(value, signed).items():
+            parts[suffix].copy_(new)  # a no-op when `new` is the part itself (fp32)
 
     def fused_update_(
         self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float

@@ -16,13 +16,11 @@ class CastCodec(StateCodec):
     def zeros(self, local: Tensor) -> Parts:
         return {self.suffix: torch.zeros(local.shape, dtype=self.dtype, device=local.device)}
 
-    def decode(self, parts: Parts, signed: bool) -> Tensor:
+    def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
         return parts[self.suffix].float()  # no copy for fp32: updated in place, encode_ is then a no-op
 
-    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
-        codes = parts[self.suffix]
-        if value.data_ptr() != codes.data_ptr():
-            codes.copy_(value)
+    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
+        return {self.suffix: value if value.dtype == self.dtype else value.to(self.dtype)}
 
 
 FP32 = CastCodec("fp32", torch.float32, "")

@@ -57,22 +57,70 @@ def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
 
 @functools.cache
 def _midpoints_on(signed: bool, device: torch.device) -> Tensor:
+    """The 255 midpoints between neighbouring map entries, with -inf and +inf at the ends (257)."""
     qmap = _dynamic_map_on(signed, device)
-    return (qmap[:-1] + qmap[1:]) / 2
+    inf = torch.tensor([torch.inf], device=device)
+    return torch.cat([-inf, (qmap[:-1] + qmap[1:]) / 2, inf])
 
 
-def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+def _decades(signed: bool) -> list[tuple[float, float, float]]:
+    """Per exponent i = 0..6 of the map: (10^(i-7), where its entries begin; a, c such that
+    round(|x| a + c) is the index of the positive entry nearest |x| in that decade, to within one)."""
+    rows = []
+    for i in range(EXPONENT_BITS):
+        n = 2**i if signed else 2 ** (i + 1)  # entries of exponent i per sign
+        first = 127 + n if signed else n - 1  # index of its smallest positive entry (signed: after 127 negatives and 0)
+        # entry j of the decade is 10^(i-6) (0.1 + (j + 0.5) 0.9 / n): j = |x| 10^(6-i) n / 0.9 - (0.1 n / 0.9 + 0.5)
+        rows.append((10.0 ** (i - 7), 10.0 ** (6 - i) * n / 0.9, first - (0.1 * n / 0.9 + 0.5)))
+    return rows
+
+
+def _nearest_codes(normed: Tensor, signed: bool, midpoints: Tensor) -> Tensor:
+    """The same codes as `torch.bucketize(normed, midpoints[1:-1])` (the count of midpoints
+    below each value), as branch-free arithmetic that `torch.compile` fuses: the map's entries
+    are evenly spaced within each decade, so the decade (six comparisons) and a multiply-add
+    give the index of the nearest entry to within one, and one comparison with the midpoint on
+    either side makes it exact (checked against bucketize for every float32 in [2^-30, 1], both
+    signs, both maps). Values must lie in [-1, 1] ([0, 1] unsigned)."""
+    magnitude = normed.abs()
+    (_, a0, c0), *decades = _decades(signed)
+    a, c = torch.full_like(magnitude, a0), torch.full_like(magnitude, c0)
+    for start, a_i, c_i in decades:
+        above = magnitude >= start
+        a, c = torch.where(above, a_i, a), torch.where(above, c_i, c)
+    index = torch.round(magnitude * a + c)  # 255 for |x| = 1, 127 (signed) / 0 (unsigned) for 0
+    if signed:  # the negative entries mirror the positive ones: index k <-> 254 - k (there is no -1)
+        index = torch.where(normed < 0, (254.0 - index).clamp(min=0.0), index)
+    guess = index.int()
+    return guess + (midpoints[guess + 1] < normed).int() - (midpoints[guess] >= normed).int()
+
+
+def lookup_tables(device: torch.device | str) -> Parts:
+    """The maps (decoding) and their padded midpoints (encoding) on `device`."""
+    device = torch.device(device)
+    return {
+        "map_m": _dynamic_map_on(True, device), "map_v": _dynamic_map_on(False, device),
+        "mid_m": _midpoints_on(True, device), "mid_v": _midpoints_on(False, device),
+    }
+
+
+def quantize(x: Tensor, signed: bool, tables: Parts | None = None) -> tuple[Tensor, Tensor]:
     """(uint8 codes shaped like `x`, fp32 absmax per block along the last dim). The code is the
     nearest map entry, the lower one on a tie: the count of midpoints between entries below x."""
+    midpoints = (tables or lookup_tables(x.device))["mid_m" if signed else "mid_v"]
     blocks = to_blocks(x, BLOCK)
     absmax = blocks.abs().amax(-1)
     normed = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(-1)
-    codes = torch.bucketize(normed, _midpoints_on(signed, x.device), out_int32=True).to(torch.uint8)
-    return from_blocks(codes, x.shape), absmax
+    if torch.compiler.is_compiling():
+        codes = _nearest_codes(normed, signed, midpoints)
+    else:  # eager: one pass of a binary search, the same codes
+        codes = torch.bucketize(normed, midpoints[1:-1], out_int32=True)
+    return from_blocks(codes.to(torch.uint8), x.shape), absmax
 
 
-def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-    entries = dynamic_map(signed, codes.device).index_select(0, codes.flatten().int()).view(codes.shape)
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool, tables: Parts | None = None) -> Tensor:
+    qmap = (tables or lookup_tables(codes.device))["map_m" if signed else "map_v"]
+    entries = qmap.index_select(0, codes.flatten().int()).view(codes.shape)
     return from_blocks(to_blocks(entries, BLOCK) * absmax.unsqueeze(-1), codes.shape)
 
 
@@ -84,13 +132,15 @@ class Int8Codec(StateCodec):
         absmax = torch.zeros(scale_shape(local.shape, BLOCK), dtype=torch.float32, device=local.device)
         return {"_int8": codes, "_int8_absmax": absmax}
 
-    def decode(self, parts: Parts, signed: bool) -> Tensor:
-        return dequantize(parts["_int8"], parts["_int8_absmax"], signed)
+    def tables(self, device: torch.device) -> Parts:
+        return lookup_tables(device)
 
-    def encode_(self, value: Tensor, parts: Parts, signed: bool) -> None:
-        codes, absmax = quantize(value, signed)
-        parts["_int8"].copy_(codes)
-        parts["_int8_absmax"].copy_(absmax)
+    def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
+        return dequantize(parts["_int8"], parts["_int8_absmax"], signed, tables)
+
+    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
+        codes, absmax = quantize(value, signed, tables)
+        return {"_int8": codes, "_int8_absmax": absmax}
 
     def fused_update_(
         self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
