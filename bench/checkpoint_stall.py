@@ -70,7 +70,7 @@ class Trainer:
         config = ModelConfig(pattern="*" * args.layers, d_model=args.d_model, vocab_size=args.vocab_size)
         self.model = HybridLM(config).to(self.device)
         self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.schedule = build_lr_schedule(self.optimizer, OptimConfig(warmup_steps=10), total_steps=10_000)
+        self.schedule = build_lr_schedule(self.optimizer, 10_000, **OptimConfig(warmup_steps=10).schedule_options)
         self.data = Position()
 
     def state_bytes(self) -> int:

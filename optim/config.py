@@ -44,3 +44,8 @@ class OptimConfig(Strict):
     overrides: list[ParamGroupOverride] = Field(
         [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
     )
+
+    @property
+    def schedule_options(self) -> dict[str, float | int | str]:
+        """The keywords of `optim.schedules.build_lr_schedule` and `lr_factor`."""
+        return dict(schedule=self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction)

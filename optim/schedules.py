@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-
-if TYPE_CHECKING:  # optim.config validates `optim.schedule` against LR_SCHEDULES below
-    from optim.config import OptimConfig
 
 
 def _warmup(step: int, warmup_steps: int) -> float:
@@ -60,19 +57,21 @@ def wsd_factor(step: int, warmup_steps: int, total_steps: int, decay_fraction: f
     return min_lr_ratio + (1 - min_lr_ratio) * (1 - math.sqrt(progress))
 
 
-LrFactor = Callable[[int, "OptimConfig", int], float]  # (step, optim config, total steps) -> multiplier
+LrFactor = Callable[..., float]  # (step, total_steps, warmup_steps, min_lr_ratio, decay_fraction) -> multiplier
 
 LR_SCHEDULES: dict[str, LrFactor] = {
-    "cosine": lambda step, cfg, total: cosine_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio),
-    "wsd": lambda step, cfg, total: wsd_factor(step, cfg.warmup_steps, total, cfg.decay_fraction, cfg.min_lr_ratio),
-    "constant": lambda step, cfg, total: constant_factor(step, cfg.warmup_steps),
+    "cosine": lambda step, total, warmup_steps, min_lr_ratio, decay_fraction: cosine_factor(step, warmup_steps, total, min_lr_ratio),
+    "wsd": lambda step, total, warmup_steps, min_lr_ratio, decay_fraction: wsd_factor(step, warmup_steps, total, decay_fraction, min_lr_ratio),
+    "constant": lambda step, total, warmup_steps, min_lr_ratio, decay_fraction: constant_factor(step, warmup_steps),
 }
 
 
-def lr_factor(step: int, optim_cfg: OptimConfig, total_steps: int) -> float:
-    """The multiplier of the peak lr at optimizer step `step` (0-based)."""
-    return LR_SCHEDULES[optim_cfg.schedule](step, optim_cfg, total_steps)
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float, decay_fraction: float) -> float:
+    """The multiplier of the peak lr at optimizer step `step` (0-based); the keywords are
+    `OptimConfig.schedule_options`."""
+    return LR_SCHEDULES[schedule](step, total_steps, warmup_steps, min_lr_ratio, decay_fraction)
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, functools.partial(lr_factor, optim_cfg=optim_cfg, total_steps=total_steps))
+def build_lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, **schedule_options: float | int | str) -> LambdaLR:
+    """`schedule_options`: `OptimConfig.schedule_options` (schedule, warmup_steps, min_lr_ratio, decay_fraction)."""
+    return LambdaLR(optimizer, functools.partial(lr_factor, total_steps=total_steps, **schedule_options))

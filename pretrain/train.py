@@ -110,7 +110,7 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
-    schedule = build_lr_schedule(optimizer, cfg.optim, t.steps)
+    schedule = build_lr_schedule(optimizer, t.steps, **cfg.optim.schedule_options)
     checkpoints = build_checkpointer(checkpoint_dir(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
     if resume:
         first = checkpoints.resume(par.module, optimizer, schedule, train_batches)

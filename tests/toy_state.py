@@ -26,7 +26,7 @@ def make_state(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
     optimizer = build_optimizer(model, OptimConfig())
-    schedule = build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10)
+    schedule = build_lr_schedule(optimizer, 10, **OptimConfig(warmup_steps=2).schedule_options)
     return model, optimizer, schedule, Position()
 
 

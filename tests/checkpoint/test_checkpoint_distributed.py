@@ -31,7 +31,7 @@ def build(seed: int, world: int | None):
         for layer in (model[0], model[2], model):
             fully_shard(layer, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, optimizer, build_lr_schedule(optimizer, OptimConfig(warmup_steps=2), total_steps=10), Position()
+    return model, optimizer, build_lr_schedule(optimizer, 10, **OptimConfig(warmup_steps=2).schedule_options), Position()
 
 
 def full_state(model, optimizer) -> dict[str, torch.Tensor]:

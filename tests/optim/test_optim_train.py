@@ -172,7 +172,7 @@ def test_groups_thresholds_embeddings_overrides_and_scaled_schedule():
             assert dtype == ("fp8" if name.startswith("blocks.0.") else "int8"), name
         assert lr == pytest.approx(cfg.lr * (2.0 if name.startswith("blocks.0.") else 1.0))
     assert optimizer.param_groups[0]["lr"] == cfg.lr and optimizer.param_groups[0]["state_dtype"] == "int8"
-    schedule = build_lr_schedule(optimizer, cfg, total_steps=100)
+    schedule = build_lr_schedule(optimizer, 100, **cfg.schedule_options)
     for _ in range(10):
         optimizer.step()
         schedule.step()
