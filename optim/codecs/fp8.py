@@ -9,8 +9,12 @@ both moments. Codes are kept as the uint8 view of float8_e4m3fn (loaders and cas
 alone). Branch-free tensor code, so `torch.compile` can fuse it.
 
 The per-element powers are taken as exp2(k log2 y), within a few float32 ulps of pow(y, k) and
-a third of its cost (the step's largest); far below E4M3's 3-bit mantissa either way. The
-sign is carried by copysign (a zero keeps its sign bit).
+a third of its cost (the step's largest); far below E4M3's 3-bit mantissa either way (the codes
+of heavy-tailed moments come out the same). The sign is carried by copysign (a zero keeps its
+sign bit). A float32 logarithm or power can differ in its last bit between a vector loop and a
+scalar remainder: per group they are taken in float64 (`expansion`); per element, eager torch
+runs whole vectors as long as each thread's share of a `[groups, 128]` array is whole vectors
+(1, 2 or 4 threads), and compiled code always does.
 """
 from __future__ import annotations
 
