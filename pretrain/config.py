@@ -147,12 +147,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc.problem}") from None
-        pairs.append((key.strip(), value))
+        pairs.append((key.strip(), parse_value(raw)))
     return pairs
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML; text that is not YAML (`*`, which YAML reads as an alias, or
+    `*M`) is taken as the string itself, which the key's type then checks."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
