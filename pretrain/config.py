@@ -80,8 +80,6 @@ class RunConfig(Strict):
         cuts = m.pattern.count("|")
         if cuts and cuts + 1 != stages:
             raise ValueError(f"model.pattern has {cuts + 1} '|'-separated stages but pp * pp_virtual_stages is {stages}")
-        if m.tie_embeddings:
-            raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
         return self
 
     @model_validator(mode="after")
