@@ -48,6 +48,10 @@ class TrainConfig(Strict):
         "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="a step whose loss or gradient norm is not finite: stop = end the run (exit code 2) before its update, skip_step = drop its update and go on"
+    )
+    max_skipped_steps: int = Field(10, gt=0, description="on_nonfinite=skip_step: stop after this many consecutive skipped steps")
 
 
 class LoggingConfig(Strict):
