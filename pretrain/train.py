@@ -253,11 +253,10 @@ def train_loop(run: Run) -> None:
                 on_nonfinite(run, step, record)
             else:
                 run.skipped = 0
-            saving = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final)
-            if saving:
-                run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
-            if (signum := stop_requested(run)) is not None:
-                stop_on_signal(run, step, signum, saving)
+            due = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final)
+            requested = due and run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
+            if step < run.end and (signum := stop_requested(run)) is not None:
+                stop_on_signal(run, step, signum, requested)
         saved = run.checkpoints.finalize()
     except (RunError, Interrupted):
         with contextlib.suppress(CheckpointError):
@@ -301,12 +300,12 @@ def stop_requested(run: Run) -> int | None:
     return None if run.stop is None else run.stop.agreed(run.control)
 
 
-def stop_on_signal(run: Run, step: int, signum: int, saving: bool) -> None:
-    """After a signal: checkpoint this step (unless `checkpoint.on_signal=exit`, or it is being
-    saved already), wait until it is committed, say so in one line, and end the run with the
-    signal's exit status."""
+def stop_on_signal(run: Run, step: int, signum: int, requested: bool) -> None:
+    """After a signal: checkpoint this step (unless `checkpoint.on_signal=exit`, or it was
+    `requested` already), wait until it is committed, say so in one line, and end the run with
+    the signal's exit status. (After the last step the run just ends as it would have.)"""
     name, keep = signal_name(signum), run.cfg.checkpoint.on_signal == "save"
-    if keep and not saving:
+    if keep and not requested:
         run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=True)
     saved = run.checkpoints.finalize()
     if keep and saved is not None and saved.name == step_dir_name(step):
