@@ -2,10 +2,11 @@
 `error:` line, exit code 2, and nothing already written lost."""
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
-from tests.runs import SMALL_RUN, assert_one_error, cli
+from tests.runs import REPO, SMALL_RUN, assert_one_error, cli
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -52,3 +53,12 @@ def test_a_failed_preprocess_leaves_the_earlier_dataset_as_it_was(tmp_path):
     assert sorted(before) == ["d.bin", "d.ebb.json", "d.idx"]
     assert_one_error(preprocess("--input", str(empty), "--output", str(out / "d")), "holds no non-empty documents")
     assert files_of(out) == before  # no partial files, nothing replaced
+
+
+def test_the_preprocess_example_output_is_ignored_by_git_and_the_data_package_is_not():
+    """The README's `--output data/web` writes under data/ at the repository root."""
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+    assert ignored("data/web.bin") and ignored("data/web.ebb.json")
+    assert not ignored("pretrain/data/config.py") and not ignored("tests/data/test_data.py")
