@@ -15,7 +15,7 @@ only "aux_loss" kept, and the loss function gets both (`LossFn`).
 
 The loss. A schedule takes its loss function once, at construction, and calls it on every
 microbatch, on the thread that runs `schedule.step`. What varies per step (the token normaliser
-of the step's global batch) is not stored on it: `pipeline_train_step` takes it as `loss_kwargs`
+of the step's global batch) is not stored on it: `pipeline_gradients` takes it as `loss_kwargs`
 and binds them to a context variable for the duration of the call, from which every
 microbatch's loss call reads them (torch's own `loss_kwargs` argument of `step` exists only from
 torch 2.13).
@@ -298,17 +298,6 @@ def clip_grad_norm_across(
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-def pipeline_train_step(
-    pipeline: Pipeline, optimizer: torch.optim.Optimizer, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor,
-    grad_clip: float | None, loss_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[Tensor | None, Tensor]:
-    """One optimizer step over a whole batch: `pipeline_gradients`, then the step."""
-    loss, grad_norm = pipeline_gradients(pipeline, input_ids, labels, cu_seqlens, grad_clip, loss_kwargs)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
 
 
 def pipeline_gradients(
