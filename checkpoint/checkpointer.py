@@ -51,6 +51,7 @@ class Checkpointer:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="ebb-checkpoint") if self.background else None
         self.pending: tuple[int, Future] | None = None
         self.saved: Path | None = None
+        self.resumed_from: Path | None = None
 
     # -- the training loop's calls --------------------------------------------------------------
 
@@ -117,7 +118,9 @@ class Checkpointer:
         """Release what the mode holds (stagers, threads)."""
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
-        return manager.resume(self.control, self.root, model, optimizer, schedule, data)
+        """Load the newest intact checkpoint (`manager.resume`); its step. `resumed_from` names it."""
+        step, self.resumed_from = manager.resume(self.control, self.root, model, optimizer, schedule, data)
+        return step
 
     # -- what a mode provides -------------------------------------------------------------------
 

@@ -23,4 +23,7 @@ class CheckpointConfig(Strict):
     when_busy: Literal["wait", "skip"] = Field(
         "wait", description="a request while the previous checkpoint is still being written: wait for it, or skip this one (logged)"
     )
+    on_signal: Literal["save", "exit"] = Field(
+        "save", description="SIGTERM or SIGINT: save = finish the step, save a checkpoint of it, then exit; exit = finish the step and exit without one"
+    )
     host_buffer_gb: float = Field(64.0, gt=0, description="lazy mode: most host memory per process for staging one checkpoint, in GiB")

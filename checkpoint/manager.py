@@ -8,7 +8,10 @@ crash at any moment therefore leaves every `step-*` directory complete, and the 
 one is the highest `step-*`, whatever `latest` says.
 
 Resume takes the newest committed checkpoint whose files match its manifest (the ranks verify a
-share of the files each) and that loads, and says which damaged ones it passed over.
+share of the files each). A damaged one is moved aside into `<root>/quarantine/` (kept, not
+deleted: its bytes may still be worth something), so that the run can go on and commit that step
+again; an intact one that does not load into the run's model and optimizer is a mismatch between
+configs, not damage, and stops the resume with nothing moved.
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, dcp
-from checkpoint.manifest import describe, read_manifest, verify, write_manifest
+from checkpoint import CheckpointDamaged, CheckpointError, CheckpointMismatch, dcp
+from checkpoint.manifest import MANIFEST, describe, read_manifest, verify, write_manifest
 from checkpoint.ranks import Ranks
 from checkpoint.storage import fsync_path
 
 LATEST = "latest"
+QUARANTINE = "quarantine"  # under the checkpoint root: damaged checkpoints that resume moved aside
 STEP_DIR = re.compile(r"step-(\d+)")
 RANK_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
 
@@ -63,6 +67,26 @@ def resolve_checkpoint(path: Path) -> Path:
         if latest := find_latest(root):
             return latest
     raise CheckpointError(f"no checkpoint at {path} (expected a step-* directory, or one under {path} or {path / 'checkpoints'})")
+
+
+def intact_checkpoint(path: Path) -> Path:
+    """What `resolve_checkpoint` finds, verified against its manifest in this process. Named
+    outright, a damaged checkpoint is an error; found under a run or checkpoint directory, the
+    newest intact one is taken, with a warning for each damaged one passed over (nothing is moved:
+    readers leave the run directory as it is)."""
+    if (path / dcp.DCP_METADATA).is_file() or (path / MANIFEST).is_file():
+        verify_together(Ranks(None), path)
+        return path
+    root = next((r for r in (path, path / "checkpoints") if committed_checkpoints(r)), None)
+    if root is None:
+        resolve_checkpoint(path)  # raises its error
+    for candidate in committed_checkpoints(root)[::-1]:
+        try:
+            verify_together(Ranks(None), candidate)
+            return candidate
+        except CheckpointDamaged as exc:
+            print(f"ebb: warning: checkpoint {candidate} is damaged ({exc}); taking the one before", file=sys.stderr, flush=True)
+    raise CheckpointError(f"no intact checkpoint in {root}: every one is damaged")
 
 
 def prepare(ranks: Ranks, root: Path, step: int) -> Path:
@@ -137,18 +161,52 @@ def discard(ranks: Ranks, root: Path, step: int) -> None:
 
 
 def verify_together(ranks: Ranks, path: Path) -> None:
-    """Check `path` against its manifest, each rank a share of the files; raises on every rank."""
-    error = None
+    """Check `path` against its manifest, each rank a share of the files; raises on every rank
+    (CheckpointDamaged when any rank found damage). The one verification that resume,
+    generation and conversion share."""
+    found: tuple[bool, str] | None = None
     try:
         files = read_manifest(path)["files"]
         verify(path, sorted(files)[ranks.rank :: ranks.size], files)
     except CheckpointError as exc:
-        error = str(exc)
+        found = (isinstance(exc, CheckpointDamaged), str(exc))
+    problems = [p for p in ranks.gather(found) if p is not None]
+    if problems:
+        damaged, message = problems[0]
+        raise (CheckpointDamaged if damaged else CheckpointError)(message)
+
+
+def set_aside(ranks: Ranks, root: Path, path: Path) -> Path:
+    """Move the damaged checkpoint `path` into `<root>/quarantine/` (rank 0; every rank returns
+    its new place). A name already there gets a numbered suffix: nothing is overwritten."""
+    target, error = root / QUARANTINE / path.name, None
+    if ranks.is_main:
+        try:
+            target.parent.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():
+                target, n = root / QUARANTINE / f"{path.name}.{n}", n + 1
+            os.rename(path, target)
+            fsync_path(root)
+        except OSError as exc:
+            error = f"checkpoint {path} is damaged and cannot be moved aside into {target.parent}: {exc.strerror or exc}"
+    target = ranks.gather(target)[0]
     ranks.agree(error)
+    return target
 
 
-def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
-    """Load the newest intact committed checkpoint, falling back past damaged ones; returns its step."""
+def load_intact(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
+    """`dcp.load` of a verified checkpoint; a failure there is a mismatch with this run's model or
+    optimizer (the files are what was saved)."""
+    try:
+        return dcp.load(path, model, optimizer, schedule, data)
+    except CheckpointError as exc:
+        raise CheckpointMismatch(f"checkpoint {path} is intact but does not fit this run's model and optimizer: {exc}", path) from None
+
+
+def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> tuple[int, Path]:
+    """Load the newest intact committed checkpoint, moving damaged newer ones aside (see the
+    module docstring); its step and path."""
     candidates = committed_checkpoints(root)[::-1]
     if not candidates:
         raise CheckpointError(f"nothing to resume: no checkpoint in {root}")
@@ -156,13 +214,18 @@ def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Op
     for path in candidates:
         try:
             verify_together(ranks, path)
-            step = dcp.load(path, model, optimizer, schedule, data)
-        except CheckpointError as exc:
+        except CheckpointDamaged as exc:
+            moved = set_aside(ranks, root, path)
             problems.append(str(exc))
-            if ranks.is_main:
-                print(f"ebb: warning: checkpoint {path} is damaged ({exc}); trying the one before", file=sys.stderr, flush=True)
+            _say(ranks, f"ebb: warning: checkpoint {path} is damaged ({exc}); moved it to {moved}")
             continue
-        if problems and ranks.is_main:
-            print(f"ebb: resuming from {path}, the newest intact checkpoint", file=sys.stderr, flush=True)
-        return step
-    raise CheckpointError(f"no loadable checkpoint in {root}: {'; '.join(problems)}")
+        step = load_intact(path, model, optimizer, schedule, data)
+        if problems:
+            _say(ranks, f"ebb: resuming from {path}, the newest intact checkpoint")
+        return step, path
+    raise CheckpointError(f"nothing to resume: every checkpoint in {root} is damaged ({'; '.join(problems)}); they are now in {root / QUARANTINE}")
+
+
+def _say(ranks: Ranks, line: str) -> None:
+    if ranks.is_main:
+        print(line, file=sys.stderr, flush=True)

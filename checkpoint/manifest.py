@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointDamaged, CheckpointError
 from checkpoint.storage import ALGORITHM, file_checksum, fsync_path
 
 MANIFEST = "manifest.json"
@@ -41,21 +41,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads((directory / MANIFEST).read_text())
         manifest["files"].items()
     except FileNotFoundError:
-        raise CheckpointError(f"{directory.name} has no {MANIFEST}") from None
+        raise CheckpointDamaged(f"{directory.name} has no {MANIFEST}") from None
     except (ValueError, KeyError, AttributeError, TypeError):
-        raise CheckpointError(f"{directory.name}: {MANIFEST} is unreadable") from None
+        raise CheckpointDamaged(f"{directory.name}: {MANIFEST} is unreadable") from None
     return manifest
 
 
 def verify(directory: Path, names: list[str], files: dict[str, dict[str, Any]]) -> None:
-    """Raise a one-line CheckpointError naming the first of `names` that differs from the manifest."""
+    """Raise a one-line CheckpointDamaged naming the first of `names` that differs from the
+    manifest (a manifest without checksums, from an older ebb, is a CheckpointError: it cannot
+    be checked, which is not damage)."""
     for name in names:
         path, expected = directory / name, files[name]
         if not path.is_file():
-            raise CheckpointError(f"{directory.name}/{name} is missing")
+            raise CheckpointDamaged(f"{directory.name}/{name} is missing")
         if path.stat().st_size != expected["size"]:
-            raise CheckpointError(f"{directory.name}/{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
+            raise CheckpointDamaged(f"{directory.name}/{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
         if ALGORITHM not in expected:
             raise CheckpointError(f"{directory.name}/{MANIFEST} has no {ALGORITHM} checksum for {name} (written by an older ebb)")
         if file_checksum(path) != expected[ALGORITHM]:
-            raise CheckpointError(f"{directory.name}/{name} does not match its checksum in the manifest")
+            raise CheckpointDamaged(f"{directory.name}/{name} does not match its checksum in the manifest")

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AllowInfNan, BaseModel, ConfigDict
+
+OpenBound = Annotated[float, AllowInfNan(True)]
+"""A float that may be infinite: a bound that can be left open (every other float must be finite)."""
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and
+    floats must be finite (an infinite or NaN learning rate, say, would only show up as a
+    diverged run)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def one_of(registry: Collection[str], what: str) -> Callable[[str], str]:

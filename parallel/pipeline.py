@@ -15,10 +15,17 @@ only "aux_loss" kept, and the loss function gets both (`LossFn`).
 
 The loss. A schedule takes its loss function once, at construction, and calls it on every
 microbatch, on the thread that runs `schedule.step`. What varies per step (the token normaliser
-of the step's global batch) is not stored on it: `pipeline_train_step` takes it as `loss_kwargs`
+of the step's global batch) is not stored on it: `pipeline_gradients` takes it as `loss_kwargs`
 and binds them to a context variable for the duration of the call, from which every
 microbatch's loss call reads them (torch's own `loss_kwargs` argument of `step` exists only from
 torch 2.13).
+
+Tied embeddings (as Megatron-LM trains them). The first stage holds the embedding and the last
+stage the head, one copy of the tied matrix each, equal at the start (every rank builds the same
+model). After each backward the two copies' gradients are summed over a group of just those two
+ranks, so both hold the one-process gradient and take the same optimizer step; the gradient norm
+counts it once (the first stage's). Each rank holding the head also names its copy
+`embed.weight` (`RankStages`), so optimizer state and checkpoints are keyed as in one process.
 
 Packed documents. `cu_seqlens` has a length that varies per batch and cannot be split into
 microbatches by the schedule. Every pp rank instead passes `doc_starts`, a bool [B, T] mask of
@@ -141,6 +148,7 @@ class StageModule(nn.Module):
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
         self.norm = model.norm if is_last else None
         self.lm_head = model.lm_head if is_last else None
+        self.tie_embeddings = model.cfg.tie_embeddings
         self.carry_in = carry_layout(model.blocks[: blocks.start])
         written = carry_layout(model.blocks[: blocks.stop])
         self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
@@ -180,8 +188,6 @@ def last_stage_loss(loss_fn: LossFn) -> Callable[..., Tensor]:
 
 def build_stage_modules(model: HybridLM, pp_rank: int, pp: int, virtual_stages: int, seq_len: int) -> tuple[list[StageModule], list[int]]:
     """This pp rank's stage modules and their stage indices."""
-    if model.cfg.tie_embeddings:
-        raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
     n_stages = pp * virtual_stages
     ranges = stage_block_ranges(model, n_stages, seq_len)
     indices = stages_of_rank(pp_rank, pp, virtual_stages)
@@ -192,13 +198,15 @@ def build_stage_modules(model: HybridLM, pp_rank: int, pp: int, virtual_stages: 
 @dataclass
 class Pipeline:
     """This pp rank's part of the pipeline: its stage modules (indices `stage_ids` of `n_stages`),
-    the schedule that runs them, and the pp process group."""
+    the schedule that runs them, the pp process group, and with tied embeddings the group of the
+    first and last stages' ranks (None on the ranks between, and without tying)."""
 
     schedule: _PipelineSchedule
     modules: list[StageModule]
     stage_ids: list[int]
     n_stages: int
     group: dist.ProcessGroup
+    tied_group: dist.ProcessGroup | None = None
 
     @property
     def has_first(self) -> bool:
@@ -210,6 +218,43 @@ class Pipeline:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for module in self.modules for p in module.parameters()]
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """This rank's copy of the tied embedding (the embedding on the first stage, the head on
+        the last), when there is one."""
+        if self.tied_group is None:
+            return None
+        owner = next(m for m in self.modules if m.embed is not None or m.lm_head is not None)
+        return owner.embed.weight if owner.embed is not None else owner.lm_head.weight
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients the norm counts: all but the head's tied copy, whose
+        gradient (after `sum_tied_gradients`) is the embedding's, counted on the first stage."""
+        if self.tied_group is None or self.has_first:
+            return self.parameters()
+        head = self.tied_weight()
+        return [p for p in self.parameters() if p is not head]
+
+
+def tied_embedding_group(modules: list[StageModule], pp_mesh: DeviceMesh, n_stages: int) -> dist.ProcessGroup | None:
+    """With tied embeddings, a group of the two ranks of this pp group that hold the first and the
+    last stage, on those two ranks (created by them alone; None elsewhere)."""
+    if not modules[0].tie_embeddings:
+        return None
+    ranks = pp_mesh.mesh.flatten().tolist()  # this pp group's global ranks, by pp rank
+    first, last = ranks[0], ranks[(n_stages - 1) % len(ranks)]
+    if dist.get_rank() not in (first, last):
+        return None
+    return dist.new_group([first, last], use_local_synchronization=True)
+
+
+def sum_tied_gradients(pipeline: Pipeline) -> None:
+    """Both copies of the tied embedding get the sum of their gradients (each rank's local shard
+    under FSDP/TP: the pair has the same dp and tp coordinates, so the same shard)."""
+    weight = pipeline.tied_weight()
+    if weight is not None and weight.grad is not None:
+        grad = weight.grad
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=pipeline.tied_group)
 
 
 def runs_several_stages(schedule: str) -> bool:
@@ -234,13 +279,16 @@ def build_pipeline_schedule(
         runner = schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
     else:
         raise ValueError(f"schedule {schedule} runs one stage per rank, got {len(stages)}")
-    return Pipeline(runner, modules, stage_ids, n_stages, group)
+    return Pipeline(runner, modules, stage_ids, n_stages, group, tied_embedding_group(modules, pp_mesh, n_stages))
 
 
-def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float | None, group: dist.ProcessGroup) -> Tensor:
-    """Clip by the gradient norm over every pp rank's parameters (each holds only its stages';
-    under FSDP the norm of a rank's shards is first completed over the dp mesh)."""
-    grads = [p.grad for p in params if p.grad is not None]
+def clip_grad_norm_across(
+    params: list[nn.Parameter], max_norm: float | None, group: dist.ProcessGroup, counted: list[nn.Parameter] | None = None
+) -> Tensor:
+    """Clip `params` by the gradient norm over every pp rank's `counted` parameters (default:
+    `params`; each rank holds only its stages'; under FSDP the norm of a rank's shards is first
+    completed over the dp mesh)."""
+    grads = [p.grad for p in (params if counted is None else counted) if p.grad is not None]
     local = torch.nn.utils.get_total_norm(grads)
     if isinstance(local, DTensor):
         local = local.full_tensor()
@@ -252,15 +300,15 @@ def clip_grad_norm_across(params: list[nn.Parameter], max_norm: float | None, gr
     return total
 
 
-def pipeline_train_step(
-    pipeline: Pipeline, optimizer: torch.optim.Optimizer, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor,
-    grad_clip: float | None, loss_kwargs: Mapping[str, Any] | None = None,
+def pipeline_gradients(
+    pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, grad_clip: float | None,
+    loss_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor | None, Tensor]:
-    """One optimizer step over a whole batch, which the schedule splits into its microbatches
-    (the pipeline's gradient accumulation). Every pp rank passes the same batch; `loss_kwargs` go
-    to the loss function of every microbatch. Returns the mean loss (language model plus
-    auxiliary) on ranks holding the last stage, None elsewhere, and the gradient norm before
-    clipping."""
+    """The clipped gradients of a whole batch, which the schedule splits into its microbatches
+    (the pipeline's gradient accumulation); the caller steps the optimizer. Every pp rank passes
+    the same batch; `loss_kwargs` go to the loss function of every microbatch. Returns the mean
+    loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
+    gradient norm before clipping."""
     doc_starts = document_start_mask(cu_seqlens, *input_ids.shape)
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
@@ -272,8 +320,7 @@ def pipeline_train_step(
             pipeline.schedule.step(*args, return_outputs=False, doc_starts=doc_starts)
     finally:
         _STEP_LOSS_KWARGS.reset(bound)
-    grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    sum_tied_gradients(pipeline)
+    grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group, pipeline.norm_parameters())
     loss = torch.stack(losses).mean().detach() if pipeline.has_last else None
     return loss, grad_norm

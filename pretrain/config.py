@@ -53,6 +53,10 @@ class TrainConfig(Strict):
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
     loss: LossName = Field("auto", description="cross-entropy: full logits, chunked (never all logits), fused (a CUDA kernel), auto (fused on CUDA where installed, else chunked); pretrain/linear_ce.py")
     compile: bool = Field(False, description="torch.compile each block and the loss")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="a step whose loss or gradient norm is not finite: stop = end the run (exit code 2) before its update, skip_step = drop its update and go on"
+    )
+    max_skipped_steps: int = Field(10, gt=0, description="on_nonfinite=skip_step: stop after this many consecutive skipped steps")
 
 
 class LoggingConfig(Strict):
@@ -85,8 +89,6 @@ class RunConfig(Strict):
         cuts = m.pattern.count("|")
         if cuts and cuts + 1 != stages:
             raise ValueError(f"model.pattern has {cuts + 1} '|'-separated stages but pp * pp_virtual_stages is {stages}")
-        if m.tie_embeddings:
-            raise ValueError("pipeline parallelism puts the embedding and the head on different stages: set model.tie_embeddings=false")
         return self
 
     @model_validator(mode="after")
@@ -152,12 +154,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc.problem}") from None
-        pairs.append((key.strip(), value))
+        pairs.append((key.strip(), parse_value(raw)))
     return pairs
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML; text that is not YAML (`*`, which YAML reads as an alias, or
+    `*M`) is taken as the string itself, which the key's type then checks."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] = ()) -> RunConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from checkpoint import CheckpointError, load_model, resolve_checkpoint
+from checkpoint import CheckpointError, intact_checkpoint, load_model
 from models.model import HybridLM
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import DataError, load_tokenizer
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 0:
         raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --max-new-tokens >= 0")
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = intact_checkpoint(args.checkpoint)  # verified against its manifest, as --resume does
     cfg = saved_config(checkpoint, args.checkpoint)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ebb: SIGINT: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

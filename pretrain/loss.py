@@ -74,7 +74,7 @@ def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
 def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor) -> Tensor:
     """A pipeline's loss on one microbatch (`parallel.pipeline.build_pipeline_schedule`'s `loss_fn`): the
     summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
-    batch), which the schedule gets from `pipeline_train_step`'s `loss_kwargs` since it varies per
+    batch), which the schedule gets from `pipeline_gradients`' `loss_kwargs` since it varies per
     step, plus the auxiliary loss of the last stage."""
     loss = lm_loss(logits, labels, reduction="sum") * scale
     return loss if aux_loss is None else add_aux_loss(loss, aux_loss)

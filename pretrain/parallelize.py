@@ -43,14 +43,27 @@ def init_process_group(device: torch.device) -> None:
 
 class RankStages(nn.Module):
     """This pp rank's stage modules as one module named like the model (`embed`, `blocks.<i>`,
-    `norm`, `lm_head`), for the optimizer and checkpoints."""
+    `norm`, `lm_head`), for the optimizer and checkpoints. With tied embeddings the last stage's
+    head weight is also this module's `embed.weight`, as the one tied matrix is in the model, so
+    the optimizer names, groups and checkpoints it as one process does (parallel/pipeline.py)."""
 
     def __init__(self, stages: list[StageModule]):
         super().__init__()
-        self.embed = next((s.embed for s in stages if s.embed is not None), None)
+        embed = next((s.embed for s in stages if s.embed is not None), None)
+        lm_head = next((s.lm_head for s in stages if s.lm_head is not None), None)
+        if embed is None and lm_head is not None and stages[0].tie_embeddings:
+            embed = tied_embedding_view(lm_head)
+        self.embed = embed  # registered first, as in the model: the tied weight's first name is embed.weight
         self.blocks = nn.ModuleDict({name: block for s in stages for name, block in s.blocks.items()})
         self.norm = next((s.norm for s in stages if s.norm is not None), None)
-        self.lm_head = next((s.lm_head for s in stages if s.lm_head is not None), None)
+        self.lm_head = lm_head
+
+
+def tied_embedding_view(head: nn.Linear) -> nn.Embedding:
+    """An embedding module whose weight is `head`'s own parameter (after FSDP has replaced it)."""
+    embed = nn.Embedding(*head.weight.shape, device="meta")
+    embed.weight = head.weight
+    return embed
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from parallel.pipeline import pipeline_train_step
+from parallel.pipeline import pipeline_gradients
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
 from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
@@ -34,21 +34,39 @@ def forward_loss(
 
 
 class StepResult(NamedTuple):
-    """Device tensors (reading them would sync every step), the same on every rank: the mean LM
-    loss over the global batch, the gradient norm of the whole model before clipping, and the
-    mean auxiliary loss (None when the model has none, and under PP, where it is in `loss`)."""
+    """The same on every rank: the mean LM loss over the global batch, the gradient norm of the
+    whole model before clipping, and the mean auxiliary loss (None when the model has none, and
+    under PP, where it is in `loss`), as device tensors; and whether the optimizer stepped (not
+    when the loss or the norm was not finite)."""
 
     loss: Tensor
     grad_norm: Tensor
     aux_loss: Tensor | None
+    stepped: bool = True
+
+
+def finite(loss: Tensor, grad_norm: Tensor) -> bool:
+    """Whether a step's loss and gradient norm are finite: one read of the device per step,
+    taken between the backward and the update, so that a diverged step changes nothing."""
+    return bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> bool:
+    """The optimizer's step when `finite`; the gradients are dropped either way."""
+    ok = finite(loss, grad_norm)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
 
 
 def train_step(
     par: Parallel, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
 ) -> StepResult:
     """One optimizer step: the pipeline's, or gradients accumulated over `grad_accum`
-    micro-batches, clipped, stepped. Auxiliary losses are added to what is differentiated, not to
-    the returned LM loss."""
+    micro-batches, clipped, stepped unless the loss or the gradient norm is not finite (see
+    `StepResult.stepped`). Auxiliary losses are added to what is differentiated, not to the
+    returned LM loss."""
     if par.pipeline is not None:
         return pipeline_step(par, optimizer, next(batches), grad_clip, runtime)
     model = par.module
@@ -65,24 +83,23 @@ def train_step(
         if aux_loss is not None:
             aux_losses.append(aux_loss.detach().float())
     grad_norm = local(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loss = mean_over_replicas(loss_sum, par.shape)
+    stepped = step_if_finite(optimizer, loss, grad_norm)
     aux_loss = mean_over_replicas(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
-    return StepResult(mean_over_replicas(loss_sum, par.shape), grad_norm, aux_loss)
+    return StepResult(loss, grad_norm, aux_loss, stepped)
 
 
 def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, runtime: Runtime) -> StepResult:
-    """`pipeline_train_step` on this replica's batch, with the step's token normaliser for the
-    loss of each microbatch (`pretrain.loss.microbatch_loss`)."""
+    """`pipeline_gradients` on this replica's batch, with the step's token normaliser for the
+    loss of each microbatch (`pretrain.loss.microbatch_loss`), then the step if finite."""
     batch = batch.to(runtime.device)
     scale = token_scale(batch.labels, par.shape, par.microbatches)
     with runtime.autocast():
-        loss, grad_norm = pipeline_train_step(
-            par.pipeline, optimizer, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale}
-        )
+        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale})
     if loss is None:  # not on the last stage
         loss = torch.zeros((), device=runtime.device)
-    return StepResult(mean_over_replicas(loss, par.shape), grad_norm, None)
+    loss = mean_over_replicas(loss, par.shape)
+    return StepResult(loss, grad_norm, None, step_if_finite(optimizer, loss, grad_norm))
 
 
 @torch.no_grad()

@@ -1,25 +1,53 @@
 """Pretrain a HybridLM from a config file.
 
     python -m pretrain.train --config configs/quickstart.yaml [--resume] [section.key=value ...]
+    python -m pretrain.train --config configs/quickstart.yaml --dry-run [--world-size 8]
     torchrun --nproc-per-node 4 -m pretrain.train --config ... parallel.tp=2   # see launch/torchrun.sh
 
 Under torchrun every rank runs this loop on its part of the model (pretrain/parallelize.py); rank
 0 alone prints, logs metrics and writes the run directory's files. `train` is `build_run` (all
 that the loop needs, as a `Run`) then `train_loop`.
+
+How a run ends: done (exit 0); a one-line `error:` (exit 2) for a bad config, data, layout,
+directory or checkpoint, a run directory another run owns, or a diverged step; or a signal
+(SIGTERM, SIGINT: the step finishes, a checkpoint is saved, exit 128 + the signal). Every rank
+meets the same error at the same point, and rank 0 alone prints it.
 """
 from __future__ import annotations
 
-import argparse
+import os
+import signal
 import sys
+
+
+def _stop_while_loading(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT while the libraries load (seconds, before `main` handles signals):
+    nothing has started, so the process ends with one line instead of a traceback from inside
+    some import."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ebb: {signal.Signals(signum).name} while starting: stopped, nothing to save", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(_signum) is not signal.SIG_IGN:
+            signal.signal(_signum, _stop_while_loading)
+
+# The imports below come after that handler on purpose: loading them takes seconds.
+import argparse
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
-from checkpoint import Checkpointer, CheckpointError, build_checkpointer, find_latest
+from checkpoint import Checkpointer, CheckpointError, CheckpointMismatch, build_checkpointer, find_latest
+from checkpoint.manager import step_dir_name
 from models.model import HybridLM
 from models.ops import plan_model
 from optim.adamw import build_optimizer
@@ -28,19 +56,29 @@ from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
 from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
+from pretrain.dry_run import describe_run
+from pretrain.errors import Interrupted, RunError, is_main_process
 from pretrain.peak_flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
+from pretrain.preflight import DirectoryLock, checkpoint_root, claim_run
 from pretrain.runtime import Runtime, set_up
+from pretrain.signals import StopSignals, exit_status, say, signal_name
 from pretrain.step import StepResult, evaluate, train_step
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError)
+STATE_SECTIONS = ("model", "optim")  # the config sections that shape a checkpoint's tensors
+ERROR_GRACE_S = 5.0  # under torchrun, how long ranks other than 0 wait before reporting an error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="run config (YAML); defaults when omitted")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the checkpoint dir")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout, parameter counts and a memory estimate per rank; build and train nothing")
+    parser.add_argument(
+        "--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="--dry-run: the processes to lay the run out on (default: WORLD_SIZE, else 1)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_intermixed_args(argv)
 
@@ -50,22 +88,21 @@ def tokens_per_step(t: TrainConfig, dp_size: int) -> int:
     return dp_size * t.batch_size * t.seq_len * t.grad_accum
 
 
-def checkpoint_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.run_dir) / "checkpoints"
-
-
 def refuse_to_overwrite(root: Path) -> None:
     if latest := find_latest(root):
         raise CheckpointError(f"{root} already holds checkpoints (latest {latest.name}); pass --resume to continue, or use another train.run_dir")
 
 
-def print_header(cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtime, first: int, end: int, eval_skipped: bool) -> None:
+def print_header(
+    cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtime, first: int, end: int, eval_skipped: bool, resumed_from: Path | None
+) -> None:
     t = cfg.train
     layout = " x ".join(f"{dim} {size}" for dim, size in par.shape.items() if size > 1) or "one process"
+    resumed = f", resumed from {resumed_from}" if resumed_from is not None else ""
     print(
         f"ebb: {num_params / 1e6:.2f}M params ({cfg.model.pattern!r}), {tokens_per_step(t, par.dp_size)} tokens/step, "
         f"steps {first + 1}..{end} of {t.steps}, {layout}, device {runtime.device} ({str(runtime.dtype).removeprefix('torch.')}), "
-        f"threads {torch.get_num_threads()}, run dir {t.run_dir}",
+        f"threads {torch.get_num_threads()}, run dir {t.run_dir}{resumed}",
         flush=True,
     )
     if eval_skipped:
@@ -88,18 +125,49 @@ class Run:
     end: int  # the last step this run takes
     throughput: Throughput
     metrics: MetricsLogger | None  # rank 0's
+    control: dist.ProcessGroup | None = None  # gloo, every rank: agreements on the training thread
+    locks: list[DirectoryLock] = field(default_factory=list)  # rank 0's, on the run's directories
+    stop: StopSignals | None = None  # the signals the loop stops at (None: run in-process, by a test)
+    skipped: int = 0  # consecutive steps whose update was skipped (train.on_nonfinite=skip_step)
 
 
-def train(cfg: RunConfig, resume: bool) -> None:
-    train_loop(build_run(cfg, resume))
+def train(cfg: RunConfig, resume: bool, stop: StopSignals | None = None) -> None:
+    run = build_run(cfg, resume, stop)
+    try:
+        train_loop(run)
+    finally:
+        release(run.locks)
 
 
-def build_run(cfg: RunConfig, resume: bool) -> Run:
-    """Set the process up, build this rank's data, model part, optimizer, LR schedule and
-    checkpointer, resume (or refuse to overwrite a run), and on rank 0 write the run's config,
-    print its header and open its metrics."""
+def release(locks: list[DirectoryLock]) -> None:
+    for lock in locks:
+        lock.release()
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank for the loop's agreements (None in one process)."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
+def build_run(cfg: RunConfig, resume: bool, stop: StopSignals | None = None) -> Run:
+    """Set the process up, claim the run's directories (`pretrain.preflight`), build this rank's
+    data, model part, optimizer, LR schedule and checkpointer, resume (or refuse to overwrite a
+    run), and on rank 0 write the run's config, print its header and open its metrics."""
     runtime = set_up(cfg.train)
     par = start(cfg, runtime)
+    control = control_group()
+    locks = claim_run(cfg, par.is_main, control)
+    try:
+        run = build_claimed_run(cfg, resume, runtime, par)
+    except BaseException:
+        release(locks)
+        raise
+    run.control, run.locks, run.stop = control, locks, stop
+    return run
+
+
+def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Parallel) -> Run:
+    """`build_run` once the run owns its directories."""
     t = cfg.train
     _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size, par.dp_rank, par.dp_size, str(runtime.device))
     eval_skipped = par.shape["pp"] > 1 and bool(val_batches) and t.eval_interval > 0
@@ -111,9 +179,12 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
     schedule = build_lr_schedule(optimizer, t.steps, **cfg.optim.schedule_options)
-    checkpoints = build_checkpointer(checkpoint_dir(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
+    checkpoints = build_checkpointer(checkpoint_root(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
     if resume:
-        first = checkpoints.resume(par.module, optimizer, schedule, train_batches)
+        try:
+            first = checkpoints.resume(par.module, optimizer, schedule, train_batches)
+        except CheckpointMismatch as exc:
+            raise CheckpointError(explain_mismatch(exc, cfg)) from None
     else:
         refuse_to_overwrite(checkpoints.root)
         first = 0
@@ -124,7 +195,7 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        print_header(cfg, num_params, par, runtime, first, end, eval_skipped)
+        print_header(cfg, num_params, par, runtime, first, end, eval_skipped, checkpoints.resumed_from)
         print(ops_line, fast_path_header(par, cfg), sep="\n", flush=True)
         metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
     # only rank 0 reports MFU; on CPU the other ranks measuring at once would also skew its peak
@@ -134,20 +205,119 @@ def build_run(cfg: RunConfig, resume: bool) -> Run:
     return Run(cfg, runtime, par, optimizer, schedule, checkpoints, train_batches, val_batches, first, end, throughput, metrics)
 
 
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys (lists stay whole values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flat_keys(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...] = STATE_SECTIONS) -> list[str]:
+    """The keys of `sections` whose values differ, each with both values."""
+    before, now = flat_keys(saved), flat_keys(current)
+    keys = sorted(k for k in before.keys() | now.keys() if k.split(".")[0] in sections and before.get(k) != now.get(k))
+    return [f"{k} ({before.get(k)!r} there, {now.get(k)!r} here)" for k in keys]
+
+
+def explain_mismatch(exc: CheckpointMismatch, cfg: RunConfig) -> str:
+    """An intact checkpoint that does not load, described by the model and optimizer keys whose
+    values differ from the config it was saved with (its config.yaml), else by the load error."""
+    try:
+        saved = load_config(exc.path / "config.yaml").model_dump(mode="json")
+    except (ConfigError, OSError):
+        return str(exc)
+    differences = config_differences(saved, cfg.model_dump(mode="json"))
+    if not differences:
+        return str(exc)
+    return (
+        f"checkpoint {exc.path} was saved with another config: {', '.join(differences)}; "
+        "resume with its values, or start another train.run_dir (the checkpoint is intact)"
+    )
+
+
 def train_loop(run: Run) -> None:
-    """Steps first+1 .. end, each logged and checkpointed as configured; then wait for the last
-    checkpoint and, on rank 0, print the summary."""
+    """Steps first+1 .. end, each logged and checkpointed as configured, stopping early on a
+    signal (`stop_on_signal`) or a diverged step (`on_nonfinite`); then wait for the last
+    checkpoint and, on rank 0, print the summary. A run that stops with an error first waits for
+    the checkpoints already requested, which hold good states."""
     cfg, began, record = run.cfg, time.perf_counter(), {}
-    for step in range(run.first + 1, run.end + 1):
-        record = run_step(run, step)
-        if run.metrics is not None and len(record) > 1:
-            run.metrics.log(record)
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final):
-            run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
-    saved = run.checkpoints.finalize()
+    if run.stop is not None:
+        run.stop.in_loop = True
+    try:
+        for step in range(run.first + 1, run.end + 1):
+            record = run_step(run, step)
+            if run.metrics is not None and len(record) > 1:
+                run.metrics.log(record)
+            if record.get("skipped"):
+                on_nonfinite(run, step, record)
+            else:
+                run.skipped = 0
+            due = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final)
+            requested = due and run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
+            if step < run.end and (signum := stop_requested(run)) is not None:
+                stop_on_signal(run, step, signum, requested)
+        saved = run.checkpoints.finalize()
+    except (RunError, Interrupted):
+        with contextlib.suppress(CheckpointError):
+            run.checkpoints.finalize()
+        raise
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
     if run.metrics is not None:
-        run.metrics.close()
         print(summary(run.first, run.end, time.perf_counter() - began, record, saved))
+
+
+def on_nonfinite(run: Run, step: int, record: dict[str, Any]) -> None:
+    """A step whose update was skipped because its loss or gradient norm is not finite: stop
+    (`train.on_nonfinite=stop`, or past `train.max_skipped_steps` in a row), else warn."""
+    t = run.cfg.train
+    run.skipped += 1
+    values = f"loss {record['loss']:.4g}, gradient norm {record['grad_norm']:.4g}"
+    if t.on_nonfinite == "stop":
+        run.checkpoints.wait_until_durable()
+        raise RunError(
+            f"step {step} diverged ({values}); stopped before its update, so no checkpoint holds it "
+            f"(newest: {newest_checkpoint(run)}; train.on_nonfinite=stop: lower optim.lr, or set train.on_nonfinite=skip_step)"
+        )
+    if run.skipped >= t.max_skipped_steps:
+        run.checkpoints.wait_until_durable()
+        raise RunError(
+            f"step {step}: {run.skipped} steps in a row diverged ({values}); stopped (train.max_skipped_steps={t.max_skipped_steps}; "
+            f"newest checkpoint: {newest_checkpoint(run)})"
+        )
+    say(f"ebb: warning: step {step} diverged ({values}); its update was skipped ({run.skipped} in a row, train.on_nonfinite=skip_step)")
+
+
+def newest_checkpoint(run: Run) -> str:
+    latest = find_latest(run.checkpoints.root)
+    return str(latest) if latest is not None else "none yet"
+
+
+def stop_requested(run: Run) -> int | None:
+    """The signal that stops the run after this step, agreed by every rank; None to go on."""
+    return None if run.stop is None else run.stop.agreed(run.control)
+
+
+def stop_on_signal(run: Run, step: int, signum: int, requested: bool) -> None:
+    """After a signal: checkpoint this step (unless `checkpoint.on_signal=exit`, or it was
+    `requested` already), wait until it is committed, say so in one line, and end the run with
+    the signal's exit status. (After the last step the run just ends as it would have.)"""
+    name, keep = signal_name(signum), run.cfg.checkpoint.on_signal == "save"
+    if keep and not requested:
+        run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=True)
+    saved = run.checkpoints.finalize()
+    if keep and saved is not None and saved.name == step_dir_name(step):
+        say(f"ebb: {name} after step {step}: saved {saved}; continue with --resume")
+    elif keep:
+        say(f"ebb: {name} after step {step}: its checkpoint was not saved; stopped (newest checkpoint: {newest_checkpoint(run)})")
+    else:
+        say(f"ebb: {name} after step {step}: stopped without a checkpoint (checkpoint.on_signal=exit; newest: {newest_checkpoint(run)})")
+    raise Interrupted(exit_status(signum))
 
 
 def run_step(run: Run, step: int) -> dict:
@@ -157,11 +327,13 @@ def run_step(run: Run, step: int) -> dict:
     lr, tick = run.optimizer.param_groups[0]["lr"], time.perf_counter()
     result = train_step(run.par, run.optimizer, run.train_batches, t.grad_accum, t.grad_clip, run.runtime)
     run.schedule.step()
-    log_now = step % t.log_interval == 0 or step == run.end
+    log_now = step % t.log_interval == 0 or step == run.end or not result.stepped
     if log_now:
         run.runtime.synchronize()
     run.throughput.add_step(time.perf_counter() - tick)
     record = {"step": step} | (train_record(result, lr, run.throughput, run.runtime) | mixture_record(run.train_batches) if log_now else {})
+    if not result.stepped:
+        record["skipped"] = True
     if run.val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == run.end):
         record |= evaluate(run.par, run.val_batches, run.runtime)
     return record
@@ -178,9 +350,9 @@ def train_record(result: StepResult, lr: float, throughput: Throughput, runtime:
 
 def summary(start: int, end: int, seconds: float, last: dict, saved: Path | None) -> str:
     parts = [f"done: steps {start + 1}..{end} in {seconds:.1f}s"] if end > start else [f"done: nothing to train (at step {start})"]
-    if "loss" in last:
+    if last.get("loss") is not None:
         parts.append(f"loss {last['loss']:.4f}")
-    if "eval_loss" in last:
+    if last.get("eval_loss") is not None:
         parts.append(f"eval loss {last['eval_loss']:.4f} (ppl {last['eval_ppl']:.2f})")
     if saved is not None:
         parts.append(f"checkpoint {saved}")
@@ -188,16 +360,48 @@ def summary(start: int, end: int, seconds: float, last: dict, saved: Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """The command line; its exit status (see the module docstring)."""
+    status, message = run_command(parse_args(argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        report(message)
+        return status
+    if message is not None and not is_main_process():
+        # Every rank meets the same error; rank 0 says it. The others wait, so that rank 0's
+        # line is the one a launcher relays (torchrun ends the others once one exits); a rank
+        # still here afterwards met an error of its own, and says it.
+        time.sleep(ERROR_GRACE_S)
+    report(message)
+    # Past the interpreter's teardown, whose gloo and thread clean-up can abort or hang after a
+    # failed collective and would turn the status into another.
+    os._exit(status)
+
+
+def run_command(args: argparse.Namespace) -> tuple[int, str | None]:
+    """Run the command; its exit status and the line still to print (None when none)."""
+    stop = StopSignals.install()
     try:
-        train(load_config(args.config, args.overrides), args.resume)
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            text = describe_run(cfg, args.world_size)
+            if is_main_process():
+                print(text)
+        else:
+            train(cfg, args.resume, stop)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2, f"error: {exc}"
+    except Interrupted as exc:
+        return exc.status, exc.message
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return 0, None
+
+
+def report(line: str | None) -> None:
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

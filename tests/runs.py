@@ -3,6 +3,9 @@ they log."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -45,3 +48,29 @@ def records(run_dir: Path) -> list[dict]:
 
 def curve(run_dir: Path, key: str) -> torch.Tensor:
     return torch.tensor([r[key] for r in records(run_dir) if key in r])
+
+
+def cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_error(result: subprocess.CompletedProcess, expected: str, status: int = 2) -> str:
+    """The project's promise for a fault: exit `status`, and on stderr one `error:` line naming the
+    cause (`expected` in it), nothing else but `ebb: ` lines (warnings, notes); the error line."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == status, result.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and all(line.startswith(("error: ", "ebb: ")) for line in lines), result.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+def strict_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl read as strict JSON (NaN and Infinity refused)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"metrics.jsonl holds {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

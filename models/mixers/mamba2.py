@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from common.config import OpenBound
 from models.layers.conv import ShortConv, conv_features
 from models.layers.flops import chunked_recurrence_flops, projection_flops
 from models.layers.init import init_decay_, no_weight_decay, residual_scale
@@ -42,7 +43,7 @@ class Mamba2Config(MixerConfig):
     dt_min: float = Field(1e-3, gt=0)
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
-    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    dt_limit: tuple[float, OpenBound] = (0.0, float("inf"))
     conv_bias: bool = True
     norm_eps: float = Field(1e-5, gt=0)
 

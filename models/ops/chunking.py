@@ -15,6 +15,7 @@ step's. The intra-chunk work is one batched tensor op over all chunks.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -80,6 +81,26 @@ class ChunkLayout:
 
 
 def chunk_layout(
+    batch: int,
+    length: int,
+    cu_seqlens: Tensor | None,
+    documents_are_units: bool,
+    chunk_size: int,
+    device: torch.device,
+) -> ChunkLayout:
+    """The layout of `batch` rows of `length` tokens. On the meta device (shape-only runs, such as
+    the dry run's memory estimate) its index tensors, which are data, are built on the CPU and
+    moved there; packed documents cannot be laid out without their data."""
+    if device.type != "meta":
+        return _chunk_layout(batch, length, cu_seqlens, documents_are_units, chunk_size, device)
+    if cu_seqlens is not None:
+        raise ValueError("packed documents (cu_seqlens) cannot be laid out on the meta device")
+    layout = _chunk_layout(batch, length, None, documents_are_units, chunk_size, torch.device("cpu"))
+    tensors = {f.name: getattr(layout, f.name) for f in dataclasses.fields(layout) if isinstance(getattr(layout, f.name), Tensor)}
+    return dataclasses.replace(layout, **{name: t.to(device) for name, t in tensors.items()})
+
+
+def _chunk_layout(
     batch: int,
     length: int,
     cu_seqlens: Tensor | None,

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+import sys
 import sysconfig
 from pathlib import Path
+from urllib.parse import urlparse
 
 from common.errors import first_line
 from pretrain.data.errors import DataError
@@ -16,6 +19,7 @@ FORMAT_BY_EXTENSION = {
     ".arrow": "arrow",
 }
 COMPRESSION_EXTENSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+HUB_PROBE_TIMEOUT_S = 3.0
 STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
@@ -43,6 +47,16 @@ def stdlib_sources() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def datasets_module():
+    """`datasets`, its progress bars off unless stderr is a terminal: in a log they are noise
+    around the one line a failure prints."""
+    import datasets
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    return datasets
+
+
 def load_documents(path: str | list[str], fmt: str = "auto", text_key: str = "text", cache_dir: str | None = None) -> list[str]:
     """Every non-empty document of the files `path` names, in file order."""
     ds, key, name = open_files(path, fmt, text_key, cache_dir)
@@ -64,8 +78,9 @@ def non_empty(ds, key: str, name: str) -> list[str]:
 def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | None, streaming: bool = False):
     """(dataset or None when every file is empty, its text column, a name for messages) of the
     files `path` names, read through `datasets`; a plain text file is one document."""
-    import datasets
     import pyarrow
+
+    datasets = datasets_module()
 
     files = resolve_data_files(path, fmt)
     fmt = data_format(files, fmt)
@@ -82,10 +97,35 @@ def open_files(path: str | list[str], fmt: str, text_key: str, cache_dir: str | 
     return ds, key, name
 
 
-def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None, streaming: bool = False):
-    """A saved dataset directory (`save_to_disk`) or a hub dataset, its `text_key` column checked."""
-    import datasets
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within a few seconds."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
 
+
+def work_offline() -> None:
+    """Hub datasets from the local cache only: `datasets` and `huggingface_hub` read these flags
+    at each call. Without them an unreachable hub costs half a minute of retries, each logged."""
+    import datasets
+    import huggingface_hub.constants
+
+    datasets.config.HF_HUB_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir: str | None, streaming: bool = False):
+    """A saved dataset directory (`save_to_disk`) or a hub dataset, its `text_key` column checked.
+    When the hub cannot be reached, a hub dataset is read from the cache, or not at all."""
+    datasets = datasets_module()
+
+    offline = False
+    if not Path(name).is_dir() and not hub_reachable():
+        work_offline()
+        offline = True
     try:
         if Path(name).is_dir():
             ds = datasets.load_from_disk(name)
@@ -96,8 +136,9 @@ def open_hf(name: str, subset: str | None, split: str, text_key: str, cache_dir:
             ds = ds.to_iterable_dataset() if streaming else ds
         else:
             ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir, streaming=streaming)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as exc:
-        raise DataError(f"data source {name}: cannot load it with datasets: {first_line(exc)}") from exc
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:  # ConnectionError is an OSError
+        where = " (the Hugging Face Hub cannot be reached, and it is not in the datasets cache)" if offline else ""
+        raise DataError(f"data source {name}: cannot load it with datasets{where}: {first_line(exc)}") from None
     check_text_column(ds, text_key, name)
     return ds
 

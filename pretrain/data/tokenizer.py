@@ -85,6 +85,6 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
             tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         else:
             tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"data.tokenizer: cannot load {spec}: {first_line(exc)}") from exc
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+        raise DataError(f"data.tokenizer: cannot load {spec}: {first_line(exc)}") from None
     return HFTokenizer(tok, spec)

@@ -1,11 +1,14 @@
 import json
 import random
+import re
 
 import pytest
 import torch
 
-from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, manifest
-from checkpoint.manager import find_latest, resolve_checkpoint
+from checkpoint import QUARANTINE, CheckpointConfig, CheckpointDamaged, CheckpointError, CheckpointMismatch, Ranks, build_checkpointer, manifest, verify_together
+from checkpoint.manager import committed_checkpoints, find_latest, resolve_checkpoint
+from optim.adamw import build_optimizer
+from optim.config import OptimConfig
 from checkpoint.storage import ALGORITHM, file_checksum
 from tests.toy_state import make_state, train_steps
 
@@ -70,26 +73,88 @@ def test_keep_last_and_latest_pointer(tmp_path):
     assert resolve_checkpoint(tmp_path) == resolve_checkpoint(tmp_path / "step-00000010") == tmp_path / "step-00000010"
 
 
-def test_missing_and_corrupt_checkpoints_are_one_line_errors(tmp_path):
+DAMAGE = {
+    "flipped byte": lambda ckpt: flip_a_byte(ckpt / "__0_0.distcp"),
+    "truncated shard": lambda ckpt: (ckpt / "__0_0.distcp").write_bytes((ckpt / "__0_0.distcp").read_bytes()[:100]),
+    "missing shard": lambda ckpt: (ckpt / "__0_0.distcp").unlink(),
+    "missing metadata": lambda ckpt: (ckpt / ".metadata").unlink(),
+    "missing manifest": lambda ckpt: (ckpt / "manifest.json").unlink(),
+    "unreadable manifest": lambda ckpt: (ckpt / "manifest.json").write_text("{"),
+}
+REASONS = {
+    "flipped byte": r"__0_0\.distcp does not match its checksum",
+    "truncated shard": r"__0_0\.distcp has 100 bytes, the manifest says \d+",
+    "missing shard": r"__0_0\.distcp is missing",
+    "missing metadata": r"\.metadata is missing",
+    "missing manifest": r"step-00000005 has no manifest\.json",
+    "unreadable manifest": r"manifest\.json is unreadable",
+}
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def checkpoint_files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_moved_aside_whole_and_named_in_one_line(tmp_path, damage, capsys):
+    model, optimizer, schedule, data = make_state(0)
+    Saver(tmp_path, keep_last=2).save(4, model, optimizer, schedule, data)
+    saved = Saver(tmp_path, keep_last=2).save(5, model, optimizer, schedule, data)
+    DAMAGE[damage](saved)
+    with pytest.raises(CheckpointDamaged, match=REASONS[damage]) as err:
+        verify_together(Ranks(None), saved)
+    assert "\n" not in str(err.value)
+    damaged_files = checkpoint_files(saved)
+    assert Saver(tmp_path, keep_last=2).resume(model, optimizer, schedule, data) == 4
+    moved = tmp_path / QUARANTINE / "step-00000005"
+    assert checkpoint_files(moved) == damaged_files  # kept byte for byte, not deleted
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith("ebb: warning: checkpoint ") and re.search(REASONS[damage], warning) and warning.endswith(f"moved it to {moved}")
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000004"]
+
+
+def test_every_checkpoint_damaged_is_one_line_and_an_older_manifest_is_not_damage(tmp_path):
     model, optimizer, schedule, data = make_state(0)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         Saver(tmp_path / "none", keep_last=1).resume(model, optimizer, schedule, data)
     saved = Saver(tmp_path, keep_last=1).save(5, model, optimizer, schedule, data)
-    for shard in saved.glob("*.distcp"):
-        shard.write_bytes(b"not a tensor file")
-    with pytest.raises(CheckpointError, match=r"no loadable checkpoint .*__0_0\.distcp has \d+ bytes, the manifest says") as err:
-        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
-    assert "\n" not in str(err.value)
     old = json.loads((saved / "manifest.json").read_text())
     (saved / "manifest.json").write_text(json.dumps(old | {"files": {k: {"size": v["size"], "crc32": 1} for k, v in old["files"].items()}}))
-    with pytest.raises(CheckpointError, match=r"manifest\.json has no xxh3_64 checksum for .* \(written by an older ebb\)"):
+    with pytest.raises(CheckpointError, match=r"manifest\.json has no xxh3_64 checksum for .* \(written by an older ebb\)") as err:
         Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
-    (saved / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+    assert not isinstance(err.value, CheckpointDamaged) and saved.is_dir()  # cannot be checked, which is not damage: left in place
+    for shard in saved.glob("*.distcp"):
+        shard.write_bytes(b"not a tensor file")
+    (saved / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"nothing to resume: every checkpoint in .* is damaged \(step-00000005/__0_0\.distcp has 17 bytes") as err:
         Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
-    (saved / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match=r"step-00000005 has no manifest\.json"):
-        Saver(tmp_path, keep_last=1).resume(model, optimizer, schedule, data)
+    assert "\n" not in str(err.value) and (tmp_path / QUARANTINE / "step-00000005").is_dir()
+
+
+def test_a_second_damaged_checkpoint_of_a_step_is_kept_beside_the_first(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    Saver(tmp_path, keep_last=3).save(1, model, optimizer, schedule, data)
+    for attempt in range(2):
+        saved = Saver(tmp_path, keep_last=3).save(2, model, optimizer, schedule, data)
+        (saved / "manifest.json").unlink()
+        assert Saver(tmp_path, keep_last=3).resume(model, optimizer, schedule, data) == 1
+    assert sorted(p.name for p in (tmp_path / QUARANTINE).iterdir()) == ["step-00000002", "step-00000002.1"]
+
+
+def test_an_intact_checkpoint_that_does_not_fit_is_a_mismatch_and_stays(tmp_path):
+    model, optimizer, schedule, data = make_state(0)
+    Saver(tmp_path, keep_last=1).save(3, model, optimizer, schedule, data)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    with pytest.raises(CheckpointMismatch, match=r"step-00000003 is intact but does not fit this run's model and optimizer") as err:
+        Saver(tmp_path, keep_last=1).resume(other, build_optimizer(other, OptimConfig()), schedule, data)
+    assert err.value.path == tmp_path / "step-00000003" and "\n" not in str(err.value)
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000003"] and not (tmp_path / QUARANTINE).exists()
 
 
 def test_a_crashed_save_leaves_nothing_that_resume_would_pick(tmp_path):

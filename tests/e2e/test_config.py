@@ -56,6 +56,22 @@ def test_pattern_ignores_spaces_and_stage_cuts():
     assert cfg.model.blocks == "GG*GG*" and cfg.model.n_layers == 6
 
 
+def test_a_value_that_is_not_yaml_is_taken_as_text():
+    """`*` alone is a YAML alias: as an override it is the pattern of one attention block."""
+    assert build_config({}, ["model.pattern=*"]).model.pattern == "*"
+    assert build_config({}, ["model.pattern=*M"]).model.pattern == "*M"
+    with pytest.raises(ConfigError, match=r"config key optim.betas: Input should be a valid tuple \(got '\[0.9,'\)"):
+        build_config({}, ["optim.betas=[0.9,"])
+
+
+def test_an_open_bound_may_be_infinite(tmp_path):
+    cfg = build_config({}, ["model.pattern=M"])
+    assert cfg.model.mixers.mamba2.dt_limit[1] == float("inf")
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
 def test_dump_round_trips(tmp_path):
     cfg = build_config({}, ["model.pattern=T*", "optim.schedule=wsd"])
     path = tmp_path / "dumped.yaml"
@@ -76,6 +92,9 @@ def test_dump_round_trips(tmp_path):
         (["model.pattern=R", "model.d_model=80"], "must be divisible by mixers.rwkv7.head_dim"),
         (["train.steps=abc"], "config key train.steps"),
         (["optim.lr=-1"], "config key optim.lr"),
+        (["optim.lr=.inf"], "config key optim.lr: Input should be a finite number (got inf)"),
+        (["optim.betas=[.nan, 0.95]"], "config key optim.betas.0: Input should be a finite number"),
+        (["train.grad_clip=.inf"], "config key train.grad_clip: Input should be a finite number"),
         (["checkpoint.mode=fast"], "config key checkpoint.mode"),
         (["model.d_model=100", "model.mixers.attention.num_heads=3"], "must be divisible by mixers.attention.num_heads"),
         (["model.pattern=G", "model.mixers.gated_deltanet.num_v_heads=3", "model.mixers.gated_deltanet.num_heads=2"],

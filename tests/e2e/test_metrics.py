@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, LoggingConfig
+from pretrain.errors import RunError
 from pretrain.peak_flops import gpu_peak_flops, measure_matmul_peak
-from pretrain.metrics import MetricsLogger, Throughput
+from pretrain.metrics import MetricsLogger, Progress, Throughput, read_records
 
 QUIET = LoggingConfig(tensorboard=False, progress=False)
 
@@ -43,6 +44,36 @@ def test_resuming_drops_records_of_the_interrupted_steps(tmp_path):
     logger.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    logger = MetricsLogger(tmp_path, QUIET, total_steps=10, start_step=0, run_config={})
+    logger.log({"step": 1, "loss": float("nan"), "lr": 1e-3, "grad_norm": float("inf"), "tokens_per_s": 1.0, "skipped": True})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) == {
+        "step": 1, "loss": None, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1.0, "skipped": True
+    }
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_line_elsewhere_is_one_line(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_records(path) == [{"step": 1, "loss": 2.0}]
+    assert capsys.readouterr().err == f"ebb: warning: {path}: dropped its last line, cut short by an interrupted write\n"
+    path.write_text('{"step": 1, "loss": 2.0}\ngarbage\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl line 2 is not a metrics record; fix or move the file"):
+        read_records(path)
+
+
+def test_progress_is_plain_lines_off_a_terminal(capsys):
+    progress = Progress(total=40, start=0, enabled=True)  # pytest's stderr is not a terminal
+    for step in range(1, 41):
+        progress.update({"step": step, "loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": 100.0})
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 2/40 loss 0.5000 lr 1.00e-03 tok/s 100" and lines[-1].startswith("step 40/40 ")
+    assert len(lines) == 20 and "\r" not in "".join(lines)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")

@@ -8,12 +8,15 @@ within 1e-5 of the ones the ranks' own weights give (DCP only moves bytes)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoint import Ranks, verify_together
 from checkpoint.dcp import load_model
 from checkpoint.manager import find_latest
 from models.model import HybridLM
@@ -42,13 +45,14 @@ def train_rank(cfg: RunConfig) -> None:
         ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2", "parallel.sequence_parallel=true"], 2, 0),
         ("RM*O | RTGS", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 0),
         ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 0),
+        ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2", "model.tie_embeddings=true"], 2, 0),
     ],
-    ids=["tp2xdp2", "tp2xdp2_sp", "pp2xtp2", "pp2xdp2"],
+    ids=["tp2xdp2", "tp2xdp2_sp", "pp2xtp2", "pp2xdp2", "pp2xdp2_tied"],
 )
 def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[str], batch_size: int, eval_interval: int) -> None:
     """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
     checkpoint with all 4 ranks."""
-    common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}"]
+    common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}", *(o for o in layout if o.startswith("model."))]
     parallel_cfg = layout_config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
     run_distributed(train_rank, 4, parallel_cfg)
     dp = 2 if "parallel.dp_shard=2" in layout else 1  # evaluation batches have train.batch_size rows: evaluate the same rows
@@ -117,15 +121,37 @@ def test_layout_errors_come_before_any_process_group(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_launch_script_runs_two_processes_and_shows_rank_0(tmp_path: Path) -> None:
-    """launch/torchrun.sh: 2 processes (FSDP 2); only local rank 0 on the console, every rank's
-    output in LOG_DIR; a layout that cannot run exits 2 with one `error:` line per rank."""
+    """launch/torchrun.sh: 2 processes (FSDP 2); only local rank 0 on the console, as one process
+    prints, every rank's output in LOG_DIR; a layout that cannot run is one `error:` line in all
+    (not one per rank, nor torchrun's report) and exit code 2."""
     env = {**os.environ, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs")}
     args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *LAYOUT_RUN, "train.steps=2", f"train.run_dir={tmp_path / 'run'}"]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "[default0]:ebb:" in result.stdout and "dp_shard 2" in result.stdout and "[default1]" not in result.stdout
+    header = next(line for line in result.stdout.splitlines() if line.startswith("ebb: "))  # as one process prints it
+    assert "dp_shard 2" in header and "[default" not in result.stdout
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
     assert {p.parent.name for p in (tmp_path / "logs").glob("*/attempt_0/*/stdout.log")} == {"0", "1"}
     bad = subprocess.run([*args, "parallel.tp=3"], cwd=REPO, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0
-    assert bad.stderr.count("error: world size 2 is not divisible by pp*dp_replicate*tp = 3") == 2
+    assert bad.returncode == 2
+    assert bad.stderr == "error: world size 2 is not divisible by pp*dp_replicate*tp = 3 (dp_shard = -1 takes the rest)\n"
+
+
+@pytest.mark.distributed
+def test_sigterm_through_the_launch_script_saves_and_exits_143(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM to the launcher's process group: torchrun passes it to the ranks,
+    which agree on the step to stop after, save it together and exit; one line, status 143."""
+    env = {**os.environ, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs")}
+    run_dir = tmp_path / "run"
+    args = ["bash", "launch/torchrun.sh", "configs/quickstart.yaml", *LAYOUT_RUN, "train.steps=100000", "checkpoint.interval=1000", f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(records(run_dir)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    step = records(run_dir)[-1]["step"]
+    saved = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert proc.returncode == 143 and err == f"ebb: SIGTERM after step {step}: saved {saved}; continue with --resume\n", err[-2000:]
+    verify_together(Ranks(None), saved)

@@ -38,8 +38,8 @@ TOL = 2e-5
 AUX_LOSSES = {"sse": {"aux_loss_scale": 0.1}, "mom": {"aux_loss_scale": 0.1}}  # large enough to matter
 
 
-def pipeline_config(pattern: str) -> ModelConfig:
-    return tiny_model_config(pattern, tie_embeddings=False, mixers=AUX_LOSSES)
+def pipeline_config(pattern: str, tie_embeddings: bool = False) -> ModelConfig:
+    return tiny_model_config(pattern, tie_embeddings=tie_embeddings, mixers=AUX_LOSSES)
 
 
 def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -135,13 +135,27 @@ def test_placement_carry_layout_and_document_start_mask() -> None:
         (["parallel.pp=2", "parallel.pp_microbatches=3", "train.batch_size=8"], r"pp_microbatches \(3\) must divide train.batch_size \(8\)"),
         (["parallel.pp=2", "model.pattern=M|*|T"], "3 '|'-separated stages but pp \\* pp_virtual_stages is 2"),
         (["parallel.pp=8", "model.pattern=MTG*"], "need at least as many blocks"),
-        (["parallel.pp=2"], "set model.tie_embeddings=false"),
     ],
 )
 def test_pipeline_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         build_config({}, overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.distributed
+def test_tied_embeddings_under_pp2_match_one_process() -> None:
+    """The embedding on the first stage and the head on the last are two copies of one tied
+    matrix: their gradients are summed between the two ranks, so losses and both copies follow
+    the one-process model, whose tied weight is both."""
+    cfg = pipeline_config(every_mixer(2), tie_embeddings=True)
+    ref_losses, ref_params = reference_run(cfg, BATCH)
+    results = run_distributed(pipeline_rank, 2, cfg, 2, 1, "1f1b", BATCH)
+    torch.testing.assert_close(torch.tensor(results[1][0]), torch.tensor(ref_losses), rtol=0, atol=TOL)
+    first, last = results[0][1], results[1][1]
+    assert "lm_head.weight" not in first and {"embed.weight", "lm_head.weight"} <= last.keys()  # the head's copy is also named embed.weight
+    for copy in (first["embed.weight"], last["embed.weight"], last["lm_head.weight"]):
+        torch.testing.assert_close(copy, ref_params["embed.weight"], rtol=0, atol=TOL)
 
 
 def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
@@ -158,9 +172,11 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
 
 
 @pytest.mark.distributed
-def test_pipeline_with_fsdp_matches_one_process() -> None:
-    """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows)."""
-    cfg = pipeline_config("SRM* | TGRO")
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+def test_pipeline_with_fsdp_matches_one_process(tie_embeddings: bool) -> None:
+    """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows); tied, each
+    dp rank's shard of the embedding and of the head's copy are summed between its two stages."""
+    cfg = pipeline_config("SRM* | TGRO", tie_embeddings)
     ref_losses, ref_params = reference_run(cfg, 4)
     results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2)
     for losses, params in results:

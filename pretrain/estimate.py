@@ -1,0 +1,110 @@
+"""What a run will hold, worked out on the meta device (shapes without data, so nothing is
+allocated): parameter counts, optimizer-state bytes by codec, the size of one checkpoint, and
+the activations of one micro-batch. The dry run prints them; the run checks the checkpoint
+directory's free space with them before its first step.
+
+Activations are measured, not modelled: one forward and backward of the model on the meta device
+under torch's `MemTracker` (the tool behind torchtitan's memory estimation), which follows every
+tensor the step creates and frees, so each mixer's own chunked ops, temporaries and the
+cross-entropy over the logits are counted as they happen. Parameters, gradients and optimizer
+states are counted from the shapes (each codec's parts for each tensor, as the optimizer's groups
+assign them).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.mixers import PATTERN
+from models.model import HybridLM
+from optim.codecs import CODECS
+from optim.config import OptimConfig
+from optim.groups import build_param_groups
+from parallel.data_parallel import apply_activation_checkpointing
+from pretrain.loss import lm_loss
+
+FP32 = 4  # bytes: parameters and gradients are float32 (autocast computes in bf16 from them)
+
+
+def meta_model(cfg: ModelConfig) -> HybridLM:
+    """The model with shapes and no storage."""
+    with torch.device("meta"):
+        return HybridLM(cfg)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def param_counts(model: HybridLM) -> dict[str, int]:
+    """Parameters by what holds them: each mixer kind (by name), the MLPs with their norms, the
+    embedding and the head (one table when tied)."""
+    counts: Counter[str] = Counter()
+    for block in model.blocks:
+        counts[PATTERN[block.kind]] += sum(p.numel() for p in block.mixer.parameters()) + block.mixer_norm.weight.numel()
+    for block in model.blocks:
+        counts["mlp"] += sum(p.numel() for name, p in block.named_parameters() if not name.startswith(("mixer.", "mixer_norm.")))
+    counts["embedding"] = model.embed.weight.numel()
+    if not model.cfg.tie_embeddings:
+        counts["head"] = model.lm_head.weight.numel()
+    counts["final norm"] = model.norm.weight.numel()
+    return dict(counts)
+
+
+def state_bytes(module: nn.Module, cfg: OptimConfig, shards: int = 1) -> dict[str, int]:
+    """Optimizer-state bytes by codec for the parameters of `module`: both moments' parts as the
+    optimizer's groups assign codecs (small tensors and overrides included), plus fp32 master
+    copies where asked; divided over `shards` ranks."""
+    by_codec: Counter[str] = Counter()
+    for group in build_param_groups(module, cfg):
+        codec = CODECS[group["state_dtype"]]
+        for param in group["params"]:
+            parts = codec.zeros(torch.empty(param.shape, dtype=param.dtype, device="meta"))
+            by_codec[codec.name] += 2 * sum(tensor_bytes(t) for t in parts.values())
+            if cfg.master_weights and param.dtype != torch.float32:
+                by_codec["master weights"] += param.numel() * FP32
+    return {name: math.ceil(size / shards) for name, size in by_codec.items()}
+
+
+def checkpoint_bytes(model: HybridLM, cfg: OptimConfig) -> int:
+    """One checkpoint: the weights (the tied head once) and the optimizer state."""
+    weights = sum(p.numel() for p in model.parameters()) * FP32
+    return weights + sum(state_bytes(model, cfg).values())
+
+
+def activation_bytes(module: nn.Module, batch: int, seq_len: int, vocab_size: int, dtype: torch.dtype, checkpointing: str, every: int) -> int:
+    """Peak bytes of activations and temporaries in one forward and backward of `module` (a meta
+    HybridLM) on a micro-batch of `batch` x `seq_len` tokens, with activation checkpointing as
+    configured: torch's MemTracker's peak, less what parameters and gradients hold then. `dtype`
+    is the compute dtype (bf16 autocast is approximated by a bf16 model: its matmuls keep bf16
+    activations as autocast's do)."""
+    from torch.distributed._tools.mem_tracker import MemTracker  # torch's own; imported for the estimate only
+
+    module = module.to(dtype)
+    apply_activation_checkpointing(module, checkpointing, every)
+    ids = torch.zeros(batch, seq_len + 1, dtype=torch.long, device="meta")
+    tracker = MemTracker()
+    tracker.track_external(module)
+    with tracker:
+        lm_loss(module(ids[:, :-1]), ids[:, 1:], reduction="sum").backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("meta")]
+    return sum(size for kind, size in peak.items() if str(kind).endswith(("ACT", "TEMP")))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One rank's bytes at its peak: what it holds all along and what one step adds."""
+
+    params: int
+    grads: int
+    states: dict[str, int]  # by codec
+    activations: int | None  # None where the model cannot run on the meta device
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + sum(self.states.values()) + (self.activations or 0)
