@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from checkpoint import MODES as CHECKPOINT_MODES, CheckpointConfig, Checkpointer, build_checkpointer
+from checkpoint import MODES as CHECKPOINT_MODES
+from checkpoint import CheckpointConfig, Checkpointer, build_checkpointer
 from models.config import ModelConfig
 from models.model import HybridLM
 from optim.adamw import build_optimizer
@@ -197,9 +198,16 @@ def main() -> None:
     for mode, stall in stalls.items():
         print(f"{mode:<12}{stall / lazy_stall if lazy_stall else float('nan'):>15.1f}x{stall:>9.3f}s{flushes[mode]:>9.2f}s")
     ratio, step_s = sum(lazy) / sum(plain), sum(plain) / (args.interval * len(plain))
-    print(f"end to end: lazy every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step) / no checkpoints = {ratio:.3f} ({len(plain)} intervals of each)")
-    print(f"  training time lost per checkpoint: {(sum(lazy) - sum(plain)) / len(lazy):.2f} s; the first checkpoint of a run (allocating its host buffers), untimed above: {first:.2f} s")
-    print("  each interval / the mean plain one: " + ", ".join(f"{k} " + " ".join(f"{t * len(plain) / sum(plain):.2f}" for t in v) for k, v in {"none": plain, "lazy": lazy}.items()))
+    print(
+        f"end to end: lazy every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step)"
+        f" / no checkpoints = {ratio:.3f} ({len(plain)} intervals of each)"
+    )
+    print(
+        f"  training time lost per checkpoint: {(sum(lazy) - sum(plain)) / len(lazy):.2f} s;"
+        f" the first checkpoint of a run (allocating its host buffers), untimed above: {first:.2f} s"
+    )
+    relative = {k: " ".join(f"{t * len(plain) / sum(plain):.2f}" for t in v) for k, v in {"none": plain, "lazy": lazy}.items()}
+    print("  each interval / the mean plain one: " + ", ".join(f"{k} {v}" for k, v in relative.items()))
     out = Path(__file__).parent / "results" / f"checkpoint-{args.device}-seq{args.seq_len}-threads{torch.get_num_threads()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {

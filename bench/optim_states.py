@@ -187,7 +187,9 @@ def _release_memory(device: str) -> None:
             pass
 
 
-def peak_memory_mb(name: str, make: Callable[[], nn.Module], optim_cfg: OptimConfig, device: str, work: Callable[[nn.Module, torch.optim.Optimizer], None]) -> float | None:
+def peak_memory_mb(
+    name: str, make: Callable[[], nn.Module], optim_cfg: OptimConfig, device: str, work: Callable[[nn.Module, torch.optim.Optimizer], None]
+) -> float | None:
     """Peak memory of `work` (after two warm-up runs), parameters and states included."""
     _release_memory(device)
     if device == "cuda":

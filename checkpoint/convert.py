@@ -163,7 +163,10 @@ def to_hf(args: argparse.Namespace) -> str:
         if tuple(stored[name].size) != tuple(param.shape):
             raise ConvertError(f"{checkpoint.name}: {name} is {tuple(stored[name].size)}, the config says {tuple(param.shape)}")
     names = list(exported_names(model, list(params)))
-    out_dtype = {name: DTYPES[args.dtype] if args.dtype and stored[name].properties.dtype.is_floating_point else stored[name].properties.dtype for name in names}
+    out_dtype = {
+        name: DTYPES[args.dtype] if args.dtype and stored[name].properties.dtype.is_floating_point else stored[name].properties.dtype
+        for name in names
+    }
     entries = [Entry(fmt.hf_name(name), tuple(stored[name].size), out_dtype[name]) for name in names]
     shard_bytes = max_shard_bytes(args.max_shard_size)
     tokenizer = str((tree.get("data") or {}).get("tokenizer", "byte")) if args.tokenizer is None else args.tokenizer
@@ -285,7 +288,8 @@ def from_hf(args: argparse.Namespace) -> str:
     except BaseException:
         out.discard()
         raise
-    note = "" if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file() else " (no tokenizer in the folder: data.tokenizer is byte)"
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    note = "" if has_tokenizer else " (no tokenizer in the folder: data.tokenizer is byte)"
     return (
         f"ebb: wrote {args.output}/checkpoints/{manager.step_dir_name(0)} from {fmt.architecture} ({len(params)} tensors){note}; "
         f"continue with: python -m pretrain.train --config {args.output}/config.yaml --resume"

@@ -16,9 +16,9 @@ from itertools import chain
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.optim.adam import adam as torch_adam
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.optim.adam import adam as torch_adam
 
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS, StateCodec

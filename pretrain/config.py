@@ -48,13 +48,18 @@ class TrainConfig(Strict):
         None, gt=0, description="end this invocation after this step, as if preempted (the schedule still spans steps); continue with --resume"
     )
     activation_checkpoint: ActivationCheckpointing = Field(
-        "none", description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)"
+        "none",
+        description="recompute block activations in backward: full = every block, selective = every k-th (parallel.data_parallel.ACTIVATION_CHECKPOINTING)",
     )
     activation_checkpoint_every: int = Field(2, gt=0, description="selective activation checkpointing: every k-th block")
-    loss: LossName = Field("auto", description="cross-entropy: full logits, chunked (never all logits), fused (a CUDA kernel), auto (fused on CUDA where installed, else chunked); pretrain/linear_ce.py")
+    loss: LossName = Field(
+        "auto",
+        description="cross-entropy: full logits, chunked (never all logits), fused (a CUDA kernel), auto (fused on CUDA where installed, else chunked)",
+    )
     compile: bool = Field(False, description="torch.compile each block and the loss")
     on_nonfinite: Literal["stop", "skip_step"] = Field(
-        "stop", description="a step whose loss or gradient norm is not finite: stop = end the run (exit code 2) before its update, skip_step = drop its update and go on"
+        "stop",
+        description="a step whose loss or gradient norm is not finite: stop = end the run (exit 2) before its update, skip_step = drop its update",
     )
     max_skipped_steps: int = Field(10, gt=0, description="on_nonfinite=skip_step: stop after this many consecutive skipped steps")
 

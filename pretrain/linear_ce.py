@@ -139,7 +139,11 @@ def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | 
     shape = shape or {}
     if name == "full":
         return "full", None
-    for dim, why in (("tp", "the vocabulary-sharded head computes its loss with loss-parallel"), ("pp", "the pipeline's last stage computes the loss from logits")):
+    full_logits = (
+        ("tp", "the vocabulary-sharded head computes its loss with loss-parallel"),
+        ("pp", "the pipeline's last stage computes the loss from logits"),
+    )
+    for dim, why in full_logits:
         if shape.get(dim, 1) > 1:  # auto picks full silently (the header says so); an explicit choice warns
             return "full", None if name == "auto" else f"ebb: warning: train.loss={name} uses the full logits with parallel.{dim} > 1 ({why})"
     on_cuda = torch.device(device).type == "cuda"

@@ -58,9 +58,9 @@ from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.dry_run import describe_run
 from pretrain.errors import Interrupted, RunError, is_main_process
-from pretrain.peak_flops import peak_flops
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
+from pretrain.peak_flops import peak_flops
 from pretrain.preflight import DirectoryLock, checkpoint_root, claim_run
 from pretrain.runtime import Runtime, set_up
 from pretrain.signals import StopSignals, exit_status, say, signal_name
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the checkpoint dir")
     parser.add_argument("--dry-run", action="store_true", help="print the layout, parameter counts and a memory estimate per rank; build and train nothing")
     parser.add_argument(
-        "--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="--dry-run: the processes to lay the run out on (default: WORLD_SIZE, else 1)"
+        "--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="--dry-run: the processes to lay the run out on (default: WORLD_SIZE, else 1)",
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_intermixed_args(argv)

@@ -13,8 +13,8 @@ from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
 from models.model import HybridLM
-from optim.adamw import build_optimizer
 from models.packing import cu_seqlens_from_mask, document_start_mask
+from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from pretrain.data import Batch
 from pretrain.parallelize import Parallel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from optim.adamw import build_optimizer
-from optim.schedules import build_lr_schedule
 from optim.config import OptimConfig
+from optim.schedules import build_lr_schedule
 
 
 class Position:

@@ -18,10 +18,10 @@ from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
 from models.model import HybridLM
+from parallel.config import ParallelConfig
 from parallel.data_parallel import apply_activation_checkpointing
 from parallel.mesh import build_mesh
 from parallel.tp import apply_tensor_parallel
-from parallel.config import ParallelConfig
 from pretrain.loss import IGNORE_INDEX
 from pretrain.parallelize import Parallel
 from tests.distributed import run_distributed

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from models.layers.fused import group_widths, split_groups
 
+
 def _widths_by_name(d_inner: int, d_state: int, n_groups: int, n_heads: int) -> dict[str, list[int]]:
     """The per-group part widths along dim 0 of each reordered parameter."""
     widths = group_widths(d_inner, d_state, n_groups, n_heads)

@@ -15,8 +15,8 @@ from models.layers.gates import GatedDecayConfig, log_decay, write_strength
 from models.layers.init import init_decay_, init_normal_, residual_scale
 from models.layers.norms import GatedRMSNorm, RMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
-from models.spec import Mixer, TensorParallelPlan
 from models.packing import as_one_sequence
+from models.spec import Mixer, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-
 @dataclass(frozen=True)
 class Routes:
     token: Tensor  # [R]: flat token index of each route, sorted by (memory, document, position)

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from models.layers.flops import projection_flops
 from models.layers.init import init_normal_, residual_scale
-from models.packing import check_not_decoding, document_ids, positions_in_documents
 from models.layers.rope import apply_rope
+from models.packing import check_not_decoding, document_ids, positions_in_documents
 from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from models.layers.delta_rule import DeltaRuleMixer
 from models.layers.gates import write_strength
-from models.spec import MixerConfig, MixerSpec
 from models.ops import chunk_delta_rule
+from models.spec import MixerConfig, MixerSpec
 
 if TYPE_CHECKING:
     from models.config import ModelConfig

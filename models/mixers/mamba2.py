@@ -20,13 +20,13 @@ from torch import Tensor, nn
 from common.config import OpenBound
 from models.layers.conv import ShortConv, conv_features
 from models.layers.flops import chunked_recurrence_flops, projection_flops
-from models.layers.init import init_decay_, no_weight_decay, residual_scale
-from models.packing import as_one_sequence
-from models.layers.recurrence import cached_recurrence
 from models.layers.fused import group_widths, split_groups
+from models.layers.init import init_decay_, no_weight_decay, residual_scale
 from models.layers.norms import GatedRMSNorm
-from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.layers.recurrence import cached_recurrence
 from models.ops import chunk_simple_gla
+from models.packing import as_one_sequence
+from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from models.layers.conv import token_shift
 from models.layers.flops import dplr_recurrence_flops, projection_flops
 from models.layers.init import no_weight_decay
-from models.packing import as_one_sequence
 from models.layers.recurrence import cached_recurrence
 from models.mlp import SwiGLU
 from models.ops import chunk_rwkv7
+from models.packing import as_one_sequence
 from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:

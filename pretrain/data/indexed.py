@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import struct
 import warnings
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 

@@ -5,11 +5,21 @@ import re
 import pytest
 import torch
 
-from checkpoint import QUARANTINE, CheckpointConfig, CheckpointDamaged, CheckpointError, CheckpointMismatch, Ranks, build_checkpointer, manifest, verify_together
+from checkpoint import (
+    QUARANTINE,
+    CheckpointConfig,
+    CheckpointDamaged,
+    CheckpointError,
+    CheckpointMismatch,
+    Ranks,
+    build_checkpointer,
+    manifest,
+    verify_together,
+)
 from checkpoint.manager import committed_checkpoints, find_latest, resolve_checkpoint
+from checkpoint.storage import ALGORITHM, file_checksum
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
-from checkpoint.storage import ALGORITHM, file_checksum
 from tests.toy_state import make_state, train_steps
 
 MODES = ["sync", "async", "lazy"]

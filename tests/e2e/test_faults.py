@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from checkpoint import QUARANTINE, Ranks, verify_together
-from checkpoint.manager import committed_checkpoints, find_latest
 from checkpoint.lazy import WRITE_DELAY_ENV
+from checkpoint.manager import committed_checkpoints, find_latest
 from tests.runs import REPO, SMALL_RUN, assert_one_error, cli, strict_records
 
 TRAIN = "pretrain.train"

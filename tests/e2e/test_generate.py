@@ -5,6 +5,7 @@ from models.model import HybridLM
 from pretrain.generate import generate, sample_next
 from tests.conftest import tiny_model_config
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny ops are dominated by thread hand-offs; the machine's cores are shared."""

@@ -6,8 +6,8 @@ import torch
 
 from pretrain.config import ConfigError, LoggingConfig
 from pretrain.errors import RunError
-from pretrain.peak_flops import gpu_peak_flops, measure_matmul_peak
 from pretrain.metrics import MetricsLogger, Progress, Throughput, read_records
+from pretrain.peak_flops import gpu_peak_flops, measure_matmul_peak
 
 QUIET = LoggingConfig(tensorboard=False, progress=False)
 

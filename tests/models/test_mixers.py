@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from models.config import ModelConfig
 from models.hf.mamba2_layout import from_transformers_layout, to_transformers_layout
+from models.layers.conv import ShortConv
 from models.mixers import PATTERN, SPECS
 from models.model import build_mixer
-from models.layers.conv import ShortConv
 from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
 torch.set_num_threads(1)

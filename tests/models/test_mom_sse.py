@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.model import build_mixer
 from models.layers.routing import switch_aux_loss
-from models.model import HybridLM
+from models.model import HybridLM, build_mixer
 from models.ops import recurrent_gated_delta_rule
 from pretrain.config import ConfigError, load_config
 from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone

@@ -2,7 +2,6 @@
 every input in float64 to 1e-10, for padded lengths, initial states and packed documents."""
 from __future__ import annotations
 
-import sys
 import types
 from dataclasses import dataclass
 from typing import Callable

@@ -203,7 +203,7 @@ def time_mix_by_the_papers(m: RWKV7, x: torch.Tensor, v_first: torch.Tensor) -> 
     """docs/layers.md 4a-b token by token for one sequence x [T, C], the state in the papers'
     layout [V, K] and the decay in its softplus form w = exp(-exp(-softplus(-d) - 0.5))."""
     H, N = m.r_k.shape
-    lora = lambda l, x: l.up.weight @ (l.activation or (lambda h: h))(l.down.weight @ x)  # noqa: E731
+    lora = lambda m, x: m.up.weight @ (m.activation or (lambda h: h))(m.down.weight @ x)  # noqa: E731
     S = x.new_zeros(H, N, N)
     previous, outputs = x.new_zeros(x.shape[1]), []
     for t, x_t in enumerate(x):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from optim.adamw import adamw_update_
-from optim.codecs import CODECS
-from optim.codecs import fp8, int8
+from optim.codecs import CODECS, fp8, int8
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")

@@ -14,8 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from models.config import ModelConfig
 from models.model import HybridLM
-from parallel.data_parallel import apply_fsdp
 from models.packing import cu_seqlens_from_mask, document_start_mask
+from parallel.config import ParallelConfig
+from parallel.data_parallel import apply_fsdp
 from parallel.mesh import build_mesh
 from parallel.pipeline import (
     balanced_stage_sizes,
@@ -26,7 +27,6 @@ from parallel.pipeline import (
     stage_block_ranges,
     stages_of_rank,
 )
-from parallel.config import ParallelConfig
 from pretrain.config import ConfigError, build_config
 from pretrain.loss import microbatch_loss
 from pretrain.parallelize import Parallel, RankStages
