@@ -135,6 +135,10 @@ def test_launch_script_runs_two_processes_and_shows_rank_0(tmp_path: Path) -> No
     bad = subprocess.run([*args, "parallel.tp=3"], cwd=REPO, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr == "error: world size 2 is not divisible by pp*dp_replicate*tp = 3 (dp_shard = -1 takes the rest)\n"
+    file = tmp_path / "file"
+    file.write_text("x")  # an error the ranks agree on once their process group is up
+    agreed = subprocess.run([*args, f"train.run_dir={file}"], cwd=REPO, env={**env, "LOG_RANKS": ""}, capture_output=True, text=True, timeout=300)
+    assert agreed.returncode == 2 and agreed.stderr == f"error: train.run_dir {file} is a file, not a directory\n", agreed.stderr[-2000:]
 
 
 @pytest.mark.distributed
