@@ -187,8 +187,8 @@ class _Arrays:
         self.v = self._parts(lambda m: m.v, False)
 
     def _rows(self, piece: _Piece, t: Tensor, whole: bool, pad: float) -> Tensor:
-        if whole:
-            rows = piece.layout.view(t) if self.views else None
+        if whole:  # a view where the rows are whole blocks (copied by the join when shared), else a padded copy
+            rows = piece.layout.view(t)
             rows = piece.layout.padded(t, pad) if rows is None else rows
         else:
             rows = t.view(-1, 1) if t.is_contiguous() else t.reshape(-1, 1)
