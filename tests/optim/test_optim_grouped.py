@@ -174,6 +174,7 @@ def shard_and_step(state_dtype: str) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("state_dtype", ["int8", "fp8"])
 def test_dtensor_shards_grouped_as_per_parameter(state_dtype):
     for rank in run_distributed(shard_and_step, 2, state_dtype):
