@@ -4,6 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Small sizes for one-block mixer tests in float64: chunk sizes below the test lengths (several chunks)
+SMALL_MIXERS = {
+    "attention": {"num_heads": 4, "num_kv_heads": 2},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+    "deltanet": {"num_heads": 2, "chunk_size": 4},
+    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "rwkv7": {"head_dim": 8, "chunk_size": 4},
+    "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+    "gated_deltaproduct": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
+}
+
 
 def assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)

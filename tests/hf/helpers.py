@@ -11,23 +11,14 @@ from checkpoint.config import CheckpointConfig
 from checkpoint.convert import main as convert
 from models.config import ModelConfig
 from models.model import HybridLM
+from tests.mixer_checks import SMALL_MIXERS
 
 D_MODEL = 32
-SMALL = {
-    "attention": {"num_heads": 4, "num_kv_heads": 2},
-    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
-    "deltanet": {"num_heads": 2, "chunk_size": 4},
-    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-    "rwkv7": {"head_dim": 8, "chunk_size": 4},
-    "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-    "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-    "gated_deltaproduct": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-}
 HYBRID = "MTG* ROSP"  # every mixer
 
 
 def small_config(pattern: str, mixers: dict | None = None, **model) -> ModelConfig:
-    sections = {name: dict(section) for name, section in SMALL.items()}
+    sections = {name: dict(section) for name, section in SMALL_MIXERS.items()}
     for name, options in (mixers or {}).items():
         sections[name].update(options)
     return ModelConfig(pattern=pattern, d_model=D_MODEL, mlp_hidden=64, mixers=sections, **model)

@@ -14,20 +14,11 @@ from models.hf.mamba2_layout import from_transformers_layout, to_transformers_la
 from models.layers.conv import ShortConv
 from models.mixers import PATTERN, SPECS
 from models.model import build_mixer
-from tests.mixer_checks import assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
+from tests.mixer_checks import SMALL_MIXERS, assert_close64, assert_decoding_matches_full_forward, assert_packed_documents_match_each_alone
 
 torch.set_num_threads(1)
 
 D_MODEL = 32
-SMALL = {
-    "attention": {"num_heads": 4, "num_kv_heads": 2},
-    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
-    "deltanet": {"num_heads": 2, "chunk_size": 4},
-    "gated_deltanet": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-    "rwkv7": {"head_dim": 8, "chunk_size": 4},
-    "mom": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-    "sse": {"num_heads": 2, "head_dim": 8, "chunk_size": 4},
-}
 
 # (pattern character, overrides of its config section): every option that changes the math
 CASES = [
@@ -47,8 +38,8 @@ CASE_IDS = [kind + "".join(f"-{k}={v}" for k, v in opts.items()) for kind, opts 
 def small_config(kind: str, d_model: int = D_MODEL, **options) -> ModelConfig:
     """A one-block model config; init_std 0.2 without residual rescaling keeps outputs O(1), so
     absolute tolerances mean what they say."""
-    mixers = {name: dict(section) for name, section in SMALL.items()}
-    mixers.setdefault(PATTERN[kind], {}).update(options)  # a mixer without a SMALL entry: its defaults
+    mixers = {name: dict(section) for name, section in SMALL_MIXERS.items()}
+    mixers.setdefault(PATTERN[kind], {}).update(options)  # a mixer without a SMALL_MIXERS entry: its defaults
     return ModelConfig(pattern=kind, d_model=d_model, init_std=0.2, rescale_residual=False, mixers=mixers)
 
 
