@@ -119,6 +119,12 @@ def run_fla(s: dict, args, device) -> dict | str:
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     except Exception as exc:  # not installed, or no Triton
         return f"fla does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    from models.ops import dispatch
+
+    platform = dispatch.platform_of(device)
+    if dispatch.decide("chunk_gated_delta_rule", platform, torch.bfloat16, s["head_dim"]).lift_640:
+        dispatch.lift_fla_640_guard()  # the same key tile as ebb's G stack: fla's model would raise in backward otherwise
+        print(f"  fla_gdn: fla's #640 guard lifted (Triton {platform.triton}, key dim {s['head_dim']})", flush=True)
     cfg = GatedDeltaNetConfig(
         hidden_size=s["d_model"], num_hidden_layers=s["layers"], num_heads=s["heads"], head_dim=s["head_dim"], expand_v=2.0,
         vocab_size=s["vocab"], intermediate_size=s["mlp"], tie_word_embeddings=False, fuse_cross_entropy=True,
@@ -223,24 +229,37 @@ def main(argv=None) -> dict:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch {torch.__version__}, "
           f"batch {args.batch} x T {s['seq_len']}, vocab {s['vocab']}, warmup {args.warmup}, steps {args.steps}"
           f"{', TRITON_CACHE_DIR ' + os.environ['TRITON_CACHE_DIR'] if os.environ.get('TRITON_CACHE_DIR') else ''}", flush=True)
-    rows, skipped = [], {}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_throughput{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "tiny": args.tiny,
+              "batch": args.batch, "seq_len": s["seq_len"], "shape": s, "rows": [], "skipped": {}}
     for name in names:
-        result = run_fla(s, args, device) if name == "fla_gdn" else run_ebb(name, s, args, device)
+        result = run_model(name, s, args, device)
         if isinstance(result, str):
-            skipped[name] = result
+            report["skipped"][name] = result
             print(f"  {name}: skipped ({result})", flush=True)
         else:
-            rows.append(result)
+            report["rows"].append(result)
+            print("  " + table([result], {}).splitlines()[1], flush=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")  # after each model: a run cut short keeps what it measured
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(table(rows, skipped))
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_throughput{'_tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"device": str(device), "tiny": args.tiny, "batch": args.batch, "seq_len": s["seq_len"], "shape": s,
-              "rows": rows, "skipped": skipped}
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report["rows"], report["skipped"]))
     return report
+
+
+def run_model(name: str, s: dict, args, device) -> dict | str:
+    """One model's row, or why it has none: a model that fails on this platform does not stop the others."""
+    try:
+        return run_fla(s, args, device) if name == "fla_gdn" else run_ebb(name, s, args, device)
+    except Exception as exc:
+        if args.tiny:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 if __name__ == "__main__":

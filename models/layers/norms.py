@@ -1,5 +1,15 @@
-"""RMSNorm and the two gated RMSNorms of docs/layers.md section 0."""
+"""RMSNorm and the two gated RMSNorms of docs/layers.md section 0.
+
+On CUDA, in eager mode, the norms run fla's fused Triton kernels when fla imports (one kernel for
+norm, weight and gate, forward and backward); under torch.compile they stay PyTorch so that
+Inductor fuses them into the block's graph. `EBB_FUSED_NORMS=0` keeps PyTorch everywhere.
+"""
 from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +28,26 @@ def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return (xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@functools.cache
+def fla_norms() -> SimpleNamespace | None:
+    """fla's fused norm functions, or None where fla (or Triton) does not import."""
+    try:
+        return SimpleNamespace(
+            rms_norm=importlib.import_module("fla.modules.layernorm").rms_norm,
+            rms_norm_gated=importlib.import_module("fla.modules.fused_norm_gate").rms_norm_gated,
+            group_rms_norm=importlib.import_module("fla.modules.layernorm_gated").rmsnorm_fn,
+        )
+    except Exception:
+        return None
+
+
+def fused_norms(x: Tensor) -> SimpleNamespace | None:
+    """fla's kernels for `x`: on CUDA, in eager mode, float16/bfloat16/float32, unless EBB_FUSED_NORMS=0."""
+    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling() or os.environ.get("EBB_FUSED_NORMS", "1") == "0":
+        return None
+    return fla_norms()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -28,6 +58,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if (fla := fused_norms(x)) is not None:
+            return fla.rms_norm(x, self.weight, None, eps=self.eps)
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -49,6 +81,11 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        fla = fused_norms(x)
+        if fla is not None and self.gate_first:
+            return fla.group_rms_norm(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size, norm_before_gate=False)
+        if fla is not None and self.group_size == x.shape[-1]:
+            return fla.rms_norm_gated(x, z, self.weight, None, activation="swish", eps=self.eps)
         if self.gate_first:
             x = x * F.silu(z)
         shape = x.shape

@@ -1,0 +1,122 @@
+"""The GPU fast path on a CUDA device (skipped without one): fla's op kernels and fused norms
+against the PyTorch forms at bfloat16, every mixer training under the dispatch rule, and compiled
+blocks against eager. Tolerances are relative norms of whole tensors (bf16 kernels against float32
+references)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.ops as ops
+from models.layers.norms import GatedRMSNorm, RMSNorm, fused_norms
+from models.model import HybridLM
+from models.ops import dispatch
+from pretrain.config import build_config
+from pretrain.data.packing import Batch
+from pretrain.parallelize import Parallel, fast_path_header, parallelize
+from pretrain.runtime import Runtime
+from pretrain.step import train_step
+from tests.conftest import every_mixer, tiny_model_overrides
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CUDA = torch.device("cuda")
+SHAPE = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-12)).item()
+
+
+def outputs_and_grads(fn, inputs: dict, grad_out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
+    out = fn(**leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    grad_out = grad_out if grad_out is not None else torch.ones_like(out)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [leaves[n].grad for n in inputs if leaves[n].grad is not None]
+
+
+def op_inputs(op: str, dtype: torch.dtype, H: int = 2, K: int = 128, V: int = 128, T: int = 300) -> dict:
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g).to(CUDA)  # noqa: E731
+    args = {"q": F.normalize(rand(1, T, H, K), dim=-1).to(dtype), "k": F.normalize(rand(1, T, H, K), dim=-1).to(dtype), "v": rand(1, T, H, V).to(dtype)}
+    if op in ("chunk_simple_gla", "chunk_gated_delta_rule"):
+        args["g"] = F.logsigmoid(rand(1, T, H) + 3)
+    if op in ("chunk_delta_rule", "chunk_gated_delta_rule"):
+        args["beta"] = torch.sigmoid(rand(1, T, H)).to(dtype)
+    args["cu_seqlens"] = torch.tensor([0, 100, 101, 300], device=CUDA)
+    return args
+
+
+@pytest.mark.parametrize("op", ["chunk_simple_gla", "chunk_delta_rule", "chunk_gated_delta_rule"])
+def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op):
+    pytest.importorskip("fla")
+    fn = getattr(ops, op)
+    low = op_inputs(op, torch.bfloat16)
+    decided = dispatch.decision(op, CUDA, torch.bfloat16, 128)
+    assert decided.backend == "fla", decided.reason  # key dim 128: fla even under the #640 rule
+    reference = {n: (t.float() if t.is_floating_point() else t) for n, t in low.items()}
+    grad_out = torch.randn(low["v"].shape, generator=torch.Generator().manual_seed(1)).to(CUDA)
+    got = outputs_and_grads(fn, low, grad_out)
+    want = outputs_and_grads(fn.torch_op, reference, grad_out)
+    assert len(got) == len(want)
+    for name, a, b in zip(["o", *[n for n in low if low[n].is_floating_point()]], got, want):
+        assert rel_err(a, b) < 2e-2, f"{op} {name}: rel err {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", ["rms", "gated", "gate_first"])
+def test_fused_norms_match_pytorch(monkeypatch, norm, dtype):
+    pytest.importorskip("fla")
+    torch.manual_seed(0)
+    x, z = torch.randn(2, 64, 4, 128, device=CUDA, dtype=dtype), torch.randn(2, 64, 4, 128, device=CUDA, dtype=dtype)
+    module = {"rms": RMSNorm(128), "gated": GatedRMSNorm(128), "gate_first": GatedRMSNorm(512, 128, gate_first=True)}[norm].to(CUDA)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+    if norm == "gate_first":
+        x, z = x.flatten(-2), z.flatten(-2)
+    assert fused_norms(x) is not None
+    call = (lambda x, z: module(x)) if norm == "rms" else module
+    got = outputs_and_grads(call, {"x": x, "z": z})
+    monkeypatch.setenv("EBB_FUSED_NORMS", "0")
+    assert fused_norms(x) is None
+    want = outputs_and_grads(call, {"x": x, "z": z})
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def train_losses(overrides: list[str], steps: int = 3) -> tuple[list[float], str]:
+    cfg = build_config({}, [*overrides, "train.device=cuda", "train.dtype=bfloat16"])
+    torch.manual_seed(0)
+    model = HybridLM(cfg.model).to(CUDA)
+    header = ops.plan_model(model, CUDA, torch.bfloat16)
+    par, runtime = Parallel(dict(SHAPE)), Runtime(CUDA, torch.bfloat16)
+    parallelize(par, model, cfg, runtime)
+    header += "\n" + fast_path_header(par, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 129), generator=gen).to(CUDA)
+    batch = Batch(ids[:, :-1], ids[:, 1:], torch.tensor([0, 100, 128, 256], dtype=torch.int32, device=CUDA))
+    return [train_step(par, optimizer, iter([batch]), 1, 1.0, runtime).loss.item() for _ in range(steps)], header
+
+
+@pytest.mark.parametrize("pattern,mixers", [(every_mixer(), None), ("GM", {"gated_deltanet": {"head_dim": 128}, "mamba2": {"d_state": 128}})])
+def test_every_mixer_trains_on_cuda_like_the_pytorch_ops(monkeypatch, pattern, mixers):
+    fast, header = train_losses(tiny_model_overrides(pattern, mixers))
+    print(header)
+    assert header.startswith("ebb: ops: ")
+    monkeypatch.setenv("EBB_OPS_BACKEND", "torch")
+    monkeypatch.setenv("EBB_FUSED_NORMS", "0")
+    slow, _ = train_losses(tiny_model_overrides(pattern, mixers))
+    assert all(torch.isfinite(torch.tensor(fast)))
+    assert fast == pytest.approx(slow, rel=2e-2)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_blocks_match_eager_on_cuda():
+    overrides = tiny_model_overrides("GM*", {"gated_deltanet": {"head_dim": 128}})
+    eager, _ = train_losses([*overrides, "train.compile=false"])
+    compiled, header = train_losses([*overrides, "train.compile=true"])
+    assert "torch.compile: each block" in header
+    assert compiled == pytest.approx(eager, rel=2e-2)
