@@ -5,7 +5,9 @@
 
 One process, one GPU; bf16 autocast, fused AdamW, random tokens, vocab 32k, T = 2048. Models:
 - `fla_gdn`: fla's GatedDeltaNetForCausalLM, hidden 2048, 21 layers, 6 heads of 256, expand_v 2
-  (what flame pretrains): the peer; skipped with a line when fla cannot run here;
+  (what flame pretrains): the peer; skipped with a line when fla cannot run here. It gets the
+  batch as ebb does, B rows packed as documents of one sequence (cu_seqlens: flame's varlen mode),
+  so both run the same kernels at the same shapes and Triton autotunes them once;
 - `ebb_G` / `ebb_G_compiled`: ebb's `G` stack of the same shape (SwiGLU 5632 as fla's, untied),
   eager and with `train.compile`;
 - `ebb_hybrid`: `GGG*` repeated to 21 blocks (attention 16 heads of 128);
@@ -127,7 +129,7 @@ def run_fla(s: dict, args, device) -> dict | str:
         print(f"  fla_gdn: fla's #640 guard lifted (Triton {platform.triton}, key dim {s['head_dim']})", flush=True)
     cfg = GatedDeltaNetConfig(
         hidden_size=s["d_model"], num_hidden_layers=s["layers"], num_heads=s["heads"], head_dim=s["head_dim"], expand_v=2.0,
-        vocab_size=s["vocab"], intermediate_size=s["mlp"], tie_word_embeddings=False, fuse_cross_entropy=True,
+        vocab_size=s["vocab"], intermediate_size=s["mlp"], tie_word_embeddings=False, fuse_cross_entropy=False,
         fuse_linear_cross_entropy=True, use_cache=False,
     )
     torch.manual_seed(0)
@@ -138,10 +140,12 @@ def run_fla(s: dict, args, device) -> dict | str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     B, T = args.batch, s["seq_len"]
 
-    def step():
-        ids = torch.randint(0, s["vocab"], (B, T), device=device)
+    documents = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+
+    def step():  # B rows of T packed as one sequence of documents, as ebb's Batch (fla's varlen path: the same kernels)
+        ids = torch.randint(0, s["vocab"], (1, B * T), device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, cu_seqlens=documents).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

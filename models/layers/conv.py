@@ -34,8 +34,8 @@ class ShortConv(nn.Conv1d):
             tail = x.new_zeros(B, W - 1, C)
         history = torch.cat([tail.to(x.dtype), x], dim=1)
         position = None if cu_seqlens is None else positions_in_documents(cu_seqlens, T)[:, None]
-        taps = self.weight[:, 0]  # [C, W]; tap W-1 weighs the current token
-        y = x * taps[:, W - 1] if self.bias is None else torch.addcmul(self.bias, x, taps[:, W - 1])
+        taps = self.weight[:, 0].to(x.dtype)  # [C, W]; tap W-1 weighs the current token; bf16 under autocast, as conv1d would
+        y = x * taps[:, W - 1] if self.bias is None else torch.addcmul(self.bias.to(x.dtype), x, taps[:, W - 1])
         for lag in range(1, W):
             earlier = history[:, W - 1 - lag : W - 1 - lag + T]
             if position is not None:

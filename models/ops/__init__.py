@@ -37,6 +37,18 @@ __all__ = [
 ]
 
 
+ACTIVATIONS = frozenset({"q", "r", "k", "v", "a", "b", "beta"})  # cast under autocast; log-decays and states stay float32
+
+
+def autocast_activations(arguments: dict) -> dict:
+    """Under CUDA autocast, the float32 activations in the autocast dtype, as a matmul would get them."""
+    first = next(iter(arguments.values()))
+    if not (first.is_cuda and torch.is_autocast_enabled("cuda")):
+        return arguments
+    dtype = torch.get_autocast_dtype("cuda")
+    return {n: t.to(dtype) if n in ACTIVATIONS and isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for n, t in arguments.items()}
+
+
 def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
     """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped)."""
     signature = inspect.signature(torch_op)
@@ -44,15 +56,15 @@ def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
 
     @functools.wraps(torch_op)
     def op(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
+        arguments = autocast_activations(signature.bind(*args, **kwargs).arguments)
         first_input = next(iter(arguments.values()))  # q, or r for RWKV-7
         dispatch.backend_override()  # a bad EBB_OPS_BACKEND is an error on every device
         if dispatch.record(name, arguments):  # plan_model's probe: note the shapes, run the PyTorch form
-            return torch_op(*args, **kwargs)
+            return torch_op(**arguments)
         if first_input.is_cuda and dispatch.decision(name, first_input.device, first_input.dtype, first_input.shape[-1]).backend == "fla":
             arguments.pop("chunk_size", None)
             return dispatch.fla_kernel(name)(**arguments)
-        return torch_op(*args, **kwargs)
+        return torch_op(**arguments)
 
     op.torch_op = torch_op
     return op

@@ -17,7 +17,7 @@ from pretrain.data.packing import Batch
 from pretrain.parallelize import Parallel, fast_path_header, parallelize
 from pretrain.runtime import Runtime
 from pretrain.step import train_step
-from tests.conftest import every_mixer, tiny_model_overrides
+from tests.conftest import every_mixer, tiny_model_config, tiny_model_overrides
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda")
@@ -47,6 +47,13 @@ def op_inputs(op: str, dtype: torch.dtype, H: int = 2, K: int = 128, V: int = 12
         args["beta"] = torch.sigmoid(rand(1, T, H)).to(dtype)
     args["cu_seqlens"] = torch.tensor([0, 100, 101, 300], device=CUDA)
     return args
+
+
+def test_ops_receive_the_autocast_dtype():
+    model = HybridLM(tiny_model_config(every_mixer())).to(CUDA)
+    with dispatch.recording(model) as calls, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.zeros(1, 32, dtype=torch.long, device=CUDA))
+    assert calls and {dtype for _, _, dtype, _, _ in calls} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("op", ["chunk_simple_gla", "chunk_delta_rule", "chunk_gated_delta_rule"])
