@@ -25,6 +25,7 @@ from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
 from optim.config import OptimConfig
 from optim.groups import build_param_groups, wants_weight_decay
+from optim.offload import OffloadAdamW, build_offload_optimizer
 from optim.shards import like_param, local_shard
 from optim.update import adamw_update_
 
@@ -181,9 +182,12 @@ def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:
     return group["state_dtype"] == "fp32" and p.dtype == torch.float32
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
-    """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW | OffloadAdamW:
+    """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available.
+    With `optim.offload.enabled`, the same AdamW with its state in host memory (`optim/offload/`)."""
     groups = build_param_groups(model, cfg)
+    if cfg.offload.enabled:
+        return build_offload_optimizer(model, groups, cfg)
     params = [p for g in groups for p in g["params"]]
     fused = fused_available(params) if cfg.fused is None else cfg.fused
     return AdamW(
