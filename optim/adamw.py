@@ -186,10 +186,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW | OffloadAdamW:
     """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available.
     With `optim.offload.enabled`, the same AdamW with its state in host memory (`optim/offload/`)."""
     groups = build_param_groups(model, cfg)
-    if cfg.offload.enabled:
-        return build_offload_optimizer(model, groups, cfg)
     params = [p for g in groups for p in g["params"]]
     fused = fused_available(params) if cfg.fused is None else cfg.fused
+    if cfg.offload.enabled:  # with AdamW's group keys, so that either loads the other's state dict
+        return build_offload_optimizer(model, [{"fused": fused, "master_weights": cfg.master_weights, **g} for g in groups], cfg)
     return AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
         state_dtype=cfg.state_dtype, master_weights=cfg.master_weights, fused=fused, compile=cfg.compile,
