@@ -217,3 +217,34 @@ def test_header_and_bad_input_on_the_command_line(tmp_path):
     assert len(header) == 1 and "no accelerator, host and device are both the CPU" in header[0] and "k=2" in header[0]
     result = cli("pretrain.train", *SMALL_RUN, f"train.run_dir={tmp_path / 'bad'}", *OFFLOAD, "optim.offload.device_memory_gb=1e-6")
     assert_one_error(result, "optim.offload.subgroup_size=5000: one subgroup's fp32 master and moments take")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("subgroup_size, k", [(10**7, 0), (100_000, 0), (100_000, 1), (100_000, 2), (70_001, 3)])
+def test_cuda_streams_give_adamw_parameters(subgroup_size, k):
+    """On a GPU: pinned host state, side-stream prefetch, write-back and uploads, gradients copied
+    during backward; against ebb's AdamW on the GPU (torch's fused CUDA kernel there)."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 1024), nn.LayerNorm(1024), nn.Linear(1024, 256)).cuda()
+
+    def steps(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from pretrain.step import clip_gradients
+
+        data = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(5):
+            for _ in range(2):
+                net(torch.randn(8, 256, device="cuda", generator=data)).pow(2).mean().backward()
+            clip_gradients(net, optimizer, 0.05)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    want, got = model(), model()
+    steps(want, build_optimizer(want, OptimConfig(lr=1e-2)))
+    offload = dict(enabled=True, subgroup_size=subgroup_size, gpu_every_k=k, host_optimizer="torch")
+    optimizer = build_optimizer(got, OptimConfig(lr=1e-2, offload=offload))
+    assert optimizer.master.is_pinned()
+    steps(got, optimizer)
+    for a, b in zip(got.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
