@@ -105,6 +105,12 @@ class AdamW(torch.optim.Optimizer):
                 self._codec_step(by_codec, group, CODECS[group["state_dtype"]])
         return loss
 
+    def init_state(self) -> None:
+        """Every parameter's state now (zero moments), rather than at its first step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group, CODECS[group["state_dtype"]])
+
     def _state(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> dict[str, Tensor]:
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
         state = self.state[p]
@@ -189,7 +195,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW | OffloadAdamW:
     params = [p for g in groups for p in g["params"]]
     fused = fused_available(params) if cfg.fused is None else cfg.fused
     if cfg.offload.enabled:  # with AdamW's group keys, so that either loads the other's state dict
-        return build_offload_optimizer(model, [{"fused": fused, "master_weights": cfg.master_weights, **g} for g in groups], cfg)
+        groups = [{"fused": fused, "master_weights": cfg.master_weights, **g} for g in groups]
+        low_bit = [g for g in groups if g["state_dtype"] != "fp32"]  # their states stay on the device, stepped by AdamW
+        on_device = AdamW(low_bit, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, compile=cfg.compile) if low_bit else None
+        return build_offload_optimizer(model, groups, cfg, on_device)
     return AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
         state_dtype=cfg.state_dtype, master_weights=cfg.master_weights, fused=fused, compile=cfg.compile,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field
 
 from common.config import Strict, one_of
 from optim.codecs import CODECS
@@ -25,8 +25,9 @@ class ParamGroupOverride(Strict):
 
 class OffloadConfig(Strict):
     """Interleaved optimizer offload (README: Optimizer offload): fp32 master weights and AdamW's
-    moments live in host memory, cut into subgroups; every `gpu_every_k`-th subgroup is updated on
-    the accelerator (its state streamed in and back), the others on the host."""
+    fp32 moments live in host memory, cut into subgroups; every `gpu_every_k`-th subgroup is
+    updated on the accelerator (its state streamed in and back), the others on the host. Low-bit
+    states (`state_dtype` int8, fp8, bf16) stay on the accelerator."""
 
     enabled: bool = False
     subgroup_size: int = Field(50_000_000, gt=0, description="parameter elements (of this rank's shards) per subgroup")
@@ -65,14 +66,6 @@ class OptimConfig(Strict):
         [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
     )
     offload: OffloadConfig = OffloadConfig()
-
-    @model_validator(mode="after")
-    def _offload_keeps_fp32_states(self) -> OptimConfig:
-        dtypes = {self.state_dtype, *(o.state_dtype for o in self.overrides if o.state_dtype is not None)}
-        if self.offload.enabled and dtypes != {"fp32"}:
-            others = ", ".join(sorted(dtypes - {"fp32"}))
-            raise ValueError(f"optim.offload keeps fp32 moments in host memory; state_dtype {others} is not offloaded (set optim.state_dtype=fp32)")
-        return self
 
     @property
     def schedule_options(self) -> dict[str, float | int | str]:

@@ -121,9 +121,10 @@ def _rate(value: float, unit: str) -> str:
     return f"{value / 1e9:.3g} G{unit}/s"
 
 
-def build_offload_optimizer(model: nn.Module, groups: list[dict[str, Any]], opt: Any) -> OffloadAdamW:
-    """`OffloadAdamW` over `groups` (of `model`'s parameters) as `opt` (OptimConfig) says; its
-    `header` is the line the run prints about it."""
+def build_offload_optimizer(model: nn.Module, groups: list[dict[str, Any]], opt: Any, on_device: torch.optim.Optimizer | None = None) -> OffloadAdamW:
+    """`OffloadAdamW` over `groups` (of `model`'s parameters) as `opt` (OptimConfig) says, the
+    low-bit ones `on_device`'s (ebb's AdamW over those group dicts); its `header` is the line the
+    run prints about it."""
     cfg = opt.offload
     params = [p for g in groups for p in g["params"]]
     device = local_shard(params[0]).device if params else torch.device("cpu")
@@ -144,15 +145,21 @@ def build_offload_optimizer(model: nn.Module, groups: list[dict[str, Any]], opt:
         notes.append(f"k={k} (optim.offload.gpu_every_k)")
     slots = staging_slots(cfg, device, min(cfg.subgroup_size, total)) if k else 0
     optimizer = OffloadAdamW(
-        groups, host, device, cfg.subgroup_size, k, slots, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, compile=opt.compile,
+        groups, host, device, cfg.subgroup_size, k, slots, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+        compile=opt.compile, on_device=on_device,
     )
     on_accelerator = sum(s.on_device for s in optimizer.subgroups)
     where = "no accelerator, host and device are both the CPU; " if device.type == "cpu" else ""
     optimizer.header = (
         f"ebb: offload: {where}{_count(total)} elements in {len(optimizer.subgroups)} subgroups of {_count(cfg.subgroup_size)}, "
-        f"{on_accelerator} on the {'accelerator' if device.type != 'cpu' else 'device side'}; " + "; ".join(notes)
+        f"{on_accelerator} on the {'accelerator' if device.type != 'cpu' else 'device side'}; " + "; ".join(notes) + _low_bit_note(groups)
     )
     return optimizer
+
+
+def _low_bit_note(groups: list[dict[str, Any]]) -> str:
+    kept = sum(local_shard(p).numel() for g in groups if g.get("state_dtype", "fp32") != "fp32" for p in g["params"])
+    return f"; low-bit states of {_count(kept)} elements stay on the accelerator" if kept else ""
 
 
 def _count(n: int) -> str:

@@ -71,12 +71,18 @@ class Subgroup:
     pieces: list[Piece] = field(default_factory=list)
 
 
+def offloaded(group: dict[str, Any]) -> bool:
+    """Whether a parameter group's state lives in host memory (fp32 states; low-bit ones stay on the device)."""
+    return group.get("state_dtype", "fp32") == "fp32"
+
+
 def cut(groups: list[dict[str, Any]], subgroup_size: int, k: int) -> tuple[list[Subgroup], int]:
-    """The subgroups of `groups`' parameters (their local shards, in order) and the elements in all."""
+    """The subgroups of the offloaded `groups`' parameters (their local shards, in order) and the
+    elements in all."""
     subgroups: list[Subgroup] = []
     total = 0
     for index, group in enumerate(groups):
-        for p in group["params"]:
+        for p in group["params"] if offloaded(group) else ():
             numel, offset = local_shard(p).numel(), 0
             while offset < numel:
                 if not subgroups or subgroups[-1].stop - subgroups[-1].start == subgroup_size:
@@ -100,17 +106,19 @@ class Slot:
 
 
 class OffloadAdamW(torch.optim.Optimizer):
-    """AdamW over `params` (parameter groups as ebb's AdamW takes them, fp32 states) with its
-    state in host memory (pinned when `device` is a GPU), cut into subgroups of `subgroup_size`
-    elements; every `k`-th on the accelerator (`optim.offload.model`), `slots` of them staged
-    there at once. `host` updates the others."""
+    """AdamW over `params` (parameter groups as ebb's AdamW takes them) with its fp32 state in
+    host memory (pinned when `device` is a GPU), cut into subgroups of `subgroup_size` elements;
+    every `k`-th on the accelerator (`optim.offload.model`), `slots` of them staged there at once.
+    `host` updates the others. Groups of low-bit states are `on_device`'s (ebb's AdamW over the
+    same group dicts), whose state this optimizer's `state` holds too."""
 
     def __init__(
         self, params: Iterable[Any], host: HostAdamW, device: torch.device, subgroup_size: int, k: int, slots: int = 2,
         lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-        compile: bool | None = None,
+        compile: bool | None = None, on_device: torch.optim.Optimizer | None = None,
     ):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.on_device = on_device
         self.host, self.device, self.k = host, device, k
         self.subgroups, total = cut(self.param_groups, subgroup_size, k)
         pin = device.type == "cuda"
@@ -134,13 +142,16 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.copied: dict[nn.Parameter, tuple[int, int]] = {}  # gradient (data pointer, version) the host copy holds
         self.clip: Tensor | None = None  # the coefficient the host copies still need
         starts = {piece.param: piece.start for s in reversed(self.subgroups) for piece in reversed(s.pieces)}  # each one's first
-        self._views = {p: self._new_state(p, starts.get(p, 0)) for group in self.param_groups for p in group["params"]}
+        self._views = {p: self._new_state(p, starts.get(p, 0)) for group in self.param_groups if offloaded(group) for p in group["params"]}
         self.state.update(self._views)
+        if on_device is not None:
+            on_device.state = self.state
+            on_device.init_state()  # so that a checkpoint's template asks for them before the first step
         self._refresh_master()
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.host_pieces]
 
     def _param_dtypes(self) -> set[torch.dtype]:
-        return {p.dtype for group in self.param_groups for p in group["params"] if p.dtype != torch.float32}
+        return {p.dtype for group in self.param_groups if offloaded(group) for p in group["params"] if p.dtype != torch.float32}
 
     def _new_state(self, p: nn.Parameter, start: int) -> dict[str, Tensor]:
         """`p`'s state as views of the host buffers from `start`, shaped like its local shard."""
@@ -207,7 +218,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stepping = {p for group in self.param_groups for p in group["params"] if p.grad is not None}
+        if self.on_device is not None:
+            self.on_device.step()  # queued on the device first, so that it runs while the host works
+        stepping = {p for group in self.param_groups if offloaded(group) for p in group["params"] if p.grad is not None}
         for p in stepping:
             self.state[p]["step"] += 1
         self.h2d.follow()  # uploads and prefetches after the backward's use of the parameters
@@ -299,8 +312,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         has none (fp32 parameters, or saved without offload)."""
         super().load_state_dict({**state_dict, "state": {}})
         self.state.update(self._views)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        owned = (p for group in self.param_groups for p in group["params"])
+        if self.on_device is not None:
+            self._load_on_device(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"] if offloaded(g))
+        owned = (p for group in self.param_groups if offloaded(group) for p in group["params"])
         unmastered = []
         for saved_id, p in zip(saved_ids, owned):
             saved = state_dict["state"].get(saved_id, {})
@@ -310,6 +325,19 @@ class OffloadAdamW(torch.optim.Optimizer):
             if "master" not in saved:
                 unmastered.append(p)
         self._refresh_master(unmastered)
+
+
+    def _load_on_device(self, state_dict: dict[str, Any]) -> None:
+        """The low-bit groups' part of `state_dict` into `on_device`, whose new group dicts then
+        take their places here, and whose state is this one's again."""
+        positions = [i for i, g in enumerate(state_dict["param_groups"]) if not offloaded(g)]
+        groups = [state_dict["param_groups"][i] for i in positions]
+        ids = {i for g in groups for i in g["params"]}
+        self.on_device.load_state_dict({"param_groups": groups, "state": {i: s for i, s in state_dict["state"].items() if i in ids}})
+        for position, group in zip(positions, self.on_device.param_groups):
+            self.param_groups[position] = group
+        self.state.update(self.on_device.state)
+        self.on_device.state = self.state
 
 
 def _local_grad(p: nn.Parameter) -> Tensor:

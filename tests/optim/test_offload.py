@@ -18,7 +18,7 @@ from optim.adamw import AdamW, build_optimizer
 from optim.config import OptimConfig
 from optim.offload import OffloadAdamW, OffloadError, choose_host
 from optim.offload.model import Rates, choose_k, hidden, on_device
-from pretrain.config import ConfigError, load_config
+from pretrain.config import load_config
 from pretrain.train import train
 from tests.runs import SMALL_RUN, assert_one_error, cli
 
@@ -179,9 +179,26 @@ def test_startup_errors_are_one_line(monkeypatch, no_deepspeed):
         build_optimizer(mlp(), optim_config(enabled=True, gpu_every_k=0, host_optimizer="torch"))
 
 
-def test_offload_of_low_bit_states_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^config key optim: .*state_dtype int8 is not offloaded"):
-        load_config(None, ["optim.offload.enabled=true", "optim.state_dtype=int8"])
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_low_bit_states_stay_on_the_device_beside_offloaded_fp32_ones(dtype):
+    """Matrices of 1000+ elements keep `dtype` states, stepped by ebb's AdamW where they lie; the
+    rest (fp32 states) are offloaded. The whole matches AdamW with the same settings, and its
+    state dict loads into AdamW and back."""
+    settings = dict(lr=1e-2, state_dtype=dtype, min_quant_numel=1000, overrides=[{"params": "2.*", "lr_scale": 2.0}])
+    want = mlp()
+    train_steps(want, build_optimizer(want, OptimConfig(**settings)))
+    model = mlp()
+    optimizer = build_optimizer(model, OptimConfig(**settings, offload=dict(enabled=True, subgroup_size=300, gpu_every_k=2, host_optimizer="torch")))
+    assert "low-bit states of 1.02K elements stay on the accelerator" in optimizer.header
+    assert f"exp_avg_{dtype}" in optimizer.state[model[0].weight] and "exp_avg" in optimizer.state[model[2].weight]
+    train_steps(model, optimizer)
+    for a, b in zip(model.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    plain = build_optimizer(mlp(), OptimConfig(**settings))
+    plain.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    optimizer.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert optimizer.state[model[0].weight] is optimizer.on_device.state[model[0].weight]
+    assert all(a is b for a, b in zip(optimizer.on_device.param_groups, (g for g in optimizer.param_groups if g["state_dtype"] != "fp32")))
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -202,11 +219,23 @@ def test_checkpoint_and_resume_with_offload_give_identical_losses(tmp_path):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
-@pytest.mark.parametrize("before, after", [(OFFLOAD, []), ([], OFFLOAD)], ids=["offload-then-off", "off-then-offload"])
-def test_resume_toggling_offload(tmp_path, before, after):
-    run(tmp_path / "straight")
-    run(tmp_path / "resumed", *before, "train.stop_at_step=4")
-    run(tmp_path / "resumed", *after, resume=True)
+INT8 = ["optim.state_dtype=int8", "optim.min_quant_numel=1024"]
+
+
+def test_checkpoint_and_resume_with_offload_and_low_bit_states(tmp_path):
+    run(tmp_path / "straight", *OFFLOAD, *INT8)
+    run(tmp_path / "resumed", *OFFLOAD, *INT8, "train.stop_at_step=4")
+    run(tmp_path / "resumed", *OFFLOAD, *INT8, resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+@pytest.mark.parametrize(
+    "before, after, common", [(OFFLOAD, [], []), ([], OFFLOAD, []), ([], OFFLOAD, INT8)], ids=["offload-then-off", "off-then-offload", "int8-off-then-offload"],
+)
+def test_resume_toggling_offload(tmp_path, before, after, common):
+    run(tmp_path / "straight", *common)
+    run(tmp_path / "resumed", *before, *common, "train.stop_at_step=4")
+    run(tmp_path / "resumed", *after, *common, resume=True)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "resumed")), torch.tensor(losses(tmp_path / "straight")), rtol=0, atol=TOL)
 
 
