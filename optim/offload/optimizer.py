@@ -218,14 +218,13 @@ class OffloadAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.on_device is not None:
-            self.on_device.step()  # queued on the device first, so that it runs while the host works
         stepping = {p for group in self.param_groups if offloaded(group) for p in group["params"] if p.grad is not None}
         for p in stepping:
             self.state[p]["step"] += 1
         self.h2d.follow()  # uploads and prefetches after the backward's use of the parameters
-        wait(self.h2d.mark())  # the last step's uploads, before the host rewrites what they read
-        self._host_grads_current()
+        self._host_grads_current()  # (its wait follows the backward, hence the last step's uploads too)
+        if self.on_device is not None:
+            self.on_device.step()  # queued on the device, where it runs while the host works
         device_subgroups = [s for s in self.subgroups if s.on_device]
         if device_subgroups:
             self._prefetch(device_subgroups[0], self.slots[0])
