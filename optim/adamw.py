@@ -25,6 +25,7 @@ from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
 from optim.config import OptimConfig
 from optim.groups import build_param_groups, wants_weight_decay
+from optim.offload import OffloadAdamW, build_offload_optimizer
 from optim.shards import like_param, local_shard
 from optim.update import adamw_update_
 
@@ -104,6 +105,12 @@ class AdamW(torch.optim.Optimizer):
                 self._codec_step(by_codec, group, CODECS[group["state_dtype"]])
         return loss
 
+    def init_state(self) -> None:
+        """Every parameter's state now (zero moments), rather than at its first step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group, CODECS[group["state_dtype"]])
+
     def _state(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> dict[str, Tensor]:
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
         state = self.state[p]
@@ -181,11 +188,17 @@ def _by_torch(p: Tensor, group: dict[str, Any]) -> bool:
     return group["state_dtype"] == "fp32" and p.dtype == torch.float32
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
-    """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW | OffloadAdamW:
+    """AdamW over `model`'s parameter groups (`optim/groups.py`); `fused: None` = where available.
+    With `optim.offload.enabled`, the same AdamW with its state in host memory (`optim/offload/`)."""
     groups = build_param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
     fused = fused_available(params) if cfg.fused is None else cfg.fused
+    if cfg.offload.enabled:  # with AdamW's group keys, so that either loads the other's state dict
+        groups = [{"fused": fused, "master_weights": cfg.master_weights, **g} for g in groups]
+        low_bit = [g for g in groups if g["state_dtype"] != "fp32"]  # their states stay on the device, stepped by AdamW
+        on_device = AdamW(low_bit, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, compile=cfg.compile) if low_bit else None
+        return build_offload_optimizer(model, groups, cfg, on_device)
     return AdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
         state_dtype=cfg.state_dtype, master_weights=cfg.master_weights, fused=fused, compile=cfg.compile,

@@ -8,10 +8,12 @@ from pydantic import AfterValidator, Field
 
 from common.config import Strict, one_of
 from optim.codecs import CODECS
+from optim.offload.host import HOST_CHOICES
 from optim.schedules import LR_SCHEDULES
 
 StateDtype = Annotated[str, AfterValidator(one_of(CODECS, "state dtype"))]
 LrSchedule = Annotated[str, AfterValidator(one_of(LR_SCHEDULES, "lr schedule"))]
+HostOptimizer = Annotated[str, AfterValidator(one_of(HOST_CHOICES, "host optimizer"))]
 
 
 class ParamGroupOverride(Strict):
@@ -19,6 +21,25 @@ class ParamGroupOverride(Strict):
     state_dtype: StateDtype | None = Field(None, description="this group's optimizer-state dtype; None = optim.state_dtype")
     lr_scale: float = Field(1.0, gt=0, description="multiplies the scheduled lr for these parameters")
     weight_decay: float | None = Field(None, ge=0, description="None = optim.weight_decay (exclusions still apply)")
+
+
+class OffloadConfig(Strict):
+    """Interleaved optimizer offload (README: Optimizer offload): fp32 master weights and AdamW's
+    fp32 moments live in host memory, cut into subgroups; every `gpu_every_k`-th subgroup is
+    updated on the accelerator (its state streamed in and back), the others on the host. Low-bit
+    states (`state_dtype` int8, fp8, bf16) stay on the accelerator."""
+
+    enabled: bool = False
+    subgroup_size: int = Field(50_000_000, gt=0, description="parameter elements (of this rank's shards) per subgroup")
+    gpu_every_k: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="subgroup x goes to the accelerator when x % k == k - 1; 0 = all on the host; auto = the performance model's k"
+    )
+    host_optimizer: HostOptimizer = Field(
+        "auto", description="the host-side AdamW: torch (fused CPU kernel), deepspeed (its CPU Adam), or auto = the faster, measured"
+    )
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="device memory the subgroup staging buffers may take; None = what is free at start-up"
+    )
 
 
 class OptimConfig(Strict):
@@ -44,6 +65,7 @@ class OptimConfig(Strict):
     overrides: list[ParamGroupOverride] = Field(
         [], description="per-parameter-group settings, first matching glob wins: state_dtype, lr_scale, weight_decay"
     )
+    offload: OffloadConfig = OffloadConfig()
 
     @property
     def schedule_options(self) -> dict[str, float | int | str]:

@@ -25,6 +25,7 @@ from models.model import HybridLM
 from optim.codecs import CODECS
 from optim.config import OptimConfig
 from optim.groups import build_param_groups
+from optim.offload.model import STATE_BYTES
 from parallel.data_parallel import apply_activation_checkpointing
 from pretrain.loss import lm_loss
 
@@ -59,16 +60,24 @@ def param_counts(model: HybridLM) -> dict[str, int]:
 def state_bytes(module: nn.Module, cfg: OptimConfig, shards: int = 1) -> dict[str, int]:
     """Optimizer-state bytes by codec for the parameters of `module`: both moments' parts as the
     optimizer's groups assign codecs (small tensors and overrides included), plus fp32 master
-    copies where asked; divided over `shards` ranks."""
+    copies where asked; divided over `shards` ranks. With `optim.offload` the fp32 states live in
+    host memory: the device holds two subgroups' staging (fp32 master and moments) instead."""
     by_codec: Counter[str] = Counter()
+    offloaded = 0
     for group in build_param_groups(module, cfg):
         codec = CODECS[group["state_dtype"]]
         for param in group["params"]:
+            if cfg.offload.enabled and codec.name == "fp32":
+                offloaded += param.numel()
+                continue
             parts = codec.zeros(torch.empty(param.shape, dtype=param.dtype, device="meta"))
             by_codec[codec.name] += 2 * sum(tensor_bytes(t) for t in parts.values())
             if cfg.master_weights and param.dtype != torch.float32:
                 by_codec["master weights"] += param.numel() * FP32
-    return {name: math.ceil(size / shards) for name, size in by_codec.items()}
+    per_rank = {name: math.ceil(size / shards) for name, size in by_codec.items()}
+    if offloaded:
+        per_rank["offload staging"] = 2 * STATE_BYTES * min(cfg.offload.subgroup_size, math.ceil(offloaded / shards))
+    return per_rank
 
 
 def checkpoint_bytes(model: HybridLM, cfg: OptimConfig) -> int:

@@ -7,6 +7,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from optim.offload import OffloadAdamW
 from parallel.pipeline import pipeline_gradients
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
@@ -60,6 +61,14 @@ def step_if_finite(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Te
     return ok
 
 
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """The norm of all of `model`'s gradients, which are clipped to `max_norm` (an offloading
+    optimizer clips its host copies of gradients too)."""
+    if isinstance(optimizer, OffloadAdamW):
+        return optimizer.clip_grad_norm_(model.parameters(), max_norm)
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def train_step(
     par: Parallel, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
 ) -> StepResult:
@@ -82,7 +91,7 @@ def train_step(
         loss_sum += local(loss.detach()) / grad_accum
         if aux_loss is not None:
             aux_losses.append(aux_loss.detach().float())
-    grad_norm = local(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf))
+    grad_norm = local(clip_gradients(model, optimizer, grad_clip if grad_clip is not None else math.inf))
     loss = mean_over_replicas(loss_sum, par.shape)
     stepped = step_if_finite(optimizer, loss, grad_norm)
     aux_loss = mean_over_replicas(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None

@@ -51,6 +51,7 @@ from checkpoint.manager import step_dir_name
 from models.model import HybridLM
 from models.ops import plan_model
 from optim.adamw import build_optimizer
+from optim.offload import OffloadAdamW, OffloadError
 from optim.schedules import build_lr_schedule
 from parallel.mesh import ParallelError
 from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config
@@ -66,7 +67,7 @@ from pretrain.runtime import Runtime, set_up
 from pretrain.signals import StopSignals, exit_status, say, signal_name
 from pretrain.step import StepResult, evaluate, train_step
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError, OffloadError)
 STATE_SECTIONS = ("model", "optim")  # the config sections that shape a checkpoint's tensors
 ERROR_GRACE_S = 5.0  # under torchrun, how long ranks other than 0 wait before reporting an error
 
@@ -197,7 +198,7 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         print_header(cfg, num_params, par, runtime, first, end, eval_skipped, checkpoints.resumed_from)
-        print(ops_line, fast_path_header(par, cfg), sep="\n", flush=True)
+        print(ops_line, fast_path_header(par, cfg), *([optimizer.header] if isinstance(optimizer, OffloadAdamW) else []), sep="\n", flush=True)
         metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
     # only rank 0 reports MFU; on CPU the other ranks measuring at once would also skew its peak
     peak = peak_flops(runtime.device) if par.is_main else None
