@@ -8,6 +8,11 @@ background writer runs DCP's save on the host copy with `StreamingSavePlanner`, 
 each tensor as soon as its copy is done, so writing overlaps copying, in the ordinary DCP layout.
 Training blocks only in `wait_for_snapshot`, right before the next optimizer step, if the copy
 has not finished.
+
+State that already lives in host memory for good (an offloading optimizer's `host_resident`
+buffers: fp32 master and moments, the largest part of such a run's state) is not copied: the
+writer reads it in place, and the next optimizer step waits until it is written. A second host
+copy of it would double the memory offload exists to save.
 """
 from __future__ import annotations
 
@@ -49,6 +54,13 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     return obj
 
 
+def tensors_of(obj: Any) -> list[Tensor]:
+    """Every tensor in `obj`, in `map_tensors`' order."""
+    found: list[Tensor] = []
+    map_tensors(obj, found.append)
+    return found
+
+
 def copy_between_host_tensors(host: Tensor, src: Tensor) -> None:
     """`host.copy_(src)` as a plain memcpy through numpy where both are contiguous: a torch op on
     this background thread would start a second OpenMP team, whose threads slowed every later
@@ -79,21 +91,40 @@ class HostBuffers:
         return self.buffers
 
 
+def resident_storages(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The storages of `optimizer`'s state that live in host memory for good (see the module doc)."""
+    return {t.untyped_storage().data_ptr() for t in getattr(optimizer, "host_resident", ())}
+
+
 class Snapshot:
     """Starts copying `state`'s tensors into `buffers` on `copier`; `host_state` is `state` with
-    host tensors in their place (DTensors keep their sharding, with a host local tensor)."""
+    host tensors in their place (DTensors keep their sharding, with a host local tensor). Tensors
+    on the storages in `in_place` are their own host copy; `persisted` is set once the writer has
+    read them (`written`)."""
 
-    def __init__(self, state: dict[str, Any], buffers: HostBuffers, copier: ThreadPoolExecutor):
-        sources: list[Tensor] = []
-        map_tensors(state, sources.append)
+    def __init__(self, state: dict[str, Any], buffers: HostBuffers, copier: ThreadPoolExecutor, in_place: set[int] = frozenset()):
+        tensors = tensors_of(state)
+        resident = {id(t) for t in tensors if self._resident(t, in_place)}
+        sources = [t for t in tensors if id(t) not in resident]
         hosts = iter(buffers.take([local_part(t) for t in sources]))
         self.ready: dict[int, threading.Event] = {}
-        self.host_state = map_tensors(state, lambda t: self._host_twin(t, next(hosts)))
+        self.reads_in_place = bool(resident)
+        self.persisted = threading.Event()
+        self.host_state = map_tensors(state, lambda t: t if id(t) in resident else self._host_twin(t, next(hosts)))
         self.error: BaseException | None = None
         pairs = [(local_part(t), h) for t, h in zip(sources, buffers.buffers)]
         device = next((src.device for src, _ in pairs if src.is_cuda), None)
         start = torch.cuda.current_stream(device).record_event() if device is not None else None  # after the work queued so far
         self.done: Future = copier.submit(self._copy, pairs, list(self.ready.values()), start)
+
+    @staticmethod
+    def _resident(tensor: Tensor, in_place: set[int]) -> bool:
+        local = local_part(tensor)
+        return local.device.type == "cpu" and local.untyped_storage().data_ptr() in in_place
+
+    def written(self) -> None:
+        """The writer has finished with the state (written, or given up)."""
+        self.persisted.set()
 
     def _host_twin(self, tensor: Tensor, host: Tensor) -> Tensor:
         twin = DTensor(host, tensor._spec, requires_grad=False) if isinstance(tensor, DTensor) else host
@@ -139,8 +170,11 @@ class Snapshot:
             raise CheckpointError(f"copying the state to host memory failed: {self.error}")
 
     def wait(self) -> None:
-        """Until every copy has finished (a failed copy is reported by the write that needed it)."""
+        """Until every copy has finished, and the state read in place is written (a failed copy
+        or write is reported by the checkpointer)."""
         wait([self.done])
+        if self.reads_in_place:
+            self.persisted.wait()
 
 
 class StreamingSavePlanner(DefaultSavePlanner):
@@ -168,9 +202,16 @@ class LazyCheckpointer(Checkpointer):
         self.snapshot: Snapshot | None = None
 
     def _stage(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
-        snapshot = Snapshot(dcp.capture_state(model, optimizer), self.buffers, self.copier)
+        snapshot = Snapshot(dcp.capture_state(model, optimizer), self.buffers, self.copier, resident_storages(optimizer))
         self.snapshot = snapshot
-        return lambda: dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group)
+
+        def write_files() -> dict[str, str]:
+            try:
+                return dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group)
+            finally:
+                snapshot.written()
+
+        return write_files
 
     def wait_for_snapshot(self) -> None:
         if self.snapshot is not None:

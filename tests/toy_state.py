@@ -22,10 +22,11 @@ class Position:
         self.row = state["row"]
 
 
-def make_state(seed: int, device: str = "cpu"):
+def make_state(seed: int, device: str = "cpu", **optim):
+    """Model, optimizer (`optim`: OptimConfig's keys), LR schedule and data position."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
+    optimizer = build_optimizer(model, OptimConfig(**optim))
     schedule = build_lr_schedule(optimizer, 10, **OptimConfig(warmup_steps=2).schedule_options)
     return model, optimizer, schedule, Position()
 

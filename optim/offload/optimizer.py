@@ -150,6 +150,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._refresh_master()
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.host_pieces]
 
+    @property
+    def host_resident(self) -> tuple[Tensor, ...]:
+        """The host buffers its state dict is made of: a lazy checkpoint writes them in place."""
+        return self.master, self.exp_avg, self.exp_avg_sq
+
     def _param_dtypes(self) -> set[torch.dtype]:
         return {p.dtype for group in self.param_groups if offloaded(group) for p in group["params"] if p.dtype != torch.float32}
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, dcp
-from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot
+from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, local_part, tensors_of
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
 from checkpoint.ranks import Ranks
 from pretrain.train import main as train_main
@@ -84,6 +84,33 @@ def assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode: str, d
 @pytest.mark.parametrize("mode", ["lazy", "async"])
 def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
     assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cpu")
+
+
+OFFLOAD = {"offload": {"enabled": True, "subgroup_size": 64, "gpu_every_k": 2, "host_optimizer": "torch"}}
+
+
+def test_offloaded_state_is_written_in_place_and_the_next_step_waits_for_it(tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.02)
+    model, optimizer, schedule, data = make_state(0, **OFFLOAD)
+    saver = checkpointer(tmp_path)
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 2)
+    expected = values(model, optimizer)
+    saver.save(2, model, optimizer, schedule, data)
+    snapshot = saver.snapshot
+    resident = {t.untyped_storage().data_ptr() for t in optimizer.host_resident}
+    in_place = [t for t in tensors_of(snapshot.host_state) if local_part(t).untyped_storage().data_ptr() in resident]
+    assert len(in_place) == 2 * len(list(model.parameters()))  # exp_avg and exp_avg_sq: no host copy of them
+    assert not snapshot.persisted.is_set()
+    train_steps(model, optimizer, schedule, 1)  # its optimizer step waited for the write of the moments
+    assert snapshot.persisted.is_set()
+    saver.finalize()
+
+    fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1, **OFFLOAD)
+    assert checkpointer(tmp_path).resume(fresh, fresh_optimizer, fresh_schedule, fresh_data) == 2
+    loaded = values(fresh, fresh_optimizer)
+    for key in expected:
+        torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.cuda
