@@ -100,8 +100,10 @@ def decide(op: str, platform: Platform, dtype: torch.dtype, key_dim: int, backen
 
 @functools.cache
 def fla_kernel(op: str) -> Callable | None:
+    """fla's `op`, run eagerly under torch.compile (a graph break around it: Dynamo does not trace
+    fla's autotuned Triton launches and host-side index building), or None where fla does not import."""
     try:
-        return getattr(importlib.import_module(FLA_MODULES[op]), op)
+        return torch.compiler.disable(getattr(importlib.import_module(FLA_MODULES[op]), op))
     except Exception:  # ImportError, or a Triton/driver that fails at import
         return None
 
