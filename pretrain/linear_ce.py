@@ -97,14 +97,20 @@ def chunked_linear_cross_entropy(
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
+# The fused linear cross-entropies ebb can use, in order of preference: name -> (module, class).
+FUSED_KERNELS = {
+    "liger-kernel": ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"),
+    "fla": ("fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"),
+}
+
+
 @functools.cache
-def fused_kernel() -> tuple[str, Callable[[], Callable]] | None:
-    """(name, factory of a summed-loss module) of an installed fused linear cross-entropy, liger's
-    first, else fla's; None when neither imports (both need Triton)."""
-    for name, module, cls in (
-        ("liger-kernel", "liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"),
-        ("fla", "fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"),
-    ):
+def fused_kernel(only: str | None = None) -> tuple[str, Callable[[], Callable]] | None:
+    """(name, factory of a summed-loss module) of the first installed fused linear cross-entropy
+    of `FUSED_KERNELS` (or of `only`); None when none imports (they need Triton)."""
+    for name, (module, cls) in FUSED_KERNELS.items():
+        if only not in (None, name):
+            continue
         try:
             factory = getattr(importlib.import_module(module), cls)
         except Exception:  # ImportError, or a Triton that fails at import
@@ -113,12 +119,12 @@ def fused_kernel() -> tuple[str, Callable[[], Callable]] | None:
     return None
 
 
-def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """The installed fused kernel (see `fused_kernel`) on CUDA tensors, summed over the tokens."""
-    found = fused_kernel()
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, kernel: str | None = None) -> Tensor:
+    """The installed fused kernel (`fused_kernel(kernel)`) on CUDA tensors, summed over the tokens."""
+    found = fused_kernel(kernel)
     if found is None:
         raise RuntimeError("no fused linear cross-entropy installed (pip install liger-kernel, or flash-linear-attention)")
-    name, factory = found
+    name = found[0]
     module = _fused_module(name)
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     dtype = _compute_dtype(hidden, weight)
@@ -128,7 +134,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -
 
 @functools.cache
 def _fused_module(name: str):
-    return fused_kernel()[1]()
+    return fused_kernel(name)[1]()
 
 
 def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | None = None) -> tuple[str, str | None]:
