@@ -80,20 +80,6 @@ def run_config(args: argparse.Namespace, offload: dict | None):
     return build_config(tree)
 
 
-def host_throughputs(numel: int) -> dict[str, float | str]:
-    """Elements/s of each host AdamW on `numel` elements, or why it cannot run."""
-    from optim.offload import host_rate
-    from optim.offload.host import HOST_OPTIMIZERS, HostUnavailable, build_host
-
-    rates: dict[str, float | str] = {}
-    for name in HOST_OPTIMIZERS:
-        try:
-            rates[name] = host_rate(build_host(name), numel)
-        except HostUnavailable as exc:
-            rates[name] = str(exc)
-    return rates
-
-
 def build_model(cfg, device):
     import torch
 
@@ -246,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {args.layers} x {args.pattern!r} blocks of d_model {args.d_model}, batch {args.batch} x T {args.seq_len}, "
           f"subgroups of {args.subgroup_size}, warmup {args.warmup}, steps {args.steps}", flush=True)
+    from optim.offload import host_throughputs
+
     hosts = host_throughputs(args.host_numel)
     rows, skipped = [], {}
     for name in names:

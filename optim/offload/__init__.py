@@ -68,18 +68,24 @@ def bandwidth(device: torch.device, numel: int) -> float:
     return 4 * numel / max(up, down)
 
 
+def host_throughputs(numel: int) -> dict[str, float | str]:
+    """Elements/s of each host optimizer on `numel` elements, or why it cannot run here."""
+    rates: dict[str, float | str] = {}
+    for name in HOST_OPTIMIZERS:
+        try:
+            rates[name] = host_rate(build_host(name), numel)
+        except HostUnavailable as exc:
+            rates[name] = str(exc)
+    return rates
+
+
 def choose_host(name: str, numel: int) -> tuple[str, dict[str, float | str]]:
     """`name`, or for `auto` the fastest host optimizer that runs here (torch's unless another is
     `AUTO_MARGIN` times faster); with, for `auto`, each one's measured throughput (elements/s) or
     why it cannot run."""
     if name != "auto":
         return name, {}
-    rates: dict[str, float | str] = {}
-    for candidate in HOST_OPTIMIZERS:
-        try:
-            rates[candidate] = host_rate(build_host(candidate), numel)
-        except HostUnavailable as exc:
-            rates[candidate] = str(exc)
+    rates = host_throughputs(numel)
     runnable = {n: r for n, r in rates.items() if isinstance(r, float)}
     return max(runnable, key=lambda n: runnable[n] / (1.0 if n == "torch" else AUTO_MARGIN)), rates
 
