@@ -1,8 +1,10 @@
-"""Softmax attention: grouped-query heads, RoPE, optional sliding window, SDPA."""
+"""Softmax attention: grouped-query heads, RoPE, optional sliding window; SDPA, or flex attention
+with a block-sparse document mask over packed documents."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,36 @@ def mean_context(seq_len: int, window: int | None) -> float:
 
 
 
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+_block_masks: dict[tuple, Any] = {}  # the last packing's block mask, shared by every attention layer of a forward
+
+
+@torch.compiler.disable
+def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int | None) -> Any:
+    """flex attention's block mask for causal (windowed) attention within each packed document:
+    blocks wholly in other documents are skipped, and no [T, T] mask is held."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (tuple(cu_seqlens.tolist()), batch, length, window, cu_seqlens.device)
+    if key not in _block_masks:
+        positions = positions_in_documents(cu_seqlens, batch * length).view(batch, length)
+        documents = document_ids(cu_seqlens, batch * length).view(batch, length)
+
+        def mask_mod(b, h, q, k):
+            seen = (documents[b, q] == documents[b, k]) & (positions[b, q] >= positions[b, k])
+            return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
+
+        _block_masks.clear()
+        _block_masks[key] = create_block_mask(mask_mod, batch, None, length, length, device=cu_seqlens.device)
+    return _block_masks[key]
+
+
 class AttentionConfig(MixerConfig):
     num_heads: int = Field(8, gt=0)
     num_kv_heads: int | None = Field(None, gt=0, description="grouped-query KV heads; None = num_heads")
@@ -41,6 +73,9 @@ class AttentionConfig(MixerConfig):
     window_size: int | None = Field(None, gt=0, description="sliding window in tokens; None = full causal")
     rope_theta: float = Field(10000.0, gt=0)
     qkv_bias: bool = False
+    packed_kernel: Literal["auto", "flex", "sdpa"] = Field(
+        "auto", description="attention over packed documents: flex (block-sparse document mask), sdpa (a dense [T, T] mask); auto = flex on CUDA"
+    )
 
     def check_shapes(self, d_model: int) -> None:
         if self.head_dim is None and d_model % self.num_heads:
@@ -96,8 +131,14 @@ class Attention(Mixer):
             q, k, v, mask = self._extend_cache(q, k, v, cache)
         elif cu_seqlens is not None:
             positions = positions_in_documents(cu_seqlens, B * T).view(B, T)
-            documents = document_ids(cu_seqlens, B * T).view(B, T)
             q, k = apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta)
+            if self._flex(x):
+                o = compiled_flex_attention()(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=document_block_mask(cu_seqlens, B, T, window),
+                    scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
+                )
+                return self.out_proj(o.transpose(1, 2).flatten(-2))
+            documents = document_ids(cu_seqlens, B * T).view(B, T)
             same_document = documents[:, :, None] == documents[:, None, :]
             mask = (visible(positions, positions, window) & same_document)[:, None]
         else:
@@ -110,6 +151,10 @@ class Attention(Mixer):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.out_proj(o.transpose(1, 2).flatten(-2))
+
+    def _flex(self, x: Tensor) -> bool:
+        kernel = self.cfg.packed_kernel
+        return kernel == "flex" or (kernel == "auto" and x.is_cuda)
 
     def _extend_cache(self, q: Tensor, k: Tensor, v: Tensor, cache: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rotate the new tokens at their absolute positions, append their keys and values to the

@@ -93,6 +93,24 @@ def test_fused_norms_match_pytorch(monkeypatch, norm, dtype):
         assert rel_err(a, b) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 64])
+def test_flex_attention_over_packed_documents_matches_the_dense_mask_with_gradients(window):
+    from models.mixers.attention import Attention
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config("*", {"attention": {"num_heads": 4, "num_kv_heads": 2, "window_size": window}}, d_model=128)
+    x = torch.randn(2, 300, 128, device=CUDA)
+    cu_seqlens = torch.tensor([0, 7, 200, 300, 301, 550, 600], dtype=torch.int32, device=CUDA)
+    results = []
+    for kernel in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        cfg.mixers.attention.packed_kernel = kernel
+        mixer = Attention(cfg, 0).to(CUDA)
+        results.append(outputs_and_grads(lambda x: mixer(x, cu_seqlens=cu_seqlens), {"x": x}) + [p.grad for p in mixer.parameters()])
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) < 1e-3
+
+
 def train_losses(overrides: list[str], steps: int = 3) -> tuple[list[float], str]:
     cfg = build_config({}, [*overrides, "train.device=cuda", "train.dtype=bfloat16"])
     torch.manual_seed(0)
