@@ -58,10 +58,10 @@ def main(argv=None) -> dict:
         x = torch.randn(args.tokens, *shape, device="cuda", dtype=torch.bfloat16)
         z = torch.randn_like(x)
         times = {}
-        os.environ["EBB_FUSED_NORMS"] = "0"
+        os.environ["EBB_FUSED_LAYERS"] = "0"
         times["eager"] = fwd_bwd_ms(call, x, z, args.repeats)
         times["compiled"] = fwd_bwd_ms(torch.compile(call), x, z, args.repeats)
-        os.environ["EBB_FUSED_NORMS"] = "1"
+        os.environ["EBB_FUSED_LAYERS"] = "1"
         times["fla"] = fwd_bwd_ms(call, x, z, args.repeats)
         rows.append({"norm": name, **{f"{k}_ms": v for k, v in times.items()}})
         print(f"{name:<24} eager {times['eager']:.3f} ms | fla {times['fla']:.3f} ms ({times['eager'] / times['fla']:.2f}x) | "

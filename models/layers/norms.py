@@ -1,19 +1,14 @@
-"""RMSNorm and the two gated RMSNorms of docs/layers.md section 0.
-
-On CUDA, in eager mode, the norms run fla's fused Triton kernels when fla imports (one kernel for
-norm, weight and gate, forward and backward); under torch.compile they stay PyTorch so that
-Inductor fuses them into the block's graph. `EBB_FUSED_NORMS=0` keeps PyTorch everywhere.
-"""
+"""RMSNorm and the two gated RMSNorms of docs/layers.md section 0; fla's fused kernels of the same
+on CUDA in eager mode (models/layers/fla_modules.py)."""
 from __future__ import annotations
 
-import functools
-import importlib
-import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.layers.fla_modules import fla_function, fla_layers_for
 
 
 def rms_norm(x: Tensor, eps: float) -> Tensor:
@@ -28,24 +23,16 @@ def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return (xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-@functools.cache
-def fla_norms() -> SimpleNamespace | None:
-    """fla's fused norm functions, or None where fla (or Triton) does not import."""
-    try:
-        return SimpleNamespace(
-            rms_norm=importlib.import_module("fla.modules.layernorm").rms_norm,
-            rms_norm_gated=importlib.import_module("fla.modules.fused_norm_gate").rms_norm_gated,
-            group_rms_norm=importlib.import_module("fla.modules.layernorm_gated").rmsnorm_fn,
-        )
-    except Exception:
-        return None
-
-
 def fused_norms(x: Tensor) -> SimpleNamespace | None:
-    """fla's kernels for `x`: on CUDA, in eager mode, float16/bfloat16/float32, unless EBB_FUSED_NORMS=0."""
-    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling() or os.environ.get("EBB_FUSED_NORMS", "1") == "0":
+    """fla's fused norm functions for `x` (see models/layers/fla_modules.py), or None."""
+    if not fla_layers_for(x):
         return None
-    return fla_norms()
+    found = SimpleNamespace(
+        rms_norm=fla_function("fla.modules.layernorm", "rms_norm"),
+        rms_norm_gated=fla_function("fla.modules.fused_norm_gate", "rms_norm_gated"),
+        group_rms_norm=fla_function("fla.modules.layernorm_gated", "rmsnorm_fn"),
+    )
+    return found if all(vars(found).values()) else None
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models.ops as ops
+from models.layers.conv import ShortConv
 from models.layers.norms import GatedRMSNorm, RMSNorm, fused_norms
 from models.model import HybridLM
 from models.ops import dispatch
@@ -86,7 +87,7 @@ def test_fused_norms_match_pytorch(monkeypatch, norm, dtype):
     assert fused_norms(x) is not None
     call = (lambda x, z: module(x)) if norm == "rms" else module
     got = outputs_and_grads(call, {"x": x, "z": z})
-    monkeypatch.setenv("EBB_FUSED_NORMS", "0")
+    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
     assert fused_norms(x) is None
     want = outputs_and_grads(call, {"x": x, "z": z})
     for a, b in zip(got, want):
@@ -111,6 +112,23 @@ def test_flex_attention_over_packed_documents_matches_the_dense_mask_with_gradie
         assert rel_err(got, want) < 1e-3
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_short_conv_matches_pytorch_over_packed_documents(monkeypatch, bias):
+    pytest.importorskip("fla")
+    torch.manual_seed(0)
+    conv = ShortConv(256, 4, bias=bias).to(CUDA)
+    x = torch.randn(1, 300, 256, device=CUDA)
+    cu_seqlens = torch.tensor([0, 2, 100, 300], dtype=torch.int32, device=CUDA)
+    assert conv._fla_kernel(x) is not None
+    run = lambda x: conv(x, cu_seqlens)[0]  # noqa: E731
+    got = outputs_and_grads(run, {"x": x}) + [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
+    want = outputs_and_grads(run, {"x": x}) + [p.grad.clone() for p in conv.parameters()]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+
+
 def train_losses(overrides: list[str], steps: int = 3) -> tuple[list[float], str]:
     cfg = build_config({}, [*overrides, "train.device=cuda", "train.dtype=bfloat16"])
     torch.manual_seed(0)
@@ -132,7 +150,7 @@ def test_every_mixer_trains_on_cuda_like_the_pytorch_ops(monkeypatch, pattern, m
     print(header)
     assert header.startswith("ebb: ops: ")
     monkeypatch.setenv("EBB_OPS_BACKEND", "torch")
-    monkeypatch.setenv("EBB_FUSED_NORMS", "0")
+    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
     slow, _ = train_losses(tiny_model_overrides(pattern, mixers))
     assert all(torch.isfinite(torch.tensor(fast)))
     assert fast == pytest.approx(slow, rel=2e-2)
