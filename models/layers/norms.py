@@ -19,6 +19,8 @@ def rms_norm(x: Tensor, eps: float) -> Tensor:
 
 def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(sum x^2 + eps) over the last dim (fla's q/k normalisation), in float32 at least."""
+    if fla_layers_for(x) and (fused := fla_function("fla.modules.l2norm", "l2norm")) is not None:
+        return fused(x, eps)
     xc = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import models.ops as ops
 from models.layers.conv import ShortConv
-from models.layers.norms import GatedRMSNorm, RMSNorm, fused_norms
+from models.layers.norms import GatedRMSNorm, RMSNorm, fused_norms, l2_norm
 from models.model import HybridLM
 from models.ops import dispatch
 from pretrain.config import build_config
@@ -74,18 +74,18 @@ def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("norm", ["rms", "gated", "gate_first"])
+@pytest.mark.parametrize("norm", ["rms", "gated", "gate_first", "l2"])
 def test_fused_norms_match_pytorch(monkeypatch, norm, dtype):
     pytest.importorskip("fla")
     torch.manual_seed(0)
     x, z = torch.randn(2, 64, 4, 128, device=CUDA, dtype=dtype), torch.randn(2, 64, 4, 128, device=CUDA, dtype=dtype)
-    module = {"rms": RMSNorm(128), "gated": GatedRMSNorm(128), "gate_first": GatedRMSNorm(512, 128, gate_first=True)}[norm].to(CUDA)
+    module = {"rms": RMSNorm(128), "gated": GatedRMSNorm(128), "gate_first": GatedRMSNorm(512, 128, gate_first=True), "l2": RMSNorm(128)}[norm].to(CUDA)
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
     if norm == "gate_first":
         x, z = x.flatten(-2), z.flatten(-2)
     assert fused_norms(x) is not None
-    call = (lambda x, z: module(x)) if norm == "rms" else module
+    call = {"rms": lambda x, z: module(x), "l2": lambda x, z: l2_norm(x) * z}.get(norm, module)
     got = outputs_and_grads(call, {"x": x, "z": z})
     monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
     assert fused_norms(x) is None
