@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# Everything the GPU fast path measures, in one call on one GPU machine without internet:
-#   bash ../shared/tools/device_wheels.sh      # once, here: the wheels that machine lacks, into .whl/
-#   bash bench/gpu_session.sh [SECONDS]         # there, from the repo root (carry .whl and .triton_cache)
-# Order: the throughput bench (the goal), the norm and fused-loss benches, then the CUDA tests in what time is left
-# of SECONDS (default 540). The log, the JSON results (results.tgz) and Triton's cache (.triton_cache/, as a tar in
-# 15 MB parts) go to $OUT (default /tmp/ebb_gpu_out); unpack it here and carry it next time to
-# skip autotuning: cat triton_cache.tgz* | tar xzf -
+# The GPU measurements, in one call on one GPU machine without internet:
+#   bash ../shared/tools/device_wheels.sh            # once, here: the wheels that machine lacks, into .whl/
+#   bash bench/gpu_session.sh [SECONDS] [PARTS]       # there, from the repo root (carry .whl, and .triton_cache if kept)
+# PARTS, comma-separated, run in order within SECONDS (default 540):
+#   throughput  bench/gpu_throughput.py (fla's GDN model vs ebb's stacks); gets all but 200 s of what is left
+#   norms       bench/norms.py            fused_loss  bench/fused_loss.py
+#   offload     bench/offload.py (interleaved optimizer offload vs all-host and torchao's)
+#   tests       the cuda-marked tests, in the time left
+# Default: throughput,norms,fused_loss,tests. The log, the JSON results (results.tgz) and Triton's
+# cache (.triton_cache/, as a tar in 15 MB parts) go to $OUT (default /tmp/ebb_gpu_out); unpack
+# the cache here (cat triton_cache.tgz* | tar xzf -) and carry it next time to skip autotuning.
 set -u
 budget=${1:-540}
+parts=",${2:-throughput,norms,fused_loss,tests},"
 began=$(date +%s)
 left() { echo $((budget - ($(date +%s) - began))); }
+want() { [[ "$parts" == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/ebb_gpu_out}
-mkdir -p "$OUT"
+LOG="$OUT/session.log"
+mkdir -p "$OUT" bench/results
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
 mkdir -p "$TRITON_CACHE_DIR"
-python3 - <<'PY' 2>&1 | tee "$OUT/session.log"
+python3 - <<'PY' 2>&1 | tee "$LOG"
 import importlib, torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 for name in ("triton", "fla", "liger_kernel", "torchao", "pydantic"):
@@ -27,14 +34,15 @@ for name in ("triton", "fla", "liger_kernel", "torchao", "pydantic"):
     except Exception as exc:
         print(name, "does not import:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 PY
-timeout $(( $(left) - 200 )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" 2>&1 | tee -a "$OUT/session.log"
-timeout 60 python3 bench/norms.py 2>&1 | tee -a "$OUT/session.log"
-timeout 60 python3 bench/fused_loss.py 2>&1 | tee -a "$OUT/session.log"
+want throughput && timeout $(( $(left) - 200 )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" 2>&1 | tee -a "$LOG"
+want norms && timeout 60 python3 bench/norms.py 2>&1 | tee -a "$LOG"
+want fused_loss && timeout 60 python3 bench/fused_loss.py 2>&1 | tee -a "$LOG"
+want offload && timeout $(( $(left) - 60 )) python3 bench/offload.py 2>&1 | tee -a "$LOG"
 t=$(( $(left) - 25 ))
-[ "$t" -gt 30 ] && timeout "$t" python3 -m pytest -q -rs --timeout 300 -p no:cacheprovider --continue-on-collection-errors -m cuda \
-  tests/models/test_cuda_fast_path.py tests/models/test_rwkv7.py tests/pretrain/test_linear_ce.py tests/optim/test_optim_codecs.py \
-  tests/optim/test_optim_grouped.py tests/checkpoint/test_lazy_checkpoint.py tests/data/test_data_pipeline.py 2>&1 | tee -a "$OUT/session.log"
-tar czf "$OUT/results.tgz" bench/results/*.json
+want tests && [ "$t" -gt 30 ] && timeout "$t" python3 -m pytest -q -rs --timeout 300 -p no:cacheprovider --continue-on-collection-errors -m cuda \
+  tests/models/test_cuda_fast_path.py tests/optim/test_offload.py tests/models/test_rwkv7.py tests/pretrain/test_linear_ce.py \
+  tests/optim/test_optim_codecs.py tests/optim/test_optim_grouped.py tests/checkpoint/test_lazy_checkpoint.py tests/data/test_data_pipeline.py 2>&1 | tee -a "$LOG"
+tar czf "$OUT/results.tgz" bench/results/*.json 2>/dev/null
 tar czf "$OUT/triton_cache.tgz" .triton_cache
 [ "$(stat -c %s "$OUT/triton_cache.tgz")" -gt 15000000 ] && split -b 15000000 -d -a 1 "$OUT/triton_cache.tgz" "$OUT/triton_cache.tgz." && rm "$OUT/triton_cache.tgz"
 du -sh "$TRITON_CACHE_DIR" "$OUT"/*
