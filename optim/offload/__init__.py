@@ -3,6 +3,7 @@ what it decides at start-up (the host optimizer, k, the staging slots) measured 
 line of the run's header."""
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -24,7 +25,9 @@ __all__ = ["OffloadAdamW", "OffloadError", "build_offload_optimizer"]
 # faster: on the 2-core CPU here the two were within 1% of each other (4M-64M elements), and a
 # choice by noise would change the run's numerics from one start to the next.
 AUTO_MARGIN = 1.1
-PROBE_NUMEL = 1 << 22  # elements per start-up measurement (or a subgroup, if smaller)
+PROBE_NUMEL = 1 << 22  # elements per start-up measurement of the device and the link (or a subgroup, if smaller)
+HOST_PROBE_NUMEL = 1 << 24  # elements per host measurement: past the caches, as a subgroup's update in a step (its state is cold)
+HOST_ROUNDS = 5  # alternated rounds per host optimizer; the median decides
 GiB = 1 << 30
 
 
@@ -68,18 +71,24 @@ def bandwidth(device: torch.device, numel: int) -> float:
     return 4 * numel / max(up, down)
 
 
-def host_throughputs(numel: int) -> dict[str, float | str]:
-    """Elements/s of each host optimizer on `numel` elements, or why it cannot run here."""
+def host_throughputs(numel: int = HOST_PROBE_NUMEL, rounds: int = HOST_ROUNDS) -> dict[str, float | str]:
+    """Elements/s of each host optimizer on `numel` elements, the median of `rounds` rounds taken
+    in turn (so that a busy moment of the machine does not pick one), or why it cannot run here."""
     rates: dict[str, float | str] = {}
+    hosts: dict[str, HostAdamW] = {}
     for name in HOST_OPTIMIZERS:
         try:
-            rates[name] = host_rate(build_host(name), numel)
+            hosts[name] = build_host(name)
         except HostUnavailable as exc:
             rates[name] = str(exc)
-    return rates
+    samples: dict[str, list[float]] = {name: [] for name in hosts}
+    for _ in range(rounds):
+        for name, host in hosts.items():
+            samples[name].append(host_rate(host, numel))
+    return {name: statistics.median(samples[name]) if name in hosts else rates[name] for name in HOST_OPTIMIZERS}
 
 
-def choose_host(name: str, numel: int) -> tuple[str, dict[str, float | str]]:
+def choose_host(name: str, numel: int = HOST_PROBE_NUMEL) -> tuple[str, dict[str, float | str]]:
     """`name`, or for `auto` the fastest host optimizer that runs here (torch's unless another is
     `AUTO_MARGIN` times faster); with, for `auto`, each one's measured throughput (elements/s) or
     why it cannot run."""
@@ -88,6 +97,12 @@ def choose_host(name: str, numel: int) -> tuple[str, dict[str, float | str]]:
     rates = host_throughputs(numel)
     runnable = {n: r for n, r in rates.items() if isinstance(r, float)}
     return max(runnable, key=lambda n: runnable[n] / (1.0 if n == "torch" else AUTO_MARGIN)), rates
+
+
+def measure_rates(host_measured: float | None, host: HostAdamW, device: torch.device, probe: int, compile: bool | None) -> Rates:
+    """The performance model's inputs, measured here (the host's unless `host_measured` already)."""
+    stepper = Stepper(compile, lambda d: d.type == "cuda")
+    return Rates(host_measured or host_rate(host, HOST_PROBE_NUMEL), device_rate(device, probe, stepper), bandwidth(device, probe))
 
 
 def host_optimizer(name: str) -> HostAdamW:
@@ -137,13 +152,14 @@ def build_offload_optimizer(model: nn.Module, groups: list[dict[str, Any]], opt:
     probe = min(cfg.subgroup_size, PROBE_NUMEL)
     subgroups, total = cut(groups, cfg.subgroup_size, 0)
     param_bytes = max((p.element_size() for p in params), default=4)
-    name, host_rates = _agree(choose_host(cfg.host_optimizer, probe) if _is_main() else None)  # rank 0 measures, all agree
+    name, host_rates = _agree(choose_host(cfg.host_optimizer) if _is_main() else None)  # rank 0 measures, all agree
     host = host_optimizer(name)
     notes = [f"host {name}" + (" (" + ", ".join(_describe_rate(n, r) for n, r in host_rates.items()) + ")" if host_rates else "")]
-    if cfg.gpu_every_k == "auto":
-        stepper = Stepper(opt.compile, lambda d: d.type == "cuda")
-        measured = Rates(host_rates.get(name) or host_rate(host, probe), device_rate(device, probe, stepper), bandwidth(device, probe)) if _is_main() else None
-        rates = _agree(measured)
+    if cfg.gpu_every_k == "auto" and device.type == "cpu":
+        k = 0
+        notes.append("k=0 (auto: without an accelerator nothing runs beside the host's updates)")
+    elif cfg.gpu_every_k == "auto":
+        rates = _agree(measure_rates(host_rates.get(name), host, device, probe, opt.compile) if _is_main() else None)
         k = choose_k(rates, cfg.subgroup_size, len(subgroups), param_bytes)
         notes.append(f"k={k} from host {_rate(rates.host, 'param')}, device {_rate(rates.device, 'param')}, transfers {_rate(rates.bandwidth, 'B')}")
     else:

@@ -16,7 +16,8 @@ from torch import nn
 import optim.offload.optimizer as offload_optimizer
 from optim.adamw import AdamW, build_optimizer
 from optim.config import OptimConfig
-from optim.offload import OffloadAdamW, OffloadError, choose_host
+from optim.offload import OffloadAdamW, OffloadError, choose_host, measure_rates
+from optim.offload.host import build_host
 from optim.offload.model import Rates, choose_k, hidden, on_device
 from pretrain.config import load_config
 from pretrain.train import train
@@ -158,6 +159,12 @@ def no_deepspeed(monkeypatch):
     """Imports of DeepSpeed fail, as where it is not installed (also after an earlier test's import)."""
     for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")] + ["deepspeed"]:
         monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_start_up_measurements_give_the_model_its_rates():
+    rates = measure_rates(None, build_host("torch"), torch.device("cpu"), 1 << 16, False)
+    assert rates.host > 0 and rates.device > 0 and rates.bandwidth > 0
+    assert measure_rates(123.0, build_host("torch"), torch.device("cpu"), 1 << 16, False).host == 123.0
 
 
 def test_auto_host_falls_back_to_torch_without_deepspeed(no_deepspeed):
