@@ -35,7 +35,6 @@ def mean_context(seq_len: int, window: int | None) -> float:
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
-
 @functools.cache
 def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -48,8 +47,9 @@ _block_masks: dict[tuple, Any] = {}  # the last packing's block mask, shared by 
 
 @torch.compiler.disable
 def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int | None) -> Any:
-    """flex attention's block mask for causal (windowed) attention within each packed document:
-    blocks wholly in other documents are skipped, and no [T, T] mask is held."""
+    """flex attention's block mask for causal (windowed) attention within each packed document,
+    built once per packing and kept as block indices: attention skips the blocks wholly in the
+    future or in other documents, and no layer holds a [T, T] mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = (tuple(cu_seqlens.tolist()), batch, length, window, cu_seqlens.device)
