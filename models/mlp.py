@@ -1,4 +1,5 @@
-"""SwiGLU feed-forward, the MLP of every block whose mixer brings none: down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward, the MLP of every block whose mixer brings none: down(silu(gate(x)) * up(x)),
+the product by fla's fused kernel on CUDA in eager mode (models/layers/fla_modules.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers.fla_modules import fla_function, fla_layers_for
 from models.layers.init import residual_scale
 from models.spec import TensorParallelPlan
 
@@ -35,7 +37,10 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.down_proj.weight, std=self.down_std)
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fla_layers_for(gate) and (swiglu := fla_function("fla.modules.activations", "swiglu")) is not None:
+            return self.down_proj(swiglu(gate, up))  # one fused kernel forward, one backward
+        return self.down_proj(F.silu(gate) * up)
 
     def flops_per_token(self) -> float:
         return 2.0 * 3 * self.gate_proj.in_features * self.gate_proj.out_features

@@ -129,6 +129,21 @@ def test_fused_short_conv_matches_pytorch_over_packed_documents(monkeypatch, bia
         assert rel_err(a, b) < 1e-4
 
 
+def test_fused_swiglu_matches_pytorch(monkeypatch):
+    pytest.importorskip("fla")
+    from models.mlp import SwiGLU
+
+    torch.manual_seed(0)
+    module = SwiGLU(tiny_model_config("*", d_model=128, mlp_hidden=384), 0).to(CUDA)
+    x = torch.randn(2, 64, 128, device=CUDA)
+    got = outputs_and_grads(module, {"x": x}) + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
+    want = outputs_and_grads(module, {"x": x}) + [p.grad.clone() for p in module.parameters()]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
+
+
 def train_losses(overrides: list[str], steps: int = 3) -> tuple[list[float], str]:
     cfg = build_config({}, [*overrides, "train.device=cuda", "train.dtype=bfloat16"])
     torch.manual_seed(0)

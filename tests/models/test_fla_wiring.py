@@ -31,6 +31,7 @@ if INTERPRETING:  # before fla's modules are imported: their decorators build th
 
 import models.layers.conv as conv_layer  # noqa: E402
 import models.layers.norms as norms  # noqa: E402
+import models.mlp as mlp  # noqa: E402
 from models.layers.conv import ShortConv  # noqa: E402
 from models.model import HybridLM  # noqa: E402
 from pretrain import linear_ce  # noqa: E402
@@ -41,7 +42,7 @@ from tests.conftest import tiny_model_config  # noqa: E402
 def fused(monkeypatch):
     """Switches the layers' fla kernels on or off, on CPU tensors."""
     def switch(on: bool) -> None:
-        for module in (norms, conv_layer):
+        for module in (norms, conv_layer, mlp):
             monkeypatch.setattr(module, "fla_layers_for", lambda x: on)
     return switch
 
@@ -74,6 +75,11 @@ def test_fused_norms_match_pytorch(fused, norm):
         x, z = x.flatten(-2), z.flatten(-2)
     inputs = (x,) if norm == "rms" else (x, z)
     assert_same(module, fused, *inputs, params=[module.weight])
+
+
+def test_fused_swiglu_matches_pytorch(fused):
+    module = mlp.SwiGLU(tiny_model_config("*", d_model=32, mlp_hidden=48), 0)
+    assert_same(module, fused, torch.randn(2, 10, 32), params=list(module.parameters()))
 
 
 def test_fused_l2_norm_matches_pytorch(fused):
