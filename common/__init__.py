@@ -1,2 +1,2 @@
 """What every ebb package shares and nothing else: the strict base of config sections and the
-one-line form of errors."""
+one-line form of errors, and the import of optional dependencies."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers.fla_modules import fla_function, fla_layers_for
+from models.layers.fla_modules import fla_kernel_for
 from models.layers.init import residual_scale
 from models.spec import TensorParallelPlan
 
@@ -38,7 +38,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if fla_layers_for(gate) and (swiglu := fla_function("fla.modules.activations", "swiglu")) is not None:
+        if (swiglu := fla_kernel_for(gate, "fla.modules.activations", "swiglu")) is not None:
             return self.down_proj(swiglu(gate, up))  # one fused kernel forward, one backward
         return self.down_proj(F.silu(gate) * up)
 

@@ -19,11 +19,12 @@ parallelism (the schedule's loss function receives the last stage's logits) the 
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from common.imports import optional_attribute
 
 IGNORE_INDEX = -100  # pretrain.loss.IGNORE_INDEX (not imported: loss.py imports torch.distributed)
 LOSSES = ("auto", "full", "chunked", "fused")  # `train.loss` names
@@ -111,11 +112,8 @@ def fused_kernel(only: str | None = None) -> tuple[str, Callable[[], Callable]] 
     for name, (module, cls) in FUSED_KERNELS.items():
         if only not in (None, name):
             continue
-        try:
-            factory = getattr(importlib.import_module(module), cls)
-        except Exception:  # ImportError, or a Triton that fails at import
-            continue
-        return name, functools.partial(factory, ignore_index=IGNORE_INDEX, reduction="sum")
+        if (factory := optional_attribute(module, cls)) is not None:
+            return name, functools.partial(factory, ignore_index=IGNORE_INDEX, reduction="sum")
     return None
 
 

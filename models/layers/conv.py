@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers.fla_modules import fla_function, fla_layers_for
+from models.layers.fla_modules import fla_kernel_for
 from models.packing import positions_in_documents
 
 
@@ -32,7 +32,7 @@ class ShortConv(nn.Conv1d):
         """
         B, T, C = x.shape
         W = self.kernel_size[0]
-        if tail is None and T >= W - 1 and (fused := self._fla_kernel(x)) is not None:
+        if tail is None and T >= W - 1 and (fused := fla_kernel_for(x, "fla.modules.convolution", "causal_conv1d")) is not None:
             y, _ = fused(x, self.weight[:, 0], self.bias, activation="silu" if self.activation else None, cu_seqlens=cu_seqlens)
             return y, x[:, T - (W - 1):]
         if tail is None:
@@ -49,11 +49,6 @@ class ShortConv(nn.Conv1d):
         if self.activation:
             y = F.silu(y)
         return y, history[:, history.shape[1] - (W - 1):]
-
-    @staticmethod
-    def _fla_kernel(x: Tensor):
-        """fla's fused causal conv1d (one pass forward and backward) where it may run on `x`."""
-        return fla_function("fla.modules.convolution", "causal_conv1d") if fla_layers_for(x) else None
 
 
 def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, cache: dict | None, key: str) -> Tensor:

@@ -2,13 +2,11 @@
 on CUDA in eager mode (models/layers/fla_modules.py)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers.fla_modules import fla_function, fla_layers_for
+from models.layers.fla_modules import fla_kernel_for
 
 
 def rms_norm(x: Tensor, eps: float) -> Tensor:
@@ -19,22 +17,10 @@ def rms_norm(x: Tensor, eps: float) -> Tensor:
 
 def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(sum x^2 + eps) over the last dim (fla's q/k normalisation), in float32 at least."""
-    if fla_layers_for(x) and (fused := fla_function("fla.modules.l2norm", "l2norm")) is not None:
+    if (fused := fla_kernel_for(x, "fla.modules.l2norm", "l2norm")) is not None:
         return fused(x, eps)
     xc = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xc * torch.rsqrt(xc.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def fused_norms(x: Tensor) -> SimpleNamespace | None:
-    """fla's fused norm functions for `x` (see models/layers/fla_modules.py), or None."""
-    if not fla_layers_for(x):
-        return None
-    found = SimpleNamespace(
-        rms_norm=fla_function("fla.modules.layernorm", "rms_norm"),
-        rms_norm_gated=fla_function("fla.modules.fused_norm_gate", "rms_norm_gated"),
-        group_rms_norm=fla_function("fla.modules.layernorm_gated", "rmsnorm_fn"),
-    )
-    return found if all(vars(found).values()) else None
 
 
 class RMSNorm(nn.Module):
@@ -47,8 +33,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (fla := fused_norms(x)) is not None:
-            return fla.rms_norm(x, self.weight, None, eps=self.eps)
+        if (fused := fla_kernel_for(x, "fla.modules.layernorm", "rms_norm")) is not None:
+            return fused(x, self.weight, None, eps=self.eps)
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -70,11 +56,10 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        fla = fused_norms(x)
-        if fla is not None and self.gate_first:
-            return fla.group_rms_norm(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size, norm_before_gate=False)
-        if fla is not None and self.group_size == x.shape[-1]:
-            return fla.rms_norm_gated(x, z, self.weight, None, activation="swish", eps=self.eps)
+        if self.gate_first and (fused := fla_kernel_for(x, "fla.modules.layernorm_gated", "rmsnorm_fn")) is not None:
+            return fused(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size, norm_before_gate=False)
+        if not self.gate_first and self.group_size == x.shape[-1] and (fused := fla_kernel_for(x, "fla.modules.fused_norm_gate", "rms_norm_gated")) is not None:
+            return fused(x, z, self.weight, None, activation="swish", eps=self.eps)
         if self.gate_first:
             x = x * F.silu(z)
         shape = x.shape

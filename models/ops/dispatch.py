@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from common.imports import optional_attribute
+
 BACKENDS = ("auto", "torch", "fla")
 GATED = frozenset({"chunk_simple_gla", "chunk_gated_delta_rule"})  # their backward calls fla's gated chunk_bwd_dqkwg
 FLA_640_TRITON = ((3, 4, 0), (3, 7, 1))  # [low, high): Hopper miscompiles gated chunk_bwd_dqkwg at BK = 64
@@ -102,22 +104,16 @@ def decide(op: str, platform: Platform, dtype: torch.dtype, key_dim: int, backen
 def fla_kernel(op: str) -> Callable | None:
     """fla's `op`, run eagerly under torch.compile (a graph break around it: Dynamo does not trace
     fla's autotuned Triton launches and host-side index building), or None where fla does not import."""
-    try:
-        return torch.compiler.disable(getattr(importlib.import_module(FLA_MODULES[op]), op))
-    except Exception:  # ImportError, or a Triton/driver that fails at import
-        return None
+    kernel = optional_attribute(FLA_MODULES[op], op)
+    return None if kernel is None else torch.compiler.disable(kernel)
 
 
 @functools.cache
 def platform_of(device: torch.device) -> Platform:
     if device.type != "cuda" or not torch.cuda.is_available():
         return Platform(cuda=False)
-    try:
-        triton = importlib.import_module("triton").__version__
-    except Exception:
-        triton = None
     fla = any(fla_kernel(op) is not None for op in FLA_MODULES)
-    return Platform(True, torch.cuda.get_device_capability(device), triton, fla)
+    return Platform(True, torch.cuda.get_device_capability(device), optional_attribute("triton", "__version__"), fla)
 
 
 _checked: dict[tuple, Decision] = {}  # decisions a start-up check overrode (the check failed)

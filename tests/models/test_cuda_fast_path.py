@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import models.ops as ops
 from models.layers.conv import ShortConv
-from models.layers.norms import GatedRMSNorm, RMSNorm, fused_norms, l2_norm
+from models.layers.fla_modules import fla_kernel_for
+from models.layers.norms import GatedRMSNorm, RMSNorm, l2_norm
 from models.model import HybridLM
 from models.ops import dispatch
 from pretrain.config import build_config
@@ -84,11 +85,11 @@ def test_fused_norms_match_pytorch(monkeypatch, norm, dtype):
         module.weight.uniform_(0.5, 1.5)
     if norm == "gate_first":
         x, z = x.flatten(-2), z.flatten(-2)
-    assert fused_norms(x) is not None
+    assert fla_kernel_for(x, "fla.modules.layernorm", "rms_norm") is not None
     call = {"rms": lambda x, z: module(x), "l2": lambda x, z: l2_norm(x) * z}.get(norm, module)
     got = outputs_and_grads(call, {"x": x, "z": z})
     monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
-    assert fused_norms(x) is None
+    assert fla_kernel_for(x, "fla.modules.layernorm", "rms_norm") is None
     want = outputs_and_grads(call, {"x": x, "z": z})
     for a, b in zip(got, want):
         assert rel_err(a, b) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -119,7 +120,7 @@ def test_fused_short_conv_matches_pytorch_over_packed_documents(monkeypatch, bia
     conv = ShortConv(256, 4, bias=bias).to(CUDA)
     x = torch.randn(1, 300, 256, device=CUDA)
     cu_seqlens = torch.tensor([0, 2, 100, 300], dtype=torch.int32, device=CUDA)
-    assert conv._fla_kernel(x) is not None
+    assert fla_kernel_for(x, "fla.modules.convolution", "causal_conv1d") is not None
     run = lambda x: conv(x, cu_seqlens)[0]  # noqa: E731
     got = outputs_and_grads(run, {"x": x}) + [p.grad.clone() for p in conv.parameters()]
     conv.zero_grad()

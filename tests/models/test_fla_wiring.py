@@ -29,7 +29,7 @@ if INTERPRETING:  # before fla's modules are imported: their decorators build th
 
     autotuner.Autotuner.__init__ = _first_config_only
 
-import models.layers.conv as conv_layer  # noqa: E402
+import models.layers.fla_modules as fla_modules  # noqa: E402
 import models.layers.norms as norms  # noqa: E402
 import models.mlp as mlp  # noqa: E402
 from models.layers.conv import ShortConv  # noqa: E402
@@ -42,8 +42,7 @@ from tests.conftest import tiny_model_config  # noqa: E402
 def fused(monkeypatch):
     """Switches the layers' fla kernels on or off, on CPU tensors."""
     def switch(on: bool) -> None:
-        for module in (norms, conv_layer, mlp):
-            monkeypatch.setattr(module, "fla_layers_for", lambda x: on)
+        monkeypatch.setattr(fla_modules, "fla_layers_for", lambda x: on)
     return switch
 
 
