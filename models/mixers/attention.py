@@ -42,7 +42,9 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-_block_masks: dict[tuple, Any] = {}  # the last packing's block mask, shared by every attention layer of a forward
+# the last packing's (cu_seqlens, its version, batch, length, window) and block mask: the layers of
+# a forward share one tensor, so they share the mask without reading cu_seqlens back to the host
+_last_block_mask: list[Any] = [None, None]
 
 
 @torch.compiler.disable
@@ -52,8 +54,8 @@ def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int
     future or in other documents, and no layer holds a [T, T] mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (tuple(cu_seqlens.tolist()), batch, length, window, cu_seqlens.device)
-    if key not in _block_masks:
+    key, mask = _last_block_mask
+    if key is None or key[0] is not cu_seqlens or key[1:] != (cu_seqlens._version, batch, length, window):
         positions = positions_in_documents(cu_seqlens, batch * length).view(batch, length)
         documents = document_ids(cu_seqlens, batch * length).view(batch, length)
 
@@ -61,9 +63,9 @@ def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int
             seen = (documents[b, q] == documents[b, k]) & (positions[b, q] >= positions[b, k])
             return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
 
-        _block_masks.clear()
-        _block_masks[key] = create_block_mask(mask_mod, batch, None, length, length, device=cu_seqlens.device)
-    return _block_masks[key]
+        mask = create_block_mask(mask_mod, batch, None, length, length, device=cu_seqlens.device)
+        _last_block_mask[:] = [(cu_seqlens, cu_seqlens._version, batch, length, window), mask]
+    return mask
 
 
 class AttentionConfig(MixerConfig):
