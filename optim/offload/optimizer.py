@@ -184,7 +184,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         with self.d2h.use():
             for piece in self.host_pieces[p]:
                 copy(self.grad[piece.start : piece.stop], piece.local(grad))
-        self.copied[p] = (grad.data_ptr(), grad._version)
+        self.copied[p] = _version(p.grad)
 
     def _host_grads_current(self) -> None:
         """Copy again the host pieces whose gradient changed since the hook copied it (or that no
