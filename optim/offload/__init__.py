@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS
@@ -47,11 +47,17 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def host_rate(host: HostAdamW, numel: int) -> float:
-    """Elements per second `host` updates (fp32 master, gradient, moments of `numel` elements)."""
-    master, grad, m, v = (torch.rand(numel) for _ in range(4))
+def host_rate(host: HostAdamW, numel: int, state: tuple[Tensor, ...] | None = None) -> float:
+    """Elements per second `host` updates (fp32 master, gradient, moments of `numel` elements;
+    `state`: those four, made once for several measurements)."""
+    master, grad, m, v = state or probe_state(numel)
     step = torch.ones(())
     return numel / _best_time(lambda: host.update([master], [grad], [m], [v], [step], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), lambda: None)
+
+
+def probe_state(numel: int) -> tuple[Tensor, ...]:
+    """Random fp32 master, gradient and moments of `numel` elements on the host."""
+    return tuple(torch.rand(numel) for _ in range(4))
 
 
 def device_rate(device: torch.device, numel: int, stepper: Stepper) -> float:
@@ -82,9 +88,10 @@ def host_throughputs(numel: int = HOST_PROBE_NUMEL, rounds: int = HOST_ROUNDS) -
         except HostUnavailable as exc:
             rates[name] = str(exc)
     samples: dict[str, list[float]] = {name: [] for name in hosts}
+    state = probe_state(numel) if hosts else None
     for _ in range(rounds):
         for name, host in hosts.items():
-            samples[name].append(host_rate(host, numel))
+            samples[name].append(host_rate(host, numel, state))
     return {name: statistics.median(samples[name]) if name in hosts else rates[name] for name in HOST_OPTIMIZERS}
 
 
