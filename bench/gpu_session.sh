@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements, in one call on one GPU machine without internet:
 #   bash ../shared/tools/device_wheels.sh            # once, here: the wheels that machine lacks, into .whl/
-#   bash bench/gpu_session.sh [SECONDS] [PARTS]       # there, from the repo root (carry .whl, and .triton_cache if kept)
+#   bash bench/gpu_session.sh [SECONDS] [PARTS]       # there, from the repo root (carry .whl, and .tc if kept)
 # PARTS, comma-separated, run in order within SECONDS (default 540):
-#   throughput  bench/gpu_throughput.py (fla's GDN model vs ebb's stacks); gets all but 200 s of what is left
+#   throughput  bench/gpu_throughput.py (fla's GDN model vs ebb's stacks); gets what the other parts leave
 #   norms       bench/norms.py            fused_loss  bench/fused_loss.py
 #   offload     bench/offload.py (interleaved optimizer offload vs all-host and torchao's)
 #   tests       the cuda-marked tests, in the time left
 # Default: throughput,norms,fused_loss,tests. The log, the JSON results (results.tgz) and Triton's
-# cache (.triton_cache/, as a tar in 15 MB parts) go to $OUT (default /tmp/ebb_gpu_out); unpack
-# the cache here (cat triton_cache.tgz* | tar xzf -) and carry it next time to skip autotuning.
+# cache (.triton_cache/, as a tar in 15 MB parts) go to $OUT (default /tmp/ebb_gpu_out); put the
+# parts in .tc/ here and carry .tc next time: the session unpacks them, and autotuning is skipped.
 set -u
 budget=${1:-540}
 parts=",${2:-throughput,norms,fused_loss,tests},"
@@ -25,6 +25,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
 mkdir -p "$TRITON_CACHE_DIR"
+ls .tc/triton_cache.tgz* >/dev/null 2>&1 && cat .tc/triton_cache.tgz* | tar xzf - && echo "Triton cache from .tc: $(du -sh .triton_cache | cut -f1)"
 python3 - <<'PY' 2>&1 | tee "$LOG"
 import importlib, torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
@@ -34,7 +35,12 @@ for name in ("triton", "fla", "liger_kernel", "torchao", "pydantic"):
     except Exception as exc:
         print(name, "does not import:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 PY
-want throughput && timeout $(( $(left) - 200 )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" 2>&1 | tee -a "$LOG"
+reserve=30  # packing the results and the cache
+for p in norms:60 fused_loss:60 offload:120 tests:120; do want "${p%:*}" && reserve=$((reserve + ${p#*:})); done
+export TRITON_PRINT_AUTOTUNING=1  # where the warm-up goes: each autotuned kernel, its key and its seconds
+want throughput && timeout $(( $(left) - reserve )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" 2>&1 \
+  | grep --line-buffered -v "^Autotuning kernel .* with config" | tee -a "$LOG"
+unset TRITON_PRINT_AUTOTUNING
 want norms && timeout 60 python3 bench/norms.py 2>&1 | tee -a "$LOG"
 want fused_loss && timeout 60 python3 bench/fused_loss.py 2>&1 | tee -a "$LOG"
 want offload && timeout $(( $(left) - 60 )) python3 bench/offload.py 2>&1 | tee -a "$LOG"
@@ -46,3 +52,4 @@ tar czf "$OUT/results.tgz" bench/results/*.json 2>/dev/null
 tar czf "$OUT/triton_cache.tgz" .triton_cache
 [ "$(stat -c %s "$OUT/triton_cache.tgz")" -gt 15000000 ] && split -b 15000000 -d -a 1 "$OUT/triton_cache.tgz" "$OUT/triton_cache.tgz." && rm "$OUT/triton_cache.tgz"
 du -sh "$TRITON_CACHE_DIR" "$OUT"/*
+grep -E "^(model |fla_gdn |ebb_|ebb G|  (fla_gdn|ebb_[a-zA-Z0-9_]+): skipped)" "$LOG" | tail -12

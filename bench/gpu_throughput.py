@@ -6,8 +6,7 @@
 One process, one GPU; bf16 autocast, fused AdamW, random tokens, vocab 32k, T = 2048. Models:
 - `fla_gdn`: fla's GatedDeltaNetForCausalLM, hidden 2048, 21 layers, 6 heads of 256, expand_v 2
   (what flame pretrains): the peer; skipped with a line when fla cannot run here. It gets the
-  batch as ebb does, B rows packed as documents of one sequence (cu_seqlens: flame's varlen mode),
-  so both run the same kernels at the same shapes and Triton autotunes them once;
+  batch as ebb does, B rows packed as documents of one sequence (cu_seqlens: flame's varlen mode);
 - `ebb_G` / `ebb_G_compiled`: ebb's `G` stack of the same shape (SwiGLU 5632 as fla's, untied),
   eager and with `train.compile`;
 - `ebb_hybrid`: `GGG*` repeated to 21 blocks (attention 16 heads of 128);
@@ -16,7 +15,9 @@ ebb's models run `train_step` as `pretrain.train` does (`train.loss=auto`: fused
 liger-kernel or fla is installed, else chunked; fla or PyTorch per op as the header line says).
 
 Each model warms up untimed for `--warmup` steps (Triton autotuning, compilation), then trains
-`--steps` timed steps. Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by
+`--steps` timed steps. Each model autotunes its own kernel keys (fla's model computes its gate and
+beta's sigmoid inside the kernel, so its dtypes differ from ebb's); on a fresh machine that takes
+minutes per model. Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by
 6N (N = parameters without the embedding), peak memory. With `--triton-cache DIR` Triton's
 autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. Writes
 bench/results/gpu_throughput[_tiny].json.
@@ -142,7 +143,7 @@ def run_fla(s: dict, args, device) -> dict | str:
 
     documents = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
 
-    def step():  # B rows of T packed as one sequence of documents, as ebb's Batch (fla's varlen path: the same kernels)
+    def step():  # B rows of T packed as one sequence of documents, as ebb's Batch (fla's varlen path)
         ids = torch.randint(0, s["vocab"], (1, B * T), device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, cu_seqlens=documents).loss
@@ -168,9 +169,10 @@ def timed(name, step, args, device, tokens_per_step, n, n_embed, flops_per_token
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     began = time.perf_counter()
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
         step()
-    sync()
+        sync()
+        print(f"  {name}: warm-up step {i + 1}/{args.warmup} done at {time.perf_counter() - began:.1f} s", flush=True)
     warmup_s = time.perf_counter() - began
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -10,11 +10,14 @@ import torch
 from torch import Tensor
 
 from common.imports import optional_attribute
+from models.ops import dispatch
 
 
 def fla_layers_for(x: Tensor) -> bool:
-    """Whether a layer may run fla's kernel on `x`: CUDA, half/bfloat16/float32, eager, not switched off."""
-    return x.is_cuda and x.dtype != torch.float64 and not torch.compiler.is_compiling() and os.environ.get("EBB_FUSED_LAYERS", "1") != "0"
+    """Whether a layer may run fla's kernel on `x`: CUDA, half/bfloat16/float32, eager, not switched
+    off, not in the ops' start-up probe (`dispatch.is_recording`)."""
+    return (x.is_cuda and x.dtype != torch.float64 and not torch.compiler.is_compiling()
+            and os.environ.get("EBB_FUSED_LAYERS", "1") != "0" and not dispatch.is_recording())
 
 
 def fla_kernel_for(x: Tensor, module: str, name: str) -> Callable | None:

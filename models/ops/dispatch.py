@@ -150,6 +150,12 @@ _calls: list | None = None  # while `recording`: (block kind, op, dtype, q's [H,
 _block = "?"  # the pattern character of the block running, while recording
 
 
+def is_recording() -> bool:
+    """Whether `plan_model`'s probe forward is running (everything runs PyTorch then: no kernel is
+    autotuned at the probe's toy shapes)."""
+    return _calls is not None
+
+
 def record(op: str, arguments: dict) -> bool:
     """Called by the op wrappers: note the call when recording; True when recording (run torch)."""
     if _calls is None:
@@ -181,8 +187,14 @@ def recording(model: nn.Module) -> Iterator[list]:
             h.remove()
 
 
-def _inputs(op: str, q_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device, T: int = 128) -> dict[str, Tensor]:
-    """Small random inputs for `op` (B = 1, T tokens) with the recorded per-head shapes."""
+CHECK_TOKENS = 4096  # enough chunks to fill the GPU, so the configurations Triton autotunes in the check suit training
+
+
+def _inputs(op: str, q_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device, T: int = CHECK_TOKENS) -> dict[str, Tensor]:
+    """Random inputs for `op` with the recorded per-head shapes, laid out as a training step's:
+    T tokens packed as two documents (int32 cu_seqlens, a boundary inside a chunk). fla's
+    autotuning is keyed by head shapes, dtypes and whether documents are packed, not by length,
+    so the check autotunes the very kernels the first training step runs."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -197,6 +209,7 @@ def _inputs(op: str, q_shape: tuple, v_shape: tuple, dtype: torch.dtype, device:
         args["g"] = -torch.nn.functional.softplus(rand(1, T, HV)).float()
     if op in ("chunk_delta_rule", "chunk_gated_delta_rule"):
         args["beta"] = torch.sigmoid(rand(1, T, HV)).to(dtype)
+    args["cu_seqlens"] = torch.tensor([0, T // 3 + 1, T], dtype=torch.int32, device=device)
     return args
 
 
@@ -205,12 +218,13 @@ def check_against_torch(fla_op: Callable, torch_op: Callable, args: dict[str, Te
     largest relative error over the output and every input's gradient)."""
     worst = 0.0
     results = []
+    differentiable = [n for n, t in args.items() if t.is_floating_point()]
     for fn in (fla_op, torch_op):
-        leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in args.items()}
+        leaves = {n: t.detach().clone().requires_grad_(n in differentiable) for n, t in args.items()}
         out = fn(**leaves)[0]
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
         out.backward(grad_out)
-        results.append([out.detach().float()] + [leaves[n].grad.float() for n in args])
+        results.append([out.detach().float()] + [leaves[n].grad.float() for n in differentiable])
     for got, want in zip(*results):
         err = ((got - want).norm() / want.norm().clamp(min=1e-12)).item()
         worst = max(worst, err if err == err else float("inf"))

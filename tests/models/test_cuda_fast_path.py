@@ -58,6 +58,14 @@ def test_ops_receive_the_autocast_dtype():
     assert calls and {dtype for _, _, dtype, _, _ in calls} == {torch.bfloat16}
 
 
+def test_the_start_up_probe_runs_no_fused_layer():
+    """The probe's toy shapes must not autotune the layers' kernels: Triton would keep those configurations."""
+    x = torch.ones(2, 8, device=CUDA)
+    assert fla_kernel_for(x, "fla.modules.l2norm", "l2norm") is not None
+    with dispatch.recording(HybridLM(tiny_model_config("G"))):
+        assert fla_kernel_for(x, "fla.modules.l2norm", "l2norm") is None
+
+
 @pytest.mark.parametrize("op", ["chunk_simple_gla", "chunk_delta_rule", "chunk_gated_delta_rule"])
 def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op):
     pytest.importorskip("fla")

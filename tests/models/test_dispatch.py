@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.model import HybridLM
-from models.ops import chunk_delta_rule, dispatch, plan_model
+from models.ops import chunk_delta_rule, chunk_gated_delta_rule, dispatch, plan_model
 from tests.conftest import tiny_model_config
 
 H100 = (9, 0)
@@ -66,6 +66,21 @@ def test_check_against_torch_passes_the_same_op_and_catches_a_wrong_one():
 
     passed, err = dispatch.check_against_torch(wrong, torch_op, args)
     assert not passed and err > 0.1
+
+
+def test_check_inputs_are_packed_documents_as_in_training():
+    """The check runs the layout training runs (so its autotuning is training's): a kernel that
+    let state cross the document boundary fails it."""
+    args = dispatch._inputs("chunk_gated_delta_rule", (2, 16), (2, 32), torch.float64, torch.device("cpu"), T=40)
+    assert args["cu_seqlens"].dtype == torch.int32 and args["cu_seqlens"].tolist() == [0, 14, 40]
+    torch_op = chunk_gated_delta_rule.torch_op
+
+    def one_document(**kw):
+        return torch_op(**{**kw, "cu_seqlens": None})
+
+    assert dispatch.check_against_torch(torch_op, torch_op, args)[0]
+    passed, err = dispatch.check_against_torch(one_document, torch_op, args)
+    assert not passed and err > 0.05
 
 
 def test_cpu_header_says_torch_everywhere(monkeypatch):
