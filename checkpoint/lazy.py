@@ -32,15 +32,12 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import CheckpointError, dcp
 from checkpoint.checkpointer import Checkpointer, WriteFiles
+from common.tensors import local_shard
 
 # Test hook: seconds to sleep before writing each tensor, to make a flush slow enough to interrupt.
 WRITE_DELAY_ENV = "EBB_CHECKPOINT_TEST_WRITE_DELAY"
 
 GiB = 1 << 30
-
-
-def local_part(tensor: Tensor) -> Tensor:
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
@@ -106,20 +103,20 @@ class Snapshot:
         tensors = tensors_of(state)
         resident = {id(t) for t in tensors if self._resident(t, in_place)}
         sources = [t for t in tensors if id(t) not in resident]
-        hosts = iter(buffers.take([local_part(t) for t in sources]))
+        hosts = iter(buffers.take([local_shard(t) for t in sources]))
         self.ready: dict[int, threading.Event] = {}
         self.reads_in_place = bool(resident)
         self.persisted = threading.Event()
         self.host_state = map_tensors(state, lambda t: t if id(t) in resident else self._host_twin(t, next(hosts)))
         self.error: BaseException | None = None
-        pairs = [(local_part(t), h) for t, h in zip(sources, buffers.buffers)]
+        pairs = [(local_shard(t), h) for t, h in zip(sources, buffers.buffers)]
         device = next((src.device for src, _ in pairs if src.is_cuda), None)
         start = torch.cuda.current_stream(device).record_event() if device is not None else None  # after the work queued so far
         self.done: Future = copier.submit(self._copy, pairs, list(self.ready.values()), start)
 
     @staticmethod
     def _resident(tensor: Tensor, in_place: set[int]) -> bool:
-        local = local_part(tensor)
+        local = local_shard(tensor)
         return local.device.type == "cpu" and local.untyped_storage().data_ptr() in in_place
 
     def written(self) -> None:

@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam as torch_adam
 
+from common.tensors import local_shard
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS, StateCodec
 from optim.codecs.base import Parts
 from optim.config import OptimConfig
 from optim.groups import build_param_groups, wants_weight_decay
 from optim.offload import OffloadAdamW, build_offload_optimizer
-from optim.shards import like_param, local_shard
+from optim.shards import like_param
 from optim.update import adamw_update_
 
 __all__ = ["AdamW", "adamw_update_", "build_optimizer", "wants_weight_decay"]

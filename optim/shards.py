@@ -15,11 +15,6 @@ from torch.distributed.tensor import DTensor, Shard
 from optim.codecs.base import scale_shape
 
 
-def local_shard(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view: writing to it writes the DTensor); plain tensors as they are."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def shards_along_last_dim(param: Tensor) -> int:
     if not isinstance(param, DTensor) or param.ndim == 0:
         return 1

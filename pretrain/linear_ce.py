@@ -98,7 +98,7 @@ def chunked_linear_cross_entropy(
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-# The fused linear cross-entropies ebb can use, in order of preference: name -> (module, class).
+# The fused linear cross-entropies ebb can use, in order of preference (measured: README, Loss): name -> (module, class).
 FUSED_KERNELS = {
     "liger-kernel": ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"),
     "fla": ("fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"),

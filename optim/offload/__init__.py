@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from common.tensors import local_shard
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS
 from optim.offload.device import host_empty
 from optim.offload.host import HOST_OPTIMIZERS, HostAdamW, HostUnavailable, build_host
 from optim.offload.model import STATE_BYTES, Rates, choose_k
 from optim.offload.optimizer import OffloadAdamW, OffloadError, cut
-from optim.shards import local_shard
 
 __all__ = ["OffloadAdamW", "OffloadError", "build_offload_optimizer"]
 

@@ -32,12 +32,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from common.tensors import local_shard
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS
 from optim.offload.device import Lane, copy, host_empty, wait
 from optim.offload.host import HostAdamW
 from optim.offload.model import on_device
-from optim.shards import like_param, local_shard
+from optim.shards import like_param
 
 FP32 = CODECS["fp32"]
 

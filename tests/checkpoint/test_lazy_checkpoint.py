@@ -13,9 +13,10 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, dcp
-from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, local_part, tensors_of
+from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, tensors_of
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
 from checkpoint.ranks import Ranks
+from common.tensors import local_shard
 from pretrain.train import main as train_main
 from tests.runs import SMALL_RUN
 from tests.toy_state import make_state, train_steps
@@ -99,7 +100,7 @@ def test_offloaded_state_is_written_in_place_and_the_next_step_waits_for_it(tmp_
     saver.save(2, model, optimizer, schedule, data)
     snapshot = saver.snapshot
     resident = {t.untyped_storage().data_ptr() for t in optimizer.host_resident}
-    in_place = [t for t in tensors_of(snapshot.host_state) if local_part(t).untyped_storage().data_ptr() in resident]
+    in_place = [t for t in tensors_of(snapshot.host_state) if local_shard(t).untyped_storage().data_ptr() in resident]
     assert len(in_place) == 2 * len(list(model.parameters()))  # exp_avg and exp_avg_sq: no host copy of them
     assert not snapshot.persisted.is_set()
     train_steps(model, optimizer, schedule, 1)  # its optimizer step waited for the write of the moments
