@@ -12,8 +12,9 @@ off or another subgroup size.
 
 Step (`model.on_device` says where each subgroup goes):
 - during backward, a post-accumulate-grad hook copies each host piece's gradient to host memory
-  on a side lane as soon as it is ready (a gradient changed afterwards, e.g. clipped in place,
-  is copied again at the step: its version counter tells);
+  on a side lane as soon as it is ready, in a step's last backward only under gradient
+  accumulation (`deferring_grad_copies`); a gradient changed afterwards, e.g. clipped in place,
+  is copied again at the step: its version counter tells;
 - the first device subgroup's state is prefetched; then in order, a host subgroup is updated by
   the host optimizer and its parameters uploaded on the host-to-device lane, while a device
   subgroup is updated by ebb's grouped step (`optim/buckets.py`) on its prefetched state, written
@@ -24,9 +25,10 @@ clips the gradients on the device in place and the host copies by the same coeff
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +144,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.host_only = set(self.host_pieces) - on_accelerator  # their device gradients are never clipped (`clip_grad_norm_`)
         self.copied: dict[nn.Parameter, tuple[int, int]] = {}  # gradient (data pointer, version) the host copy holds
         self.clip: Tensor | None = None  # the coefficient the host copies still need
+        self.copies_deferred = False  # inside `deferring_grad_copies`
         starts = {piece.param: piece.start for s in reversed(self.subgroups) for piece in reversed(s.pieces)}  # each one's first
         self._views = {p: self._new_state(p, starts.get(p, 0)) for group in self.param_groups if offloaded(group) for p in group["params"]}
         self.state.update(self._views)
@@ -178,8 +181,20 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # gradients
 
+    @contextlib.contextmanager
+    def deferring_grad_copies(self) -> Iterator[None]:
+        """Around a backward that is not the step's last (gradient accumulation): its hooks copy
+        nothing, and the last backward's hooks copy the accumulated gradients once."""
+        self.copies_deferred = True
+        try:
+            yield
+        finally:
+            self.copies_deferred = False
+
     def _grad_ready(self, p: nn.Parameter) -> None:
         """Backward has (re)accumulated `p`'s gradient: copy its host pieces to host memory."""
+        if self.copies_deferred:
+            return
         grad = _local_grad(p)
         self.d2h.follow()
         with self.d2h.use():

@@ -38,24 +38,25 @@ def optim_config(**offload) -> OptimConfig:
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 5, clip: float = 0.5) -> None:
-    """`steps` steps of two accumulated micro-batches each, clipped as pretrain.step clips."""
-    from pretrain.step import clip_gradients
+    """`steps` steps of two accumulated micro-batches each, clipped and copied as pretrain.step does."""
+    from pretrain.step import clip_gradients, grad_copies_deferred
 
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        for _ in range(2):
+        for i in range(2):
             x = torch.randn(4, 16, generator=data).to(next(model.parameters()).dtype)
-            model(x).float().pow(2).mean().backward()
+            with grad_copies_deferred(optimizer, last_backward=i == 1):
+                model(x).float().pow(2).mean().backward()
         clip_gradients(model, optimizer, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def reference(dtype: torch.dtype = torch.float32, master: bool = False) -> nn.Module:
+def reference(dtype: torch.dtype = torch.float32, master: bool = False, steps: int = 5) -> nn.Module:
     model = mlp(dtype)
     cfg = optim_config()
     cfg.master_weights = master
-    train_steps(model, build_optimizer(model, cfg))
+    train_steps(model, build_optimizer(model, cfg), steps)
     return model
 
 
@@ -71,6 +72,19 @@ def test_five_steps_give_adamw_parameters(subgroup_size, k):
     assert isinstance(optimizer, OffloadAdamW)
     train_steps(model, optimizer)
     for a, b in zip(model.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_accumulated_gradients_are_copied_to_the_host_once_per_step(monkeypatch):
+    model = mlp()
+    optimizer = build_optimizer(model, optim_config(enabled=True, subgroup_size=300, gpu_every_k=0, host_optimizer="torch"))
+    copies = []
+    to_grads = lambda dst: dst.untyped_storage().data_ptr() == optimizer.grad.untyped_storage().data_ptr()  # noqa: E731
+    monkeypatch.setattr(offload_optimizer, "copy", lambda dst, src: (copies.append(dst.numel() if to_grads(dst) else 0), dst.copy_(src)))
+    train_steps(model, optimizer, steps=2)
+    host_numel = sum(piece.stop - piece.start for pieces in optimizer.host_pieces.values() for piece in pieces)
+    assert sum(copies) == 2 * host_numel  # two steps, one copy of each piece each, not one per micro-batch
+    for a, b in zip(model.parameters(), reference(steps=2).parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
