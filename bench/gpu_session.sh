@@ -7,9 +7,11 @@
 #   norms       bench/norms.py            fused_loss  bench/fused_loss.py
 #   offload     bench/offload.py (interleaved optimizer offload vs all-host and torchao's)
 #   tests       the cuda-marked tests, in the time left
-# Default: throughput,norms,fused_loss,tests. The log, the JSON results (results.tgz) and Triton's
-# cache (.triton_cache/, as a tar in 15 MB parts) go to $OUT (default /tmp/ebb_gpu_out); put the
-# parts in .tc/ here and carry .tc next time: the session unpacks them, and autotuning is skipped.
+# Default: throughput,norms,fused_loss,tests. MODELS=fla_gdn,ebb_G (say) limits the throughput bench to those
+# models, so that a long first autotuning can be split over two calls on the same warm machine. The log, the JSON results (results.tgz) and Triton's
+# cache (.triton_cache/, as a tar in 15 MB parts, and its autotuning results alone in autotune.tgz,
+# should the parts be too many to come back) go to $OUT (default /tmp/ebb_gpu_out); put them in .tc/
+# here and carry .tc next time: the session unpacks them, and autotuning is skipped.
 set -u
 budget=${1:-540}
 parts=",${2:-throughput,norms,fused_loss,tests},"
@@ -25,7 +27,9 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
 mkdir -p "$TRITON_CACHE_DIR"
-ls .tc/triton_cache.tgz* >/dev/null 2>&1 && cat .tc/triton_cache.tgz* | tar xzf - && echo "Triton cache from .tc: $(du -sh .triton_cache | cut -f1)"
+ls .tc/triton_cache.tgz* >/dev/null 2>&1 && cat .tc/triton_cache.tgz* | tar xzf -
+[ -f .tc/autotune.tgz ] && tar xzf .tc/autotune.tgz
+echo "Triton cache: $(du -sh .triton_cache | cut -f1), $(find .triton_cache -name '*.autotune.json' | wc -l) autotuning results"
 python3 - <<'PY' 2>&1 | tee "$LOG"
 import importlib, torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
@@ -38,7 +42,7 @@ PY
 reserve=30  # packing the results and the cache
 for p in norms:60 fused_loss:60 offload:120 tests:120; do want "${p%:*}" && reserve=$((reserve + ${p#*:})); done
 export TRITON_PRINT_AUTOTUNING=1  # where the warm-up goes: each autotuned kernel, its key and its seconds
-want throughput && timeout $(( $(left) - reserve )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" 2>&1 \
+want throughput && timeout $(( $(left) - reserve )) python3 bench/gpu_throughput.py --triton-cache "$TRITON_CACHE_DIR" ${MODELS:+--only "$MODELS"} 2>&1 \
   | grep --line-buffered -v "^Autotuning kernel .* with config" | tee -a "$LOG"
 unset TRITON_PRINT_AUTOTUNING
 want norms && timeout 60 python3 bench/norms.py 2>&1 | tee -a "$LOG"
@@ -49,6 +53,7 @@ want tests && [ "$t" -gt 30 ] && timeout "$t" python3 -m pytest -q -rs --timeout
   tests/models/test_cuda_fast_path.py tests/optim/test_offload.py tests/models/test_rwkv7.py tests/pretrain/test_linear_ce.py \
   tests/optim/test_optim_codecs.py tests/optim/test_optim_grouped.py tests/checkpoint/test_lazy_checkpoint.py tests/data/test_data_pipeline.py 2>&1 | tee -a "$LOG"
 tar czf "$OUT/results.tgz" bench/results/*.json 2>/dev/null
+find .triton_cache -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -  # small: the autotuning results alone
 tar czf "$OUT/triton_cache.tgz" .triton_cache
 [ "$(stat -c %s "$OUT/triton_cache.tgz")" -gt 15000000 ] && split -b 15000000 -d -a 1 "$OUT/triton_cache.tgz" "$OUT/triton_cache.tgz." && rm "$OUT/triton_cache.tgz"
 du -sh "$TRITON_CACHE_DIR" "$OUT"/*
