@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from models.layers.conv import ShortConv, conv_features
 from models.layers.flops import chunked_recurrence_flops, projection_flops
-from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.gates import GatedDecayConfig, beta_of, log_decay, write_strength
 from models.layers.init import init_decay_, init_normal_, residual_scale
 from models.layers.norms import GatedRMSNorm, RMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
@@ -162,4 +162,4 @@ class GatedDeltaRuleMixer(DeltaRuleMixer):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """g = log alpha [..., H_v] and beta [..., H_v * steps] (head-major)."""
         g = log_decay(self.a_proj(x), self.A_log, self.dt_bias)
-        return g, write_strength(self.b_proj(x).sigmoid(), self.cfg.allow_neg_eigval)
+        return g, write_strength(beta_of(self.b_proj(x)), self.cfg.allow_neg_eigval)

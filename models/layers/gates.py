@@ -27,6 +27,12 @@ def log_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
     return -torch.exp(A_log) * F.softplus(a + dt_bias)
 
 
+def beta_of(b: Tensor) -> Tensor:
+    """beta = sigmoid(b) in float32 at least: bf16 would keep 8 bits of a number the state is
+    multiplied by at every token (fla's Gated DeltaNet computes it so, inside its kernel)."""
+    return torch.sigmoid(b.float() if b.dtype in (torch.float16, torch.bfloat16) else b)
+
+
 def write_strength(beta: Tensor, allow_neg_eigval: bool) -> Tensor:
     """beta in (0, 1) gives transition eigenvalues 1 - beta in [0, 1]; doubling it to (0, 2)
     extends them to [-1, 1] (Grazzi et al., state tracking)."""

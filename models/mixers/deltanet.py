@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from models.layers.delta_rule import DeltaRuleMixer
-from models.layers.gates import write_strength
+from models.layers.gates import beta_of, write_strength
 from models.ops import chunk_delta_rule
 from models.spec import MixerConfig, MixerSpec
 
@@ -57,7 +57,7 @@ class DeltaNet(DeltaRuleMixer):
         """q, k, v and beta [B, T, H] exactly as the delta rule receives them (x is [1, total, d]
         when cu_seqlens packs documents)."""
         q, k, v = self.qkv(x, cu_seqlens, cache)
-        beta = self.b_proj(x).sigmoid() if self.b_proj is not None else x.new_ones(q.shape[:-1])
+        beta = beta_of(self.b_proj(x)) if self.b_proj is not None else x.new_ones(q.shape[:-1])
         return q, k, v, write_strength(beta, self.cfg.allow_neg_eigval)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from models.layers.conv import ShortConv, segment_conv
 from models.layers.flops import chunked_recurrence_flops
 from models.layers.fused import split_groups, store_head_major_
-from models.layers.gates import GatedDecayConfig, log_decay, write_strength
+from models.layers.gates import GatedDecayConfig, beta_of, log_decay, write_strength
 from models.layers.init import init_decay_, residual_scale
 from models.layers.norms import GatedRMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
@@ -181,7 +181,7 @@ class MoM(Mixer):
         v = self.stream_conv(self.v_conv1d, v, routes, cache, "conv_v")
         q, k = (l2_norm(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k))
         g = log_decay(a, self.A_log, self.dt_bias)
-        beta = write_strength(b.sigmoid(), self.cfg.allow_neg_eigval)
+        beta = write_strength(beta_of(b), self.cfg.allow_neg_eigval)
         o = cached_recurrence(
             self.op, q[None], k[None], v.unflatten(-1, (-1, self.head_v_dim))[None], g[None], beta[None],
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=routes.cu_seqlens, cache=cache,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from models.layers.conv import ShortConv, conv_features
 from models.layers.flops import chunked_recurrence_flops, projection_flops
 from models.layers.fused import store_head_major_
-from models.layers.gates import GatedDecayConfig, log_decay
+from models.layers.gates import GatedDecayConfig, beta_of, log_decay
 from models.layers.init import init_decay_, init_normal_, residual_scale
 from models.layers.norms import GatedRMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
@@ -142,7 +142,7 @@ class SSE(Mixer):
         q1, k1, q2, k2 = (l2_norm(F.silu(t).flatten(0, 1).unflatten(-1, (-1, self.head_k_dim))) for t in (q1, k1, q2, k2))
         v = F.silu(self.v_proj(x)).flatten(0, 1).unflatten(-1, (-1, self.head_v_dim))
         g0, g1 = log_decay(self.a_proj(x), self.A_log, self.dt_bias).flatten(0, 1).unflatten(-1, (-1, 2)).unbind(-1)
-        beta0, beta1 = self.b_proj(x).sigmoid().flatten(0, 1).unflatten(-1, (-1, 2)).unbind(-1)
+        beta0, beta1 = beta_of(self.b_proj(x)).flatten(0, 1).unflatten(-1, (-1, 2)).unbind(-1)
         return Stream(q1, k1, g0, beta0), Stream(q2, k2, g1, beta1), v
 
     @property

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-ACTIVATIONS = frozenset({"q", "r", "k", "v", "a", "b", "beta"})  # cast under autocast; log-decays and states stay float32
+ACTIVATIONS = frozenset({"q", "r", "k", "v", "a", "b"})  # cast under autocast; log-decays, beta and states stay float32
 
 
 def autocast_activations(arguments: dict) -> dict:

@@ -187,6 +187,16 @@ def test_delta_rule_transition_eigenvalues(kind, allow_neg_eigval):
     assert (beta > 1).any() == allow_neg_eigval
 
 
+@pytest.mark.parametrize("kind", ["T", "G"])
+def test_beta_stays_float32_under_bf16_autocast(kind):
+    """As fla's Gated DeltaNet computes it: the activations go to the op in bf16, beta does not."""
+    mixer = small_mixer(kind, dtype=torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q, *_, beta = mixer.recurrence_inputs(torch.randn(1, 9, D_MODEL))
+        b = mixer.b_proj(torch.randn(1, 9, D_MODEL))
+    assert q.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and beta.dtype == torch.float32
+
+
 # --- grouped value heads ----------------------------------------------------------------------
 
 
