@@ -1,5 +1,5 @@
-"""Interleaved offload under FSDP2 (dp_shard=2, real gloo processes): each rank offloads its own
-shards, and the losses and gradient norms are those of one process without offload on the same
+"""Interleaved offload under FSDP2 (dp_shard=2) and tensor parallelism (tp=2), real gloo
+processes: each rank offloads its own shards, and the losses and gradient norms are those of one process without offload on the same
 global batch; a checkpoint saved by the offloaded ranks resumes in one process without offload.
 The runs differ by the order of the gradient sums (float32) and by the AdamW kernel (the host's
 fused one against the layout runs' foreach one): within 5e-5, tests/parallel/test_parallel_train.py's
@@ -33,3 +33,13 @@ def test_fsdp2_offload_matches_one_process_without_it(tmp_path: Path) -> None:
         torch.testing.assert_close(curve(tmp_path / "sharded", key), curve(tmp_path / "one", key)[:2], rtol=0, atol=TOL, msg=key)
     train(layout_config(tmp_path / "sharded", "train.batch_size=4"), resume=True)  # the sharded host states, resharded, offload off
     torch.testing.assert_close(curve(tmp_path / "sharded", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)
+
+
+def test_tensor_parallel_offload_with_accumulation_matches_one_process_without_it(tmp_path: Path) -> None:
+    """tp=2: each rank offloads its shards of the column- and row-wise weights and its replicas of
+    the rest; two accumulated micro-batches per step, whose gradients go to the host once."""
+    common = ["train.batch_size=2", "train.grad_accum=2", "train.stop_at_step=2"]
+    run_distributed(train_rank, 2, layout_config(tmp_path / "tp", *OFFLOAD, "parallel.tp=2", *common))
+    train(layout_config(tmp_path / "one", *common), resume=False)
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(curve(tmp_path / "tp", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
