@@ -1,7 +1,6 @@
 """One training step and one evaluation pass, on what `pretrain.parallelize` built for this rank."""
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterator, NamedTuple
 
@@ -70,13 +69,6 @@ def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm:
     return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
-def grad_copies_deferred(optimizer: torch.optim.Optimizer, last_backward: bool) -> contextlib.AbstractContextManager:
-    """An offloading optimizer copies gradients to the host in a step's last backward only."""
-    if isinstance(optimizer, OffloadAdamW) and not last_backward:
-        return optimizer.deferring_grad_copies()
-    return contextlib.nullcontext()
-
-
 def train_step(
     par: Parallel, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], grad_accum: int, grad_clip: float | None, runtime: Runtime
 ) -> StepResult:
@@ -88,10 +80,10 @@ def train_step(
         return pipeline_step(par, optimizer, next(batches), grad_clip, runtime)
     model = par.module
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
-    for i in range(grad_accum):
+    for _ in range(grad_accum):
         batch = next(batches).to(runtime.device)
         scale = token_scale(batch.labels, par.shape)
-        with loss_context(par.shape), grad_copies_deferred(optimizer, i == grad_accum - 1):
+        with loss_context(par.shape):
             loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
             loss = loss * scale
             total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)

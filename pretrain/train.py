@@ -180,6 +180,8 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
     parallelize(par, model, cfg, runtime)
     optimizer = build_optimizer(par.module, cfg.optim)
+    if isinstance(optimizer, OffloadAdamW):  # its hooks copy gradients to the host in a step's last backward
+        optimizer.backwards_per_step = par.microbatches if par.pipeline is not None else t.grad_accum
     schedule = build_lr_schedule(optimizer, t.steps, **cfg.optim.schedule_options)
     checkpoints = build_checkpointer(checkpoint_root(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
     if resume:

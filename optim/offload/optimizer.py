@@ -12,9 +12,9 @@ off or another subgroup size.
 
 Step (`model.on_device` says where each subgroup goes):
 - during backward, a post-accumulate-grad hook copies each host piece's gradient to host memory
-  on a side lane as soon as it is ready, in a step's last backward only under gradient
-  accumulation (`deferring_grad_copies`); a gradient changed afterwards, e.g. clipped in place,
-  is copied again at the step: its version counter tells;
+  on a side lane as soon as it is ready in the step's last backward (`backwards_per_step`: the
+  micro-batches of gradient accumulation or of the pipeline); a gradient no hook copied, or
+  changed afterwards (e.g. clipped in place), is copied at the step: its version counter tells;
 - the first device subgroup's state is prefetched; then in order, a host subgroup is updated by
   the host optimizer and its parameters uploaded on the host-to-device lane, while a device
   subgroup is updated by ebb's grouped step (`optim/buckets.py`) on its prefetched state, written
@@ -25,10 +25,9 @@ clips the gradients on the device in place and the host copies by the same coeff
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +143,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.host_only = set(self.host_pieces) - on_accelerator  # their device gradients are never clipped (`clip_grad_norm_`)
         self.copied: dict[nn.Parameter, tuple[int, int]] = {}  # gradient (data pointer, version) the host copy holds
         self.clip: Tensor | None = None  # the coefficient the host copies still need
-        self.copies_deferred = False  # inside `deferring_grad_copies`
+        self.backwards_per_step = 1  # micro-batches a step accumulates (the trainer sets it): the hooks copy at the last
+        self.accumulated: dict[nn.Parameter, int] = {}  # backwards that reached each gradient this step
         starts = {piece.param: piece.start for s in reversed(self.subgroups) for piece in reversed(s.pieces)}  # each one's first
         self._views = {p: self._new_state(p, starts.get(p, 0)) for group in self.param_groups if offloaded(group) for p in group["params"]}
         self.state.update(self._views)
@@ -181,20 +181,14 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # gradients
 
-    @contextlib.contextmanager
-    def deferring_grad_copies(self) -> Iterator[None]:
-        """Around a backward that is not the step's last (gradient accumulation): its hooks copy
-        nothing, and the last backward's hooks copy the accumulated gradients once."""
-        self.copies_deferred = True
-        try:
-            yield
-        finally:
-            self.copies_deferred = False
-
     def _grad_ready(self, p: nn.Parameter) -> None:
-        """Backward has (re)accumulated `p`'s gradient: copy its host pieces to host memory."""
-        if self.copies_deferred:
-            return
+        """Backward has (re)accumulated `p`'s gradient: in the step's last backward, copy it."""
+        self.accumulated[p] = self.accumulated.get(p, 0) + 1
+        if self.accumulated[p] >= self.backwards_per_step:
+            self._copy_grad(p)
+
+    def _copy_grad(self, p: nn.Parameter) -> None:
+        """Copy the host pieces of `p`'s gradient to host memory, on the device-to-host lane."""
         grad = _local_grad(p)
         self.d2h.follow()
         with self.d2h.use():
@@ -208,7 +202,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         `clip_grad_norm_` left unclipped on the device."""
         for p in self.host_pieces:
             if p.grad is not None and self.copied.get(p) != _version(p.grad):
-                self._grad_ready(p)
+                self._copy_grad(p)
         wait(self.d2h.mark())
         if self.clip is not None and (coef := self.clip.item()) != 1.0:
             unclipped = [piece for p in self.host_only if p.grad is not None for piece in self.host_pieces[p]]
@@ -229,6 +223,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.copied.clear()
+        self.accumulated.clear()
         self.clip = None
 
     # the step
@@ -262,6 +257,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         wait(self.d2h.mark())  # the host state is whole again (checkpoints read it)
         self.h2d.join()  # the next forward runs on the uploaded parameters
         self.copied.clear()
+        self.accumulated.clear()
         self.clip = None
         return loss
 

@@ -38,15 +38,14 @@ def optim_config(**offload) -> OptimConfig:
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 5, clip: float = 0.5) -> None:
-    """`steps` steps of two accumulated micro-batches each, clipped and copied as pretrain.step does."""
-    from pretrain.step import clip_gradients, grad_copies_deferred
+    """`steps` steps of two accumulated micro-batches each, clipped as pretrain.step clips."""
+    from pretrain.step import clip_gradients
 
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        for i in range(2):
+        for _ in range(2):
             x = torch.randn(4, 16, generator=data).to(next(model.parameters()).dtype)
-            with grad_copies_deferred(optimizer, last_backward=i == 1):
-                model(x).float().pow(2).mean().backward()
+            model(x).float().pow(2).mean().backward()
         clip_gradients(model, optimizer, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -78,6 +77,7 @@ def test_five_steps_give_adamw_parameters(subgroup_size, k):
 def test_accumulated_gradients_are_copied_to_the_host_once_per_step(monkeypatch):
     model = mlp()
     optimizer = build_optimizer(model, optim_config(enabled=True, subgroup_size=300, gpu_every_k=0, host_optimizer="torch"))
+    optimizer.backwards_per_step = 2  # as pretrain.train sets it for train.grad_accum=2
     copies = []
     to_grads = lambda dst: dst.untyped_storage().data_ptr() == optimizer.grad.untyped_storage().data_ptr()  # noqa: E731
     monkeypatch.setattr(offload_optimizer, "copy", lambda dst, src: (copies.append(dst.numel() if to_grads(dst) else 0), dst.copy_(src)))

@@ -35,11 +35,21 @@ def test_fsdp2_offload_matches_one_process_without_it(tmp_path: Path) -> None:
     torch.testing.assert_close(curve(tmp_path / "sharded", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)
 
 
-def test_tensor_parallel_offload_with_accumulation_matches_one_process_without_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "layout, common",
+    [
+        (["parallel.tp=2"], ["train.batch_size=2", "train.grad_accum=2"]),
+        (["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_microbatches=2"], ["model.pattern=RM*O | RTGS", "train.batch_size=4"]),
+    ],
+    ids=["tp2_accumulating", "pp2"],
+)
+def test_offload_accumulating_over_micro_batches_matches_one_process_without_it(tmp_path: Path, layout: list[str], common: list[str]) -> None:
     """tp=2: each rank offloads its shards of the column- and row-wise weights and its replicas of
-    the rest; two accumulated micro-batches per step, whose gradients go to the host once."""
-    common = ["train.batch_size=2", "train.grad_accum=2", "train.stop_at_step=2"]
-    run_distributed(train_rank, 2, layout_config(tmp_path / "tp", *OFFLOAD, "parallel.tp=2", *common))
+    the rest, over two accumulated micro-batches per step; pp=2: each stage offloads its own
+    parameters, over the pipeline's two micro-batches. Either way the hooks copy a gradient to
+    the host in the step's last backward, the step anything they missed."""
+    common = [*common, "train.stop_at_step=2"]
+    run_distributed(train_rank, 2, layout_config(tmp_path / "parallel", *OFFLOAD, *layout, *common))
     train(layout_config(tmp_path / "one", *common), resume=False)
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(curve(tmp_path / "tp", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
+        torch.testing.assert_close(curve(tmp_path / "parallel", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
