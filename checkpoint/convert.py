@@ -11,11 +11,13 @@ index above --max-shard-size), the tokenizer (ebb's byte tokenizer as a real Hug
 tokenizer, or the run's own one) and `generation_config.json`:
 - `--format remote` (the default), any pattern: `EbbForCausalLM` with ebb's model code in the
   folder (`AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)`);
-- `--format native`: transformers' own class where there is one (a Mamba2-only model without
-  MLPs -> Mamba2ForCausalLM; attention-only -> LlamaForCausalLM, Qwen2ForCausalLM with qkv bias,
-  MistralForCausalLM with a window), from each mixer's declaration (`MixerSpec.hf`).
+- `--format native`: the class of the library that defines the architecture, where there is one
+  (a Mamba2-only model without MLPs -> transformers' Mamba2ForCausalLM; attention-only ->
+  LlamaForCausalLM, Qwen2ForCausalLM with qkv bias, MistralForCausalLM with a window; Gated
+  DeltaNet-only -> fla's GatedDeltaNetForCausalLM), from each mixer's declaration (`MixerSpec.hf`).
 
-from-hf reads such a folder, or one of transformers' Mamba2/Llama/Qwen2/Mistral models, and
+from-hf reads such a folder, or one of transformers' Mamba2/Llama/Qwen2/Mistral models or fla's
+Gated DeltaNet ones, and
 writes RUN_DIR/config.yaml and a weights-only checkpoint RUN_DIR/checkpoints/step-00000000
 through ebb's commit protocol (manifest and checksums). `python -m pretrain.train --config
 RUN_DIR/config.yaml --resume [overrides]` then trains on from those weights, with a fresh

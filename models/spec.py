@@ -94,11 +94,14 @@ def same_layout(model: Any, name: str, tensor: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class HFNative:
-    """How a model whose every block is this mixer is one of transformers' own architectures, so
-    that it exports to (`to-hf --format native`) and imports from (`from-hf`) that class's format
-    with no remote code. `models/hf/native.py` reads it.
+    """How a model whose every block is this mixer is an architecture of the library that defines
+    it (transformers, or fla, which registers its classes with transformers' Auto classes when
+    imported), so that it exports to (`to-hf --format native`) and imports from (`from-hf`) that
+    class's format with no remote code. `models/hf/native.py` reads it.
 
-    - `architectures`: the transformers class names it exports to and imports from;
+    - `architectures`: the class names it exports to and imports from;
+    - `model_type`: for a class outside transformers (fla's), its config's model_type: the
+      config is written from `config` alone, so exporting needs no fla;
     - `architecture(model)`: the class for this ModelConfig, or ValueError (one line) naming what
       the class cannot express;
     - `config(model)`: that class's config entries (vocabulary, width, depth, norms, tying; RoPE
@@ -118,6 +121,7 @@ class HFNative:
     names: Mapping[str, str]
     to_hf: TensorLayout = same_layout
     from_hf: TensorLayout = same_layout
+    model_type: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 Two formats (`python -m checkpoint.convert to-hf --format remote|native`):
 - remote: `EbbForCausalLM` (models/hf/modeling_ebb.py) with ebb's model code in the folder; the
   weights keep ebb's names under `model.`, any pattern;
-- native: transformers' own class, where a model's blocks are all one mixer whose declaration has
-  an `HFNative` (`MixerSpec.hf`: Mamba2 -> Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral);
-  the names, config and per-tensor layouts are that declaration's.
+- native: the class of the library that defines the architecture, where a model's blocks are
+  all one mixer whose declaration has an `HFNative` (`MixerSpec.hf`: Mamba2 -> transformers'
+  Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet -> fla's
+  GatedDeltaNetForCausalLM); the names, config and per-tensor layouts are that declaration's.
 
 Everything here works one tensor at a time, so conversion can stream.
 """
@@ -66,10 +67,10 @@ def native_format(model: ModelConfig) -> Format:
     kinds = sorted(set(model.blocks), key=model.blocks.index)
     if len(kinds) > 1:
         names = ", ".join(PATTERN[k] for k in kinds)
-        raise FormatError(f"pattern {model.pattern!r} mixes {names}: transformers has no class for it; export with --format remote")
+        raise FormatError(f"pattern {model.pattern!r} mixes {names}: no native class holds it; export with --format remote")
     native = spec_of(kinds[0]).hf
     if native is None:
-        raise FormatError(f"transformers has no class for a model of {PATTERN[kinds[0]]} blocks; export with --format remote")
+        raise FormatError(f"no native class (transformers' or fla's) holds a model of {PATTERN[kinds[0]]} blocks; export with --format remote")
     try:
         return Format(native.architecture(model), native)
     except ValueError as exc:
@@ -93,7 +94,10 @@ def hf_config(fmt: Format, model: ModelConfig, dtype: str, token_ids: Mapping[st
 
         config = EbbConfig(ebb_model=model.model_dump(mode="json"), auto_map=AUTO_MAP, **common)
     else:
-        config_class = getattr(transformers, fmt.architecture).config_class
+        config_class = (
+            getattr(transformers, fmt.architecture).config_class if fmt.native.model_type is None
+            else type(fmt.architecture + "Config", (transformers.PretrainedConfig,), {"model_type": fmt.native.model_type})
+        )
         try:
             config = config_class(**fmt.native.config(model), **common)
         except (ValueError, TypeError) as exc:

@@ -56,6 +56,46 @@ def test_attention_only_is_the_matching_transformers_class(tmp_path: Path, optio
     round_trip(tmp_path, cfg, architecture)
 
 
+@pytest.mark.parametrize(
+    "options, tie", [({}, False), ({"num_v_heads": 4, "allow_neg_eigval": True, "conv_size": 3}, True)], ids=["gdn", "gva-neg-eigval-conv3-tied"]
+)
+def test_gated_deltanet_only_is_flas_model_and_comes_back(tmp_path: Path, options: dict, tie: bool) -> None:
+    """fla's format is written and read without fla: fla's model_type and keys in config.json,
+    fla's names on the weights; from-hf brings ebb's logits back (tests/hf/test_hf_fla.py loads the
+    folder in fla itself, under Triton's interpreter)."""
+    from safetensors import safe_open
+
+    cfg = small_config("GGG", mixers={"gated_deltanet": {"norm_eps": 1e-6, **options}}, norm_eps=1e-6, tie_embeddings=tie)
+    model = small_model(cfg)
+    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gated_deltanet" and config["architectures"] == ["GatedDeltaNetForCausalLM"]
+    assert "auto_map" not in config and not list((tmp_path / "hf").glob("*.py"))
+    c = cfg.mixers.gated_deltanet
+    assert (config["num_heads"], config["num_v_heads"], config["head_dim"], config["conv_size"]) == (c.num_heads, c.num_v_heads, c.head_dim, c.conv_size)
+    assert (config["intermediate_size"], config["norm_eps"], config["allow_neg_eigval"], config["tie_word_embeddings"]) == (64, 1e-6, c.allow_neg_eigval, tie)
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert len(names) == len(model.state_dict()) - tie and {"model.embeddings.weight", "model.layers.2.attn.o_proj.weight"} <= names
+    assert ("lm_head.weight" in names) != tie
+    ids = token_ids(shape=(2, 17))
+    from_hf(tmp_path / "hf", tmp_path / "back")
+    torch.testing.assert_close(logits(reloaded(tmp_path / "back"), ids), logits(model, ids), rtol=0, atol=TOL)  # fla's chunk size, 64
+
+
+def test_gated_deltanet_the_fla_format_cannot_hold_is_one_line(tmp_path: Path, capsys) -> None:
+    from checkpoint.convert import main as convert
+
+    cfg = small_config("GG", mixers={"gated_deltanet": {"norm_eps": 1e-5}}, norm_eps=1e-6)
+    to_args = ["to-hf", "--checkpoint", str(save_checkpoint(tmp_path / "run", small_model(cfg))), "--output", str(tmp_path / "hf"), "--format", "native"]
+    assert convert(to_args) == 2
+    assert "norm_eps differs from model.norm_eps" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    (tmp_path / "fla").mkdir()
+    (tmp_path / "fla" / "config.json").write_text(json.dumps({"architectures": ["GatedDeltaNetForCausalLM"], "model_type": "gated_deltanet", "use_gate": False}))
+    assert convert(["from-hf", "--model", str(tmp_path / "fla"), "--output", str(tmp_path / "back")]) == 2
+    assert "use_gate: false" in capsys.readouterr().err and not (tmp_path / "back").exists()
+
+
 @pytest.mark.parametrize("files", ["sharded-safetensors", "pytorch_model.bin"])
 def test_a_mamba2_made_by_transformers_imports(tmp_path: Path, files: str) -> None:
     from safetensors.torch import load_file

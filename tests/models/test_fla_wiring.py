@@ -5,29 +5,15 @@ with every fused layer against the same model without. Run alone, with the kerne
 beside the project, e.g.
 
     pip install --target /tmp/fla-cpu --no-deps triton flash-linear-attention fla-core liger-kernel
-    PYTHONPATH=/tmp/fla-cpu TRITON_INTERPRET=1 python -m pytest tests/models/test_fla_wiring.py
-
-The interpreter cannot time kernels, so each autotuned kernel keeps its first configuration."""
+    PYTHONPATH=/tmp/fla-cpu TRITON_INTERPRET=1 python -m pytest tests/models/test_fla_wiring.py"""
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import pytest
 import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("fla") is not None
-pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 and fla installed")
+from tests.triton_interpreter import needs_interpreter  # first: it sets Triton's autotuner up before fla loads
 
-if INTERPRETING:  # before fla's modules are imported: their decorators build the autotuners
-    import triton.runtime.autotuner as autotuner
-
-    _init = autotuner.Autotuner.__init__
-
-    def _first_config_only(self, fn, arg_names, configs, *args, **kwargs):
-        _init(self, fn, arg_names, configs[:1], *args, **kwargs)
-
-    autotuner.Autotuner.__init__ = _first_config_only
+pytestmark = needs_interpreter
 
 import models.layers.fla_modules as fla_modules  # noqa: E402
 import models.layers.norms as norms  # noqa: E402
