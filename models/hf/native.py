@@ -5,8 +5,9 @@ Two formats (`python -m checkpoint.convert to-hf --format remote|native`):
   weights keep ebb's names under `model.`, any pattern;
 - native: the class of the library that defines the architecture, where a model's blocks are
   all one mixer whose declaration has an `HFNative` (`MixerSpec.hf`: Mamba2 -> transformers'
-  Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet -> fla's
-  GatedDeltaNetForCausalLM); the names, config and per-tensor layouts are that declaration's.
+  Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet and DeltaNet -> fla's
+  GatedDeltaNetForCausalLM and DeltaNetForCausalLM); the names, config and per-tensor layouts are
+  that declaration's.
 
 Everything here works one tensor at a time, so conversion can stream.
 """

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from models.hf.fla_layout import check_fla_model, ebb_model_section, fla_model_entries, fla_names
 from models.layers.delta_rule import GatedDeltaRuleConfig, GatedDeltaRuleMixer
 from models.ops import chunk_gated_delta_rule
 from models.spec import HFNative, MixerConfig, MixerSpec
@@ -42,76 +43,37 @@ class GatedDeltaNet(GatedDeltaRuleMixer):
 
 
 # --- Hugging Face: a Gated DeltaNet-only model is fla's GatedDeltaNetForCausalLM (the model flame
-# pretrains; `import fla` registers it with transformers' Auto classes), with these names ----------
+# pretrains; `import fla` registers it with transformers' Auto classes) -----------------------------
 
-_LAYER = "model.layers.{i}."
-HF_NAMES = {
-    "embed.weight": "model.embeddings.weight",
-    "blocks.{i}.mixer_norm.weight": _LAYER + "attn_norm.weight",
-    **{f"blocks.{{i}}.mixer.{p}.weight": f"{_LAYER}attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")},
-    **{f"blocks.{{i}}.mixer.{c}_conv1d.weight": f"{_LAYER}attn.{c}_conv1d.weight" for c in "qkv"},
-    "blocks.{i}.mixer.A_log": _LAYER + "attn.A_log",
-    "blocks.{i}.mixer.dt_bias": _LAYER + "attn.dt_bias",
-    "blocks.{i}.mixer.o_norm.weight": _LAYER + "attn.o_norm.weight",
-    "blocks.{i}.mixer.out_proj.weight": _LAYER + "attn.o_proj.weight",
-    "blocks.{i}.mlp_norm.weight": _LAYER + "mlp_norm.weight",
-    **{f"blocks.{{i}}.mlp.{p}.weight": f"{_LAYER}mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")},
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+HF_NAMES = fla_names(
+    [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")]
+    + ["A_log", "dt_bias"]
+)
 
 
 def hf_architecture(model: ModelConfig) -> str:
     c = model.mixers.gated_deltanet
-    if model.mlp != "swiglu":
-        raise ValueError("model.mlp is none, but fla's GatedDeltaNet blocks have a SwiGLU MLP")
-    if c.norm_eps != model.norm_eps:
-        raise ValueError("mixers.gated_deltanet.norm_eps differs from model.norm_eps: fla's GatedDeltaNet has one norm_eps")
-    if not c.use_short_conv:
-        raise ValueError("mixers.gated_deltanet.use_short_conv is false: fla's layer without convolutions is not ebb's")
+    check_fla_model(model, "gated_deltanet", c.norm_eps, c.use_short_conv)
     return "GatedDeltaNetForCausalLM"
 
 
 def hf_config(model: ModelConfig) -> dict[str, Any]:
     c = model.mixers.gated_deltanet
-    return {
-        "vocab_size": model.vocab_size, "hidden_size": model.d_model, "num_hidden_layers": model.n_layers,
+    return fla_model_entries(model) | {
         "num_heads": c.num_heads, "num_v_heads": c.num_v_heads, "head_dim": c.head_dim, "expand_v": c.expand_v,
-        "use_gate": True, "output_gate_activation": "swish", "use_short_conv": True, "conv_size": c.conv_size,
-        "allow_neg_eigval": c.allow_neg_eigval, "intermediate_size": model.mlp_width, "hidden_act": "swish",
-        "norm_eps": model.norm_eps, "tie_word_embeddings": model.tie_embeddings, "attn": None,
+        "use_gate": True, "output_gate_activation": "swish", "conv_size": c.conv_size, "allow_neg_eigval": c.allow_neg_eigval,
     }
-
-
-def fla_mlp_width(hidden_size: int, hidden_ratio: float) -> int:
-    """fla's GatedMLP width when intermediate_size is not given: 2/3 of hidden_ratio x hidden_size,
-    rounded up to a multiple of 256."""
-    return -(-int(hidden_size * hidden_ratio * 2 / 3) // 256) * 256
 
 
 def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The ebb `model` section of an fla GatedDeltaNet config (fla's defaults where a key is missing)."""
     if not hf.get("use_gate", True) or hf.get("output_gate_activation", "swish") not in ("swish", "silu"):
         raise ValueError("use_gate: false or a sigmoid output gate: ebb's Gated DeltaNet gates its output norm with SiLU")
-    if not hf.get("use_short_conv", True):
-        raise ValueError("use_short_conv: false: ebb's Gated DeltaNet without convolutions is not fla's")
-    if hf.get("hidden_act", "swish") not in ("swish", "silu"):
-        raise ValueError(f"hidden_act {hf['hidden_act']!r}: ebb's MLP is SwiGLU (silu)")
-    if (hf.get("attn") or {}).get("layers"):
-        raise ValueError("attention layers (attn.layers): ebb imports fla's Gated DeltaNet-only models")
-    if hf.get("attnres_block_size"):
-        raise ValueError("attnres_block_size: ebb's blocks have plain residuals")
-    hidden, eps = hf.get("hidden_size", 2048), hf.get("norm_eps", 1e-6)
-    return {
-        "pattern": "G" * hf.get("num_hidden_layers", 21), "d_model": hidden, "vocab_size": hf.get("vocab_size", 32000),
-        "mlp": "swiglu", "mlp_hidden": hf.get("intermediate_size") or fla_mlp_width(hidden, hf.get("hidden_ratio") or 4),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "norm_eps": eps,
-        "mixers": {"gated_deltanet": {
-            "num_heads": hf.get("num_heads", 6), "num_v_heads": hf.get("num_v_heads"), "head_dim": hf.get("head_dim", 256),
-            "expand_v": hf.get("expand_v", 2.0), "use_short_conv": True, "conv_size": hf.get("conv_size", 4),
-            "allow_neg_eigval": bool(hf.get("allow_neg_eigval", False)), "norm_eps": eps,
-        }},
+    mixer = {
+        "num_heads": hf.get("num_heads", 6), "num_v_heads": hf.get("num_v_heads"), "head_dim": hf.get("head_dim", 256),
+        "expand_v": hf.get("expand_v", 2.0), "allow_neg_eigval": bool(hf.get("allow_neg_eigval", False)),
     }
+    return ebb_model_section(hf, "G", "gated_deltanet", 21, mixer)
 
 
 HF = HFNative(

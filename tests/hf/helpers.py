@@ -15,6 +15,14 @@ from tests.mixer_checks import SMALL_MIXERS
 
 D_MODEL = 32
 HYBRID = "MTG* ROSP"  # every mixer
+# the models fla's format holds: pattern character, mixer section, its options, tied embeddings, fla's class and model_type
+FLA_CASES = [
+    ("G", "gated_deltanet", {}, False, "GatedDeltaNetForCausalLM", "gated_deltanet"),
+    ("G", "gated_deltanet", {"num_v_heads": 4, "allow_neg_eigval": True, "conv_size": 3}, True, "GatedDeltaNetForCausalLM", "gated_deltanet"),
+    ("T", "deltanet", {}, False, "DeltaNetForCausalLM", "delta_net"),
+    ("T", "deltanet", {"head_dim": 8, "expand_v": 1.5, "use_gate": True, "use_beta": False, "allow_neg_eigval": True}, True, "DeltaNetForCausalLM", "delta_net"),
+]
+FLA_IDS = ["gdn", "gdn-gva-neg-eigval-conv3-tied", "deltanet", "deltanet-heads-gate-no-beta-tied"]
 
 
 def small_config(pattern: str, mixers: dict | None = None, **model) -> ModelConfig:
