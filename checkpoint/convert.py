@@ -14,8 +14,8 @@ tokenizer, or the run's own one) and `generation_config.json`:
 - `--format native`: the class of the library that defines the architecture, where there is one
   (a Mamba2-only model without MLPs -> transformers' Mamba2ForCausalLM; attention-only ->
   LlamaForCausalLM, Qwen2ForCausalLM with qkv bias, MistralForCausalLM with a window; Gated
-  DeltaNet-only -> fla's GatedDeltaNetForCausalLM, DeltaNet-only -> fla's DeltaNetForCausalLM),
-  from each mixer's declaration (`MixerSpec.hf`).
+  DeltaNet -> fla's GatedDeltaNetForCausalLM, DeltaNet -> fla's DeltaNetForCausalLM, with or
+  without attention blocks), from each mixer's declaration (`MixerSpec.hf`).
 
 from-hf reads such a folder, or one of transformers' Mamba2/Llama/Qwen2/Mistral models or fla's
 (Gated) DeltaNet ones, and

@@ -102,6 +102,8 @@ class HFNative:
     - `architectures`: the class names it exports to and imports from;
     - `model_type`: for a class outside transformers (fla's), its config's model_type: the
       config is written from `config` alone, so exporting needs no fla;
+    - `hybrid_with`: the other mixers whose blocks the class also holds (fla's attention layers),
+      which `config`, `model_config` and `names` then cover too;
     - `architecture(model)`: the class for this ModelConfig, or ValueError (one line) naming what
       the class cannot express;
     - `config(model)`: that class's config entries (vocabulary, width, depth, norms, tying; RoPE
@@ -122,6 +124,7 @@ class HFNative:
     to_hf: TensorLayout = same_layout
     from_hf: TensorLayout = same_layout
     model_type: str | None = None
+    hybrid_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,11 @@ def remote_format() -> Format:
 def native_format(model: ModelConfig) -> Format:
     """transformers' own class for `model`, or FormatError saying why there is none."""
     kinds = sorted(set(model.blocks), key=model.blocks.index)
-    if len(kinds) > 1:
+    holders = [k for k in kinds if spec_of(k).hf is not None and {PATTERN[o] for o in kinds if o != k} <= set(spec_of(k).hf.hybrid_with)]
+    if len(kinds) > 1 and not holders:
         names = ", ".join(PATTERN[k] for k in kinds)
         raise FormatError(f"pattern {model.pattern!r} mixes {names}: no native class holds it; export with --format remote")
-    native = spec_of(kinds[0]).hf
+    native = spec_of(holders[0] if holders else kinds[0]).hf
     if native is None:
         raise FormatError(f"no native class (transformers' or fla's) holds a model of {PATTERN[kinds[0]]} blocks; export with --format remote")
     try:

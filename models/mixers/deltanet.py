@@ -107,7 +107,7 @@ def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 HF = HFNative(
     architectures=("DeltaNetForCausalLM",), architecture=hf_architecture, config=hf_config,
-    model_config=hf_model_config, names=HF_NAMES, model_type="delta_net",
+    model_config=hf_model_config, names=HF_NAMES, model_type="delta_net", hybrid_with=("attention",),
 )
 
 SPEC = MixerSpec(DeltaNetConfig, DeltaNet, hf=HF)

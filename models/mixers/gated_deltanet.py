@@ -78,7 +78,7 @@ def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 HF = HFNative(
     architectures=("GatedDeltaNetForCausalLM",), architecture=hf_architecture, config=hf_config,
-    model_config=hf_model_config, names=HF_NAMES, model_type="gated_deltanet",
+    model_config=hf_model_config, names=HF_NAMES, model_type="gated_deltanet", hybrid_with=("attention",),
 )
 
 SPEC = MixerSpec(GatedDeltaNetConfig, GatedDeltaNet, hf=HF)

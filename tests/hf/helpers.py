@@ -15,14 +15,19 @@ from tests.mixer_checks import SMALL_MIXERS
 
 D_MODEL = 32
 HYBRID = "MTG* ROSP"  # every mixer
-# the models fla's format holds: pattern character, mixer section, its options, tied embeddings, fla's class and model_type
+# the models fla's format holds: pattern, mixer options, tied embeddings, fla's class and model_type
+GDN, DELTANET = {"norm_eps": 1e-6}, {"norm_eps": 1e-6}
 FLA_CASES = [
-    ("G", "gated_deltanet", {}, False, "GatedDeltaNetForCausalLM", "gated_deltanet"),
-    ("G", "gated_deltanet", {"num_v_heads": 4, "allow_neg_eigval": True, "conv_size": 3}, True, "GatedDeltaNetForCausalLM", "gated_deltanet"),
-    ("T", "deltanet", {}, False, "DeltaNetForCausalLM", "delta_net"),
-    ("T", "deltanet", {"head_dim": 8, "expand_v": 1.5, "use_gate": True, "use_beta": False, "allow_neg_eigval": True}, True, "DeltaNetForCausalLM", "delta_net"),
+    ("GGG", {"gated_deltanet": GDN}, False, "GatedDeltaNetForCausalLM", "gated_deltanet"),
+    ("GGG", {"gated_deltanet": GDN | {"num_v_heads": 4, "allow_neg_eigval": True, "conv_size": 3}}, True, "GatedDeltaNetForCausalLM", "gated_deltanet"),
+    ("TTT", {"deltanet": DELTANET}, False, "DeltaNetForCausalLM", "delta_net"),
+    ("TTT", {"deltanet": DELTANET | {"head_dim": 8, "expand_v": 1.5, "use_gate": True, "use_beta": False, "allow_neg_eigval": True}}, True,
+     "DeltaNetForCausalLM", "delta_net"),
+    ("G*G*", {"gated_deltanet": GDN, "attention": {"rope_theta": 500.0}}, False, "GatedDeltaNetForCausalLM", "gated_deltanet"),
+    ("*TT", {"deltanet": DELTANET, "attention": {"num_heads": 2, "num_kv_heads": 2, "window_size": 5, "qkv_bias": True}}, True,
+     "DeltaNetForCausalLM", "delta_net"),
 ]
-FLA_IDS = ["gdn", "gdn-gva-neg-eigval-conv3-tied", "deltanet", "deltanet-heads-gate-no-beta-tied"]
+FLA_IDS = ["gdn", "gdn-gva-neg-eigval-conv3-tied", "deltanet", "deltanet-heads-gate-no-beta-tied", "gdn-attention-gqa", "attention-window-bias-deltanet-tied"]
 
 
 def small_config(pattern: str, mixers: dict | None = None, **model) -> ModelConfig:

@@ -20,13 +20,12 @@ from tests.hf.helpers import FLA_CASES, FLA_IDS, from_hf, logits, reloaded, save
 TOL = 1e-4  # fla's kernels against ebb's chunked PyTorch ops, float32
 
 
-@pytest.mark.parametrize("kind, section, options, tie, architecture, model_type", FLA_CASES, ids=FLA_IDS)
-def test_exported_delta_rule_model_runs_in_fla_with_ebbs_logits(tmp_path: Path, kind, section, options, tie, architecture, model_type) -> None:
+@pytest.mark.parametrize("pattern, mixers, tie, architecture, model_type", FLA_CASES, ids=FLA_IDS)
+def test_exported_models_run_in_fla_with_ebbs_logits(tmp_path: Path, pattern: str, mixers: dict, tie: bool, architecture: str, model_type: str) -> None:
     import fla  # noqa: F401  (registers fla's models with transformers' Auto classes)
     from transformers import AutoModelForCausalLM
 
-    cfg = small_config(kind * 3, mixers={section: {"norm_eps": 1e-6, **options}}, norm_eps=1e-6, tie_embeddings=tie)
-    model = small_model(cfg)
+    model = small_model(small_config(pattern, mixers=mixers, norm_eps=1e-6, tie_embeddings=tie))
     to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(theirs).__name__ == architecture
@@ -34,10 +33,17 @@ def test_exported_delta_rule_model_runs_in_fla_with_ebbs_logits(tmp_path: Path, 
     torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=0, atol=TOL)
 
 
+ATTENTION_AT_1 = {"attn": [{"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": 6, "rope_theta": 300.0}]}
+
+
 @pytest.mark.parametrize(
     "kind, options",
-    [("G", {"num_heads": 2, "head_dim": 8, "expand_v": 2.0}), ("T", {"num_heads": 2, "expand_k": 0.5, "expand_v": 1.0, "use_gate": True})],
-    ids=["gated_deltanet", "delta_net"],
+    [
+        ("G", {"num_heads": 2, "head_dim": 8, "expand_v": 2.0}),
+        ("T", {"num_heads": 2, "expand_k": 0.5, "expand_v": 1.0, "use_gate": True}),
+        ("G", {"num_heads": 2, "head_dim": 8, "expand_v": 1.0, **ATTENTION_AT_1}),
+    ],
+    ids=["gated_deltanet", "delta_net", "gated_deltanet-attention"],
 )
 def test_a_model_made_by_fla_imports(tmp_path: Path, kind: str, options: dict) -> None:
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM
@@ -53,6 +59,7 @@ def test_a_model_made_by_fla_imports(tmp_path: Path, kind: str, options: dict) -
     theirs.save_pretrained(tmp_path / "theirs")
     from_hf(tmp_path / "theirs", tmp_path / "run")
     ours = reloaded(tmp_path / "run")
-    assert ours.cfg.pattern == kind * 2 and ours.cfg.mlp_width == 256  # fla's GatedMLP width: 2/3 x 4 x 32, rounded up to 256
+    assert ours.cfg.pattern == (kind + "*" if "attn" in options else kind * 2)
+    assert ours.cfg.mlp_width == 256  # fla's GatedMLP width: 2/3 x 4 x 32, rounded up to 256
     ids = token_ids(vocab=96, shape=(2, 19))
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=TOL)

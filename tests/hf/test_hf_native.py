@@ -56,33 +56,37 @@ def test_attention_only_is_the_matching_transformers_class(tmp_path: Path, optio
     round_trip(tmp_path, cfg, architecture)
 
 
-@pytest.mark.parametrize("kind, section, options, tie, architecture, model_type", FLA_CASES, ids=FLA_IDS)
-def test_delta_rule_only_is_flas_model_and_comes_back(tmp_path: Path, kind, section, options, tie, architecture, model_type) -> None:
-    """fla's format is written and read without fla: fla's model_type and keys in config.json,
-    fla's names on the weights; from-hf brings ebb's logits back (tests/hf/test_hf_fla.py loads the
-    folder in fla itself, under Triton's interpreter)."""
+@pytest.mark.parametrize("pattern, mixers, tie, architecture, model_type", FLA_CASES, ids=FLA_IDS)
+def test_delta_rule_models_are_flas_and_come_back(tmp_path: Path, pattern: str, mixers: dict, tie: bool, architecture: str, model_type: str) -> None:
+    """fla's format is written and read without fla: fla's model_type and keys in config.json (the
+    attention blocks as fla's `attn` layers), fla's names on the weights; from-hf brings ebb's
+    config and logits back (tests/hf/test_hf_fla.py loads the folder in fla itself, under Triton's
+    interpreter)."""
     from safetensors import safe_open
 
-    cfg = small_config(kind * 3, mixers={section: {"norm_eps": 1e-6, **options}}, norm_eps=1e-6, tie_embeddings=tie)
+    cfg = small_config(pattern, mixers=mixers, norm_eps=1e-6, tie_embeddings=tie)
     model = small_model(cfg)
     to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == model_type and config["architectures"] == [architecture]
     assert "auto_map" not in config and not list((tmp_path / "hf").glob("*.py"))
-    assert (config["intermediate_size"], config["norm_eps"], config["tie_word_embeddings"], config["num_hidden_layers"]) == (64, 1e-6, tie, 3)
+    assert (config["intermediate_size"], config["norm_eps"], config["tie_word_embeddings"], config["num_hidden_layers"]) == (64, 1e-6, tie, len(pattern))
+    assert (config["attn"] or {}).get("layers", []) == [i for i, kind in enumerate(pattern) if kind == "*"]
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
         names = set(f.keys())
-    assert len(names) == len(model.state_dict()) - tie and {"model.embeddings.weight", "model.layers.2.attn.o_proj.weight"} <= names
+    assert len(names) == len(model.state_dict()) - tie and {"model.embeddings.weight", f"model.layers.{len(pattern) - 1}.attn.o_proj.weight"} <= names
     assert ("lm_head.weight" in names) != tie
     from_hf(tmp_path / "hf", tmp_path / "back")
     back = reloaded(tmp_path / "back")
-    same = {"exclude": {"chunk_size", "head_dim"}}  # fla's chunk size; DeltaNet's head_dim None comes back as the width it stood for
-    assert getattr(back.cfg.mixers, section).model_dump(**same) == getattr(cfg.mixers, section).model_dump(**same)
+    assert back.cfg.pattern == pattern
+    same = {"exclude": {"chunk_size", "head_dim"}}  # fla's chunk size; a head_dim of None comes back as the width it stood for
+    for section in mixers:
+        assert getattr(back.cfg.mixers, section).model_dump(**same) == getattr(cfg.mixers, section).model_dump(**same), section
     ids = token_ids(shape=(2, 17))
     torch.testing.assert_close(logits(back, ids), logits(model, ids), rtol=0, atol=TOL)  # fla's chunk size, 64
 
 
-def test_gated_deltanet_the_fla_format_cannot_hold_is_one_line(tmp_path: Path, capsys) -> None:
+def test_what_flas_format_cannot_hold_is_one_line(tmp_path: Path, capsys) -> None:
     from checkpoint.convert import main as convert
 
     cfg = small_config("GG", mixers={"gated_deltanet": {"norm_eps": 1e-5}}, norm_eps=1e-6)
@@ -90,9 +94,11 @@ def test_gated_deltanet_the_fla_format_cannot_hold_is_one_line(tmp_path: Path, c
     assert convert(to_args) == 2
     assert "norm_eps differs from model.norm_eps" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     (tmp_path / "fla").mkdir()
-    (tmp_path / "fla" / "config.json").write_text(json.dumps({"architectures": ["GatedDeltaNetForCausalLM"], "model_type": "gated_deltanet", "use_gate": False}))
-    assert convert(["from-hf", "--model", str(tmp_path / "fla"), "--output", str(tmp_path / "back")]) == 2
-    assert "use_gate: false" in capsys.readouterr().err and not (tmp_path / "back").exists()
+    two_attentions = [{"layers": [0], "num_heads": 2}, {"layers": [1], "num_heads": 4}]
+    for config, error in (({"use_gate": False}, "use_gate: false"), ({"attn": two_attentions, "num_hidden_layers": 3}, "share one config")):
+        (tmp_path / "fla" / "config.json").write_text(json.dumps({"architectures": ["GatedDeltaNetForCausalLM"], "model_type": "gated_deltanet", **config}))
+        assert convert(["from-hf", "--model", str(tmp_path / "fla"), "--output", str(tmp_path / "back")]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "back").exists()
 
 
 @pytest.mark.parametrize("files", ["sharded-safetensors", "pytorch_model.bin"])
