@@ -89,10 +89,14 @@ def test_delta_rule_models_are_flas_and_come_back(tmp_path: Path, pattern: str, 
 def test_what_flas_format_cannot_hold_is_one_line(tmp_path: Path, capsys) -> None:
     from checkpoint.convert import main as convert
 
-    cfg = small_config("GG", mixers={"gated_deltanet": {"norm_eps": 1e-5}}, norm_eps=1e-6)
-    to_args = ["to-hf", "--checkpoint", str(save_checkpoint(tmp_path / "run", small_model(cfg))), "--output", str(tmp_path / "hf"), "--format", "native"]
-    assert convert(to_args) == 2
-    assert "norm_eps differs from model.norm_eps" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    for pattern, mixers, error in (
+        ("GG", {"gated_deltanet": {"norm_eps": 1e-5}}, "norm_eps differs from model.norm_eps"),
+        ("G*", {"gated_deltanet": {"norm_eps": 1e-6}, "attention": {"head_dim": 4}}, "fla's attention heads split the model's width"),
+        ("T*M", {"deltanet": {"norm_eps": 1e-6}}, "mixes deltanet, attention, mamba2"),
+    ):
+        checkpoint = save_checkpoint(tmp_path / pattern, small_model(small_config(pattern, mixers=mixers, norm_eps=1e-6)))
+        assert convert(["to-hf", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--format", "native"]) == 2
+        assert error in capsys.readouterr().err and not (tmp_path / "hf").exists()
     (tmp_path / "fla").mkdir()
     two_attentions = [{"layers": [0], "num_heads": 2}, {"layers": [1], "num_heads": 4}]
     for config, error in (({"use_gate": False}, "use_gate: false"), ({"attn": two_attentions, "num_hidden_layers": 3}, "share one config")):
