@@ -92,8 +92,9 @@ def fla_mlp_width(hidden_size: int, hidden_ratio: float) -> int:
 
 
 def ebb_model_section(hf: Mapping[str, Any], kind: str, section: str, default_layers: int, mixer: dict[str, Any]) -> dict[str, Any]:
-    """The ebb `model` section of an fla config (fla's defaults where a key is missing) whose
-    blocks are all `kind`, with `mixer` as mixers.`section`; ValueError naming what ebb cannot express."""
+    """The ebb `model` section of an fla config (fla's defaults where a key is missing): `kind`
+    blocks with `mixer` as mixers.`section`, and attention blocks at fla's attention layers;
+    ValueError naming what ebb cannot express."""
     if hf.get("hidden_act", "swish") not in ("swish", "silu"):
         raise ValueError(f"hidden_act {hf['hidden_act']!r}: ebb's MLP is SwiGLU (silu)")
     if hf.get("attnres_block_size"):

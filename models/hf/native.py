@@ -4,7 +4,8 @@ Two formats (`python -m checkpoint.convert to-hf --format remote|native`):
 - remote: `EbbForCausalLM` (models/hf/modeling_ebb.py) with ebb's model code in the folder; the
   weights keep ebb's names under `model.`, any pattern;
 - native: the class of the library that defines the architecture, where a model's blocks are
-  all one mixer whose declaration has an `HFNative` (`MixerSpec.hf`: Mamba2 -> transformers'
+  all one mixer whose declaration has an `HFNative`, or that mixer and the ones its class holds
+  beside it (`HFNative.hybrid_with`: fla's attention layers) (`MixerSpec.hf`: Mamba2 -> transformers'
   Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet and DeltaNet -> fla's
   GatedDeltaNetForCausalLM and DeltaNetForCausalLM); the names, config and per-tensor layouts are
   that declaration's.
@@ -64,7 +65,8 @@ def remote_format() -> Format:
 
 
 def native_format(model: ModelConfig) -> Format:
-    """transformers' own class for `model`, or FormatError saying why there is none."""
+    """The native class for `model` (its mixer's, or the mixer's whose class holds the others),
+    or FormatError saying why there is none."""
     kinds = sorted(set(model.blocks), key=model.blocks.index)
     holders = [k for k in kinds if spec_of(k).hf is not None and {PATTERN[o] for o in kinds if o != k} <= set(spec_of(k).hf.hybrid_with)]
     if len(kinds) > 1 and not holders:
