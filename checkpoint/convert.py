@@ -14,11 +14,12 @@ tokenizer, or the run's own one) and `generation_config.json`:
 - `--format native`: the class of the library that defines the architecture, where there is one
   (a Mamba2-only model without MLPs -> transformers' Mamba2ForCausalLM; attention-only ->
   LlamaForCausalLM, Qwen2ForCausalLM with qkv bias, MistralForCausalLM with a window; Gated
-  DeltaNet -> fla's GatedDeltaNetForCausalLM, DeltaNet -> fla's DeltaNetForCausalLM, with or
-  without attention blocks), from each mixer's declaration (`MixerSpec.hf`).
+  DeltaNet, DeltaNet and Gated DeltaProduct -> fla's GatedDeltaNetForCausalLM,
+  DeltaNetForCausalLM and GatedDeltaProductForCausalLM, with or without attention blocks), from
+  each mixer's declaration (`MixerSpec.hf`).
 
 from-hf reads such a folder, or one of transformers' Mamba2/Llama/Qwen2/Mistral models or fla's
-(Gated) DeltaNet ones, and
+(Gated) DeltaNet and Gated DeltaProduct ones, and
 writes RUN_DIR/config.yaml and a weights-only checkpoint RUN_DIR/checkpoints/step-00000000
 through ebb's commit protocol (manifest and checksums). `python -m pretrain.train --config
 RUN_DIR/config.yaml --resume [overrides]` then trains on from those weights, with a fresh

@@ -1,5 +1,5 @@
-"""What fla's delta-rule models (GatedDeltaNetForCausalLM, DeltaNetForCausalLM: the models flame
-pretrains) share as a Hugging Face format: their parameter names, the config entries of the
+"""What fla's delta-rule models (GatedDeltaNetForCausalLM, DeltaNetForCausalLM,
+GatedDeltaProductForCausalLM: models flame pretrains) share as a Hugging Face format: their parameter names, the config entries of the
 model around the mixer, and fla's defaults for them. Each mixer's `HFNative` builds on these.
 
 fla's models hold softmax-attention layers beside their own (`attn`: the layer indices and one

@@ -6,15 +6,14 @@ Two formats (`python -m checkpoint.convert to-hf --format remote|native`):
 - native: the class of the library that defines the architecture, where a model's blocks are
   all one mixer whose declaration has an `HFNative`, or that mixer and the ones its class holds
   beside it (`HFNative.hybrid_with`: fla's attention layers) (`MixerSpec.hf`: Mamba2 -> transformers'
-  Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet and DeltaNet -> fla's
-  GatedDeltaNetForCausalLM and DeltaNetForCausalLM); the names, config and per-tensor layouts are
-  that declaration's.
+  Mamba2ForCausalLM, attention -> Llama/Qwen2/Mistral, Gated DeltaNet, DeltaNet and Gated
+  DeltaProduct -> fla's GatedDeltaNetForCausalLM, DeltaNetForCausalLM and
+  GatedDeltaProductForCausalLM); the names, config and per-tensor layouts are that declaration's.
 
 Everything here works one tensor at a time, so conversion can stream.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +22,13 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from models.config import ModelConfig
+from models.hf.names import BLOCK
 from models.mixers import PATTERN, SPECS, spec_of
 from models.spec import HFNative, same_layout
 
 REMOTE_ARCHITECTURE = "EbbForCausalLM"
 REMOTE_PREFIX = "model."
 AUTO_MAP = {"AutoConfig": "configuration_ebb.EbbConfig", "AutoModelForCausalLM": "modeling_ebb.EbbForCausalLM"}
-BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 class FormatError(ValueError):

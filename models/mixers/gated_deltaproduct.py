@@ -17,21 +17,24 @@ a decode step of T tokens is an expansion of T * n_h steps from the cached state
 
 Layout: k_proj, v_proj, b_proj and the k/v short convolutions store their n_h-times-wide rows
 head-major, [step_1 | ... | step_n_h] inside each head (fla stores them step-major, [head_1 |
-... | head_H] inside each step: permute rows (n, h, d) -> (h, n, d) to load fla weights). A
+... | head_H] inside each step: the Hugging Face format below permutes the rows). A
 contiguous slice of whole heads is then the same mixer with fewer heads, so tensor parallelism
 splits these colwise like every other per-head projection (DELTA_RULE_TP_PLAN)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from models.hf.fla_layout import check_fla_model, ebb_model_section, fla_model_entries, fla_names
+from models.hf.names import block_index
 from models.layers.delta_rule import GatedDeltaRuleConfig, GatedDeltaRuleMixer
 from models.layers.flops import chunked_recurrence_flops, projection_flops
 from models.ops import chunk_gated_delta_rule
-from models.spec import MixerConfig, MixerSpec
+from models.spec import HFNative, MixerConfig, MixerSpec
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -115,4 +118,70 @@ class GatedDeltaProduct(GatedDeltaRuleMixer):
         return projection_flops(self) + n * self.num_v_heads * core
 
 
-SPEC = MixerSpec(GatedDeltaProductConfig, GatedDeltaProduct)
+# --- Hugging Face: a Gated DeltaProduct model (alone or with attention blocks) is fla's
+# GatedDeltaProductForCausalLM, its n_h-wide rows step-major (see the module docs) -----------------
+
+HF_NAMES = fla_names(
+    [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")]
+    + ["A_log", "dt_bias"]
+)
+
+
+def _row_width(model: ModelConfig, name: str) -> int | None:
+    """The width of one head's step in the rows of `name` where they are n_h-wide, else None."""
+    i = block_index(name)
+    if i is None or model.blocks[i] != "P":
+        return None
+    c = model.mixers.gated_deltaproduct
+    head_v_dim = int(c.expand_v * c.head_dim)
+    return {"k_proj.weight": c.head_dim, "k_conv1d.weight": c.head_dim, "v_proj.weight": head_v_dim, "v_conv1d.weight": head_v_dim,
+            "b_proj.weight": 1}.get(name.split(".mixer.", 1)[-1])
+
+
+def _permute_steps(model: ModelConfig, name: str, tensor: Tensor, head_major: bool) -> Tensor:
+    """Rows (h, n, d) -> (n, h, d) (to fla's step-major), or back with `head_major`."""
+    width = _row_width(model, name)
+    if width is None:
+        return tensor
+    n = model.mixers.gated_deltaproduct.num_householder
+    rows = (n, -1, width) if head_major else (-1, n, width)
+    return tensor.unflatten(0, rows).transpose(0, 1).flatten(0, 2).contiguous()
+
+
+def hf_architecture(model: ModelConfig) -> str:
+    c = model.mixers.gated_deltaproduct
+    check_fla_model(model, "gated_deltaproduct", c.norm_eps, c.use_short_conv)
+    if c.num_v_heads not in (None, c.num_heads):
+        raise ValueError("mixers.gated_deltaproduct.num_v_heads differs from num_heads: fla's GatedDeltaProduct model has no value-head grouping")
+    return "GatedDeltaProductForCausalLM"
+
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    c = model.mixers.gated_deltaproduct
+    return fla_model_entries(model) | {
+        "num_heads": c.num_heads, "head_dim": c.head_dim, "expand_v": c.expand_v, "num_householder": c.num_householder,
+        "use_output_gate": True, "use_forget_gate": True, "conv_size": c.conv_size, "allow_neg_eigval": c.allow_neg_eigval,
+    }
+
+
+def hf_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ebb `model` section of an fla GatedDeltaProduct config (fla's defaults where a key is missing)."""
+    if not hf.get("use_output_gate", True):
+        raise ValueError("use_output_gate: false: ebb's Gated DeltaProduct gates its output norm")
+    if not hf.get("use_forget_gate", False):
+        raise ValueError("use_forget_gate: false (fla's default): ebb's Gated DeltaProduct always decays its state")
+    mixer = {
+        "num_heads": hf.get("num_heads", 6), "head_dim": hf.get("head_dim", 256), "expand_v": hf.get("expand_v", 2.0),
+        "num_householder": hf.get("num_householder", 1), "allow_neg_eigval": bool(hf.get("allow_neg_eigval", False)),
+    }
+    return ebb_model_section(hf, "P", "gated_deltaproduct", 21, mixer)
+
+
+HF = HFNative(
+    architectures=("GatedDeltaProductForCausalLM",), architecture=hf_architecture, config=hf_config,
+    model_config=hf_model_config, names=HF_NAMES, model_type="gated_deltaproduct", hybrid_with=("attention",),
+    to_hf=lambda model, name, tensor: _permute_steps(model, name, tensor, head_major=False),
+    from_hf=lambda model, name, tensor: _permute_steps(model, name, tensor, head_major=True),
+)
+
+SPEC = MixerSpec(GatedDeltaProductConfig, GatedDeltaProduct, hf=HF)

@@ -26,8 +26,14 @@ FLA_CASES = [
     ("G*G*", {"gated_deltanet": GDN, "attention": {"rope_theta": 500.0}}, False, "GatedDeltaNetForCausalLM", "gated_deltanet"),
     ("*TT", {"deltanet": DELTANET, "attention": {"num_heads": 2, "num_kv_heads": 2, "window_size": 5, "qkv_bias": True}}, True,
      "DeltaNetForCausalLM", "delta_net"),
+    ("PPP", {"gated_deltaproduct": GDN | {"num_householder": 2}}, False, "GatedDeltaProductForCausalLM", "gated_deltaproduct"),
+    ("P*P", {"gated_deltaproduct": GDN | {"num_householder": 3, "allow_neg_eigval": False, "conv_size": 3}, "attention": {}}, True,
+     "GatedDeltaProductForCausalLM", "gated_deltaproduct"),
 ]
-FLA_IDS = ["gdn", "gdn-gva-neg-eigval-conv3-tied", "deltanet", "deltanet-heads-gate-no-beta-tied", "gdn-attention-gqa", "attention-window-bias-deltanet-tied"]
+FLA_IDS = [
+    "gdn", "gdn-gva-neg-eigval-conv3-tied", "deltanet", "deltanet-heads-gate-no-beta-tied", "gdn-attention-gqa",
+    "attention-window-bias-deltanet-tied", "deltaproduct", "deltaproduct-3-attention-tied",
+]
 
 
 def small_config(pattern: str, mixers: dict | None = None, **model) -> ModelConfig:

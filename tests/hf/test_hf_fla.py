@@ -42,13 +42,18 @@ ATTENTION_AT_1 = {"attn": [{"layers": [1], "num_heads": 4, "num_kv_heads": 2, "w
         ("G", {"num_heads": 2, "head_dim": 8, "expand_v": 2.0}),
         ("T", {"num_heads": 2, "expand_k": 0.5, "expand_v": 1.0, "use_gate": True}),
         ("G", {"num_heads": 2, "head_dim": 8, "expand_v": 1.0, **ATTENTION_AT_1}),
+        ("P", {"num_heads": 2, "head_dim": 8, "expand_v": 2.0, "num_householder": 2, "use_forget_gate": True, "allow_neg_eigval": True}),
     ],
-    ids=["gated_deltanet", "delta_net", "gated_deltanet-attention"],
+    ids=["gated_deltanet", "delta_net", "gated_deltanet-attention", "gated_deltaproduct"],
 )
 def test_a_model_made_by_fla_imports(tmp_path: Path, kind: str, options: dict) -> None:
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    import fla.models as models
 
-    config_class, model_class = (GatedDeltaNetConfig, GatedDeltaNetForCausalLM) if kind == "G" else (DeltaNetConfig, DeltaNetForCausalLM)
+    config_class, model_class = {
+        "G": (models.GatedDeltaNetConfig, models.GatedDeltaNetForCausalLM),
+        "T": (models.DeltaNetConfig, models.DeltaNetForCausalLM),
+        "P": (models.GatedDeltaProductConfig, models.GatedDeltaProductForCausalLM),
+    }[kind]
     torch.manual_seed(0)
     config = config_class(vocab_size=96, hidden_size=32, num_hidden_layers=2, hidden_ratio=4, norm_eps=1e-6, tie_word_embeddings=True, **options)
     theirs = model_class(config).eval()
