@@ -15,10 +15,10 @@ ebb's models run `train_step` as `pretrain.train` does (`train.loss=auto`: fused
 liger-kernel or fla is installed, else chunked; fla or PyTorch per op as the header line says).
 
 Each model warms up untimed for `--warmup` steps (Triton autotuning, compilation), then trains
-`--steps` timed steps. Each model autotunes its own kernel keys (fla's model computes its gate and
-beta's sigmoid inside the kernel, so its dtypes differ from ebb's); on a fresh machine that takes
-minutes per model. Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by
-6N (N = parameters without the embedding), peak memory. With `--triton-cache DIR` Triton's
+`--steps` timed steps. On a fresh machine Triton's autotuning takes minutes; the models share most
+kernels (ebb's ops get beta in float32, as fla's do), so the first model pays most of it.
+Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by 6N (N = parameters
+without the embedding), peak memory. With `--triton-cache DIR` Triton's
 autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. Writes
 bench/results/gpu_throughput[_tiny].json.
 """
