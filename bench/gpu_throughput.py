@@ -15,8 +15,8 @@ ebb's models run `train_step` as `pretrain.train` does (`train.loss=auto`: fused
 liger-kernel or fla is installed, else chunked; fla or PyTorch per op as the header line says).
 
 Each model warms up untimed for `--warmup` steps (Triton autotuning, compilation), then trains
-`--steps` timed steps. On a fresh machine Triton's autotuning takes minutes; the models share most
-kernels (ebb's ops get beta in float32, as fla's do), so the first model pays most of it.
+`--steps` timed steps. On a fresh machine Triton's autotuning takes minutes; models that run the
+same kernels at the same keys (ebb's ops get beta in float32, as fla's do) pay it once.
 Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by 6N (N = parameters
 without the embedding), peak memory. With `--triton-cache DIR` Triton's
 autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. Writes
