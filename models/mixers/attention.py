@@ -39,7 +39,37 @@ def mean_context(seq_len: int, window: int | None) -> float:
 def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)  # one kernel per (batch, length): training has one
+
+
+FLEX_BLOCK = 128  # flex attention's block of queries and of keys
+
+
+def document_blocks(documents: Tensor, window: int | None, block: int = FLEX_BLOCK) -> tuple[Tensor, Tensor]:
+    """Which key blocks each query block attends to, from the rows' document ids [B, T] (packed
+    documents are contiguous, so ids never decrease along a row): ([B, n, n] some key visible,
+    [B, n, n] every key visible), n = ceil(T / block). Exact, in O(n^2) per row: below the
+    diagonal a block pair sees something iff the key block's last document is the query block's
+    first (and, windowed, its nearest pair is within the window); everything iff both blocks lie
+    in that one document (and its farthest pair is within the window)."""
+    T = documents.shape[1]
+    starts = torch.arange(0, T, block, device=documents.device)
+    ends = (starts + block).clamp(max=T) - 1
+    first, last = documents[:, starts], documents[:, ends]
+    q, k = torch.arange(len(starts), device=documents.device)[:, None], torch.arange(len(starts), device=documents.device)[None, :]
+    shared = (q > k) & (last[:, None, :] == first[:, :, None])  # [B, query block, key block]
+    whole = (first == last) & (ends - starts + 1 == block)  # one document, and no padding past T
+    every = shared & whole[:, :, None] & whole[:, None, :]
+    if window is not None:
+        shared &= (starts[:, None] - ends[None, :]) < window
+        every &= (ends[:, None] - starts[None, :]) < window
+    return shared | (q == k), every
+
+
+def _kv_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """flex's (count, indices) form of [B, n, n] block flags: [B, 1, n], [B, 1, n, n], flagged first."""
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
 
 # the last packing's (cu_seqlens, its version, batch, length, window) and block mask: the layers of
@@ -50,9 +80,10 @@ _last_block_mask: list[Any] = [None, None]
 @torch.compiler.disable
 def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int | None) -> Any:
     """flex attention's block mask for causal (windowed) attention within each packed document,
-    built once per packing and kept as block indices: attention skips the blocks wholly in the
-    future or in other documents, and no layer holds a [T, T] mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    built once per packing from block indices (`document_blocks`), never a [T, T] mask: attention
+    skips the blocks wholly in the future or in other documents, and applies the mask per token
+    only in the blocks a document or window boundary crosses."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     key, mask = _last_block_mask
     if key is None or key[0] is not cu_seqlens or key[1:] != (cu_seqlens._version, batch, length, window):
@@ -63,7 +94,10 @@ def document_block_mask(cu_seqlens: Tensor, batch: int, length: int, window: int
             seen = (documents[b, q] == documents[b, k]) & (positions[b, q] >= positions[b, k])
             return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
 
-        mask = create_block_mask(mask_mod, batch, None, length, length, device=cu_seqlens.device)
+        some, every = document_blocks(documents, window)
+        mask = BlockMask.from_kv_blocks(
+            *_kv_blocks(some & ~every), *_kv_blocks(every), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(length, length)
+        )
         _last_block_mask[:] = [(cu_seqlens, cu_seqlens._version, batch, length, window), mask]
     return mask
 

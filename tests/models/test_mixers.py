@@ -135,17 +135,51 @@ def test_packed_documents_match_each_document_alone(kind, options):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("window", [None, 4])
-def test_flex_attention_over_packed_documents_matches_the_dense_mask(window):
+@pytest.mark.parametrize("window", [None, 4, 150])
+@pytest.mark.parametrize("rows, cuts", [(2, [7, 70, 80, 81, 140]), (1, [100, 129, 256, 290])], ids=["rows-of-80", "384-tokens-3-blocks"])
+def test_flex_attention_over_packed_documents_matches_the_dense_mask(window, rows, cuts):
     """The block-sparse document mask (flex attention, compiled; what CUDA runs by default) gives
     SDPA's outputs under the dense [T, T] mask: GQA, RoPE restarting per document, a sliding
-    window, documents crossing block and row boundaries. (Flex has no backward on CPU; the CUDA
-    test compares gradients too.)"""
-    x = torch.randn(2, 80, D_MODEL, generator=torch.Generator().manual_seed(1))
-    cu_seqlens = torch.tensor([0, 7, 70, 80, 81, 140, 160], dtype=torch.int32)
+    window, documents crossing block and row boundaries, rows of several 128-token blocks (some
+    skipped, some whole, some masked per token). (Flex has no backward on CPU; the CUDA test
+    compares gradients too.)"""
+    length = 80 if rows == 2 else 384
+    x = torch.randn(rows, length, D_MODEL, generator=torch.Generator().manual_seed(1))
+    cu_seqlens = torch.tensor([0, *cuts, rows * length], dtype=torch.int32)
     with torch.no_grad():
         sdpa, flex = (small_mixer("*", torch.float32, window_size=window, packed_kernel=k)(x, cu_seqlens=cu_seqlens) for k in ("sdpa", "flex"))
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5, 17, 40])
+@pytest.mark.parametrize("length, block", [(100, 16), (96, 16), (300, 32)])
+def test_document_blocks_are_those_create_block_mask_finds(window, length, block):
+    """The block flags built from document boundaries in O(n^2) are exactly those torch's
+    create_block_mask finds by evaluating the [T, T] mask: partial and full, over random packings."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from models.mixers.attention import document_blocks
+    from models.packing import document_ids, positions_in_documents
+
+    rows, n = 3, -(-length // block)
+    cuts = torch.randint(1, rows * length, (12,), generator=torch.Generator().manual_seed(length + (window or 0))).tolist()
+    cu_seqlens = torch.tensor(sorted({0, *cuts, length, rows * length}), dtype=torch.int32)
+    documents = document_ids(cu_seqlens, rows * length).view(rows, length)
+    positions = positions_in_documents(cu_seqlens, rows * length).view(rows, length)
+
+    def mask_mod(b, h, q, k):
+        seen = (documents[b, q] == documents[b, k]) & (positions[b, q] >= positions[b, k])
+        return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
+
+    def flags(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        kept = torch.arange(n)[None, None, None, :] < counts[..., None]
+        return torch.zeros(rows, 1, n, n, dtype=torch.bool).scatter_(-1, indices.long(), kept)[:, 0]
+
+    want = create_block_mask(mask_mod, rows, None, length, length, device="cpu", BLOCK_SIZE=block)
+    some, every = document_blocks(documents, window, block)
+    assert torch.equal(some & ~every, flags(want.kv_num_blocks, want.kv_indices))
+    assert torch.equal(every, flags(want.full_kv_num_blocks, want.full_kv_indices))
+    assert every.any() if window is None else (~some).tril(-1).any()  # whole blocks, or blocks the window skips
 
 
 def test_short_conv_matches_conv1d_and_stops_at_document_start_mask():
