@@ -161,8 +161,9 @@ class StageModule(nn.Module):
             h = block(h, cu_seqlens=cu_seqlens, carry=carry)
         if self.lm_head is not None:
             h = self.lm_head(self.norm(h))
-        outputs = (h, *(carry[key] for key in self.carry_out))
-        return outputs if len(outputs) > 1 else h
+        # a view leaves as a copy: zero-bubble's input-gradient step detaches stage outputs in place
+        outputs = tuple(t.clone() if t._is_view() else t for t in (h, *(carry[key] for key in self.carry_out)))
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 LossFn = Callable[..., Tensor]
