@@ -12,9 +12,12 @@
 Matmuls run in the autocast dtype (as `lm_head` does under autocast), the softmax in float32 (or
 float64 for float64 inputs), exactly as `lm_loss(lm_head(h))` does.
 
-Under tensor parallelism (a vocabulary-sharded head with loss-parallel) and under pipeline
-parallelism (the schedule's loss function receives the last stage's logits) the head stays
-`full`: `resolve_loss` says so in one `ebb: warning:` line.
+Under tensor parallelism the head's weight is sharded over the vocabulary: `chunked` then runs
+vocabulary-parallel (each rank its shard's logits of a chunk; the softmax's max and sum, the
+target's logit and the hidden states' gradient summed over the tensor-parallel group, as
+Megatron's vocabulary-parallel cross-entropy), and `auto` is `chunked` there (the fused kernels
+hold the whole vocabulary). Under pipeline parallelism (the schedule's loss function receives
+the last stage's logits) the head stays `full`: `resolve_loss` says so in one `ebb: warning:` line.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from common.imports import optional_attribute
 
@@ -40,9 +45,30 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _summed(value: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    """`value` reduced over the tensor-parallel group in place (unchanged without one)."""
+    if group is not None:
+        dist.all_reduce(value, op=op, group=group)
+    return value
+
+
+def _logsumexp(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """logsumexp over the vocabulary, whose shards the group's ranks hold."""
+    if group is None:
+        return torch.logsumexp(logits, dim=-1)
+    top = _summed(logits.amax(dim=-1), group, dist.ReduceOp.MAX)
+    return _summed((logits - top[:, None]).exp().sum(dim=-1), group).log() + top
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """`weight` is the vocabulary's rows [vocab_start, vocab_start + len(weight)); with `group` the
+    other rows are on the group's other ranks and every rank holds the same hidden states."""
+
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype, ignore_index: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype, ignore_index: int,
+        vocab_start: int = 0, group: dist.ProcessGroup | None = None,
+    ) -> Tensor:
         acc = torch.promote_types(dtype, torch.float32)  # the softmax's precision, float32 at least
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(dtype)
@@ -53,18 +79,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk].to(dtype)
             y = labels[start : start + chunk]
             logits = (h @ w.t()).to(acc)  # rounded to `dtype` first, as lm_head's output is
-            lse = torch.logsumexp(logits, dim=-1)
+            lse = _logsumexp(logits, group)
             valid = y != ignore_index
-            target = torch.where(valid, y, 0)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
+            mine = valid & (y >= vocab_start) & (y < vocab_start + w.shape[0])  # the target's row is here
+            target = torch.where(mine, y - vocab_start, 0)
+            picked = _summed(torch.where(mine, logits.gather(1, target[:, None]).squeeze(1), 0), group)
             total = total + torch.where(valid, lse - picked, 0).sum()
             if want_hidden or want_weight:
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, target[:, None], -torch.ones_like(picked[:, None]))
+                grad.scatter_add_(1, target[:, None], -mine[:, None].to(acc))
                 grad.mul_(valid[:, None])
                 grad = grad.to(dtype)
                 if want_hidden:
-                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                    grad_hidden[start : start + chunk] = _summed((grad @ w).to(acc), group).to(hidden.dtype)
                 if want_weight:
                     grad_weight += (grad.t() @ h).to(acc)
             del logits
@@ -79,7 +106,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -87,10 +114,18 @@ def chunked_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """cross_entropy(hidden @ weight.T, labels) summed (or averaged over the valid labels), in
-    float32 at least, holding one chunk of `chunk_tokens` tokens' logits at a time."""
+    float32 at least, holding one chunk of `chunk_tokens` tokens' logits at a time. A `weight`
+    sharded over the vocabulary (a DTensor, Shard(0), under tensor parallelism) runs
+    vocabulary-parallel over its mesh, the hidden states gathered to every rank first."""
+    group, vocab_start = None, 0
+    if isinstance(weight, DTensor):
+        group, vocab_start = weight.device_mesh.get_group(), weight.device_mesh.get_local_rank() * weight.to_local().shape[0]
+        hidden = hidden.redistribute(placements=[Replicate()]).to_local() if isinstance(hidden, DTensor) else hidden
+        weight = weight.to_local()
     hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    total = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, labels1d, chunk, _compute_dtype(hidden, weight), ignore_index)
+    dtype = _compute_dtype(hidden, weight)
+    total = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, labels1d, chunk, dtype, ignore_index, vocab_start, group)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -143,13 +178,12 @@ def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | 
     shape = shape or {}
     if name == "full":
         return "full", None
-    full_logits = (
-        ("tp", "the vocabulary-sharded head computes its loss with loss-parallel"),
-        ("pp", "the pipeline's last stage computes the loss from logits"),
-    )
-    for dim, why in full_logits:
-        if shape.get(dim, 1) > 1:  # auto picks full silently (the header says so); an explicit choice warns
-            return "full", None if name == "auto" else f"ebb: warning: train.loss={name} uses the full logits with parallel.{dim} > 1 ({why})"
+    if shape.get("pp", 1) > 1:  # auto picks full silently (the header says so); an explicit choice warns
+        why = "the pipeline's last stage computes the loss from logits"
+        return "full", None if name == "auto" else f"ebb: warning: train.loss={name} uses the full logits with parallel.pp > 1 ({why})"
+    if shape.get("tp", 1) > 1:
+        why = "the fused kernels hold the whole vocabulary; chunked runs vocabulary-parallel"
+        return "chunked", f"ebb: warning: train.loss=fused falls back to chunked with parallel.tp > 1 ({why})" if name == "fused" else None
     on_cuda = torch.device(device).type == "cuda"
     fused = fused_kernel() if on_cuda else None
     if name == "auto":

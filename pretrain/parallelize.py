@@ -133,7 +133,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if warning and par.is_main:
         print(warning, flush=True)
     par.head = head_loss(par.loss)
-    if t.compile and par.loss == "chunked":
+    if t.compile and par.loss == "chunked" and tp == 1:  # vocabulary-parallel, it all-reduces per chunk: eager
         par.head = torch.compile(par.head)
     elif t.compile and par.loss == "full" and tp == 1:
         par.logits_loss = torch.compile(lm_loss)
@@ -153,7 +153,7 @@ def compile_blocks(module: nn.Module) -> None:
 
 def fast_path_header(par: Parallel, cfg: RunConfig) -> str:
     """The header's line on the loss and compilation (the ops' line is `models.ops.plan_model`'s)."""
-    compiled = "each block and the loss" if par.head is not None or par.shape["tp"] == 1 else "each block"
+    compiled = "each block and the loss" if par.shape["tp"] == 1 and par.loss != "fused" else "each block"
     return f"ebb: loss {par.loss}: {describe(par.loss)}; torch.compile: {compiled if cfg.train.compile else 'off'}"
 
 

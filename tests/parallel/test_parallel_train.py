@@ -50,7 +50,7 @@ def train_rank(cfg: RunConfig) -> None:
     ids=["tp2xdp2", "tp2xdp2_sp", "pp2xtp2", "pp2xdp2", "pp2xdp2_tied"],
 )
 def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[str], batch_size: int, eval_interval: int) -> None:
-    """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (loss-parallel cross-entropy on sharded logits); every run saves a
+    """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (the vocabulary-parallel chunked loss); every run saves a
     checkpoint with all 4 ranks."""
     common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}", *(o for o in layout if o.startswith("model."))]
     parallel_cfg = layout_config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
