@@ -2,18 +2,23 @@
 cross-entropy (pretrain/linear_ce.py), same inputs, as a ratio.
 
     python bench/loss_memory.py [--vocab 131072] [--tokens 16384] [--hidden 1024] [--real-tokens 1024]
+    python bench/loss_memory.py --tp 2 [--vocab 65536] [--tokens 8192] [--hidden 256]
 
 The peak counts every tensor alive at once (inputs, weights, logits, saved activations,
 gradients), tracked at each op by a dispatch mode over tensor storages. On `meta` tensors this is
 exact at any size without allocating; the same tracker on real CPU tensors at `--real-tokens`
 checks that the meta count is the real one. Inputs are float32 (CPU); the head's weight gets a
-gradient. Writes bench/results/loss_memory.json.
+gradient. With `--tp N`, N gloo processes on real CPU tensors, the head sharded over the
+vocabulary: loss-parallel cross-entropy over the sharded full logits against the
+vocabulary-parallel chunked loss, each rank's peak. Writes bench/results/loss_memory[_tp].json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,14 +76,70 @@ def peak(kind: str, tokens: int, vocab: int, hidden: int, device: str) -> int:
     return mode.peak
 
 
+def tp_rank(rank: int, tp: int, tokens: int, vocab: int, hidden: int, tmp: str) -> None:
+    """One of `tp` ranks (torch.multiprocessing.spawn): both losses' peaks on its local tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=tp)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (tp,))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    w = distribute_tensor(torch.randn(vocab, hidden, generator=g) * 0.02, mesh, [Shard(0)]).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    result = {}
+    for kind in ("full", "chunked"):
+        h.grad = w.grad = None
+        with LiveBytes() as mode:
+            mode.hold(h, w.to_local(), labels)
+            if kind == "full":
+                with loss_parallel():
+                    loss = lm_loss((DTensor.from_local(h, mesh, [Replicate()]) @ w.t())[None], labels[None], reduction="sum")
+                    loss.backward()
+                loss = loss.full_tensor()
+            else:
+                loss = chunked_linear_cross_entropy(h, w, labels)
+                loss.backward()
+            mode.hold(h.grad, w.grad.to_local())
+        result[kind] = {"peak_bytes": mode.peak, "loss": float(loss.detach())}
+    if rank == 0:
+        Path(tmp, "result.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def main_tp(args: argparse.Namespace) -> dict:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(tp_rank, args=(args.tp, args.tokens, args.vocab, args.hidden, tmp), nprocs=args.tp, join=True)
+        result = json.loads(Path(tmp, "result.json").read_text())
+    full, chunked = result["full"]["peak_bytes"], result["chunked"]["peak_bytes"]
+    row = {"tp": args.tp, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "full_peak_bytes": full,
+           "chunked_peak_bytes": chunked, "ratio": chunked / full, "loss_full": result["full"]["loss"], "loss_chunked": result["chunked"]["loss"]}
+    print(f"tp {args.tp}, {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, per rank: loss-parallel full logits "
+          f"{full / 2**30:.3f} GiB, vocabulary-parallel chunked {chunked / 2**30:.3f} GiB ({chunked / full:.3f}x); "
+          f"losses {row['loss_full']:.6g} and {row['loss_chunked']:.6g}")
+    out = Path(args.out).with_name("loss_memory_tp.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--real-tokens", type=int, default=1024, help="tokens of the check on real CPU tensors (0: skip)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (gloo, real CPU tensors): the vocabulary-parallel loss")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "loss_memory.json"))
     args = parser.parse_args(argv)
+    if args.tp > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        return main_tp(args)
     rows = []
     sizes = [("meta", args.tokens)] + ([("meta", args.real_tokens), ("cpu", args.real_tokens)] if args.real_tokens else [])
     print(f"{'device':>6} {'tokens':>7} {'vocab':>7} {'hidden':>6} {'full GiB':>9} {'chunked GiB':>12} {'ratio':>7}")
