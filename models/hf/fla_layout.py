@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from models.config import ModelConfig
 
 _LAYER = "model.layers.{i}."
+# the parameters of ebb's delta-rule mixers (models/layers/delta_rule.py), as fla's layers name them too
+DELTA_RULE_PARAMS = tuple(
+    f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")
+)
+DECAY_PARAMS = ("a_proj.weight", "A_log", "dt_bias")  # the gated ones' decay gate
 
 
 def fla_names(mixer_params: Iterable[str]) -> dict[str, str]:

@@ -56,7 +56,8 @@ def document_blocks(documents: Tensor, window: int | None, block: int = FLEX_BLO
     starts = torch.arange(0, T, block, device=documents.device)
     ends = (starts + block).clamp(max=T) - 1
     first, last = documents[:, starts], documents[:, ends]
-    q, k = torch.arange(len(starts), device=documents.device)[:, None], torch.arange(len(starts), device=documents.device)[None, :]
+    index = torch.arange(len(starts), device=documents.device)
+    q, k = index[:, None], index[None, :]
     shared = (q > k) & (last[:, None, :] == first[:, :, None])  # [B, query block, key block]
     whole = (first == last) & (ends - starts + 1 == block)  # one document, and no padding past T
     every = shared & whole[:, :, None] & whole[:, None, :]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.hf.fla_layout import check_fla_model, ebb_model_section, fla_model_entries, fla_names
+from models.hf.fla_layout import DELTA_RULE_PARAMS, check_fla_model, ebb_model_section, fla_model_entries, fla_names
 from models.layers.delta_rule import DeltaRuleMixer
 from models.layers.gates import beta_of, write_strength
 from models.ops import chunk_delta_rule
@@ -67,7 +67,7 @@ class DeltaNet(DeltaRuleMixer):
 # `import fla` registers it with transformers' Auto classes). fla sizes the heads by the model's
 # width (expand_k, expand_v), ebb by the key head (head_dim, expand_v) ------------------------------
 
-HF_NAMES = fla_names([f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "b_proj", "g_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")])
+HF_NAMES = fla_names(DELTA_RULE_PARAMS)
 
 
 def _head_dims(model: ModelConfig) -> tuple[int, int]:

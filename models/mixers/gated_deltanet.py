@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from models.hf.fla_layout import check_fla_model, ebb_model_section, fla_model_entries, fla_names
+from models.hf.fla_layout import DECAY_PARAMS, DELTA_RULE_PARAMS, check_fla_model, ebb_model_section, fla_model_entries, fla_names
 from models.layers.delta_rule import GatedDeltaRuleConfig, GatedDeltaRuleMixer
 from models.ops import chunk_gated_delta_rule
 from models.spec import HFNative, MixerConfig, MixerSpec
@@ -45,10 +45,7 @@ class GatedDeltaNet(GatedDeltaRuleMixer):
 # --- Hugging Face: a Gated DeltaNet-only model is fla's GatedDeltaNetForCausalLM (the model flame
 # pretrains; `import fla` registers it with transformers' Auto classes) -----------------------------
 
-HF_NAMES = fla_names(
-    [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")]
-    + ["A_log", "dt_bias"]
-)
+HF_NAMES = fla_names(DELTA_RULE_PARAMS + DECAY_PARAMS)
 
 
 def hf_architecture(model: ModelConfig) -> str:

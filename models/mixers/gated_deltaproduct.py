@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from models.hf.fla_layout import check_fla_model, ebb_model_section, fla_model_entries, fla_names
+from models.hf.fla_layout import DECAY_PARAMS, DELTA_RULE_PARAMS, check_fla_model, ebb_model_section, fla_model_entries, fla_names
 from models.hf.names import block_index
 from models.layers.delta_rule import GatedDeltaRuleConfig, GatedDeltaRuleMixer
 from models.layers.flops import chunked_recurrence_flops, projection_flops
@@ -121,10 +121,7 @@ class GatedDeltaProduct(GatedDeltaRuleMixer):
 # --- Hugging Face: a Gated DeltaProduct model (alone or with attention blocks) is fla's
 # GatedDeltaProductForCausalLM, its n_h-wide rows step-major (see the module docs) -----------------
 
-HF_NAMES = fla_names(
-    [f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "out_proj")]
-    + ["A_log", "dt_bias"]
-)
+HF_NAMES = fla_names(DELTA_RULE_PARAMS + DECAY_PARAMS)
 
 
 def _row_width(model: ModelConfig, name: str) -> int | None:
