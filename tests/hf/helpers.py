@@ -71,6 +71,14 @@ def save_checkpoint(root: Path, model: HybridLM, step: int = 3, mode: str = "syn
     return checkpoints.finalize()
 
 
+def exported_native(tmp_path: Path, cfg: ModelConfig) -> HybridLM:
+    """A small model of `cfg`, saved through ebb's checkpointer and exported to `tmp_path / "hf"`
+    with `--format native --dtype fp32`."""
+    model = small_model(cfg)
+    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    return model
+
+
 def to_hf(checkpoint: Path, output: Path, *args: str) -> None:
     assert convert(["to-hf", "--checkpoint", str(checkpoint), "--output", str(output), *args]) == 0
 

@@ -15,7 +15,7 @@ from tests.triton_interpreter import needs_interpreter  # first: it sets Triton'
 
 pytestmark = needs_interpreter
 
-from tests.hf.helpers import FLA_CASES, FLA_IDS, from_hf, logits, reloaded, save_checkpoint, small_config, small_model, to_hf, token_ids  # noqa: E402
+from tests.hf.helpers import FLA_CASES, FLA_IDS, exported_native, from_hf, logits, reloaded, small_config, token_ids  # noqa: E402
 
 TOL = 1e-4  # fla's kernels against ebb's chunked PyTorch ops, float32
 
@@ -25,8 +25,7 @@ def test_exported_models_run_in_fla_with_ebbs_logits(tmp_path: Path, pattern: st
     import fla  # noqa: F401  (registers fla's models with transformers' Auto classes)
     from transformers import AutoModelForCausalLM
 
-    model = small_model(small_config(pattern, mixers=mixers, norm_eps=1e-6, tie_embeddings=tie))
-    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    model = exported_native(tmp_path, small_config(pattern, mixers=mixers, norm_eps=1e-6, tie_embeddings=tie))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(theirs).__name__ == architecture
     ids = token_ids(shape=(2, 17))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.hf.helpers import FLA_CASES, FLA_IDS, from_hf, logits, reloaded, save_checkpoint, small_config, small_model, to_hf, token_ids
+from tests.hf.helpers import FLA_CASES, FLA_IDS, exported_native, from_hf, logits, reloaded, save_checkpoint, small_config, small_model, token_ids
 
 torch.set_num_threads(1)
 TOL = 1e-5
@@ -24,8 +24,7 @@ def load_native(folder: Path) -> torch.nn.Module:
 
 
 def round_trip(tmp_path: Path, cfg, architecture: str) -> None:
-    model = small_model(cfg)
-    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    model = exported_native(tmp_path, cfg)
     ids = token_ids(shape=(2, 17))
     expected = logits(model, ids)
     exported = load_native(tmp_path / "hf")
@@ -65,8 +64,7 @@ def test_delta_rule_models_are_flas_and_come_back(tmp_path: Path, pattern: str, 
     from safetensors import safe_open
 
     cfg = small_config(pattern, mixers=mixers, norm_eps=1e-6, tie_embeddings=tie)
-    model = small_model(cfg)
-    to_hf(save_checkpoint(tmp_path / "run" / "checkpoints", model), tmp_path / "hf", "--format", "native", "--dtype", "fp32")
+    model = exported_native(tmp_path, cfg)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == model_type and config["architectures"] == [architecture]
     assert "auto_map" not in config and not list((tmp_path / "hf").glob("*.py"))
