@@ -39,6 +39,18 @@ def outputs_and_grads(fn, inputs: dict, grad_out: torch.Tensor | None = None) ->
     return [out.detach()] + [leaves[n].grad for n in inputs if leaves[n].grad is not None]
 
 
+def with_and_without_fused_layers(monkeypatch, fn, inputs: dict, module: torch.nn.Module) -> tuple[list, list]:
+    """`fn`'s output and the gradients of `inputs` and of `module`'s parameters, with fla's fused
+    layers, then with EBB_FUSED_LAYERS=0."""
+    def run() -> list[torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        return outputs_and_grads(fn, inputs) + [p.grad.clone() for p in module.parameters()]
+
+    fused = run()
+    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
+    return fused, run()
+
+
 def op_inputs(op: str, dtype: torch.dtype, H: int = 2, K: int = 128, V: int = 128, T: int = 300) -> dict:
     g = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(CUDA)  # noqa: E731
@@ -129,11 +141,7 @@ def test_fused_short_conv_matches_pytorch_over_packed_documents(monkeypatch, bia
     x = torch.randn(1, 300, 256, device=CUDA)
     cu_seqlens = torch.tensor([0, 2, 100, 300], dtype=torch.int32, device=CUDA)
     assert fla_kernel_for(x, "fla.modules.convolution", "causal_conv1d") is not None
-    run = lambda x: conv(x, cu_seqlens)[0]  # noqa: E731
-    got = outputs_and_grads(run, {"x": x}) + [p.grad.clone() for p in conv.parameters()]
-    conv.zero_grad()
-    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
-    want = outputs_and_grads(run, {"x": x}) + [p.grad.clone() for p in conv.parameters()]
+    got, want = with_and_without_fused_layers(monkeypatch, lambda x: conv(x, cu_seqlens)[0], {"x": x}, conv)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4
 
@@ -144,11 +152,7 @@ def test_fused_swiglu_matches_pytorch(monkeypatch):
 
     torch.manual_seed(0)
     module = SwiGLU(tiny_model_config("*", d_model=128, mlp_hidden=384), 0).to(CUDA)
-    x = torch.randn(2, 64, 128, device=CUDA)
-    got = outputs_and_grads(module, {"x": x}) + [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
-    want = outputs_and_grads(module, {"x": x}) + [p.grad.clone() for p in module.parameters()]
+    got, want = with_and_without_fused_layers(monkeypatch, module, {"x": torch.randn(2, 64, 128, device=CUDA)}, module)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4
 
