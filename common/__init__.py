@@ -1,2 +1,3 @@
-"""What every ebb package shares and nothing else: the strict base of config sections and the
-one-line form of errors, and the import of optional dependencies."""
+"""What every ebb package shares and nothing else: the strict base of config sections, the
+one-line form of errors, the import of optional dependencies, a DTensor's local shard and which
+process of a run reports."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.processes import is_main_process
 from optim.codecs import StateCodec
 from optim.codecs.base import Parts, scale_shape
 from optim.update import codec_step, coefficients
@@ -241,7 +242,7 @@ class _Arrays:
 
 def _say(message: str, warning: bool = False) -> None:
     """Rank 0 (or the only process) tells the log."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if is_main_process():
         print(message, file=sys.stderr if warning else sys.stdout, flush=True)
 
 

@@ -20,7 +20,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from pretrain.errors import Interrupted, is_main_process
+from common.processes import is_main_process
+from pretrain.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_WINDOW_S = 1.0

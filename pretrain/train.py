@@ -48,6 +48,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from checkpoint import Checkpointer, CheckpointError, CheckpointMismatch, build_checkpointer, find_latest
 from checkpoint.manager import step_dir_name
+from common.processes import is_main_process
 from models.model import HybridLM
 from models.ops import plan_model
 from optim.adamw import build_optimizer
@@ -58,7 +59,7 @@ from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, lo
 from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.dry_run import describe_run
-from pretrain.errors import Interrupted, RunError, is_main_process
+from pretrain.errors import Interrupted, RunError
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
 from pretrain.peak_flops import peak_flops

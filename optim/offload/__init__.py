@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from common.processes import is_main_process
 from common.tensors import local_shard
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS
@@ -159,14 +160,14 @@ def build_offload_optimizer(model: nn.Module, groups: list[dict[str, Any]], opt:
     probe = min(cfg.subgroup_size, PROBE_NUMEL)
     subgroups, total = cut(groups, cfg.subgroup_size, 0)
     param_bytes = max((p.element_size() for p in params), default=4)
-    name, host_rates = _agree(choose_host(cfg.host_optimizer) if _is_main() else None)  # rank 0 measures, all agree
+    name, host_rates = _agree(choose_host(cfg.host_optimizer) if is_main_process() else None)  # rank 0 measures, all agree
     host = host_optimizer(name)
     notes = [f"host {name}" + (" (" + ", ".join(_describe_rate(n, r) for n, r in host_rates.items()) + ")" if host_rates else "")]
     if cfg.gpu_every_k == "auto" and device.type == "cpu":
         k = 0
         notes.append("k=0 (auto: without an accelerator nothing runs beside the host's updates)")
     elif cfg.gpu_every_k == "auto":
-        rates = _agree(measure_rates(host_rates.get(name), host, device, probe, opt.compile) if _is_main() else None)
+        rates = _agree(measure_rates(host_rates.get(name), host, device, probe, opt.compile) if is_main_process() else None)
         k = choose_k(rates, cfg.subgroup_size, len(subgroups), param_bytes)
         notes.append(f"k={k} from host {_rate(rates.host, 'param')}, device {_rate(rates.device, 'param')}, transfers {_rate(rates.bandwidth, 'B')}")
     else:
@@ -200,7 +201,3 @@ def _count(n: int) -> str:
 
 def _describe_rate(name: str, rate: Any) -> str:
     return f"{name} {_rate(rate, 'param')}" if isinstance(rate, float) else f"{name}: {rate}"
-
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
