@@ -1,7 +1,9 @@
 """Triton's CPU interpreter for the tests that run fla's and liger-kernel's kernels without a GPU
 (skipped unless TRITON_INTERPRET=1 and fla imports). Import this before fla: the interpreter
-cannot time kernels, so each autotuned kernel keeps its first configuration; and fla's attention
-layers, which call flash-attn (CUDA only), get a stand-in over PyTorch's SDPA."""
+cannot time kernels, so each autotuned kernel keeps its first configuration; a kernel's `for i in
+range(n)` gives Triton scalars, as compiled code does (fla's chunked kernels call `i.to(...)` on
+them; the interpreter would give Python ints); and fla's attention layers, which call flash-attn
+(CUDA only), get a stand-in over PyTorch's SDPA."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -26,6 +28,32 @@ if INTERPRETING:  # before fla's modules are imported: their decorators build th
         _init(self, fn, arg_names, configs[:1], *args, **kwargs)
 
     autotuner.Autotuner.__init__ = _first_config_only
+
+    import builtins
+
+    import triton.runtime.interpreter as interpreter
+
+    def _scalar_range(*bounds):
+        for i in builtins.range(*(int(b) for b in bounds)):
+            yield interpreter._implicit_cvt(i)
+
+    class _RangePatch:
+        """The kernel's module sees `_scalar_range` as `range` while the interpreter runs it."""
+
+        def __init__(self, lang_patch, fn):
+            self.lang_patch, self.namespace = lang_patch, fn.__globals__
+            self.saved = self.namespace.get("range", builtins)
+            self.namespace["range"] = _scalar_range
+
+        def restore(self) -> None:
+            if self.saved is builtins:
+                del self.namespace["range"]
+            else:
+                self.namespace["range"] = self.saved
+            self.lang_patch.restore()
+
+    _patch_lang = interpreter._patch_lang
+    interpreter._patch_lang = lambda fn: _RangePatch(_patch_lang(fn), fn)
 
 
 def sdpa_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), **_):

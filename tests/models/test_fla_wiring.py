@@ -4,7 +4,7 @@ and linear cross-entropies against ebb's PyTorch forms, forward and backward, an
 with every fused layer against the same model without. Run alone, with the kernels installed
 beside the project, e.g.
 
-    pip install --target /tmp/fla-cpu --no-deps triton flash-linear-attention fla-core liger-kernel
+    pip install --target /tmp/fla-cpu --no-deps triton flash-linear-attention fla-core liger-kernel einops
     PYTHONPATH=/tmp/fla-cpu TRITON_INTERPRET=1 python -m pytest tests/models/test_fla_wiring.py"""
 from __future__ import annotations
 
