@@ -15,8 +15,9 @@ ebb's models run `train_step` as `pretrain.train` does (`train.loss=auto`: fused
 liger-kernel or fla is installed, else chunked; fla or PyTorch per op as the header line says).
 
 Each model warms up untimed for `--warmup` steps (Triton autotuning, compilation), then trains
-`--steps` timed steps. On a fresh machine Triton's autotuning takes minutes; models that run the
-same kernels at the same keys (ebb's ops get beta in float32, as fla's do) pay it once.
+`--steps` timed steps. On a fresh machine Triton's autotuning takes minutes; ebb's G stack runs
+the chunked recurrence's kernels at fla's model's keys (tests/models/test_fla_ops.py), so the two
+pay it once.
 Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by 6N (N = parameters
 without the embedding), peak memory. With `--triton-cache DIR` Triton's
 autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. Writes
@@ -112,6 +113,17 @@ def run_ebb(name: str, s: dict, args, device) -> dict:
     return timed(name, step, args, device, B * T, n, n_embed, flops)
 
 
+def fla_config(s: dict):
+    """fla's GatedDeltaNetConfig of the shape `s`, as flame pretrains it: ebb's G stack, layer for layer."""
+    from fla.models import GatedDeltaNetConfig
+
+    return GatedDeltaNetConfig(
+        hidden_size=s["d_model"], num_hidden_layers=s["layers"], num_heads=s["heads"], head_dim=s["head_dim"], expand_v=2.0,
+        vocab_size=s["vocab"], intermediate_size=s["mlp"], tie_word_embeddings=False, use_cache=False,
+        fuse_cross_entropy=True, fuse_linear_cross_entropy=False,  # flame's configs' loss (fla's linear one measured slower)
+    )
+
+
 def run_fla(s: dict, args, device) -> dict | str:
     """fla's GatedDeltaNetForCausalLM, or why it cannot run here (a string)."""
     import torch
@@ -119,7 +131,7 @@ def run_fla(s: dict, args, device) -> dict | str:
     if device.type != "cuda":
         return "fla's Triton kernels need CUDA"
     try:
-        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+        from fla.models import GatedDeltaNetForCausalLM
     except Exception as exc:  # not installed, or no Triton
         return f"fla does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     from models.ops import dispatch
@@ -128,13 +140,8 @@ def run_fla(s: dict, args, device) -> dict | str:
     if dispatch.decide("chunk_gated_delta_rule", platform, torch.bfloat16, s["head_dim"]).lift_640:
         dispatch.lift_fla_640_guard()  # the same key tile as ebb's G stack: fla's model would raise in backward otherwise
         print(f"  fla_gdn: fla's #640 guard lifted (Triton {platform.triton}, key dim {s['head_dim']})", flush=True)
-    cfg = GatedDeltaNetConfig(
-        hidden_size=s["d_model"], num_hidden_layers=s["layers"], num_heads=s["heads"], head_dim=s["head_dim"], expand_v=2.0,
-        vocab_size=s["vocab"], intermediate_size=s["mlp"], tie_word_embeddings=False, use_cache=False,
-        fuse_cross_entropy=True, fuse_linear_cross_entropy=False,  # flame's configs' loss (fla's linear one measured slower)
-    )
     torch.manual_seed(0)
-    model = GatedDeltaNetForCausalLM(cfg).to(device)
+    model = GatedDeltaNetForCausalLM(fla_config(s)).to(device)
     n = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     print(f"  fla_gdn: {n / 1e6:.1f}M params", flush=True)

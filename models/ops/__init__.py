@@ -49,7 +49,7 @@ def autocast_activations(arguments: dict) -> dict:
     return {n: t.to(dtype) if n in ACTIVATIONS and isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for n, t in arguments.items()}
 
 
-def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
+def _fla_on_cuda(torch_op: Callable) -> Callable:
     """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped)."""
     signature = inspect.signature(torch_op)
     name = torch_op.__name__
@@ -61,7 +61,7 @@ def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
         dispatch.backend_override()  # a bad EBB_OPS_BACKEND is an error on every device
         if dispatch.record(name, arguments):  # plan_model's probe: note the shapes, run the PyTorch form
             return torch_op(**arguments)
-        if first_input.is_cuda and dispatch.decision(name, first_input.device, first_input.dtype, first_input.shape[-1]).backend == "fla":
+        if dispatch.runs_fla(name, first_input):
             arguments.pop("chunk_size", None)
             return dispatch.fla_kernel(name)(**arguments)
         return torch_op(**arguments)
@@ -70,10 +70,10 @@ def _fla_on_cuda(torch_op: Callable, fla_module: str) -> Callable:
     return op
 
 
-chunk_simple_gla = _fla_on_cuda(simple_gla.chunk_simple_gla, "fla.ops.simple_gla")
-chunk_delta_rule = _fla_on_cuda(delta_rule.chunk_delta_rule, "fla.ops.delta_rule")
-chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule, "fla.ops.gated_delta_rule")
-chunk_rwkv7 = _fla_on_cuda(rwkv7.chunk_rwkv7, "fla.ops.rwkv7")
+chunk_simple_gla = _fla_on_cuda(simple_gla.chunk_simple_gla)
+chunk_delta_rule = _fla_on_cuda(delta_rule.chunk_delta_rule)
+chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule)
+chunk_rwkv7 = _fla_on_cuda(rwkv7.chunk_rwkv7)
 
 
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:

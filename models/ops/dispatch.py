@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,10 +103,30 @@ def decide(op: str, platform: Platform, dtype: torch.dtype, key_dim: int, backen
 
 @functools.cache
 def fla_kernel(op: str) -> Callable | None:
-    """fla's `op`, run eagerly under torch.compile (a graph break around it: Dynamo does not trace
-    fla's autotuned Triton launches and host-side index building), or None where fla does not import."""
+    """fla's `op` taking and returning states in ebb's layout, run eagerly under torch.compile (a
+    graph break around it: Dynamo does not trace fla's autotuned Triton launches and host-side
+    index building), or None where fla does not import."""
     kernel = optional_attribute(FLA_MODULES[op], op)
-    return None if kernel is None else torch.compiler.disable(kernel)
+    if kernel is None:
+        return None
+    if "state_v_first" in inspect.signature(kernel).parameters:
+        kernel = with_state_v_first(kernel)
+    return torch.compiler.disable(kernel)
+
+
+def with_state_v_first(kernel: Callable) -> Callable:
+    """`kernel` run with its recurrent state laid out [V, K], as fla's own layers run it: Triton
+    autotunes each layout apart, so ebb's calls reuse the configurations tuned for fla's models
+    (and their cache). ebb's states stay [K, V] outside."""
+
+    @functools.wraps(kernel)
+    def call(*args, initial_state: Tensor | None = None, **kwargs):
+        if initial_state is not None:
+            initial_state = initial_state.transpose(-1, -2).contiguous()
+        out, final_state = kernel(*args, initial_state=initial_state, state_v_first=True, **kwargs)
+        return out, None if final_state is None else final_state.transpose(-1, -2)
+
+    return call
 
 
 @functools.cache
@@ -133,6 +154,11 @@ def _decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int, b
 def decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int) -> Decision:
     backend = backend_override()
     return _checked.get((op, device, dtype, key_dim, backend)) or _decision(op, device, dtype, key_dim, backend)
+
+
+def runs_fla(op: str, x: Tensor) -> bool:
+    """Whether `op` runs fla's kernel on inputs like `x` (its first, q or r): on CUDA, as `decision` says."""
+    return x.is_cuda and decision(op, x.device, x.dtype, x.shape[-1]).backend == "fla"
 
 
 def lift_fla_640_guard() -> None:
