@@ -172,7 +172,24 @@ def lift_fla_640_guard() -> None:
 
 # --- recording which ops a model calls, with which shapes ---------------------------------------
 
-_calls: list | None = None  # while `recording`: (block kind, op, dtype, q's [H, K], v's [HV, V]) per call
+@dataclass(frozen=True)
+class OpCall:
+    """One op call of `plan_model`'s probe forward: the block's pattern character, the op, each
+    floating input's dtype as the op received it (autocast applied), q's [H, K] and v's [HV, V]."""
+
+    kind: str
+    op: str
+    dtypes: tuple[tuple[str, torch.dtype], ...]
+    q_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The first input's (q's, or r's) dtype, which decides the backend."""
+        return self.dtypes[0][1]
+
+
+_calls: list[OpCall] | None = None  # the calls seen while `recording`
 _block = "?"  # the pattern character of the block running, while recording
 
 
@@ -187,7 +204,8 @@ def record(op: str, arguments: dict) -> bool:
     if _calls is None:
         return False
     q, v = next(iter(arguments.values())), arguments["v"]
-    _calls.append((_block, op, q.dtype, tuple(q.shape[2:]), tuple(v.shape[2:])))
+    dtypes = tuple((n, t.dtype) for n, t in arguments.items() if isinstance(t, Tensor) and t.is_floating_point())
+    _calls.append(OpCall(_block, op, dtypes, tuple(q.shape[2:]), tuple(v.shape[2:])))
     return True
 
 
@@ -197,7 +215,7 @@ def _enter_block(kind: str) -> None:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[list]:
+def recording(model: nn.Module) -> Iterator[list[OpCall]]:
     global _calls
     _calls, calls = [], []
     _calls = calls
@@ -216,25 +234,25 @@ def recording(model: nn.Module) -> Iterator[list]:
 CHECK_TOKENS = 4096  # enough chunks to fill the GPU, so the configurations Triton autotunes in the check suit training
 
 
-def _inputs(op: str, q_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device, T: int = CHECK_TOKENS) -> dict[str, Tensor]:
-    """Random inputs for `op` with the recorded per-head shapes, laid out as a training step's:
-    T tokens packed as two documents (int32 cu_seqlens, a boundary inside a chunk). fla's
-    autotuning is keyed by head shapes, dtypes and whether documents are packed, not by length,
-    so the check autotunes the very kernels the first training step runs."""
+def _inputs(call: OpCall, device: torch.device, T: int = CHECK_TOKENS) -> dict[str, Tensor]:
+    """Random inputs for the recorded call, with its per-head shapes and each input's dtype, laid
+    out as a training step's: T tokens packed as two documents (int32 cu_seqlens, a boundary
+    inside a chunk). fla's autotuning is keyed by head shapes, dtypes and whether documents are
+    packed, not by length, so the check autotunes the very kernels the first training step runs."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device)
 
-    (H, K), (HV, V) = q_shape, v_shape
-    q = torch.nn.functional.normalize(rand(1, T, H, K), dim=-1)
-    k = torch.nn.functional.normalize(rand(1, T, H, K), dim=-1)
-    v = rand(1, T, HV, V)
-    args = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
-    if op in ("chunk_simple_gla", "chunk_gated_delta_rule"):
-        args["g"] = -torch.nn.functional.softplus(rand(1, T, HV)).float()
-    if op in ("chunk_delta_rule", "chunk_gated_delta_rule"):
-        args["beta"] = torch.sigmoid(rand(1, T, HV)).to(dtype)
+    (H, K), (HV, V) = call.q_shape, call.v_shape
+    args = {
+        "q": torch.nn.functional.normalize(rand(1, T, H, K), dim=-1),
+        "k": torch.nn.functional.normalize(rand(1, T, H, K), dim=-1),
+        "v": rand(1, T, HV, V),
+        "g": -torch.nn.functional.softplus(rand(1, T, HV)),
+        "beta": torch.sigmoid(rand(1, T, HV)),
+    }
+    args = {n: args[n].to(dtype) for n, dtype in call.dtypes}
     args["cu_seqlens"] = torch.tensor([0, T // 3 + 1, T], dtype=torch.int32, device=device)
     return args
 
@@ -268,18 +286,19 @@ def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch
     with recording(model) as calls, torch.no_grad(), autocast:
         model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
     per_mixer: dict[str, dict[str, str]] = {}
-    for kind, op, op_dtype, q_shape, v_shape in calls:
-        key = (op, device, op_dtype, q_shape[-1], backend)
-        d = decision(op, device, op_dtype, q_shape[-1])
+    for call in calls:
+        op, key_dim = call.op, call.q_shape[-1]
+        key = (op, device, call.dtype, key_dim, backend)
+        d = decision(op, device, call.dtype, key_dim)
         words = f"{d.backend} {op} ({d.reason})"
         if d.lift_640:
             if key not in _check_errors:
-                passed, _check_errors[key] = check_against_torch(fla_kernel(op), torch_ops[op], _inputs(op, q_shape, v_shape, op_dtype, device))
+                passed, _check_errors[key] = check_against_torch(fla_kernel(op), torch_ops[op], _inputs(call, device))
                 if not passed:
                     _checked[key] = Decision("torch", f"fla #640 workaround failed its check (rel err {_check_errors[key]:.1e})")
-            d = decision(op, device, op_dtype, q_shape[-1])
+            d = decision(op, device, call.dtype, key_dim)
             words = f"{d.backend} {op} ({d.reason}" + (f"; checked against torch, rel err {_check_errors[key]:.1e})" if d.lift_640 else ")")
-        per_mixer.setdefault(kind, {})[op] = words
+        per_mixer.setdefault(call.kind, {})[op] = words
     kinds = [getattr(b, "kind", "?") for b in getattr(model, "blocks", [])]
     parts = [f"{k}: " + (", ".join(per_mixer[k].values()) if k in per_mixer else "no recurrent op") for k in dict.fromkeys(kinds)]
     return "ebb: ops: " + "; ".join(parts)

@@ -67,7 +67,9 @@ def test_ops_receive_the_autocast_dtype():
     model = HybridLM(tiny_model_config(every_mixer())).to(CUDA)
     with dispatch.recording(model) as calls, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(torch.zeros(1, 32, dtype=torch.long, device=CUDA))
-    assert calls and {dtype for _, _, dtype, _, _ in calls} == {torch.bfloat16}
+    assert calls and {call.dtype for call in calls} == {torch.bfloat16}
+    for call in calls:  # the activations bf16; log-decays and beta float32, as fla's own layers give them
+        assert all((dtype == torch.bfloat16) == (name in ops.ACTIVATIONS) for name, dtype in call.dtypes), call
 
 
 def test_the_start_up_probe_runs_no_fused_layer():

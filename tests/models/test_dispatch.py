@@ -54,8 +54,12 @@ def test_key_tile_and_versions():
     assert dispatch.version("2.13.0+cpu") < (3, 4, 0)
 
 
+def float64_call(op: str, inputs: tuple[str, ...], q_shape: tuple[int, int], v_shape: tuple[int, int]) -> dispatch.OpCall:
+    return dispatch.OpCall("?", op, tuple((n, torch.float64) for n in inputs), q_shape, v_shape)
+
+
 def test_check_against_torch_passes_the_same_op_and_catches_a_wrong_one():
-    args = dispatch._inputs("chunk_delta_rule", (2, 16), (2, 16), torch.float64, torch.device("cpu"), T=20)
+    args = dispatch._inputs(float64_call("chunk_delta_rule", ("q", "k", "v", "beta"), (2, 16), (2, 16)), torch.device("cpu"), T=20)
     torch_op = chunk_delta_rule.torch_op
     passed, err = dispatch.check_against_torch(torch_op, torch_op, args)
     assert passed and err < 1e-12
@@ -71,7 +75,7 @@ def test_check_against_torch_passes_the_same_op_and_catches_a_wrong_one():
 def test_check_inputs_are_packed_documents_as_in_training():
     """The check runs the layout training runs (so its autotuning is training's): a kernel that
     let state cross the document boundary fails it."""
-    args = dispatch._inputs("chunk_gated_delta_rule", (2, 16), (2, 32), torch.float64, torch.device("cpu"), T=40)
+    args = dispatch._inputs(float64_call("chunk_gated_delta_rule", ("q", "k", "v", "g", "beta"), (2, 16), (2, 32)), torch.device("cpu"), T=40)
     assert args["cu_seqlens"].dtype == torch.int32 and args["cu_seqlens"].tolist() == [0, 14, 40]
     torch_op = chunk_gated_delta_rule.torch_op
 
@@ -93,9 +97,24 @@ def test_recording_names_each_mixer_and_its_op_shapes():
     model = HybridLM(tiny_model_config("MTG*"))
     with dispatch.recording(model) as calls, torch.no_grad():
         model(torch.zeros(1, 16, dtype=torch.long))
-    seen = {(kind, op) for kind, op, *_ in calls}
+    seen = {(call.kind, call.op) for call in calls}
     assert seen == {("M", "chunk_simple_gla"), ("T", "chunk_delta_rule"), ("G", "chunk_gated_delta_rule")}
     assert dispatch._calls is None
+
+
+def test_the_check_gets_each_input_in_the_dtype_training_gives_the_op():
+    """The probe notes each input's dtype as the op receives it (here a bf16 model: Gated DeltaNet's
+    beta in float32 beside bf16 activations), and the check's inputs take them, so that it
+    autotunes the kernels at training's keys."""
+    model = HybridLM(tiny_model_config("G")).to(torch.bfloat16)
+    with dispatch.recording(model) as calls, torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long))
+    (call,) = calls
+    received = dict(call.dtypes)
+    assert received == {"q": torch.bfloat16, "k": torch.bfloat16, "v": torch.bfloat16, "g": torch.bfloat16, "beta": torch.float32}
+    args = dispatch._inputs(call, torch.device("cpu"), T=40)
+    assert {n: t.dtype for n, t in args.items() if n != "cu_seqlens"} == received
+    assert args["q"].shape[2:] == call.q_shape and args["v"].shape[2:] == call.v_shape
 
 
 def test_unknown_backend_is_refused(monkeypatch):
