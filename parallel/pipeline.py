@@ -11,7 +11,11 @@ What crosses a cut: positional tensors `(hidden, *carry)`. `carry` holds the ent
 model's carry dict that blocks before the cut wrote, in the order blocks first write them
 (`carry_layout`; a mixer declares what it writes in `carry_writes`), so each
 stage's inputs and outputs have static shapes. The last stage returns `(logits, *carry)` with
-only "aux_loss" kept, and the loss function gets both (`LossFn`).
+only "aux_loss" kept, and the loss function gets both (`LossFn`). With a head loss (the chunked
+or fused linear cross-entropy, `build_pipeline_schedule(head=...)`) the last stage applies it
+itself, inside its forward as `HybridLM.forward(head=...)` does (so FSDP has gathered the head's
+weight), to the microbatch's labels (passed to every stage like `doc_starts`), and returns the
+summed loss in place of the logits, which are then never whole.
 
 The loss. A schedule takes its loss function once, at construction, and calls it on every
 microbatch, on the thread that runs `schedule.step`. What varies per step (the token normaliser
@@ -152,35 +156,39 @@ class StageModule(nn.Module):
         self.carry_in = carry_layout(model.blocks[: blocks.start])
         written = carry_layout(model.blocks[: blocks.stop])
         self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
+        self.head_loss: HeadLoss | None = None  # the last stage's, set by `build_pipeline_schedule`
 
-    def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor, labels: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
         cu_seqlens = cu_seqlens_from_mask(doc_starts)
         carry = CarryView(dict(zip(self.carry_in, carry_in)))
         h = x if self.embed is None else self.embed(x)
         for block in self.blocks.values():
             h = block(h, cu_seqlens=cu_seqlens, carry=carry)
         if self.lm_head is not None:
-            h = self.lm_head(self.norm(h))
+            h = self.norm(h)
+            h = self.lm_head(h) if self.head_loss is None else self.head_loss(h, self.lm_head.weight, labels)
         # a view leaves as a copy: zero-bubble's input-gradient step detaches stage outputs in place
         outputs = tuple(t.clone() if t._is_view() else t for t in (h, *(carry[key] for key in self.carry_out)))
         return outputs if len(outputs) > 1 else outputs[0]
 
 
+HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden, head weight, labels) -> summed loss: pretrain.linear_ce's
 LossFn = Callable[..., Tensor]
-"""`loss_fn(logits, labels, aux_loss, **loss_kwargs)`: one microbatch's loss from the last stage's
-logits and auxiliary loss (None when no block writes one), with the step's `loss_kwargs`."""
+"""`loss_fn(output, labels, aux_loss, **loss_kwargs)`: one microbatch's loss from the last stage's
+output (its logits, or its summed loss with a head loss) and auxiliary loss (None when no block
+writes one), with the step's `loss_kwargs`."""
 
 
 _STEP_LOSS_KWARGS: ContextVar[Mapping[str, Any]] = ContextVar("ebb_step_loss_kwargs", default={})
 
 
 def last_stage_loss(loss_fn: LossFn) -> Callable[..., Tensor]:
-    """The schedule's loss function: the last stage's output, `logits` or `(logits, aux_loss)`,
+    """The schedule's loss function: the last stage's output, `output` or `(output, aux_loss)`,
     unpacked for `loss_fn`, with the running step's `loss_kwargs`."""
 
     def loss(output: Tensor | tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        logits, aux_loss = (output, None) if isinstance(output, Tensor) else output
-        return loss_fn(logits, labels, aux_loss, **_STEP_LOSS_KWARGS.get())
+        output, aux_loss = (output, None) if isinstance(output, Tensor) else output
+        return loss_fn(output, labels, aux_loss, **_STEP_LOSS_KWARGS.get())
 
     return loss
 
@@ -265,10 +273,14 @@ def runs_several_stages(schedule: str) -> bool:
 
 def build_pipeline_schedule(
     modules: list[StageModule], stage_ids: list[int], pp_mesh: DeviceMesh, schedule: str, microbatches: int,
-    loss_fn: LossFn, device: torch.device,
+    loss_fn: LossFn, device: torch.device, head: HeadLoss | None = None,
 ) -> Pipeline:
     """Wrap the stage modules (after any FSDP and activation checkpointing) in PipelineStages on the
-    mesh's pp group, and a schedule that averages `loss_fn` over `microbatches`."""
+    mesh's pp group, and a schedule that averages `loss_fn` over `microbatches`; with `head`, the
+    last stage applies it and hands `loss_fn` the summed loss instead of the logits."""
+    for module in modules:
+        if module.lm_head is not None:
+            module.head_loss = head
     n_stages = pp_mesh.size() * len(modules)
     group = pp_mesh.get_group()
     stages = [PipelineStage(module, index, n_stages, device, group=group) for module, index in zip(modules, stage_ids)]
@@ -310,15 +322,15 @@ def pipeline_gradients(
     the same batch; `loss_kwargs` go to the loss function of every microbatch. Returns the mean
     loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
     gradient norm before clipping."""
-    doc_starts = document_start_mask(cu_seqlens, *input_ids.shape)
+    stage_kwargs = {"doc_starts": document_start_mask(cu_seqlens, *input_ids.shape), "labels": labels}
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
     bound = _STEP_LOSS_KWARGS.set(dict(loss_kwargs or {}))
     try:
         if pipeline.has_last:
-            pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, doc_starts=doc_starts)
+            pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, **stage_kwargs)
         else:
-            pipeline.schedule.step(*args, return_outputs=False, doc_starts=doc_starts)
+            pipeline.schedule.step(*args, return_outputs=False, **stage_kwargs)
     finally:
         _STEP_LOSS_KWARGS.reset(bound)
     sum_tied_gradients(pipeline)

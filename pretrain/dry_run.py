@@ -23,6 +23,7 @@ from parallel.mesh import validate_layout
 from parallel.pipeline import build_stage_modules
 from pretrain.config import RunConfig
 from pretrain.estimate import FP32, MemoryEstimate, activation_bytes, meta_model, param_counts, state_bytes
+from pretrain.linear_ce import resolve_loss
 from pretrain.parallelize import RankStages
 from pretrain.preflight import check_directories
 
@@ -108,11 +109,12 @@ def micro_batch(cfg: RunConfig, shape: dict[str, int]) -> int:
 def model_activations(cfg: RunConfig, shape: dict[str, int], dtype: torch.dtype) -> tuple[int | None, str]:
     """The whole model's activations on one micro-batch, and a note saying on what (or why not)."""
     t, micro = cfg.train, micro_batch(cfg, shape)
+    loss, _ = resolve_loss(t.loss, assumed_device(cfg)[0], shape)
     try:
-        whole = activation_bytes(meta_model(cfg.model), micro, t.seq_len, cfg.model.vocab_size, dtype, t.activation_checkpoint, t.activation_checkpoint_every)
+        whole = activation_bytes(meta_model(cfg.model), micro, t.seq_len, dtype, t.activation_checkpoint, t.activation_checkpoint_every, loss)
     except (NotImplementedError, RuntimeError, ValueError) as exc:
         return None, f"not estimated: the model does not run on the meta device ({str(exc).splitlines()[0]})"
-    return whole, f"micro-batch {micro} x {t.seq_len} tokens, activation checkpointing {t.activation_checkpoint}"
+    return whole, f"micro-batch {micro} x {t.seq_len} tokens, activation checkpointing {t.activation_checkpoint}, loss {loss}"
 
 
 def estimate_rank(cfg: RunConfig, shape: dict[str, int], pp_rank: int, whole_activations: int | None) -> tuple[MemoryEstimate, int]:

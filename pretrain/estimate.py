@@ -5,8 +5,8 @@ directory's free space with them before its first step.
 
 Activations are measured, not modelled: one forward and backward of the model on the meta device
 under torch's `MemTracker` (the tool behind torchtitan's memory estimation), which follows every
-tensor the step creates and frees, so each mixer's own chunked ops, temporaries and the
-cross-entropy over the logits are counted as they happen. Parameters, gradients and optimizer
+tensor the step creates and frees, so each mixer's own chunked ops, temporaries and the loss
+(the cross-entropy over the whole logits, or the chunked linear one) are counted as they happen. Parameters, gradients and optimizer
 states are counted from the shapes (each codec's parts for each tensor, as the optimizer's groups
 assign them).
 """
@@ -27,6 +27,7 @@ from optim.config import OptimConfig
 from optim.groups import build_param_groups
 from optim.offload.model import STATE_BYTES
 from parallel.data_parallel import apply_activation_checkpointing
+from pretrain.linear_ce import chunked_linear_cross_entropy
 from pretrain.loss import lm_loss
 
 FP32 = 4  # bytes: parameters and gradients are float32 (autocast computes in bf16 from them)
@@ -86,12 +87,16 @@ def checkpoint_bytes(model: HybridLM, cfg: OptimConfig) -> int:
     return weights + sum(state_bytes(model, cfg).values())
 
 
-def activation_bytes(module: nn.Module, batch: int, seq_len: int, vocab_size: int, dtype: torch.dtype, checkpointing: str, every: int) -> int:
+def activation_bytes(
+    module: nn.Module, batch: int, seq_len: int, dtype: torch.dtype, checkpointing: str, every: int, loss: str = "full",
+) -> int:
     """Peak bytes of activations and temporaries in one forward and backward of `module` (a meta
     HybridLM) on a micro-batch of `batch` x `seq_len` tokens, with activation checkpointing as
     configured: torch's MemTracker's peak, less what parameters and gradients hold then. `dtype`
     is the compute dtype (bf16 autocast is approximated by a bf16 model: its matmuls keep bf16
-    activations as autocast's do)."""
+    activations as autocast's do). `loss` is the run's resolved `train.loss`: `full` makes the
+    whole logits; `chunked` and `fused` are counted as the chunked loss (the fused kernels need
+    CUDA, and hold less: README, Loss)."""
     from torch.distributed._tools.mem_tracker import MemTracker  # torch's own; imported for the estimate only
 
     module = module.to(dtype)
@@ -99,8 +104,12 @@ def activation_bytes(module: nn.Module, batch: int, seq_len: int, vocab_size: in
     ids = torch.zeros(batch, seq_len + 1, dtype=torch.long, device="meta")
     tracker = MemTracker()
     tracker.track_external(module)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
     with tracker:
-        lm_loss(module(ids[:, :-1]), ids[:, 1:], reduction="sum").backward()
+        if loss == "full":
+            lm_loss(module(inputs), labels, reduction="sum").backward()
+        else:
+            module(inputs, head=lambda hidden, weight: chunked_linear_cross_entropy(hidden, weight, labels)).backward()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("meta")]
     return sum(size for kind, size in peak.items() if str(kind).endswith(("ACT", "TEMP")))
 

@@ -16,8 +16,8 @@ Under tensor parallelism the head's weight is sharded over the vocabulary: `chun
 vocabulary-parallel (each rank its shard's logits of a chunk; the softmax's max and sum, the
 target's logit and the hidden states' gradient summed over the tensor-parallel group, as
 Megatron's vocabulary-parallel cross-entropy), and `auto` is `chunked` there (the fused kernels
-hold the whole vocabulary). Under pipeline parallelism (the schedule's loss function receives
-the last stage's logits) the head stays `full`: `resolve_loss` says so in one `ebb: warning:` line.
+hold the whole vocabulary). Under pipeline parallelism the last stage applies the chunked or
+fused loss to its microbatch inside its forward (`parallel.pipeline.StageModule`), the same way.
 """
 from __future__ import annotations
 
@@ -178,9 +178,6 @@ def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | 
     shape = shape or {}
     if name == "full":
         return "full", None
-    if shape.get("pp", 1) > 1:  # auto picks full silently (the header says so); an explicit choice warns
-        why = "the pipeline's last stage computes the loss from logits"
-        return "full", None if name == "auto" else f"ebb: warning: train.loss={name} uses the full logits with parallel.pp > 1 ({why})"
     if shape.get("tp", 1) > 1:
         why = "the fused kernels hold the whole vocabulary; chunked runs vocabulary-parallel"
         return "chunked", f"ebb: warning: train.loss=fused falls back to chunked with parallel.tp > 1 ({why})" if name == "fused" else None

@@ -76,7 +76,13 @@ def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, sca
     summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
     batch), which the schedule gets from `pipeline_gradients`' `loss_kwargs` since it varies per
     step, plus the auxiliary loss of the last stage."""
-    loss = lm_loss(logits, labels, reduction="sum") * scale
+    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale)
+
+
+def summed_microbatch_loss(summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor) -> Tensor:
+    """`microbatch_loss` when the last stage applied the head's loss itself (the chunked or fused
+    linear cross-entropy) and hands over the summed cross-entropy instead of the logits."""
+    loss = summed * scale
     return loss if aux_loss is None else add_aux_loss(loss, aux_loss)
 
 

@@ -17,6 +17,7 @@ from models.packing import cu_seqlens_from_mask, document_start_mask
 from optim.adamw import build_optimizer
 from optim.config import OptimConfig
 from pretrain.data import Batch
+from pretrain.linear_ce import head_loss
 from pretrain.parallelize import Parallel
 from pretrain.runtime import Runtime
 from pretrain.step import StepResult, train_step
@@ -49,12 +50,12 @@ def total_losses(results: list[StepResult]) -> list[float]:
     return [(r.loss if r.aux_loss is None else r.loss + r.aux_loss).item() for r in results]
 
 
-def one_process(cfg: ModelConfig, steps: list[list[Batch]]) -> tuple[list[float], dict[str, Tensor]]:
-    """The reference: `train_steps` of a seed-0 model in one process; its total losses and final
-    state dict."""
+def one_process(cfg: ModelConfig, steps: list[list[Batch]], loss: str = "full") -> tuple[list[float], dict[str, Tensor]]:
+    """The reference: `train_steps` of a seed-0 model in one process with `train.loss` `loss` (full
+    or chunked); its total losses and final state dict."""
     torch.manual_seed(0)
     model = HybridLM(cfg)
-    losses = total_losses(train_steps(Parallel(layout(), module=model), steps))
+    losses = total_losses(train_steps(Parallel(layout(), module=model, head=head_loss(loss)), steps))
     return losses, {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 

@@ -1,6 +1,7 @@
 """Pipeline parallelism: stage cuts in process; PP=2 (1F1B, Interleaved1F1B, ZeroBubble, GPipe)
 and PP=4 on gloo against one process accumulating gradients over the same microbatches, both
-trained by the production step (tests/parity.py). The tiny models hold every mixer; SSE and the
+trained by the production step (tests/parity.py), the last stage computing the loss from its
+logits or applying the chunked linear cross-entropy itself. The tiny models hold every mixer; SSE and the
 first RWKV-7 block come first, so the auxiliary loss (SSE, MoM) and RWKV-7's v_first cross stage
 boundaries in the carry.
 
@@ -28,7 +29,8 @@ from parallel.pipeline import (
     stages_of_rank,
 )
 from pretrain.config import ConfigError, build_config
-from pretrain.loss import microbatch_loss
+from pretrain.linear_ce import head_loss
+from pretrain.loss import microbatch_loss, summed_microbatch_loss
 from pretrain.parallelize import Parallel, RankStages
 from tests.conftest import every_mixer, tiny_model_config
 from tests.distributed import run_distributed
@@ -42,9 +44,9 @@ def pipeline_config(pattern: str, tie_embeddings: bool = False) -> ModelConfig:
     return tiny_model_config(pattern, tie_embeddings=tie_embeddings, mixers=AUX_LOSSES)
 
 
-def reference_run(cfg: ModelConfig, microbatches: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process accumulating over each batch's `microbatches` row groups."""
-    return one_process(cfg, [row_groups(batch, microbatches) for batch in packed_batches()])
+def reference_run(cfg: ModelConfig, microbatches: int, loss: str = "full") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process accumulating over each batch's `microbatches` row groups, with the same loss."""
+    return one_process(cfg, [row_groups(batch, microbatches) for batch in packed_batches()], loss)
 
 
 def pipelined(par: Parallel, dp_rank: int = 0) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
@@ -56,35 +58,50 @@ def pipelined(par: Parallel, dp_rank: int = 0) -> tuple[list[float] | None, dict
     return (losses if par.pipeline.has_last else None), params
 
 
-def pipeline_rank(cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
+def schedule_loss(loss: str) -> dict:
+    """build_pipeline_schedule's loss arguments for `train.loss` full or chunked, as parallelize gives them."""
+    head = head_loss(loss)
+    return {"loss_fn": microbatch_loss if head is None else summed_microbatch_loss, "head": head}
+
+
+def pipeline_rank(
+    cfg: ModelConfig, pp: int, virtual_stages: int, schedule: str, microbatches: int, loss: str = "full",
+) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
     mesh = init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",))
     torch.manual_seed(0)
     model = HybridLM(cfg)
     modules, stage_ids = build_stage_modules(model, mesh.get_local_rank(), pp, virtual_stages, SEQ)
-    pipeline = build_pipeline_schedule(modules, stage_ids, mesh, schedule, microbatches, microbatch_loss, CPU.device)
-    return pipelined(Parallel(layout(pp=pp), module=RankStages(modules), pipeline=pipeline, microbatches=microbatches))
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh, schedule, microbatches, device=CPU.device, **schedule_loss(loss))
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    result = pipelined(Parallel(layout(pp=pp), module=RankStages(modules), pipeline=pipeline, microbatches=microbatches))
+    assert bool(head_calls) == (pipeline.has_last and loss == "full")  # a head loss never makes the logits
+    return result
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "pattern, pp, virtual_stages, schedule",
+    "pattern, pp, virtual_stages, schedule, loss",
     [
-        (every_mixer(2), 2, 1, "1f1b"),
-        (every_mixer(2, stages=4), 2, 2, "interleaved_1f1b"),
-        ("SR | M* | TG | RO", 2, 2, "zero_bubble"),
+        (every_mixer(2), 2, 1, "1f1b", "full"),
+        (every_mixer(2), 2, 1, "1f1b", "chunked"),
+        (every_mixer(2, stages=4), 2, 2, "interleaved_1f1b", "full"),
+        ("SR | M* | TG | RO", 2, 2, "zero_bubble", "full"),
+        ("SR | M* | TG | RO", 2, 2, "zero_bubble", "chunked"),  # the head's weight gradient in the weight step
         # RWKV-7's first block on a later stage: its v_first (a view) leaves that stage, whose
         # input-gradient step then detaches it in place
-        ("SM | R* | TG | RO", 2, 2, "zero_bubble"),
-        (every_mixer(2), 2, 1, "gpipe"),
-        (every_mixer(2, stages=4), 4, 1, "1f1b"),
+        ("SM | R* | TG | RO", 2, 2, "zero_bubble", "full"),
+        (every_mixer(2), 2, 1, "gpipe", "full"),
+        (every_mixer(2, stages=4), 4, 1, "1f1b", "chunked"),
     ],
-    ids=["pp2-1f1b", "pp2-interleaved", "pp2-zero-bubble", "pp2-zero-bubble-later-rwkv7", "pp2-gpipe", "pp4-1f1b"],
+    ids=["pp2-1f1b", "pp2-1f1b-chunked-loss", "pp2-interleaved", "pp2-zero-bubble", "pp2-zero-bubble-chunked-loss",
+         "pp2-zero-bubble-later-rwkv7", "pp2-gpipe", "pp4-1f1b-chunked-loss"],
 )
-def test_pipeline_matches_one_process(pattern: str, pp: int, virtual_stages: int, schedule: str) -> None:
+def test_pipeline_matches_one_process(pattern: str, pp: int, virtual_stages: int, schedule: str, loss: str) -> None:
     cfg = pipeline_config(pattern)
     microbatches = BATCH
-    ref_losses, ref_params = reference_run(cfg, microbatches)
-    results = run_distributed(pipeline_rank, pp, cfg, pp, virtual_stages, schedule, microbatches)
+    ref_losses, ref_params = reference_run(cfg, microbatches, loss)
+    results = run_distributed(pipeline_rank, pp, cfg, pp, virtual_stages, schedule, microbatches, loss)
     losses = [r[0] for r in results if r[0] is not None]
     assert len(losses) == 1
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(ref_losses), rtol=0, atol=TOL)
@@ -159,7 +176,7 @@ def test_tied_embeddings_under_pp2_match_one_process() -> None:
         torch.testing.assert_close(copy, ref_params["embed.weight"], rtol=0, atol=TOL)
 
 
-def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
+def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int, loss: str) -> tuple[list[float] | None, dict[str, torch.Tensor]]:
     """pp=2 x dp_shard=2 on build_mesh: each dp rank pipelines its half of the global batch."""
     mesh = build_mesh(ParallelConfig(pp=2, dp_shard=2), 4, "cpu")
     torch.manual_seed(0)
@@ -167,19 +184,21 @@ def pipeline_fsdp_rank(cfg: ModelConfig, microbatches: int) -> tuple[list[float]
     modules, stage_ids = build_stage_modules(model, mesh["pp"].get_local_rank(), 2, 1, SEQ)
     for module in modules:
         apply_fsdp(module, mesh["dp_shard"], mixed_precision=False)
-    pipeline = build_pipeline_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, microbatch_loss, CPU.device)
+    pipeline = build_pipeline_schedule(modules, stage_ids, mesh["pp"], "1f1b", microbatches, device=CPU.device, **schedule_loss(loss))
     par = Parallel(layout(pp=2, dp_shard=2), module=RankStages(modules), pipeline=pipeline, microbatches=microbatches)
     return pipelined(par, mesh["dp_shard"].get_local_rank())
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
-def test_pipeline_with_fsdp_matches_one_process(tie_embeddings: bool) -> None:
+@pytest.mark.parametrize("tie_embeddings, loss", [(False, "full"), (True, "full"), (True, "chunked")], ids=["untied", "tied", "tied-chunked-loss"])
+def test_pipeline_with_fsdp_matches_one_process(tie_embeddings: bool, loss: str) -> None:
     """Each dp rank's 2 microbatches are 2 of the one process's 4 (contiguous rows); tied, each
-    dp rank's shard of the embedding and of the head's copy are summed between its two stages."""
+    dp rank's shard of the embedding and of the head's copy are summed between its two stages.
+    With the chunked loss the last stage applies it inside its forward, where FSDP has gathered
+    the head's weight."""
     cfg = pipeline_config("SRM* | TGRO", tie_embeddings)
-    ref_losses, ref_params = reference_run(cfg, 4)
-    results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2)
+    ref_losses, ref_params = reference_run(cfg, 4, loss)
+    results = run_distributed(pipeline_fsdp_rank, 4, cfg, 2, loss)
     for losses, params in results:
         if losses is not None:
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=TOL)

@@ -79,9 +79,8 @@ def test_resolve_loss():
     assert resolve_loss("chunked", "cpu", {"tp": 2, "pp": 1}) == ("chunked", None)
     name, warning = resolve_loss("fused", "cuda", {"tp": 2, "pp": 1})
     assert name == "chunked" and warning.startswith("ebb: warning: train.loss=fused falls back to chunked with parallel.tp > 1")
-    assert resolve_loss("auto", "cpu", {"tp": 2, "pp": 2}) == ("full", None)  # the header says so
-    name, warning = resolve_loss("chunked", "cpu", {"tp": 1, "pp": 2})
-    assert name == "full" and warning.startswith("ebb: warning: train.loss=chunked") and "\n" not in warning
+    assert resolve_loss("auto", "cpu", {"tp": 2, "pp": 2}) == ("chunked", None)  # the last stage applies it
+    assert resolve_loss("chunked", "cpu", {"tp": 1, "pp": 2}) == ("chunked", None)
     name, warning = resolve_loss("fused", "cpu")
     assert name == "chunked" and warning == "ebb: warning: train.loss=fused falls back to chunked (not on CUDA)"
 
