@@ -33,11 +33,10 @@ class GatedDeltaNet(GatedDeltaRuleMixer):
     def recurrence_inputs(
         self, x: Tensor, cu_seqlens: Tensor | None = None, cache: dict | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """q, k (repeated to the value heads), v [B, T, H_v, D], g = log alpha and beta
-        [B, T, H_v], exactly as the gated delta rule receives them."""
+        """q, k [B, T, H, D], v [B, T, H_v, D], g = log alpha and beta [B, T, H_v], exactly as
+        the gated delta rule receives them (with GVA, H < H_v: the op shares each q/k head, fla's
+        kernel without copying it)."""
         q, k, v = self.qkv(x, cu_seqlens, cache)
-        group = self.num_v_heads // self.num_heads
-        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
         g, beta = self.gates(x)
         return q, k, v, g, beta
 

@@ -3,7 +3,9 @@ decoding path (one token at a time from a cached state).
 
 Layouts follow fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H] (RWKV-7's per-channel
 w, a, b: [B, T, H, K]); states [N, H, K, V]
-(the transpose of the papers' S, so o_t = scale * q_t @ S_t). With `cu_seqlens` the batch is
+(the transpose of the papers' S, so o_t = scale * q_t @ S_t). The gated delta rule also takes
+grouped value heads as fla does (GVA: v, g, beta and the states with HV heads, a multiple of q's
+and k's H; `grouped_value_heads`). With `cu_seqlens` the batch is
 [1, total, ...] and the state restarts at every document start; N is then the number of documents.
 """
 from __future__ import annotations
@@ -14,6 +16,17 @@ import torch
 from torch import Tensor
 
 StepFn = Callable[..., Tensor]
+
+
+def grouped_value_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k with v's heads: under grouped value heads each of the H q/k heads serves HV / H
+    consecutive value heads."""
+    H, HV = q.shape[2], v.shape[2]
+    if HV == H:
+        return q, k
+    if HV % H:
+        raise ValueError(f"the value heads ({HV}) must be a multiple of the q/k heads ({H})")
+    return q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
 
 
 def sequence_spans(batch: int, length: int, cu_seqlens: Tensor | None) -> list[tuple[int, int, int]]:
@@ -120,6 +133,7 @@ def recurrent_gated_delta_rule(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The delta rule with a decay first: S <- exp(g_t) S, then the delta update."""
+    q, k = grouped_value_heads(q, k, v)
     return _recurrent(_gated_delta_step, q, k, v, [g, beta], scale, initial_state, output_final_state, cu_seqlens)
 
 

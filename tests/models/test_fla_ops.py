@@ -30,11 +30,12 @@ H, K, V, T = 2, 32, 64, 100
 DOCUMENTS = torch.tensor([0, 37, T], dtype=torch.int32)  # the boundary inside a chunk
 
 
-def op_inputs(op: str) -> dict[str, torch.Tensor]:
-    """float64 leaves for `op`: unit keys, negative log decays, beta in (0, 1), one state per document."""
+def op_inputs(op: str, qk_heads: int = H) -> dict[str, torch.Tensor]:
+    """float64 leaves for `op`: unit keys, negative log decays, beta in (0, 1), one state per
+    document; `qk_heads` < H: grouped value heads."""
     gen = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    inputs = {"q": randn(1, T, H, K), "k": F.normalize(randn(1, T, H, K), dim=-1), "v": randn(1, T, H, V),
+    inputs = {"q": randn(1, T, qk_heads, K), "k": F.normalize(randn(1, T, qk_heads, K), dim=-1), "v": randn(1, T, H, V),
               "g": -F.softplus(randn(1, T, H))}
     if op == "chunk_gated_delta_rule":
         inputs["beta"] = torch.rand(1, T, H, generator=gen, dtype=torch.float64)
@@ -49,10 +50,12 @@ def outputs_and_grads(fn, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]
     return [out, final, *torch.autograd.grad(loss, list(inputs.values()))]
 
 
-@pytest.mark.parametrize("op", ["chunk_gated_delta_rule", "chunk_simple_gla"])
-def test_fla_kernel_matches_the_float64_op(op):
-    """float32 through fla's kernel (run with its state V-first) against ebb's op in float64."""
-    inputs = op_inputs(op)
+@pytest.mark.parametrize("op, qk_heads", [("chunk_gated_delta_rule", H), ("chunk_gated_delta_rule", 1), ("chunk_simple_gla", H)],
+                         ids=["gated_delta_rule", "gated_delta_rule-gva", "simple_gla"])
+def test_fla_kernel_matches_the_float64_op(op, qk_heads):
+    """float32 through fla's kernel (run with its state V-first; grouped value heads as they come)
+    against ebb's op in float64."""
+    inputs = op_inputs(op, qk_heads)
     want = outputs_and_grads(getattr(ops, op).torch_op, inputs)
     got = outputs_and_grads(dispatch.fla_kernel(op), {n: x.detach().float().requires_grad_() for n, x in inputs.items()})
     for name, a, b in zip(["output", "final state", *(f"d{n}" for n in inputs)], got, want, strict=True):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.ops as ops
 from models.config import ModelConfig
 from models.hf.mamba2_layout import from_transformers_layout, to_transformers_layout
 from models.layers.conv import ShortConv
@@ -235,15 +236,25 @@ def test_beta_stays_float32_under_bf16_autocast(kind):
 
 
 def test_gated_deltanet_gva_shares_each_key_head_between_value_heads():
+    """The mixer hands the op 2 q/k heads for 4 value heads (as fla's kernel takes them, no copy);
+    the chunked and step ops give what they give on q/k repeated to the value heads, head 0
+    serving value heads 0 and 1."""
     mixer = small_mixer("G", num_heads=2, num_v_heads=4)
     x = torch.randn(1, 7, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         q, k, v, g, beta = mixer.recurrence_inputs(x)
         y = mixer(x)
-    assert q.shape[2] == k.shape[2] == v.shape[2] == g.shape[2] == beta.shape[2] == 4
-    assert torch.equal(k[:, :, 0], k[:, :, 1]) and torch.equal(k[:, :, 2], k[:, :, 3])
-    assert not torch.equal(k[:, :, 1], k[:, :, 2])
+    assert q.shape[2] == k.shape[2] == 2 and v.shape[2] == g.shape[2] == beta.shape[2] == 4
     assert y.shape == x.shape and torch.isfinite(y).all()
+    state = torch.randn(1, 4, q.shape[-1], v.shape[-1], dtype=torch.float64)
+    repeated = [t.repeat_interleave(2, dim=2) for t in (q, k)]
+    for op in (ops.chunk_gated_delta_rule, ops.recurrent_gated_delta_rule):
+        got = op(q, k, v, g, beta, initial_state=state, output_final_state=True)
+        want = op(*repeated, v, g, beta, initial_state=state, output_final_state=True)
+        for a, b in zip(got, want):
+            assert_close64(a, b)
+    with pytest.raises(ValueError, match=r"the value heads \(4\) must be a multiple of the q/k heads \(3\)"):
+        ops.chunk_gated_delta_rule(q[:, :, :1].expand(-1, -1, 3, -1), k[:, :, :1].expand(-1, -1, 3, -1), v, g, beta)
 
 
 # --- initialisation, registry, FLOPs ----------------------------------------------------------
