@@ -69,6 +69,7 @@ PIPELINE_SCHEDULES: dict[str, type[_PipelineSchedule]] = {  # `parallel.pp_sched
     "zero_bubble": ScheduleInterleavedZeroBubble,
 }
 LOSS_CARRY = "aux_loss"
+HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden, head weight, labels) -> summed loss: pretrain.linear_ce's
 
 
 # ---- where to cut ---------------------------------------------------------------------------
@@ -172,7 +173,6 @@ class StageModule(nn.Module):
         return outputs if len(outputs) > 1 else outputs[0]
 
 
-HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]  # (hidden, head weight, labels) -> summed loss: pretrain.linear_ce's
 LossFn = Callable[..., Tensor]
 """`loss_fn(output, labels, aux_loss, **loss_kwargs)`: one microbatch's loss from the last stage's
 output (its logits, or its summed loss with a head loss) and auxiliary loss (None when no block
