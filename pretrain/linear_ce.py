@@ -153,7 +153,11 @@ def fused_kernel(only: str | None = None) -> tuple[str, Callable[[], Callable]] 
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, kernel: str | None = None) -> Tensor:
-    """The installed fused kernel (`fused_kernel(kernel)`) on CUDA tensors, summed over the tokens."""
+    """The installed fused kernel (`fused_kernel(kernel)`) on CUDA tensors, summed over the tokens.
+    Meta tensors (shapes only: a pipeline stage's metadata inference in torch before 2.13 runs the
+    stage on them) take the chunked form, as no Triton kernel runs there."""
+    if hidden.is_meta:
+        return chunked_linear_cross_entropy(hidden, weight, labels)
     found = fused_kernel(kernel)
     if found is None:
         raise RuntimeError("no fused linear cross-entropy installed (pip install liger-kernel, or flash-linear-attention)")

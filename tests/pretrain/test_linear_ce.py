@@ -85,6 +85,15 @@ def test_resolve_loss():
     assert name == "chunked" and warning == "ebb: warning: train.loss=fused falls back to chunked (not on CUDA)"
 
 
+def test_fused_loss_on_meta_tensors_gives_the_summed_loss_shape():
+    """A pipeline's metadata inference (torch < 2.13) runs the last stage on the meta device."""
+    hidden, weight = torch.empty(2, 8, 16, device="meta", requires_grad=True), torch.empty(100, 16, device="meta", requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert loss.is_meta and loss.shape == () and loss.dtype == torch.float32
+    loss.backward()
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+
+
 def test_unknown_loss_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match=r"^config key train.loss: unknown loss 'xent' \(one of auto, full, chunked, fused\)$"):
         build_config({}, ["train.loss=xent"])
