@@ -3,6 +3,7 @@ cross-entropy (pretrain/linear_ce.py), same inputs, as a ratio.
 
     python bench/loss_memory.py [--vocab 131072] [--tokens 16384] [--hidden 1024] [--real-tokens 1024]
     python bench/loss_memory.py --tp 2 [--vocab 65536] [--tokens 8192] [--hidden 256]
+    python bench/loss_memory.py --pp-stage --tokens 4096 --hidden 512 [--vocab 131072]
 
 The peak counts every tensor alive at once (inputs, weights, logits, saved activations,
 gradients), tracked at each op by a dispatch mode over tensor storages. On `meta` tensors this is
@@ -10,7 +11,11 @@ exact at any size without allocating; the same tracker on real CPU tensors at `-
 checks that the meta count is the real one. Inputs are float32 (CPU); the head's weight gets a
 gradient. With `--tp N`, N gloo processes on real CPU tensors, the head sharded over the
 vocabulary: loss-parallel cross-entropy over the sharded full logits against the
-vocabulary-parallel chunked loss, each rank's peak. Writes bench/results/loss_memory[_tp].json.
+vocabulary-parallel chunked loss, each rank's peak. With `--pp-stage`, the last pipeline stage
+(`parallel.pipeline.StageModule`: a Gated DeltaNet block, the final norm and the head) on one
+microbatch of real CPU tensors, forward and backward: returning its logits to the schedule's
+loss, against applying the chunked loss inside its forward. Writes
+bench/results/loss_memory[_tp|_pp].json.
 """
 from __future__ import annotations
 
@@ -129,6 +134,45 @@ def main_tp(args: argparse.Namespace) -> dict:
     return row
 
 
+def pp_stage_peak(loss: str, tokens: int, vocab: int, hidden: int) -> tuple[int, float]:
+    """The last of two stages, forward and backward on one microbatch: its peak and its loss."""
+    from models.model import HybridLM
+    from parallel.pipeline import build_stage_modules
+    from pretrain.config import build_config
+    from pretrain.linear_ce import head_loss
+
+    mixers = {"gated_deltanet": {"num_heads": 4, "head_dim": hidden // 4}}
+    cfg = build_config({"model": {"pattern": "G | G", "d_model": hidden, "vocab_size": vocab, "mixers": mixers}}).model
+    torch.manual_seed(0)
+    (stage,), _ = build_stage_modules(HybridLM(cfg), 1, 2, 1, tokens)
+    stage.head_loss = head_loss(loss)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    doc_starts = torch.zeros(1, tokens, dtype=torch.bool)
+    doc_starts[0, 0] = True
+    with LiveBytes() as mode:
+        mode.hold(x, labels, *stage.parameters())
+        out = stage(x, doc_starts=doc_starts, labels=labels)
+        total = lm_loss(out, labels, reduction="sum") if stage.head_loss is None else out
+        total.backward()
+        mode.hold(x.grad, *(p.grad for p in stage.parameters()))
+        del out
+    return mode.peak, float(total.detach())
+
+
+def main_pp_stage(args: argparse.Namespace) -> dict:
+    (full, loss_full), (chunked, loss_chunked) = (pp_stage_peak(loss, args.tokens, args.vocab, args.hidden) for loss in ("full", "chunked"))
+    row = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "full_peak_bytes": full, "chunked_peak_bytes": chunked,
+           "ratio": chunked / full, "loss_full": loss_full, "loss_chunked": loss_chunked}
+    print(f"last pipeline stage (a G block, norm, head), one microbatch of {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}: "
+          f"logits to the schedule {full / 2**30:.3f} GiB, chunked loss inside the stage {chunked / 2**30:.3f} GiB ({chunked / full:.3f}x); "
+          f"losses {loss_full:.6g} and {loss_chunked:.6g}")
+    out = Path(args.out).with_name("loss_memory_pp.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=131072)
@@ -136,11 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--real-tokens", type=int, default=1024, help="tokens of the check on real CPU tensors (0: skip)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (gloo, real CPU tensors): the vocabulary-parallel loss")
+    parser.add_argument("--pp-stage", action="store_true", help="the last pipeline stage, logits out against the loss inside it")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "loss_memory.json"))
     args = parser.parse_args(argv)
     if args.tp > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         return main_tp(args)
+    if args.pp_stage:
+        return main_pp_stage(args)
     rows = []
     sizes = [("meta", args.tokens)] + ([("meta", args.real_tokens), ("cpu", args.real_tokens)] if args.real_tokens else [])
     print(f"{'device':>6} {'tokens':>7} {'vocab':>7} {'hidden':>6} {'full GiB':>9} {'chunked GiB':>12} {'ratio':>7}")

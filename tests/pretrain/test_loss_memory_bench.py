@@ -1,5 +1,5 @@
-"""bench/loss_memory.py runs, one process and --tp 2 (gloo), so the bench cannot rot: the chunked
-loss holds less than the full logits and gives the same loss."""
+"""bench/loss_memory.py runs, one process, --tp 2 (gloo) and --pp-stage, so the bench cannot rot:
+the chunked loss holds less than the full logits and gives the same loss."""
 from __future__ import annotations
 
 import json
@@ -30,5 +30,12 @@ def test_one_process_meta_count_is_the_real_one(tmp_path):
 def test_tensor_parallel_mode(tmp_path):
     run_bench(tmp_path, "--tp", "2", "--vocab", "2048", "--tokens", "1024", "--hidden", "32")
     row = json.loads((tmp_path / "loss_memory_tp.json").read_text())
+    assert row["chunked_peak_bytes"] < row["full_peak_bytes"]
+    assert abs(row["loss_chunked"] - row["loss_full"]) <= 1e-5 * abs(row["loss_full"])
+
+
+def test_pipeline_stage_mode(tmp_path):
+    run_bench(tmp_path, "--pp-stage", "--vocab", "2048", "--tokens", "512", "--hidden", "64")
+    row = json.loads((tmp_path / "loss_memory_pp.json").read_text())
     assert row["chunked_peak_bytes"] < row["full_peak_bytes"]
     assert abs(row["loss_chunked"] - row["loss_full"]) <= 1e-5 * abs(row["loss_full"])
