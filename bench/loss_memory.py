@@ -122,13 +122,19 @@ def main_tp(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(tp_rank, args=(args.tp, args.tokens, args.vocab, args.hidden, tmp), nprocs=args.tp, join=True)
         result = json.loads(Path(tmp, "result.json").read_text())
-    full, chunked = result["full"]["peak_bytes"], result["chunked"]["peak_bytes"]
-    row = {"tp": args.tp, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "full_peak_bytes": full,
-           "chunked_peak_bytes": chunked, "ratio": chunked / full, "loss_full": result["full"]["loss"], "loss_chunked": result["chunked"]["loss"]}
-    print(f"tp {args.tp}, {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, per rank: loss-parallel full logits "
-          f"{full / 2**30:.3f} GiB, vocabulary-parallel chunked {chunked / 2**30:.3f} GiB ({chunked / full:.3f}x); "
-          f"losses {row['loss_full']:.6g} and {row['loss_chunked']:.6g}")
-    out = Path(args.out).with_name("loss_memory_tp.json")
+    peaks = {kind: (result[kind]["peak_bytes"], result[kind]["loss"]) for kind in ("full", "chunked")}
+    what = f"tp {args.tp}, {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}, per rank: loss-parallel full logits"
+    return report(args, "tp", {"tp": args.tp}, peaks, what, "vocabulary-parallel chunked")
+
+
+def report(args: argparse.Namespace, mode: str, extra: dict, peaks: dict[str, tuple[int, float]], full_words: str, chunked_words: str) -> dict:
+    """Print one mode's comparison (peaks and losses, full then chunked) and write its JSON row."""
+    (full, loss_full), (chunked, loss_chunked) = peaks["full"], peaks["chunked"]
+    row = {**extra, "tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "full_peak_bytes": full,
+           "chunked_peak_bytes": chunked, "ratio": chunked / full, "loss_full": loss_full, "loss_chunked": loss_chunked}
+    print(f"{full_words} {full / 2**30:.3f} GiB, {chunked_words} {chunked / 2**30:.3f} GiB ({chunked / full:.3f}x); "
+          f"losses {loss_full:.6g} and {loss_chunked:.6g}")
+    out = Path(args.out).with_name(f"loss_memory_{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1) + "\n")
     return row
@@ -161,16 +167,10 @@ def pp_stage_peak(loss: str, tokens: int, vocab: int, hidden: int) -> tuple[int,
 
 
 def main_pp_stage(args: argparse.Namespace) -> dict:
-    (full, loss_full), (chunked, loss_chunked) = (pp_stage_peak(loss, args.tokens, args.vocab, args.hidden) for loss in ("full", "chunked"))
-    row = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "full_peak_bytes": full, "chunked_peak_bytes": chunked,
-           "ratio": chunked / full, "loss_full": loss_full, "loss_chunked": loss_chunked}
-    print(f"last pipeline stage (a G block, norm, head), one microbatch of {args.tokens} tokens, vocab {args.vocab}, hidden {args.hidden}: "
-          f"logits to the schedule {full / 2**30:.3f} GiB, chunked loss inside the stage {chunked / 2**30:.3f} GiB ({chunked / full:.3f}x); "
-          f"losses {loss_full:.6g} and {loss_chunked:.6g}")
-    out = Path(args.out).with_name("loss_memory_pp.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1) + "\n")
-    return row
+    peaks = {loss: pp_stage_peak(loss, args.tokens, args.vocab, args.hidden) for loss in ("full", "chunked")}
+    what = (f"last pipeline stage (a G block, norm, head), one microbatch of {args.tokens} tokens, vocab {args.vocab}, "
+            f"hidden {args.hidden}: logits to the schedule")
+    return report(args, "pp", {}, peaks, what, "chunked loss inside the stage")
 
 
 def main(argv: list[str] | None = None) -> dict:
