@@ -313,6 +313,33 @@ def clip_grad_norm_across(
     return total
 
 
+def run_schedule(
+    run: Callable[..., Any], pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, loss_kwargs: Mapping[str, Any] | None,
+) -> list[Tensor]:
+    """`run` (the schedule's `step`, or `eval`: forward only) on a whole batch, which every pp rank
+    passes the same, with `loss_kwargs` for the loss of every microbatch; the microbatches' losses
+    on ranks holding the last stage, else none."""
+    stage_kwargs = {"doc_starts": document_start_mask(cu_seqlens, *input_ids.shape), "labels": labels}
+    args = (input_ids,) if pipeline.has_first else ()
+    losses: list[Tensor] = []
+    bound = _STEP_LOSS_KWARGS.set(dict(loss_kwargs or {}))
+    try:
+        if pipeline.has_last:
+            run(*args, target=labels, losses=losses, return_outputs=False, **stage_kwargs)
+        else:
+            run(*args, return_outputs=False, **stage_kwargs)
+    finally:
+        _STEP_LOSS_KWARGS.reset(bound)
+    return losses
+
+
+def pipeline_loss_sum(pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, loss_kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The summed loss of a batch through the schedule's forward only (evaluation): on ranks
+    holding the last stage, else None."""
+    losses = run_schedule(pipeline.schedule.eval, pipeline, input_ids, labels, cu_seqlens, loss_kwargs)
+    return torch.stack(losses).sum() if pipeline.has_last else None
+
+
 def pipeline_gradients(
     pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, grad_clip: float | None,
     loss_kwargs: Mapping[str, Any] | None = None,
@@ -322,17 +349,7 @@ def pipeline_gradients(
     the same batch; `loss_kwargs` go to the loss function of every microbatch. Returns the mean
     loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
     gradient norm before clipping."""
-    stage_kwargs = {"doc_starts": document_start_mask(cu_seqlens, *input_ids.shape), "labels": labels}
-    args = (input_ids,) if pipeline.has_first else ()
-    losses: list[Tensor] = []
-    bound = _STEP_LOSS_KWARGS.set(dict(loss_kwargs or {}))
-    try:
-        if pipeline.has_last:
-            pipeline.schedule.step(*args, target=labels, losses=losses, return_outputs=False, **stage_kwargs)
-        else:
-            pipeline.schedule.step(*args, return_outputs=False, **stage_kwargs)
-    finally:
-        _STEP_LOSS_KWARGS.reset(bound)
+    losses = run_schedule(pipeline.schedule.step, pipeline, input_ids, labels, cu_seqlens, loss_kwargs)
     sum_tied_gradients(pipeline)
     grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group, pipeline.norm_parameters())
     loss = torch.stack(losses).mean().detach() if pipeline.has_last else None

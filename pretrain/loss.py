@@ -71,19 +71,21 @@ def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
     return microbatches * (shape["dp_replicate"] * shape["dp_shard"]) / global_token_count(labels, shape)
 
 
-def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor) -> Tensor:
+def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True) -> Tensor:
     """A pipeline's loss on one microbatch (`parallel.pipeline.build_pipeline_schedule`'s `loss_fn`): the
     summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
     batch), which the schedule gets from `pipeline_gradients`' `loss_kwargs` since it varies per
-    step, plus the auxiliary loss of the last stage."""
-    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale)
+    step, plus the auxiliary loss of the last stage (not in evaluation: `with_aux=False`)."""
+    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale, with_aux)
 
 
-def summed_microbatch_loss(summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor) -> Tensor:
+def summed_microbatch_loss(
+    summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True,
+) -> Tensor:
     """`microbatch_loss` when the last stage applied the head's loss itself (the chunked or fused
     linear cross-entropy) and hands over the summed cross-entropy instead of the logits."""
     loss = summed * scale
-    return loss if aux_loss is None else add_aux_loss(loss, aux_loss)
+    return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss)
 
 
 def mean_over_replicas(value: Tensor, shape: Shape) -> Tensor:

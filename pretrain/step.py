@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from optim.offload import OffloadAdamW
-from parallel.pipeline import pipeline_gradients
+from parallel.pipeline import pipeline_gradients, pipeline_loss_sum
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
 from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
@@ -111,15 +111,27 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
     return StepResult(loss, grad_norm, None, step_if_finite(optimizer, loss, grad_norm))
 
 
+def pipeline_eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
+    """The summed language-model loss of one validation batch through the pipeline, on every rank."""
+    batch = batch.to(runtime.device)
+    with runtime.autocast():
+        loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False})
+    return mean_over_replicas(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
+
+
 @torch.no_grad()
 def evaluate(par: Parallel, batches: list[Batch], runtime: Runtime) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over the validation batches (every rank runs them all)."""
+    """Token-weighted mean loss and perplexity over the validation batches (every rank runs them
+    all; under PP through the schedule's forward, the loss then shared from the last stage)."""
     model = par.module
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        with loss_context(par.shape):
-            loss_sum += local(forward_loss(model, batch, runtime, par.head, par.logits_loss)[0]).item()
+        if par.pipeline is not None:
+            loss_sum += pipeline_eval_loss(par, batch, runtime)
+        else:
+            with loss_context(par.shape):
+                loss_sum += local(forward_loss(model, batch, runtime, par.head, par.logits_loss)[0]).item()
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)

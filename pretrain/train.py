@@ -97,7 +97,7 @@ def refuse_to_overwrite(root: Path) -> None:
 
 
 def print_header(
-    cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtime, first: int, end: int, eval_skipped: bool, resumed_from: Path | None
+    cfg: RunConfig, num_params: int, par: Parallel, runtime: Runtime, first: int, end: int, resumed_from: Path | None
 ) -> None:
     t = cfg.train
     layout = " x ".join(f"{dim} {size}" for dim, size in par.shape.items() if size > 1) or "one process"
@@ -108,8 +108,6 @@ def print_header(
         f"threads {torch.get_num_threads()}, run dir {t.run_dir}{resumed}",
         flush=True,
     )
-    if eval_skipped:
-        print("ebb: no evaluation under pipeline parallelism (the schedules have no eval step); train.eval_interval is ignored", flush=True)
 
 
 @dataclass
@@ -123,7 +121,7 @@ class Run:
     schedule: LRScheduler
     checkpoints: Checkpointer
     train_batches: TokenBatches | PrefetchedBatches
-    val_batches: list[Batch]  # empty under PP, whose schedules have no evaluation step
+    val_batches: list[Batch]
     first: int  # the last step already taken: 0, or the resumed checkpoint's
     end: int  # the last step this run takes
     throughput: Throughput
@@ -173,9 +171,6 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
     """`build_run` once the run owns its directories."""
     t = cfg.train
     _, train_batches, val_batches = build_data(cfg.data, t, cfg.model.vocab_size, par.dp_rank, par.dp_size, str(runtime.device))
-    eval_skipped = par.shape["pp"] > 1 and bool(val_batches) and t.eval_interval > 0
-    if par.shape["pp"] > 1:
-        val_batches = []
     model = HybridLM(cfg.model).to(runtime.device)
     ops_line = plan_model(model, runtime.device, runtime.dtype)  # fla or PyTorch per op, decided once
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
@@ -200,7 +195,7 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        print_header(cfg, num_params, par, runtime, first, end, eval_skipped, checkpoints.resumed_from)
+        print_header(cfg, num_params, par, runtime, first, end, checkpoints.resumed_from)
         print(ops_line, fast_path_header(par, cfg), *([optimizer.header] if isinstance(optimizer, OffloadAdamW) else []), sep="\n", flush=True)
         metrics = MetricsLogger(run_dir, cfg.logging, t.steps, first, cfg.model_dump(mode="json"))
     # only rank 0 reports MFU; on CPU the other ranks measuring at once would also skew its peak

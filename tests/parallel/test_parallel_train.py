@@ -43,15 +43,16 @@ def train_rank(cfg: RunConfig) -> None:
     [
         ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2"], 2, 3),
         ("RM*OTGS", ["parallel.tp=2", "parallel.dp_shard=2", "parallel.sequence_parallel=true"], 2, 0),
-        ("RM*O | RTGS", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 0),
-        ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 0),
+        ("RM*O | RTGS", ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"], 2, 3),
+        ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2"], 2, 3),
         ("RM*O | RTGS", ["parallel.pp=2", "parallel.dp_shard=2", "model.tie_embeddings=true"], 2, 0),
     ],
     ids=["tp2xdp2", "tp2xdp2_sp", "pp2xtp2", "pp2xdp2", "pp2xdp2_tied"],
 )
 def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[str], batch_size: int, eval_interval: int) -> None:
-    """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp also evaluates (the vocabulary-parallel chunked loss); every run saves a
-    checkpoint with all 4 ranks."""
+    """Every mixer; R blocks on both sides of the stage cut pass v_first across it. tp x dp,
+    pp x tp and pp x dp also evaluate (the vocabulary-parallel chunked loss; under PP through the
+    schedule's forward); every run saves a checkpoint with all 4 ranks."""
     common = [f"model.pattern={pattern}", f"train.eval_interval={eval_interval}", *(o for o in layout if o.startswith("model."))]
     parallel_cfg = layout_config(tmp_path / "parallel", *common, *layout, f"train.batch_size={batch_size}", "train.eval_batches=4")
     run_distributed(train_rank, 4, parallel_cfg)
@@ -60,6 +61,7 @@ def test_layout_matches_one_process(tmp_path: Path, pattern: str, layout: list[s
     for key in ("loss", "grad_norm", "eval_loss"):
         torch.testing.assert_close(curve(tmp_path / "parallel", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
     assert len(curve(tmp_path / "parallel", "loss")) == 3
+    assert len(curve(tmp_path / "parallel", "eval_loss")) == (1 if eval_interval == 3 else 0)
     assert find_latest(tmp_path / "parallel" / "checkpoints").name == "step-00000003"
 
 
