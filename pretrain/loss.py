@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,12 @@ def summed_microbatch_loss(
     linear cross-entropy) and hands over the summed cross-entropy instead of the logits."""
     loss = summed * scale
     return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss)
+
+
+def pipeline_loss_fn(head: object | None) -> Callable[..., Tensor]:
+    """The schedule's loss function: over the last stage's logits, or, when the last stage applies
+    a head loss (`head`, the chunked or fused linear cross-entropy), over the loss it summed."""
+    return microbatch_loss if head is None else summed_microbatch_loss
 
 
 def mean_over_replicas(value: Tensor, shape: Shape) -> Tensor:

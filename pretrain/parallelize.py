@@ -5,9 +5,9 @@ Order (`parallelize`): tensor parallelism on the whole model, this pp rank's pip
 activation checkpointing, FSDP/HSDP on each stage (or the model), the pipeline schedule. Build the
 optimizer afterwards, on `Parallel.module`, whose parameter names are the single-process model's
 (so optimizer state and checkpoints are keyed the same under every layout). The pipeline's loss
-function is `pretrain.loss.microbatch_loss` over the last stage's logits, or, with the chunked or
-fused linear cross-entropy (`Parallel.head`), which the last stage applies itself,
-`summed_microbatch_loss`.
+function is `pretrain.loss.pipeline_loss_fn`'s: over the last stage's logits, or, with the chunked
+or fused linear cross-entropy (`Parallel.head`), which the last stage applies itself, over its
+summed loss.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, bu
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
 from pretrain.linear_ce import HeadLoss, describe, head_loss, resolve_loss
-from pretrain.loss import lm_loss, microbatch_loss, summed_microbatch_loss
+from pretrain.loss import lm_loss, pipeline_loss_fn
 from pretrain.runtime import Runtime
 
 
@@ -141,7 +141,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         par.logits_loss = torch.compile(lm_loss)
     if pp > 1:
         par.microbatches = p.microbatches
-        loss_fn = microbatch_loss if par.head is None else summed_microbatch_loss
+        loss_fn = pipeline_loss_fn(par.head)
         par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, loss_fn, runtime.device, par.head)
         par.module = RankStages(stages)
 

@@ -235,10 +235,11 @@ CHECK_TOKENS = 4096  # enough chunks to fill the GPU, so the configurations Trit
 
 
 def _inputs(call: OpCall, device: torch.device, T: int = CHECK_TOKENS) -> dict[str, Tensor]:
-    """Random inputs for a recorded call of a gated op (q, k, v, g and beta, as the #640 check
-    needs), with its per-head shapes and each input's dtype, laid out as a training step's: T tokens packed as two documents (int32 cu_seqlens, a boundary
-    inside a chunk). fla's autotuning is keyed by head shapes, dtypes and whether documents are
-    packed, not by length, so the check autotunes the very kernels the first training step runs."""
+    """Random inputs for a recorded call of a delta-rule or gated op (q, k, v and its g and/or
+    beta), with its per-head shapes and each input's dtype, laid out as a training step's: T
+    tokens packed as two documents (int32 cu_seqlens, a boundary inside a chunk). fla's
+    autotuning is keyed by head shapes, dtypes and whether documents are packed, not by length,
+    so the check autotunes the very kernels the first training step runs."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, scale=1.0):

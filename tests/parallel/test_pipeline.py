@@ -30,7 +30,7 @@ from parallel.pipeline import (
 )
 from pretrain.config import ConfigError, build_config
 from pretrain.linear_ce import head_loss
-from pretrain.loss import microbatch_loss, summed_microbatch_loss
+from pretrain.loss import pipeline_loss_fn
 from pretrain.parallelize import Parallel, RankStages
 from tests.conftest import every_mixer, tiny_model_config
 from tests.distributed import run_distributed
@@ -61,7 +61,7 @@ def pipelined(par: Parallel, dp_rank: int = 0) -> tuple[list[float] | None, dict
 def schedule_loss(loss: str) -> dict:
     """build_pipeline_schedule's loss arguments for `train.loss` full or chunked, as parallelize gives them."""
     head = head_loss(loss)
-    return {"loss_fn": microbatch_loss if head is None else summed_microbatch_loss, "head": head}
+    return {"loss_fn": pipeline_loss_fn(head), "head": head}
 
 
 def pipeline_rank(
