@@ -2,11 +2,13 @@
 they log."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -14,6 +16,14 @@ from pretrain.config import RunConfig, load_config
 from tests.conftest import TP2_MIXERS, tiny_model_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/<name>.py as a module, for tests that call its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # A tiny MTG* run with evaluation and checkpoints, as the command line takes it
 SMALL_RUN = [

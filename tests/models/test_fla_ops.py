@@ -8,9 +8,6 @@ TRITON_INTERPRET=1 and fla imports; tests/models/test_fla_wiring.py has the comm
   that on a GPU the bench's models pay fla's minutes of autotuning once."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +21,8 @@ import models.ops as ops  # noqa: E402
 from models.model import HybridLM  # noqa: E402
 from models.ops import dispatch  # noqa: E402
 from pretrain.linear_ce import chunked_linear_cross_entropy  # noqa: E402
+from tests.runs import load_bench  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_throughput.py"
 H, K, V, T = 2, 32, 64, 100
 DOCUMENTS = torch.tensor([0, 37, T], dtype=torch.int32)  # the boundary inside a chunk
 
@@ -84,13 +81,6 @@ def autotune_requests(monkeypatch):
     return requests
 
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def ebb_step(bench, shape: dict, ids: torch.Tensor, documents: torch.Tensor) -> None:
     model = HybridLM(bench.ebb_config("ebb_G", shape, tiny=True).model)
     rows = ids.view(2, -1)
@@ -116,7 +106,7 @@ RECURRENCE_KERNELS = {"chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "chunk_f
 def test_ebb_G_step_autotunes_what_flas_model_step_does(autotune_requests, monkeypatch):
     monkeypatch.setattr(dispatch, "runs_fla", lambda op, x: True)  # as on CUDA
     monkeypatch.setattr(fla_modules, "fla_layers_for", lambda x: True)
-    bench = bench_module()
+    bench = load_bench("gpu_throughput")
     shape = dict(bench.TINY, layers=2)
     ids = torch.randint(0, shape["vocab"], (1, 2 * shape["seq_len"]), generator=torch.Generator().manual_seed(0))
     documents = torch.tensor([0, shape["seq_len"], 2 * shape["seq_len"]], dtype=torch.int32)

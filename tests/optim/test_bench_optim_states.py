@@ -3,24 +3,17 @@ codecs and bitsandbytes' AdamW8bit (torchao's optimizers compile per tensor shap
 longer than a test should: the bench itself runs them)."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "optim_states.py"
+from tests.runs import load_bench
+
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("optim_states", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
 def test_tiny_bench_reports_every_optimizer_on_both_sets(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_bench("optim_states")
     out = tmp_path / "bench.json"
     report = bench.main(["--tiny", "--only", "ebb_fp32,ebb_bf16,ebb_int8,ebb_fp8,bnb_adamw8bit", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -1,21 +1,13 @@
 """The bubble fractions bench/pipeline_bubbles.py reads from torch's schedules (pp=4, 8 microbatches)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "pipeline_bubbles.py"
+from tests.runs import load_bench
+
 PP, MICROBATCHES = 4, 8
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("pipeline_bubbles", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bubbles = load_bench()
+bubbles = load_bench("pipeline_bubbles")
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
