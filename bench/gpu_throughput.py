@@ -138,7 +138,7 @@ def run_fla(s: dict, args, device) -> dict | str:
 
     platform = dispatch.platform_of(device)
     if dispatch.decide("chunk_gated_delta_rule", platform, torch.bfloat16, s["head_dim"]).lift_640:
-        dispatch.lift_fla_640_guard()  # the same key tile as ebb's G stack: fla's model would raise in backward otherwise
+        dispatch.fla_640_guard_lifted(True)  # the same key tile as ebb's G stack: fla's model would raise in backward otherwise
         print(f"  fla_gdn: fla's #640 guard lifted (Triton {platform.triton}, key dim {s['head_dim']})", flush=True)
     torch.manual_seed(0)
     model = GatedDeltaNetForCausalLM(fla_config(s)).to(device)

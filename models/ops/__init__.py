@@ -50,7 +50,8 @@ def autocast_activations(arguments: dict) -> dict:
 
 
 def _fla_on_cuda(torch_op: Callable) -> Callable:
-    """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped)."""
+    """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped;
+    key dims padded where fla #640 asks it)."""
     signature = inspect.signature(torch_op)
     name = torch_op.__name__
 
@@ -61,9 +62,9 @@ def _fla_on_cuda(torch_op: Callable) -> Callable:
         dispatch.backend_override()  # a bad EBB_OPS_BACKEND is an error on every device
         if dispatch.record(name, arguments):  # plan_model's probe: note the shapes, run the PyTorch form
             return torch_op(**arguments)
-        if dispatch.runs_fla(name, first_input):
-            arguments.pop("chunk_size", None)
-            return dispatch.fla_kernel(name)(**arguments)
+        runs_fla, pad_key_to = dispatch.fla_padding(name, first_input)
+        if runs_fla:
+            return dispatch.run_fla(name, arguments, pad_key_to)
         return torch_op(**arguments)
 
     op.torch_op = torch_op

@@ -8,17 +8,20 @@ never picks a kernel known to refuse or miscompile its inputs:
   q.dtype != float32 there);
 - the gated ops (`chunk_simple_gla`, `chunk_gated_delta_rule`) on Hopper with Triton in
   [3.4.0, 3.7.1) (fla #640): fla raises in their backward. The miscompile is pinned to a key tile
-  BK = 64; the tile is min(next_pow2(K), 128) there, so with K > 64 ebb lifts fla's guard
-  (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`) after checking the op forward and backward
-  against the PyTorch form on the device (`check_against_torch`); otherwise torch.
+  BK = 64; the tile is min(next_pow2(K), 128) there, so ebb lifts fla's guard
+  (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`), zero-pads smaller key dims to 128 for the
+  call (exact: the padded key channels read and write nothing), and runs the op only once a
+  forward and backward of it matched the PyTorch form on the device (`check_against_torch`, run
+  by `plan_model`); an unchecked or failed combination runs torch.
 
-`models.ops` asks `decision` (cached per op, device, dtype, head dims) at every call, so an input
+`models.ops` asks `decision` (cached per op, device, dtype, key dim) at every call, so an input
 the build did not foresee still gets a decision that cannot crash; `plan_model` makes the decisions
 for a built model up front, runs the checks, and returns the header's one line.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -27,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.imports import optional_attribute
@@ -34,6 +38,8 @@ from common.imports import optional_attribute
 BACKENDS = ("auto", "torch", "fla")
 GATED = frozenset({"chunk_simple_gla", "chunk_gated_delta_rule"})  # their backward calls fla's gated chunk_bwd_dqkwg
 FLA_640_TRITON = ((3, 4, 0), (3, 7, 1))  # [low, high): Hopper miscompiles gated chunk_bwd_dqkwg at BK = 64
+FLA_640_SAFE_KEY_DIM = 128  # key dims below run padded to it there (tile 128)
+CHECK_TOLERANCE = 0.05  # the start-up check's largest relative error (bf16 kernels against the PyTorch form)
 FLA_MODULES = {
     "chunk_simple_gla": "fla.ops.simple_gla",
     "chunk_delta_rule": "fla.ops.delta_rule",
@@ -55,6 +61,7 @@ class Decision:
     backend: str  # "fla" | "torch"
     reason: str
     lift_640: bool = False  # fla's #640 guard must be lifted (and the op checked) for this to run
+    pad_key_to: int | None = None  # q, k and the state's key dim zero-padded to this for fla's call
 
 
 def version(text: str | None) -> tuple[int, ...]:
@@ -85,33 +92,31 @@ def decide(op: str, platform: Platform, dtype: torch.dtype, key_dim: int, backen
         return Decision("torch", "not on CUDA")
     if not platform.fla:
         return Decision("torch", "fla not installed")
-    if backend == "fla":
-        return Decision("fla", "EBB_OPS_BACKEND=fla", lift_640=False)
-    if dtype == torch.float64:
+    forced = backend == "fla"
+    if dtype == torch.float64 and not forced:
         return Decision("torch", "float64 inputs (fla has no float64 kernels)")
-    if dtype == torch.float32 and op == "chunk_delta_rule":
+    if dtype == torch.float32 and op == "chunk_delta_rule" and not forced:
         return Decision("torch", "float32 inputs (fla's chunk_delta_rule takes bf16/fp16)")
+    chosen = "EBB_OPS_BACKEND=fla" if forced else "fla kernel"
     hopper = platform.capability is not None and platform.capability[0] == 9
     low, high = FLA_640_TRITON
     if op in GATED and hopper and low <= version(platform.triton) < high:
-        tile = key_tile(key_dim, platform.capability)
-        if tile == 64 or key_dim <= 64:
-            return Decision("torch", f"fla #640: Hopper, Triton {platform.triton}, key dim {key_dim} (tile {tile})")
-        return Decision("fla", f"fla #640 guard lifted (key dim {key_dim}, tile {tile})", lift_640=True)
-    return Decision("fla", "fla kernel")
+        if key_tile(key_dim, platform.capability) == FLA_640_SAFE_KEY_DIM:
+            return Decision("fla", f"{chosen}, fla #640 guard lifted (key dim {key_dim}, tile 128)", lift_640=True)
+        return Decision(
+            "fla", f"{chosen}, fla #640 guard lifted (key dim {key_dim} padded to tile 128)",
+            lift_640=True, pad_key_to=FLA_640_SAFE_KEY_DIM,
+        )
+    return Decision("fla", chosen)
 
 
 @functools.cache
 def fla_kernel(op: str) -> Callable | None:
-    """fla's `op` taking and returning states in ebb's layout, run eagerly under torch.compile (a
-    graph break around it: Dynamo does not trace fla's autotuned Triton launches and host-side
-    index building), or None where fla does not import."""
+    """fla's `op` taking and returning states in ebb's layout, or None where fla does not import."""
     kernel = optional_attribute(FLA_MODULES[op], op)
-    if kernel is None:
-        return None
-    if "state_v_first" in inspect.signature(kernel).parameters:
+    if kernel is not None and "state_v_first" in inspect.signature(kernel).parameters:
         kernel = with_state_v_first(kernel)
-    return torch.compiler.disable(kernel)
+    return kernel
 
 
 def with_state_v_first(kernel: Callable) -> Callable:
@@ -137,8 +142,14 @@ def platform_of(device: torch.device) -> Platform:
     return Platform(True, torch.cuda.get_device_capability(device), optional_attribute("triton", "__version__"), fla)
 
 
-_checked: dict[tuple, Decision] = {}  # decisions a start-up check overrode (the check failed)
-_check_errors: dict[tuple, float] = {}  # the start-up checks' largest relative errors
+_check_errors: dict[tuple, float] = {}  # the start-up checks' largest relative errors, per `decision` key
+
+
+def _key(op: str, device: torch.device, dtype: torch.dtype, key_dim: int) -> tuple:
+    """`decision`'s cache key: 'cuda' and 'cuda:0' are one device."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return op, device, dtype, key_dim, backend_override()
 
 
 @functools.cache
@@ -146,28 +157,66 @@ def _decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int, b
     d = decide(op, platform_of(device), dtype, key_dim, backend)
     if d.backend == "fla" and fla_kernel(op) is None:
         return Decision("torch", f"fla has no {op}")
-    if d.lift_640:
-        lift_fla_640_guard()
     return d
 
 
 def decision(op: str, device: torch.device, dtype: torch.dtype, key_dim: int) -> Decision:
-    backend = backend_override()
-    return _checked.get((op, device, dtype, key_dim, backend)) or _decision(op, device, dtype, key_dim, backend)
+    """What runs `op` on inputs of this device, dtype and key dim. A decision that needs fla's #640
+    guard lifted stands only once `plan_model`'s check of it passed; until then, or if it failed, torch."""
+    key = _key(op, device, dtype, key_dim)
+    d = _decision(*key)
+    if not d.lift_640:
+        return d
+    err = _check_errors.get(key)
+    if err is None:
+        return Decision("torch", f"fla #640: key dim {key_dim} was not checked at start-up")
+    if not err <= CHECK_TOLERANCE:
+        return Decision("torch", f"fla #640 workaround failed its check (rel err {err:.1e})")
+    return dataclasses.replace(d, reason=f"{d.reason}; checked against torch, rel err {err:.1e}")
 
 
-def runs_fla(op: str, x: Tensor) -> bool:
-    """Whether `op` runs fla's kernel on inputs like `x` (its first, q or r): on CUDA, as `decision` says."""
-    return x.is_cuda and decision(op, x.device, x.dtype, x.shape[-1]).backend == "fla"
+@torch.compiler.assume_constant_result
+def _fla_padding(op: str, device: torch.device, dtype: torch.dtype, key_dim: int) -> tuple[bool, int | None]:
+    d = decision(op, device, dtype, key_dim)
+    return d.backend == "fla", d.pad_key_to
 
 
-def lift_fla_640_guard() -> None:
-    """fla raises on gated backward on Hopper with Triton in [3.4.0, 3.7.1); `decide` only lets
-    through key dims whose tile is not the miscompiled 64."""
+def fla_padding(op: str, x: Tensor) -> tuple[bool, int | None]:
+    """(whether `op` runs fla's kernel on inputs like `x`, its first input q or r; the key dim its
+    call pads to, if any). Decided before tracing: under torch.compile this is a constant of the graph."""
+    if not x.is_cuda:
+        return False, None
+    return _fla_padding(op, x.device, x.dtype, x.shape[-1])
+
+
+@torch.compiler.disable
+def run_fla(op: str, arguments: dict, pad_key_to: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """fla's `op` on ebb's arguments (chunk_size is fla's own choice), eagerly under torch.compile
+    (Dynamo does not trace fla's autotuned Triton launches and host-side index building). With
+    `pad_key_to`, q, k and the states' key dim are zero-padded to it for the call: the padded
+    channels add nothing to q k^T and the state's padded rows stay zero, so the result is exact."""
+    arguments = {n: t for n, t in arguments.items() if n != "chunk_size"}
+    if pad_key_to is None:
+        return fla_kernel(op)(**arguments)
+    key_dim = arguments["q"].shape[-1]
+    pad = pad_key_to - key_dim
+    arguments.update(q=F.pad(arguments["q"], (0, pad)), k=F.pad(arguments["k"], (0, pad)))
+    if arguments.get("scale") is None:
+        arguments["scale"] = key_dim**-0.5
+    if arguments.get("initial_state") is not None:
+        arguments["initial_state"] = F.pad(arguments["initial_state"], (0, 0, 0, pad))
+    out, final_state = fla_kernel(op)(**arguments)
+    return out, None if final_state is None else final_state[..., :key_dim, :]
+
+
+def fla_640_guard_lifted(lifted: bool) -> bool:
+    """Set whether fla's #640 guard is lifted; returns what it was. `decide` only lets through
+    key tiles other than the miscompiled 64."""
     chunk_o = importlib.import_module("fla.ops.common.chunk_o")
     if not hasattr(chunk_o, "TRITON_ABOVE_3_7_1"):
         raise RuntimeError("fla.ops.common.chunk_o has no TRITON_ABOVE_3_7_1: this fla's #640 guard is not the one ebb knows")
-    chunk_o.TRITON_ABOVE_3_7_1 = True
+    was, chunk_o.TRITON_ABOVE_3_7_1 = chunk_o.TRITON_ABOVE_3_7_1, lifted
+    return was
 
 
 # --- recording which ops a model calls, with which shapes ---------------------------------------
@@ -258,7 +307,7 @@ def _inputs(call: OpCall, device: torch.device, T: int = CHECK_TOKENS) -> dict[s
     return args
 
 
-def check_against_torch(fla_op: Callable, torch_op: Callable, args: dict[str, Tensor], tolerance: float = 0.05) -> tuple[bool, float]:
+def check_against_torch(fla_op: Callable, torch_op: Callable, args: dict[str, Tensor], tolerance: float = CHECK_TOLERANCE) -> tuple[bool, float]:
     """Forward and backward of `fla_op` against `torch_op` on the same inputs: (passed, the
     largest relative error over the output and every input's gradient)."""
     worst = 0.0
@@ -276,6 +325,29 @@ def check_against_torch(fla_op: Callable, torch_op: Callable, args: dict[str, Te
     return worst <= tolerance, worst
 
 
+def checked_decision(call: OpCall, device: torch.device, torch_op: Callable) -> Decision:
+    """`decision` for a recorded call, after its #640 start-up check where it needs one."""
+    key = _key(call.op, device, call.dtype, call.q_shape[-1])
+    pending = _decision(*key)
+    if pending.lift_640 and key not in _check_errors:
+        _check_errors[key] = _check_lifted_guard(call, device, torch_op, pending.pad_key_to)
+    return decision(call.op, device, call.dtype, call.q_shape[-1])
+
+
+def _check_lifted_guard(call: OpCall, device: torch.device, torch_op: Callable, pad_key_to: int | None) -> float:
+    """The start-up check of one op under fla's lifted #640 guard: its relative error. The guard
+    stays lifted only if the check passed."""
+    was = fla_640_guard_lifted(True)
+    fla_op = functools.partial(_run_fla_keywords, call.op, pad_key_to)
+    passed, err = check_against_torch(fla_op, torch_op, _inputs(call, device))
+    fla_640_guard_lifted(was or passed)
+    return err
+
+
+def _run_fla_keywords(op: str, pad_key_to: int | None, **arguments: Tensor) -> tuple[Tensor, Tensor | None]:
+    return run_fla(op, arguments, pad_key_to)
+
+
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch_ops: dict[str, Callable], seq_len: int = 64) -> str:
     """Decide each op the model calls once, check the #640 workaround where it applies, and say
     what runs per mixer in one line (the run's header). On CPU nothing is probed."""
@@ -288,18 +360,8 @@ def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch
         model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
     per_mixer: dict[str, dict[str, str]] = {}
     for call in calls:
-        op, key_dim = call.op, call.q_shape[-1]
-        key = (op, device, call.dtype, key_dim, backend)
-        d = decision(op, device, call.dtype, key_dim)
-        words = f"{d.backend} {op} ({d.reason})"
-        if d.lift_640:
-            if key not in _check_errors:
-                passed, _check_errors[key] = check_against_torch(fla_kernel(op), torch_ops[op], _inputs(call, device))
-                if not passed:
-                    _checked[key] = Decision("torch", f"fla #640 workaround failed its check (rel err {_check_errors[key]:.1e})")
-            d = decision(op, device, call.dtype, key_dim)
-            words = f"{d.backend} {op} ({d.reason}" + (f"; checked against torch, rel err {_check_errors[key]:.1e})" if d.lift_640 else ")")
-        per_mixer.setdefault(call.kind, {})[op] = words
+        d = checked_decision(call, device, torch_ops[call.op])
+        per_mixer.setdefault(call.kind, {})[call.op] = f"{d.backend} {call.op} ({d.reason})"
     kinds = [getattr(b, "kind", "?") for b in getattr(model, "blocks", [])]
     parts = [f"{k}: " + (", ".join(per_mixer[k].values()) if k in per_mixer else "no recurrent op") for k in dict.fromkeys(kinds)]
     return "ebb: ops: " + "; ".join(parts)

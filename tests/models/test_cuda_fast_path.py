@@ -80,13 +80,17 @@ def test_the_start_up_probe_runs_no_fused_layer():
         assert fla_kernel_for(x, "fla.modules.l2norm", "l2norm") is None
 
 
+@pytest.mark.parametrize("key_dim", [64, 128])
 @pytest.mark.parametrize("op", ["chunk_simple_gla", "chunk_delta_rule", "chunk_gated_delta_rule"])
-def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op):
+def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op, key_dim):
+    """fla's kernel for every key dim, under the #640 rule too (key dim 64 then padded to 128),
+    once the start-up check passed."""
     pytest.importorskip("fla")
     fn = getattr(ops, op)
-    low = op_inputs(op, torch.bfloat16)
-    decided = dispatch.decision(op, CUDA, torch.bfloat16, 128)
-    assert decided.backend == "fla", decided.reason  # key dim 128: fla even under the #640 rule
+    low = op_inputs(op, torch.bfloat16, K=key_dim)
+    call = dispatch.OpCall("?", op, tuple((n, t.dtype) for n, t in low.items() if t.is_floating_point()), (2, key_dim), (2, 128))
+    decided = dispatch.checked_decision(call, CUDA, fn.torch_op)
+    assert decided.backend == "fla", decided.reason
     reference = {n: (t.float() if t.is_floating_point() else t) for n, t in low.items()}
     grad_out = torch.randn(low["v"].shape, generator=torch.Generator().manual_seed(1)).to(CUDA)
     got = outputs_and_grads(fn, low, grad_out)

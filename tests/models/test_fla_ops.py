@@ -1,6 +1,6 @@
 """ebb's recurrent ops through fla's Triton kernels, on CPU by Triton's interpreter (skipped unless
 TRITON_INTERPRET=1 and fla imports; tests/models/test_fla_wiring.py has the commands):
-- what `dispatch.fla_kernel` runs (fla's kernel, states in ebb's [K, V] layout) against ebb's
+- what `dispatch.run_fla` runs (fla's kernel, states in ebb's [K, V] layout, key dims padded or not) against ebb's
   float64 PyTorch op: outputs, final states and every input's gradient, over packed documents
   with initial states;
 - a training step of the throughput bench's ebb G stack asks Triton to autotune the chunked
@@ -47,14 +47,19 @@ def outputs_and_grads(fn, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]
     return [out, final, *torch.autograd.grad(loss, list(inputs.values()))]
 
 
-@pytest.mark.parametrize("op, qk_heads", [("chunk_gated_delta_rule", H), ("chunk_gated_delta_rule", 1), ("chunk_simple_gla", H)],
-                         ids=["gated_delta_rule", "gated_delta_rule-gva", "simple_gla"])
-def test_fla_kernel_matches_the_float64_op(op, qk_heads):
-    """float32 through fla's kernel (run with its state V-first; grouped value heads as they come)
-    against ebb's op in float64."""
+@pytest.mark.parametrize(
+    "op, qk_heads, pad_key_to",
+    [("chunk_gated_delta_rule", H, None), ("chunk_gated_delta_rule", 1, None), ("chunk_simple_gla", H, None),
+     ("chunk_gated_delta_rule", 1, 128), ("chunk_simple_gla", H, 128)],
+    ids=["gated_delta_rule", "gated_delta_rule-gva", "simple_gla", "gated_delta_rule-gva-padded", "simple_gla-padded"],
+)
+def test_fla_kernel_matches_the_float64_op(op, qk_heads, pad_key_to):
+    """float32 through fla's kernel (run with its state V-first; grouped value heads as they come;
+    key dim zero-padded to 128 as under fla #640) against ebb's op in float64."""
     inputs = op_inputs(op, qk_heads)
     want = outputs_and_grads(getattr(ops, op).torch_op, inputs)
-    got = outputs_and_grads(dispatch.fla_kernel(op), {n: x.detach().float().requires_grad_() for n, x in inputs.items()})
+    fla_op = lambda **arguments: dispatch.run_fla(op, arguments, pad_key_to)  # noqa: E731
+    got = outputs_and_grads(fla_op, {n: x.detach().float().requires_grad_() for n, x in inputs.items()})
     for name, a, b in zip(["output", "final state", *(f"d{n}" for n in inputs)], got, want, strict=True):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -104,7 +109,7 @@ RECURRENCE_KERNELS = {"chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "chunk_f
 
 
 def test_ebb_G_step_autotunes_what_flas_model_step_does(autotune_requests, monkeypatch):
-    monkeypatch.setattr(dispatch, "runs_fla", lambda op, x: True)  # as on CUDA
+    monkeypatch.setattr(dispatch, "fla_padding", lambda op, x: (True, None))  # as on CUDA
     monkeypatch.setattr(fla_modules, "fla_layers_for", lambda x: True)
     bench = load_bench("gpu_throughput")
     shape = dict(bench.TINY, layers=2)
