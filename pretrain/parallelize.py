@@ -146,12 +146,21 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         par.module = RankStages(stages)
 
 
-def compile_blocks(module: nn.Module) -> None:
+RECOMPILES_PER_KIND = 4  # a block kind's graph: its first shapes, then dynamic ones, each in train and eval
+
+
+def compile_blocks(module: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each block in place (torchtitan's per-block compile: one graph reused by every
-    block of a kind, parameter names unchanged), inside any activation-checkpoint wrapper and
-    before FSDP wraps it. Ops that cannot be traced (fla's kernels, routing) break the graph."""
-    for block in module.blocks.children():
-        block.compile()
+    block of a kind, parameter names unchanged), the module inside any activation-checkpoint
+    wrapper (the checkpoint itself is not traced: a graph break inside it would leave the whole
+    block eager), before FSDP wraps it. Ops that cannot be traced (fla's kernels, routing) break
+    the graph. Every block shares one forward, which Dynamo compiles once per kind, so its
+    recompile limit grows with the kinds (a hybrid of all mixers would otherwise fall back to eager)."""
+    blocks = [getattr(block, "_checkpoint_wrapped_module", block) for block in module.blocks.children()]
+    kinds = {getattr(block, "kind", type(block)) for block in blocks}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES_PER_KIND * len(kinds))
+    for block in blocks:
+        block.compile(backend=backend)
 
 
 def fast_path_header(par: Parallel, cfg: RunConfig) -> str:

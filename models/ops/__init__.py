@@ -52,12 +52,15 @@ def autocast_activations(arguments: dict) -> dict:
 def _fla_on_cuda(torch_op: Callable) -> Callable:
     """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped;
     key dims padded where fla #640 asks it)."""
-    signature = inspect.signature(torch_op)
+    names = tuple(inspect.signature(torch_op).parameters)
     name = torch_op.__name__
 
     @functools.wraps(torch_op)
     def op(*args, **kwargs):
-        arguments = autocast_activations(signature.bind(*args, **kwargs).arguments)
+        given = dict(zip(names, args)) | kwargs  # not inspect's bind: Dynamo mixes up its guards across the ops
+        if len(args) > len(names) or not given.keys() <= set(names):
+            raise TypeError(f"{name}() takes {', '.join(names)}; got {', '.join(given)}")
+        arguments = autocast_activations({n: given[n] for n in names if n in given})
         first_input = next(iter(arguments.values()))  # q, or r for RWKV-7
         dispatch.backend_override()  # a bad EBB_OPS_BACKEND is an error on every device
         if dispatch.record(name, arguments):  # plan_model's probe: note the shapes, run the PyTorch form

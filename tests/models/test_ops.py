@@ -190,7 +190,7 @@ def test_dispatch_calls_fla_by_keyword_only_on_cuda(monkeypatch, on_cuda, backen
     monkeypatch.setattr(dispatch, "_decision", dispatch._decision.__wrapped__)  # uncached: the fakes differ per case
     monkeypatch.setenv("EBB_OPS_BACKEND", backend)
     op = ops._fla_on_cuda(_chunk_simple_gla)
-    q = types.SimpleNamespace(is_cuda=on_cuda, device="cuda", dtype=torch.bfloat16, shape=(1, 8, 2, 128))
+    q = types.SimpleNamespace(is_cuda=on_cuda, device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 8, 2, 128))
 
     assert op(q, "k", "v", "g", 0.5, chunk_size=32, cu_seqlens="cu") == expected
     if expected == "fla":

@@ -10,7 +10,7 @@ from pretrain.data.packing import Batch
 from pretrain.parallelize import Parallel, fast_path_header, parallelize
 from pretrain.runtime import Runtime
 from pretrain.step import train_step
-from tests.conftest import tiny_model_overrides
+from tests.conftest import every_mixer, tiny_model_config, tiny_model_overrides
 
 SHAPE = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
 
@@ -34,3 +34,33 @@ def test_compiled_blocks_and_loss_match_eager():
     eager = losses(False, "chunked")
     assert eager == pytest.approx(losses(False, "full"), rel=1e-5)
     assert losses(True, "chunked") == pytest.approx(eager, rel=1e-4)
+
+
+def compiled_forwards(pattern: str, activation_checkpoint: str) -> int:
+    """Graphs Dynamo captured over forwards of a compiled model (every mixer kind, documents packed
+    differently each time, train then eval), failing on Dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    from parallel.data_parallel import apply_activation_checkpointing
+    from pretrain.parallelize import compile_blocks
+
+    torch.manual_seed(0)
+    model = HybridLM(tiny_model_config(pattern))
+    apply_activation_checkpointing(model, activation_checkpoint)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model, backend="eager")
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for training in (True, False):
+            model.train(training)
+            for documents in ([0, 32, 64], [0, 5, 32, 40, 64], [0, 20, 33, 50, 60, 64]):
+                model(ids, cu_seqlens=torch.tensor(documents, dtype=torch.int32)).sum().backward()
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.timeout(300)
+def test_every_mixer_kind_stays_compiled_and_checkpointed_blocks_are_compiled():
+    pattern = every_mixer()
+    assert compiled_forwards(pattern, "none") > 0
+    assert compiled_forwards(pattern, "full") > 0  # the module inside the checkpoint wrapper is compiled
