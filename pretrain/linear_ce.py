@@ -133,22 +133,25 @@ def chunked_linear_cross_entropy(
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-# The fused linear cross-entropies ebb can use, in order of preference (measured: README, Loss): name -> (module, class).
+# The fused linear cross-entropies ebb can use, in order of preference (measured: README, Loss):
+# name -> (module, class, options). liger accumulates the head's weight gradient over its chunks
+# in float32 (by default in the weight's bf16).
 FUSED_KERNELS = {
-    "liger-kernel": ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"),
-    "fla": ("fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss"),
+    "liger-kernel": ("liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss", {"accum_dtype": torch.float32}),
+    "fla": ("fla.modules.fused_linear_cross_entropy", "FusedLinearCrossEntropyLoss", {}),
 }
+AUTO_FUSED_KERNEL = "liger-kernel"  # what `auto` takes where installed: fla's measured slower than the chunked loss
 
 
 @functools.cache
 def fused_kernel(only: str | None = None) -> tuple[str, Callable[[], Callable]] | None:
     """(name, factory of a summed-loss module) of the first installed fused linear cross-entropy
     of `FUSED_KERNELS` (or of `only`); None when none imports (they need Triton)."""
-    for name, (module, cls) in FUSED_KERNELS.items():
+    for name, (module, cls, options) in FUSED_KERNELS.items():
         if only not in (None, name):
             continue
         if (factory := optional_attribute(module, cls)) is not None:
-            return name, functools.partial(factory, ignore_index=IGNORE_INDEX, reduction="sum")
+            return name, functools.partial(factory, ignore_index=IGNORE_INDEX, reduction="sum", **options)
     return None
 
 
@@ -186,9 +189,9 @@ def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | 
         why = "the fused kernels hold the whole vocabulary; chunked runs vocabulary-parallel"
         return "chunked", f"ebb: warning: train.loss=fused falls back to chunked with parallel.tp > 1 ({why})" if name == "fused" else None
     on_cuda = torch.device(device).type == "cuda"
-    fused = fused_kernel() if on_cuda else None
     if name == "auto":
-        return ("fused" if fused else "chunked"), None
+        return ("fused" if on_cuda and fused_kernel(AUTO_FUSED_KERNEL) else "chunked"), None
+    fused = fused_kernel() if on_cuda else None
     if name == "fused" and fused is None:
         why = "not on CUDA" if not on_cuda else "neither liger-kernel nor fla imports"
         return "chunked", f"ebb: warning: train.loss=fused falls back to chunked ({why})"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models.model import HybridLM
+from pretrain import linear_ce
 from pretrain.config import ConfigError, build_config
 from pretrain.linear_ce import chunked_linear_cross_entropy, fused_linear_cross_entropy, head_loss, resolve_loss
 from pretrain.loss import IGNORE_INDEX, lm_loss
@@ -83,6 +84,15 @@ def test_resolve_loss():
     assert resolve_loss("chunked", "cpu", {"tp": 1, "pp": 2}) == ("chunked", None)
     name, warning = resolve_loss("fused", "cpu")
     assert name == "chunked" and warning == "ebb: warning: train.loss=fused falls back to chunked (not on CUDA)"
+
+
+@pytest.mark.parametrize("installed, auto, fused", [(("liger-kernel", "fla"), "fused", "fused"), (("fla",), "chunked", "fused"), ((), "chunked", "chunked")])
+def test_auto_takes_a_fused_kernel_only_where_it_measured_faster(monkeypatch, installed, auto, fused):
+    """On CUDA `auto` is liger-kernel's fused loss, else chunked (fla's measured slower than chunked);
+    `fused` takes whichever is installed."""
+    monkeypatch.setattr(linear_ce, "fused_kernel", lambda only=None: next(((n, None) for n in installed if only in (None, n)), None))
+    assert resolve_loss("auto", "cuda")[0] == auto
+    assert resolve_loss("fused", "cuda")[0] == fused
 
 
 def test_fused_loss_on_meta_tensors_gives_the_summed_loss_shape():
