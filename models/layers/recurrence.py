@@ -2,7 +2,7 @@
 its decode cache."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -16,9 +16,11 @@ def cached_recurrence(
     chunk_size: int,
     cu_seqlens: Tensor | None,
     cache: dict | None,
+    **options: Any,
 ) -> Tensor:
-    """Run a chunked op (fla signature) from the state in `cache` (zero when absent) and store
-    the final state back: a prefill or a decode step of any length."""
+    """Run a chunked op (fla signature; `options` are the op's own further keywords) from the
+    state in `cache` (zero when absent) and store the final state back: a prefill or a decode
+    step of any length."""
     o, state = op(
         *inputs,
         scale=scale,
@@ -26,6 +28,7 @@ def cached_recurrence(
         output_final_state=cache is not None,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+        **options,
     )
     if cache is not None:
         cache["state"] = state

@@ -212,7 +212,7 @@ class RWKV7(Mixer):
         r, log_w, k, v, a = (t.unflatten(-1, (-1, self.head_dim)) for t in (r, log_w, k, v, a))
         y = cached_recurrence(
             chunk_rwkv7, r, log_w, k, v, -kappa, kappa * a,
-            scale=1.0, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
+            scale=1.0, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache, lower_bound=-LOG_DECAY_SCALE,
         )
         y = self.o_norm(y) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         return self.out_proj((y.flatten(-2) * self.g_lora(x_g)).reshape(*x.shape[:-1], -1))

@@ -55,11 +55,14 @@ def chunk_rwkv7(
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
+    lower_bound: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """r, w, k, a, b [B, T, H, K], v [B, T, H, V] -> (o [B, T, H, V], final state [N, H, K, V]).
 
     fla's kernel defaults to output_final_state=True, ebb's ops all to False: a call that omits
     the flag gets a final state from fla on CUDA and None here (ebb's mixers always pass it).
+    `lower_bound` is the caller's promise that w >= lower_bound, which lets fla's kernel run
+    chunks of 64 on tensor cores (without it, chunks of 16); this form needs no such promise.
     The within-chunk decays are factorised (`ChannelDecays`): in float32 the log decay summed
     over half a chunk must stay above -88 (RWKV-7's log w > -0.61 gives at least -20 at chunk 64)."""
     layout, unit_states, initial_state, R, K, V, (W_log, A, B) = chunked_inputs(

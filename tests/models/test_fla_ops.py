@@ -8,6 +8,8 @@ TRITON_INTERPRET=1 and fla imports; tests/models/test_fla_wiring.py has the comm
   that on a GPU the bench's models pay fla's minutes of autotuning once."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,25 @@ def test_fla_kernel_matches_the_float64_op(op, qk_heads, pad_key_to):
     for name, a, b in zip(["output", "final state", *(f"d{n}" for n in inputs)], got, want, strict=True):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fla_rwkv7_with_the_mixers_decay_bound_matches_the_float64_op():
+    """fla's chunk_rwkv7 told w >= -e^-0.5 (as ebb's RWKV-7 mixer tells it: chunks of 64 on tensor
+    cores) against ebb's op in float64, over packed documents with initial states."""
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    kappa = F.normalize(randn(1, T, H, K), dim=-1)
+    learning_rate = torch.rand(1, T, H, K, generator=gen, dtype=torch.float64)
+    inputs = {"r": randn(1, T, H, K), "w": -math.exp(-0.5) * torch.rand(1, T, H, K, generator=gen, dtype=torch.float64),
+              "k": randn(1, T, H, K) * 0.5, "v": randn(1, T, H, V), "a": -kappa, "b": kappa * learning_rate,
+              "initial_state": randn(len(DOCUMENTS) - 1, H, K, V)}
+    inputs = {n: x.requires_grad_() for n, x in inputs.items()}
+    want = outputs_and_grads(ops.chunk_rwkv7.torch_op, inputs)
+    fla_op = lambda **arguments: dispatch.run_fla("chunk_rwkv7", {**arguments, "lower_bound": -math.exp(-0.5)})  # noqa: E731
+    got = outputs_and_grads(fla_op, {n: x.detach().float().requires_grad_() for n, x in inputs.items()})
+    for name, a, b in zip(["output", "final state", *(f"d{n}" for n in inputs)], got, want, strict=True):
+        error = (a.double() - b.detach()).abs().max() / b.abs().max()
+        assert error < 5e-4, f"{name}: largest error {error:.1e} of the largest value"  # fla's float32 DPLR: up to 1e-4
 
 
 def _kernel_name(tuner) -> str:

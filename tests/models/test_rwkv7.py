@@ -239,6 +239,22 @@ def test_mixer_matches_the_papers_formulas(layer_idx):
     assert_close64(ours, expected)
 
 
+def test_mixer_keeps_its_promised_decay_bound(monkeypatch):
+    """The mixer tells the op lower_bound = -e^-0.5 (fla's kernel then runs chunks of 64 on tensor
+    cores); its log decays stay above it even with far-off decay parameters."""
+    import models.mixers.rwkv7 as rwkv7
+
+    seen = []
+    monkeypatch.setattr(rwkv7, "chunk_rwkv7", lambda r, w, *args, **kw: seen.append((w, kw["lower_bound"])) or ops.chunk_rwkv7(r, w, *args, **kw))
+    mixer = rwkv7_block(0)
+    with torch.no_grad():
+        mixer.w0.fill_(40.0)  # sigmoid -> 1: the strongest decay
+        mixer(torch.randn(1, 13, D_MODEL, dtype=torch.float64))
+    ((w, lower_bound),) = seen
+    assert lower_bound == pytest.approx(-math.exp(-0.5))
+    assert w.min() >= lower_bound and w.min() < 0.99 * lower_bound
+
+
 @pytest.mark.parametrize("layer_idx", [0, 2], ids=["first-R-block", "later-R-block"])
 def test_mixer_decoding_matches_full_forward(layer_idx):
     """Token by token, and prefill then decode, equal the full forward (float64): the token shift
