@@ -60,6 +60,33 @@ def _logsumexp(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return _summed((logits - top[:, None]).exp().sum(dim=-1), group).log() + top
 
 
+def chunk_loss_and_grads(
+    h: Tensor, w: Tensor, y: Tensor, ignore_index: int, vocab_start: int, group: dist.ProcessGroup | None,
+    want_hidden: bool, want_weight: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One chunk's summed cross-entropy, and the gradients of its hidden states `h` and of the
+    weight `w` (rows [vocab_start, vocab_start + len(w)) of the vocabulary), in float32 at least."""
+    acc = torch.promote_types(w.dtype, torch.float32)  # the softmax's precision
+    logits = (h @ w.t()).to(acc)  # rounded to w's dtype first, as lm_head's output is
+    lse = _logsumexp(logits, group)
+    valid = y != ignore_index
+    mine = valid & (y >= vocab_start) & (y < vocab_start + w.shape[0])  # the target's row is here
+    target = torch.where(mine, y - vocab_start, 0)
+    picked = _summed(torch.where(mine, logits.gather(1, target[:, None]).squeeze(1), 0), group)
+    loss = torch.where(valid, lse - picked, 0).sum()
+    if not (want_hidden or want_weight):
+        return loss, None, None
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    grad.scatter_add_(1, target[:, None], -mine[:, None].to(acc))
+    grad = grad.mul_(valid[:, None]).to(w.dtype)
+    grad_h = _summed((grad @ w).to(acc), group) if want_hidden else None
+    grad_w = (grad.t() @ h).to(acc) if want_weight else None
+    return loss, grad_h, grad_w
+
+
+ChunkFn = Callable[..., tuple[Tensor, Tensor | None, Tensor | None]]
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """`weight` is the vocabulary's rows [vocab_start, vocab_start + len(weight)); with `group` the
     other rows are on the group's other ranks and every rank holds the same hidden states."""
@@ -67,9 +94,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, dtype: torch.dtype, ignore_index: int,
-        vocab_start: int = 0, group: dist.ProcessGroup | None = None,
+        vocab_start: int = 0, group: dist.ProcessGroup | None = None, chunk_fn: ChunkFn = chunk_loss_and_grads,
     ) -> Tensor:
-        acc = torch.promote_types(dtype, torch.float32)  # the softmax's precision, float32 at least
+        acc = torch.promote_types(dtype, torch.float32)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -77,24 +104,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
-            y = labels[start : start + chunk]
-            logits = (h @ w.t()).to(acc)  # rounded to `dtype` first, as lm_head's output is
-            lse = _logsumexp(logits, group)
-            valid = y != ignore_index
-            mine = valid & (y >= vocab_start) & (y < vocab_start + w.shape[0])  # the target's row is here
-            target = torch.where(mine, y - vocab_start, 0)
-            picked = _summed(torch.where(mine, logits.gather(1, target[:, None]).squeeze(1), 0), group)
-            total = total + torch.where(valid, lse - picked, 0).sum()
-            if want_hidden or want_weight:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, target[:, None], -mine[:, None].to(acc))
-                grad.mul_(valid[:, None])
-                grad = grad.to(dtype)
-                if want_hidden:
-                    grad_hidden[start : start + chunk] = _summed((grad @ w).to(acc), group).to(hidden.dtype)
-                if want_weight:
-                    grad_weight += (grad.t() @ h).to(acc)
-            del logits
+            loss, grad_h, grad_w = chunk_fn(h, w, labels[start : start + chunk], ignore_index, vocab_start, group, want_hidden, want_weight)
+            total = total + loss
+            if grad_h is not None:
+                grad_hidden[start : start + chunk] = grad_h.to(hidden.dtype)
+            if grad_w is not None:
+                grad_weight += grad_w
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -106,12 +121,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, reduction: str = "sum", chunk_tokens: int | None = None,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX, chunk_fn: ChunkFn = chunk_loss_and_grads,
 ) -> Tensor:
     """cross_entropy(hidden @ weight.T, labels) summed (or averaged over the valid labels), in
     float32 at least, holding one chunk of `chunk_tokens` tokens' logits at a time. A `weight`
@@ -125,7 +140,7 @@ def chunked_linear_cross_entropy(
     hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
     dtype = _compute_dtype(hidden, weight)
-    total = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, labels1d, chunk, dtype, ignore_index, vocab_start, group)
+    total = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, labels1d, chunk, dtype, ignore_index, vocab_start, group, chunk_fn)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -198,11 +213,20 @@ def resolve_loss(name: str, device: torch.device | str, shape: dict[str, int] | 
     return name, None
 
 
-def head_loss(name: str) -> HeadLoss | None:
+@functools.cache
+def compiled_chunk() -> ChunkFn:
+    """`chunk_loss_and_grads` through torch.compile: one graph for every chunk (the loop stays
+    eager: compiled whole, it would be unrolled, chunk by chunk)."""
+    return torch.compile(chunk_loss_and_grads)
+
+
+def head_loss(name: str, compiled: bool = False) -> HeadLoss | None:
     """What the model applies to its normed hidden states and head weight instead of logits, for a
-    resolved loss name; None for `full` (the model returns logits)."""
+    resolved loss name (`compiled`: the chunked loss's chunk compiled, where no tensor-parallel
+    collective runs inside it); None for `full` (the model returns logits)."""
     if name == "chunked":
-        return lambda hidden, weight, labels: chunked_linear_cross_entropy(hidden, weight, labels)
+        chunk_fn = compiled_chunk() if compiled else chunk_loss_and_grads
+        return lambda hidden, weight, labels: chunked_linear_cross_entropy(hidden, weight, labels, chunk_fn=chunk_fn)
     if name == "fused":
         return fused_linear_cross_entropy
     return None

@@ -134,10 +134,8 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     par.loss, warning = resolve_loss(t.loss, runtime.device, par.shape)
     if warning and par.is_main:
         print(warning, flush=True)
-    par.head = head_loss(par.loss)
-    if t.compile and par.loss == "chunked" and tp == 1:  # vocabulary-parallel, it all-reduces per chunk: eager
-        par.head = torch.compile(par.head)
-    elif t.compile and par.loss == "full" and tp == 1:
+    par.head = head_loss(par.loss, compiled=t.compile and tp == 1)  # vocabulary-parallel, it all-reduces per chunk: eager
+    if t.compile and par.loss == "full" and tp == 1:
         par.logits_loss = torch.compile(lm_loss)
     if pp > 1:
         par.microbatches = p.microbatches

@@ -127,3 +127,27 @@ def test_fused_matches_chunked_on_cuda():
     torch.testing.assert_close(fused.float(), chunked, rtol=2e-3, atol=1e-2)
     for a, b in zip(gf, gc):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_the_compiled_chunk_is_one_graph_whatever_the_chunk_count():
+    """Under train.compile the chunked loss compiles its chunk, not its loop (which would unroll
+    chunk by chunk): the same loss and gradients as eager, over token counts that leave different
+    last chunks, from at most a graph per chunk shape."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    for tokens in (40, 61, 23):
+        hidden = torch.randn(tokens, 16, generator=gen, requires_grad=True)
+        labels = torch.randint(0, 50, (tokens,), generator=gen)
+        labels[::5] = IGNORE_INDEX
+        results = []
+        for chunk_fn in (linear_ce.chunk_loss_and_grads, linear_ce.compiled_chunk()):
+            weight.grad = None
+            loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=7, chunk_fn=chunk_fn)
+            results.append([loss, *torch.autograd.grad(loss, (hidden, weight))])
+        for compiled, eager in zip(*results):
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3  # the first shape, then dynamic sizes
