@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import models.ops as ops
 from models.config import ModelConfig
 from models.model import build_mixer
-from models.ops import recurrent_gated_delta_rule
+from models.ops import dispatch, recurrent_gated_delta_rule
 
 D_MODEL = 256
 HEADS = {"num_heads": 4, "head_dim": 64, "expand_v": 1.0, "chunk_size": 64}
@@ -65,8 +66,20 @@ def forward_backward(mixer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) 
     return time.perf_counter() - start
 
 
+def plan_mixer(name: str, mixer: nn.Module, x: torch.Tensor) -> None:
+    """On CUDA, decide (and check, under fla #640) what runs the mixer's ops, as a run's start-up does."""
+    if x.device.type != "cuda":
+        return
+    with dispatch.recording(mixer) as calls, torch.no_grad():
+        mixer(x[:, :64], carry={})
+    for call in calls:
+        decided = ops.checked_decision(call, x.device)
+        print(f"  {name}: {decided.backend} {call.op} ({decided.reason})", flush=True)
+
+
 def bench_mixer(name: str, x: torch.Tensor, grad_out: torch.Tensor, repeats: int) -> dict:
     forms = {form: make_mixer(name, recurrent=form == "recurrent").to(x.device) for form in ("chunked", "recurrent")}
+    plan_mixer(name, forms["chunked"], x)
     times: dict[str, list[float]] = {form: [] for form in forms}
     for mixer in forms.values():
         forward_backward(mixer, x, grad_out)  # warm-up

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import models.ops as ops
-from models.ops import delta_rule, gated_delta_rule, rwkv7, simple_gla
+from models.ops import delta_rule, dispatch, gated_delta_rule, rwkv7, simple_gla
 
 SHAPE = dict(batch=1, heads=4, head_k_dim=64, head_v_dim=64, chunk_size=64)
 REQUIRED_SPEEDUP = 20.0
@@ -83,6 +83,12 @@ def forward_backward(
     return time.perf_counter() - start, o.detach()
 
 
+def op_call(op: str, inputs: dict[str, torch.Tensor]) -> dispatch.OpCall:
+    """The call's description that the dispatch decides (and checks) on."""
+    first = next(iter(inputs.values()))
+    return dispatch.OpCall("?", op, tuple((n, t.dtype) for n, t in inputs.items()), tuple(first.shape[2:]), tuple(inputs["v"].shape[2:]))
+
+
 def bench_op(name: str, seq_len: int, repeats: int, device: torch.device) -> dict:
     chunked, dispatching, recurrent, names = OPS[name]
     torch.manual_seed(0)
@@ -91,7 +97,11 @@ def bench_op(name: str, seq_len: int, repeats: int, device: torch.device) -> dic
     grad_out = torch.randn_like(all_inputs["v"])
     forms: dict[str, Callable] = {"chunked": functools.partial(chunked, chunk_size=SHAPE["chunk_size"]), "recurrent": recurrent}
     if device.type == "cuda" and has_fla():
-        forms["fla"] = functools.partial(dispatching, chunk_size=SHAPE["chunk_size"])
+        decided = ops.checked_decision(op_call(dispatching.__name__, inputs), device)
+        if decided.backend == "fla":
+            forms["fla"] = functools.partial(dispatching, chunk_size=SHAPE["chunk_size"])
+        else:
+            print(f"  {name}: no fla row: {decided.reason}", flush=True)
 
     runs: dict[str, list[tuple[float, torch.Tensor]]] = {form: [] for form in forms}
     for fn in forms.values():

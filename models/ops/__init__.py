@@ -34,6 +34,7 @@ __all__ = [
     "recurrent_gated_delta_rule",
     "recurrent_rwkv7",
     "plan_model",
+    "checked_decision",
 ]
 
 
@@ -80,8 +81,16 @@ chunk_gated_delta_rule = _fla_on_cuda(gated_delta_rule.chunk_gated_delta_rule)
 chunk_rwkv7 = _fla_on_cuda(rwkv7.chunk_rwkv7)
 
 
+TORCH_OPS = {op.__name__: op.torch_op for op in (chunk_simple_gla, chunk_delta_rule, chunk_gated_delta_rule, chunk_rwkv7)}
+
+
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """Decide, once, fla or PyTorch for every op `model` calls on `device` under `dtype` autocast
     (checking fla's #640 workaround on the device where it applies); the header's one line."""
-    torch_ops = {op.__name__: op.torch_op for op in (chunk_simple_gla, chunk_delta_rule, chunk_gated_delta_rule, chunk_rwkv7)}
-    return dispatch.plan_model(model, device, dtype, torch_ops)
+    return dispatch.plan_model(model, device, dtype, TORCH_OPS)
+
+
+def checked_decision(call: dispatch.OpCall, device: torch.device) -> dispatch.Decision:
+    """What runs one op call (recorded by `dispatch.recording`, or described) on `device`, after
+    its #640 start-up check where it needs one: for code that calls ops or mixers outside a model."""
+    return dispatch.checked_decision(call, device, TORCH_OPS[call.op])
