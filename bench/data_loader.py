@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.model import HybridLM  # noqa: E402
+from models.ops import plan_model  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data import build_data, embedded_corpus  # noqa: E402
 from pretrain.data.config import DataConfig  # noqa: E402
@@ -76,6 +77,7 @@ def training_rate(cfg, device: torch.device, steps: int) -> float:
     t = cfg.train
     ids = torch.randint(0, 257, (t.batch_size, t.seq_len + 1), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan_model(model, device, dtype)  # fla or PyTorch per op, as a run's start-up decides
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from checkpoint import CheckpointError, intact_checkpoint, load_model
 from models.model import HybridLM
+from models.ops import plan_model
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import DataError, load_tokenizer
 
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> str:
     model = HybridLM(cfg.model)
     load_model(checkpoint, model)
     model.to(args.device).eval()
+    plan_model(model, torch.device(args.device), torch.float32)  # fla or PyTorch per op, checked once, as training does
     generator = torch.Generator(args.device).manual_seed(args.seed)
     new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id, tokenizer.vocab_size, generator)
     return tokenizer.decode(prompt_ids + new)
