@@ -70,10 +70,7 @@ def plan_mixer(name: str, mixer: nn.Module, x: torch.Tensor) -> None:
     """On CUDA, decide (and check, under fla #640) what runs the mixer's ops, as a run's start-up does."""
     if x.device.type != "cuda":
         return
-    with dispatch.recording(mixer) as calls, torch.no_grad():
-        mixer(x[:, :64], carry={})
-    for call in calls:
-        decided = ops.checked_decision(call, x.device)
+    for call, decided in dispatch.planned_calls(mixer, lambda: mixer(x[:, :64], carry={}), x.device, ops.TORCH_OPS):
         print(f"  {name}: {decided.backend} {call.op} ({decided.reason})", flush=True)
 
 

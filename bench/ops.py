@@ -83,12 +83,6 @@ def forward_backward(
     return time.perf_counter() - start, o.detach()
 
 
-def op_call(op: str, inputs: dict[str, torch.Tensor]) -> dispatch.OpCall:
-    """The call's description that the dispatch decides (and checks) on."""
-    first = next(iter(inputs.values()))
-    return dispatch.OpCall("?", op, tuple((n, t.dtype) for n, t in inputs.items()), tuple(first.shape[2:]), tuple(inputs["v"].shape[2:]))
-
-
 def bench_op(name: str, seq_len: int, repeats: int, device: torch.device) -> dict:
     chunked, dispatching, recurrent, names = OPS[name]
     torch.manual_seed(0)
@@ -97,7 +91,7 @@ def bench_op(name: str, seq_len: int, repeats: int, device: torch.device) -> dic
     grad_out = torch.randn_like(all_inputs["v"])
     forms: dict[str, Callable] = {"chunked": functools.partial(chunked, chunk_size=SHAPE["chunk_size"]), "recurrent": recurrent}
     if device.type == "cuda" and has_fla():
-        decided = ops.checked_decision(op_call(dispatching.__name__, inputs), device)
+        decided = ops.checked_decision(dispatch.OpCall.of("?", dispatching.__name__, inputs), device)
         if decided.backend == "fla":
             forms["fla"] = functools.partial(dispatching, chunk_size=SHAPE["chunk_size"])
         else:

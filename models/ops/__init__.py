@@ -54,12 +54,13 @@ def _fla_on_cuda(torch_op: Callable) -> Callable:
     """torch_op, or fla's kernel of the same name (same keyword arguments, chunk_size dropped;
     key dims padded where fla #640 asks it)."""
     names = tuple(inspect.signature(torch_op).parameters)
+    known = frozenset(names)
     name = torch_op.__name__
 
     @functools.wraps(torch_op)
     def op(*args, **kwargs):
         given = dict(zip(names, args)) | kwargs  # not inspect's bind: Dynamo mixes up its guards across the ops
-        if len(args) > len(names) or not given.keys() <= set(names):
+        if len(args) > len(names) or not given.keys() <= known:
             raise TypeError(f"{name}() takes {', '.join(names)}; got {', '.join(given)}")
         arguments = autocast_activations({n: given[n] for n in names if n in given})
         first_input = next(iter(arguments.values()))  # q, or r for RWKV-7

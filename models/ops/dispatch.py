@@ -232,6 +232,13 @@ class OpCall:
     q_shape: tuple[int, ...]
     v_shape: tuple[int, ...]
 
+    @classmethod
+    def of(cls, kind: str, op: str, arguments: dict) -> OpCall:
+        """The call of `op` on these arguments (by name, q or r first, as the op takes them)."""
+        q, v = next(iter(arguments.values())), arguments["v"]
+        dtypes = tuple((n, t.dtype) for n, t in arguments.items() if isinstance(t, Tensor) and t.is_floating_point())
+        return cls(kind, op, dtypes, tuple(q.shape[2:]), tuple(v.shape[2:]))
+
     @property
     def dtype(self) -> torch.dtype:
         """The first input's (q's, or r's) dtype, which decides the backend."""
@@ -252,9 +259,7 @@ def record(op: str, arguments: dict) -> bool:
     """Called by the op wrappers: note the call when recording; True when recording (run torch)."""
     if _calls is None:
         return False
-    q, v = next(iter(arguments.values())), arguments["v"]
-    dtypes = tuple((n, t.dtype) for n, t in arguments.items() if isinstance(t, Tensor) and t.is_floating_point())
-    _calls.append(OpCall(_block, op, dtypes, tuple(q.shape[2:]), tuple(v.shape[2:])))
+    _calls.append(OpCall.of(_block, op, arguments))
     return True
 
 
@@ -338,14 +343,17 @@ def _check_lifted_guard(call: OpCall, device: torch.device, torch_op: Callable, 
     """The start-up check of one op under fla's lifted #640 guard: its relative error. The guard
     stays lifted only if the check passed."""
     was = fla_640_guard_lifted(True)
-    fla_op = functools.partial(_run_fla_keywords, call.op, pad_key_to)
-    passed, err = check_against_torch(fla_op, torch_op, _inputs(call, device))
+    passed, err = check_against_torch(lambda **arguments: run_fla(call.op, arguments, pad_key_to), torch_op, _inputs(call, device))
     fla_640_guard_lifted(was or passed)
     return err
 
 
-def _run_fla_keywords(op: str, pad_key_to: int | None, **arguments: Tensor) -> tuple[Tensor, Tensor | None]:
-    return run_fla(op, arguments, pad_key_to)
+def planned_calls(module: nn.Module, probe: Callable[[], object], device: torch.device, torch_ops: dict[str, Callable]) -> list[tuple[OpCall, Decision]]:
+    """Run `probe` (a forward of `module`) recording the ops it calls, then decide each, after its
+    #640 start-up check where it needs one."""
+    with recording(module) as calls, torch.no_grad():
+        probe()
+    return [(call, checked_decision(call, device, torch_ops[call.op])) for call in calls]
 
 
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch_ops: dict[str, Callable], seq_len: int = 64) -> str:
@@ -355,12 +363,13 @@ def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch
     if device.type != "cuda":
         why = "EBB_OPS_BACKEND=torch" if backend == "torch" else f"device {device.type}"
         return f"ebb: ops: PyTorch for every mixer ({why})"
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with recording(model) as calls, torch.no_grad(), autocast:
-        model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+
+    def probe() -> None:
+        with torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+
     per_mixer: dict[str, dict[str, str]] = {}
-    for call in calls:
-        d = checked_decision(call, device, torch_ops[call.op])
+    for call, d in planned_calls(model, probe, device, torch_ops):
         per_mixer.setdefault(call.kind, {})[call.op] = f"{d.backend} {call.op} ({d.reason})"
     kinds = [getattr(b, "kind", "?") for b in getattr(model, "blocks", [])]
     parts = [f"{k}: " + (", ".join(per_mixer[k].values()) if k in per_mixer else "no recurrent op") for k in dict.fromkeys(kinds)]

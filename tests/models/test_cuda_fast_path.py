@@ -88,8 +88,7 @@ def test_fla_op_at_bf16_matches_the_torch_form_in_float32(op, key_dim):
     pytest.importorskip("fla")
     fn = getattr(ops, op)
     low = op_inputs(op, torch.bfloat16, K=key_dim)
-    call = dispatch.OpCall("?", op, tuple((n, t.dtype) for n, t in low.items() if t.is_floating_point()), (2, key_dim), (2, 128))
-    decided = dispatch.checked_decision(call, CUDA, fn.torch_op)
+    decided = ops.checked_decision(dispatch.OpCall.of("?", op, low), CUDA)
     assert decided.backend == "fla", decided.reason
     reference = {n: (t.float() if t.is_floating_point() else t) for n, t in low.items()}
     grad_out = torch.randn(low["v"].shape, generator=torch.Generator().manual_seed(1)).to(CUDA)

@@ -222,3 +222,12 @@ def test_fla_call_is_one_graph_break_under_compile(monkeypatch):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(**args)
     assert explained.graph_break_count == 1, [b.reason for b in explained.break_reasons]
+
+
+def test_planned_calls_record_a_forward_then_check_each_op(fake_hopper, monkeypatch):
+    check_on_cpu(monkeypatch)
+    model = HybridLM(tiny_model_config("G")).double()
+    planned = dispatch.planned_calls(model, lambda: model(torch.zeros(1, 16, dtype=torch.long)), torch.device("cuda"), TORCH_OPS)
+    ((call, d),) = planned
+    assert (call.kind, call.op) == ("G", "chunk_gated_delta_rule")
+    assert d.backend == "fla" and d.pad_key_to == 128 and "checked against torch" in d.reason
