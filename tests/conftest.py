@@ -1,6 +1,6 @@
 """The test markers, and the tiny model the tests build.
 
-    python -m pytest -q -m "not distributed"   # the fast loop: nothing that spawns processes
+    python -m pytest -q -m "not distributed and not slow"   # the fast loop: no process spawns, nothing that takes seconds
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from models.mixers import PATTERN
 
 MARKERS = {
     "distributed": "spawns processes (gloo ranks, torchrun, the trainer under several ranks)",
-    "slow": "longer end-to-end runs",
+    "slow": "takes seconds: end-to-end runs in subprocesses, compiles, benches (CI runs them; the fast loop skips them)",
     "cuda": "needs a CUDA device (skipped without one)",
 }
 

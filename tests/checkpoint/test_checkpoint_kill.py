@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from checkpoint import dcp
 from checkpoint.lazy import WRITE_DELAY_ENV
 from checkpoint.manager import find_latest, verify_together
@@ -75,6 +77,7 @@ def assert_newest_committed_is_intact(checkpoints: Path) -> int:
     return step_of(latest)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_flush_never_loses_the_last_committed_checkpoint(tmp_path):
     committed = 0
     for delay in KILL_AFTER:

@@ -232,6 +232,7 @@ def test_a_request_while_the_previous_flushes_waits_or_is_skipped(tmp_path, monk
         assert "checkpoint at step 2 skipped: step-00000001 is still being written (checkpoint.when_busy=skip)" in out
 
 
+@pytest.mark.slow
 def test_a_run_whose_flush_fails_exits_2_with_one_line_and_keeps_its_checkpoints(tmp_path, monkeypatch, capsys):
     fail_writes_after(monkeypatch, 1, STORAGE_ERRORS[0])
     assert train_main([*SMALL_RUN, f"train.run_dir={tmp_path}", "train.eval_interval=0", "checkpoint.interval=2"]) == 2

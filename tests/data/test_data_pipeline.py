@@ -46,6 +46,7 @@ def take(batches, n: int) -> list[torch.Tensor]:
 
 # ---- preprocessing ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["byte", "word-level"])
 def test_preprocessed_corpus_reads_back_in_megatron_core_as_direct_tokenization(tmp_path, word_level_tokenizer, tokenizer):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -167,6 +168,7 @@ def test_two_data_parallel_processes_read_disjoint_halves_of_one_process_batches
 
 # ---- resume ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [3, 11])
 def test_interrupted_and_resumed_loader_yields_the_next_five_batches_of_the_uninterrupted_one(tmp_path, k):
     """Through the prefetcher (which has read ahead when the state is taken), with a blend."""
@@ -209,6 +211,7 @@ def run_cli(tmp_path, capsys, *overrides: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_an_idx_that_does_not_match_its_bin_stops_the_run_before_training(tmp_path, capsys):
     prefix = preprocess(tmp_path, DOCS, workers=1)
     with open(f"{prefix}.bin", "r+b") as f:
@@ -217,6 +220,7 @@ def test_an_idx_that_does_not_match_its_bin_stops_the_run_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bad_indexed_sources_are_one_line_errors(tmp_path):
     prefix = preprocess(tmp_path, DOCS, workers=1)
     t = TrainConfig(seq_len=16, batch_size=2)
@@ -238,6 +242,7 @@ def _indexed_vocab_check(prefix: str, model_vocab: int) -> None:
     open_source(SourceConfig(path=prefix), DataConfig(), TrainConfig(), ByteTokenizer(), model_vocab)
 
 
+@pytest.mark.slow
 def test_empty_sources_are_one_line_errors(tmp_path):
     empty = preprocess(tmp_path, ["x"], name="one", workers=1)
     (tmp_path / "empty.jsonl").write_text("")

@@ -6,7 +6,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.runs import REPO, SMALL_RUN, assert_one_error, cli
+
+pytestmark = pytest.mark.slow  # seconds each (subprocess runs): CI runs them, the fast loop skips them
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

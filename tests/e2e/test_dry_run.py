@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -20,6 +21,8 @@ from pretrain.runtime import Runtime
 from pretrain.step import train_step
 from tests.parity import layout
 from tests.runs import REPO, assert_one_error, cli
+
+pytestmark = pytest.mark.slow  # seconds each (subprocess runs): CI runs them, the fast loop skips them
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 CPU = Runtime(torch.device("cpu"), torch.float32)

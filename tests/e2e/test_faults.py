@@ -24,6 +24,8 @@ from checkpoint.lazy import WRITE_DELAY_ENV
 from checkpoint.manager import committed_checkpoints, find_latest
 from tests.runs import REPO, SMALL_RUN, assert_one_error, cli, strict_records
 
+pytestmark = pytest.mark.slow  # seconds each (subprocess runs): CI runs them, the fast loop skips them
+
 TRAIN = "pretrain.train"
 
 

@@ -6,10 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from matplotlib.image import imread
 
 from pretrain.plot import smoothed
 from tests.runs import assert_one_error, cli
+
+pytestmark = pytest.mark.slow  # seconds each (subprocess runs): CI runs them, the fast loop skips them
 
 
 def write_run(run_dir: Path, lr: float, steps: int = 60) -> Path:

@@ -11,6 +11,8 @@ from pretrain.config import load_config
 from pretrain.metrics import EVAL_FIELDS, TRAIN_FIELDS
 from tests.runs import REPO, SMALL_RUN, records
 
+pytestmark = pytest.mark.slow  # seconds each (subprocess runs): CI runs them, the fast loop skips them
+
 
 def run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -46,6 +46,7 @@ def fails(capsys, *argv: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_shards_dtype_and_step(run: Path, tmp_path: Path) -> None:
     to_hf(run, tmp_path / "latest", "--dtype", "fp32")
     to_hf(run, tmp_path / "sharded", "--step", "3", "--dtype", "bf16", "--max-shard-size", "20KB")
@@ -61,6 +62,7 @@ def test_shards_dtype_and_step(run: Path, tmp_path: Path) -> None:
     assert torch.equal(latest["model.embed.weight"], step3["embed.weight"] + 1.0)  # step 5
 
 
+@pytest.mark.slow
 def test_command_line(run: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "checkpoint.convert", "to-hf", "--checkpoint", str(run / "checkpoints"), "--output", str(tmp_path / "hf")],
@@ -75,6 +77,7 @@ def test_command_line(run: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nothing'} is not a directory"]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     (tmp_path / "empty").mkdir()
@@ -117,6 +120,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run: Path, tmp_path: Path, cap
     assert not (tmp_path / "run_out").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_from_hf_run_resumes_training(run: Path, tmp_path: Path) -> None:
     """`pretrain.train --resume` on the run dir from-hf wrote: steps 1 and 2 from the imported
     weights (at lr 1e-30, below every weight's float32 spacing, they stay those weights), with a fresh optimizer, schedule and data."""

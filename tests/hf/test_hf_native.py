@@ -34,6 +34,7 @@ def round_trip(tmp_path: Path, cfg, architecture: str) -> None:
     torch.testing.assert_close(logits(reloaded(tmp_path / "back"), ids), expected, rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_mamba2_only_is_mamba2forcausallm(tmp_path: Path, n_groups: int) -> None:
     cfg = small_config("MMM", mixers={"mamba2": {"n_groups": n_groups}}, mlp="none")

@@ -40,6 +40,7 @@ def hybrid(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     return model, tmp / "hf"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", [*PATTERN, HYBRID], ids=[*PATTERN.values(), "hybrid"])
 def test_export_and_import_keep_the_logits(tmp_path: Path, kind: str) -> None:
     model = small_model(small_config(kind))
@@ -80,6 +81,7 @@ def test_greedy_generate_equals_pretrain_generate(hybrid) -> None:
     assert len(expected) > 5
 
 
+@pytest.mark.slow
 def test_folder_imports_without_ebb(hybrid, tmp_path: Path) -> None:
     """A fresh interpreter, elsewhere, with no ebb on its path: the folder's own code runs."""
     model, folder = hybrid

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pretrain.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,6 +18,7 @@ def test_config_has_every_implemented_mixer():
     assert set(cfg.model.blocks) == set(PATTERN)
 
 
+@pytest.mark.slow
 def test_every_mixer_hybrid_trains_with_falling_loss(tmp_path):
     short = [
         "train.steps=12", "train.seq_len=64", "train.batch_size=4", "train.eval_interval=0", "train.threads=1",

@@ -204,6 +204,7 @@ def parity_accuracy(n_h: int, allow_neg_eigval: bool, steps: int = 300, train_le
     return accuracy
 
 
+@pytest.mark.slow
 def test_two_householder_steps_with_negative_eigenvalues_learn_parity_one_positive_step_cannot():
     """The state-tracking claim, small: parity needs a transition with eigenvalue -1. n_h = 2 with
     beta in (0, 2) learns it (1.0 at the training length, ~0.96 at 4x; ~10 s on one thread);

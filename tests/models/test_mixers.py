@@ -135,6 +135,7 @@ def test_packed_documents_match_each_document_alone(kind, options):
     assert_packed_documents_match_each_alone(small_mixer(kind, **options), D_MODEL)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("window", [None, 4, 150])
 @pytest.mark.parametrize("rows, cuts", [(2, [7, 70, 80, 81, 140]), (1, [100, 129, 256, 290])], ids=["rows-of-80", "384-tokens-3-blocks"])

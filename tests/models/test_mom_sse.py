@@ -246,6 +246,7 @@ def test_config_errors_name_the_key(override, message):
 # --- training -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["mom_hybrid", "sse_hybrid"])
 def test_hybrid_trains_with_falling_loss_and_logs_aux_loss(tmp_path, config):
     tiny = [

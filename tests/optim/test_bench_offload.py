@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.runs import REPO
 
 
+@pytest.mark.slow
 def test_offload_bench_tiny_runs(tmp_path):
     out = tmp_path / "tiny.json"
     done = subprocess.run([sys.executable, "bench/offload.py", "--tiny", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)

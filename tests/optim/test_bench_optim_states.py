@@ -11,6 +11,7 @@ from tests.runs import load_bench
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
 def test_tiny_bench_reports_every_optimizer_on_both_sets(tmp_path, capsys):
     bench = load_bench("optim_states")

@@ -233,6 +233,7 @@ def run(run_dir: Path, *overrides: str, resume: bool = False) -> None:
 OFFLOAD = ["optim.offload.enabled=true", "optim.offload.subgroup_size=5000", "optim.offload.gpu_every_k=2", "optim.offload.host_optimizer=torch"]
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume_with_offload_give_identical_losses(tmp_path):
     run(tmp_path / "straight", *OFFLOAD)
     run(tmp_path / "resumed", *OFFLOAD, "train.stop_at_step=4")
@@ -243,6 +244,7 @@ def test_checkpoint_and_resume_with_offload_give_identical_losses(tmp_path):
 INT8 = ["optim.state_dtype=int8", "optim.min_quant_numel=1024"]
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume_with_offload_and_low_bit_states(tmp_path):
     run(tmp_path / "straight", *OFFLOAD, *INT8)
     run(tmp_path / "resumed", *OFFLOAD, *INT8, "train.stop_at_step=4")
@@ -253,6 +255,7 @@ def test_checkpoint_and_resume_with_offload_and_low_bit_states(tmp_path):
 @pytest.mark.parametrize(
     "before, after, common", [(OFFLOAD, [], []), ([], OFFLOAD, []), ([], OFFLOAD, INT8)], ids=["offload-then-off", "off-then-offload", "int8-off-then-offload"],
 )
+@pytest.mark.slow
 def test_resume_toggling_offload(tmp_path, before, after, common):
     run(tmp_path / "straight", *common)
     run(tmp_path / "resumed", *before, *common, "train.stop_at_step=4")
@@ -260,6 +263,7 @@ def test_resume_toggling_offload(tmp_path, before, after, common):
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "resumed")), torch.tensor(losses(tmp_path / "straight")), rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_header_and_bad_input_on_the_command_line(tmp_path):
     result = cli("pretrain.train", *SMALL_RUN, f"train.run_dir={tmp_path / 'ok'}", "train.steps=1", *OFFLOAD)
     assert result.returncode == 0, result.stderr[-2000:]

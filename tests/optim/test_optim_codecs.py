@@ -125,6 +125,7 @@ def test_pure_pytorch_int8_step_gives_bitsandbytes_states_on_cpu():
         assert torch.equal(same, nearest | same)
 
 
+@pytest.mark.slow
 def test_fp8_quantize_compiles_to_one_graph_with_the_same_result():
     """Inductor may reorder float ops, so scales agree to float32 rounding and a code may land
     on the neighbouring E4M3 value at a rounding boundary."""

@@ -184,6 +184,7 @@ def test_dtensor_shards_grouped_as_per_parameter(state_dtype):
             assert all(torch.equal(a, b) for a, b in zip(rank[bucket], per_parameter)), bucket
 
 
+@pytest.mark.slow
 def test_compiled_step_compiles_once_per_codec_says_so_and_matches_per_parameter(capfd):
     """Compiled: grouped == per-parameter bit for bit (fp32 and bf16 parameters, master
     weights), one compile per codec and dtypes whatever the bucket sizes and learning rates

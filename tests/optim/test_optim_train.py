@@ -57,6 +57,7 @@ def test_200_quickstart_steps_of_int8_and_fp8_end_within_2_percent_of_fp32(tmp_p
         assert abs(final[dtype] - final["fp32"]) <= 0.02 * final["fp32"], final
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "lazy"])
 @pytest.mark.parametrize("dtype, codes, scales", [("int8", "_int8", ["_int8_absmax"]), ("fp8", "_fp8", ["_fp8_scale", "_fp8_k", "_fp8_centre"])])
 def test_quantised_states_are_saved_as_they_are_and_resume_exactly(tmp_path, dtype, codes, scales, mode):

@@ -121,6 +121,7 @@ def train_run(run_dir, *extra: str, resume: bool = False) -> list[float]:
     return [r["loss"] for r in records(run_dir) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_train_loop_with_activation_checkpointing_matches_and_resumes(tmp_path) -> None:
     """train.activation_checkpoint changes no loss, and a checkpoint saved without it resumes with it."""
     plain = train_run(tmp_path / "plain")

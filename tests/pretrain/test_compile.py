@@ -12,6 +12,8 @@ from pretrain.runtime import Runtime
 from pretrain.step import train_step
 from tests.conftest import every_mixer, tiny_model_config, tiny_model_overrides
 
+pytestmark = pytest.mark.slow  # compiling takes tens of seconds: CI runs these, the fast loop skips them
+
 SHAPE = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
 
 

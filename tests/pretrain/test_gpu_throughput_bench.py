@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.runs import REPO
 
 
+@pytest.mark.slow
 def test_gpu_throughput_tiny_runs(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, "bench/gpu_throughput.py", "--tiny", "--steps", "1", "--warmup", "1",

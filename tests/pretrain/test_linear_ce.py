@@ -129,6 +129,7 @@ def test_fused_matches_chunked_on_cuda():
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.slow
 def test_the_compiled_chunk_is_one_graph_whatever_the_chunk_count():
     """Under train.compile the chunked loss compiles its chunk, not its loop (which would unroll
     chunk by chunk): the same loss and gradients as eager, over token counts that leave different

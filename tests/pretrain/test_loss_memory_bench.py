@@ -18,6 +18,7 @@ def run_bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_one_process_meta_count_is_the_real_one(tmp_path):
     run_bench(tmp_path, "--vocab", "2048", "--tokens", "4096", "--hidden", "32", "--real-tokens", "512")
     rows = json.loads((tmp_path / "loss_memory.json").read_text())
@@ -34,6 +35,7 @@ def test_tensor_parallel_mode(tmp_path):
     assert abs(row["loss_chunked"] - row["loss_full"]) <= 1e-5 * abs(row["loss_full"])
 
 
+@pytest.mark.slow
 def test_pipeline_stage_mode(tmp_path):
     run_bench(tmp_path, "--pp-stage", "--vocab", "2048", "--tokens", "512", "--hidden", "64")
     row = json.loads((tmp_path / "loss_memory_pp.json").read_text())
