@@ -73,10 +73,11 @@ def child(args) -> None:
         torch.cuda.synchronize()
     done = time.time()
     bench.say(fla_configs.capture_from_env())
-    keys = sum(len(t.cache) for t in fla_configs.autotuners() if len(t.configs) > 1)  # (kernel, key) launched with a tuned config
+    launched = {(fla_configs.kernel_of(t)[1], key) for t in fla_configs.autotuners() if len(t.configs) > 1 for key in t.cache}
+    served = fla_configs.usage.served
     result = {"built_at": built, "done_at": done, "params": sizes["n"], "kernel_configs": fla_configs.apply_for(device),
-              "kernel_keys": keys, "keys_from_set": len(fla_configs.usage.served),
-              "autotuned_despite_set": sorted({name for name, _ in fla_configs.usage.tuned})}
+              "kernel_keys": len(launched), "keys_from_set": len(served),
+              "autotuned_despite_set": sorted({name for name, _ in launched - served}) if os.environ.get("EBB_FLA_CONFIGS") != "off" else []}
     Path(args.child).write_text(json.dumps(result) + "\n")
 
 

@@ -15,21 +15,21 @@ Capture (`capture`) reads what the autotuners of this very process chose (their 
 not Triton's on-disk cache: so a set holds exactly the kernels this run launched, with the versions
 that ran them (a shared cache directory mixes fla and Triton versions and GPUs of one architecture,
 and its files record none of them), including configs Triton never writes to disk (those with a
-pre-hook, kernels not asked to cache). Training captures after its first step and the GPU benches
-at their end when `EBB_FLA_CONFIGS_CAPTURE=DIR` is set.
+pre-hook, kernels not asked to cache). With `EBB_FLA_CONFIGS_CAPTURE=DIR`, training captures after
+its first step and the GPU benches after each model.
 
-Applying (`apply_for`, called by `models.ops.plan_model` on CUDA) wraps Triton's `Autotuner.run`:
-before a launch whose key is not tuned yet, the set's config is put in the autotuner's cache, so
-Triton launches it without benchmarking. fla's own loader covers only the kernels it decorates with
-its cached autotuner (in a training step of ebb's Gated DeltaNet stack, 13 of the 19 autotuned: the
-fused RMSNorm's, gated output norm's and SwiGLU's are plain `triton.autotune`), and no liger
-kernel. A launch takes
-the entry of its key, else one whose key differs only where it counts tokens or sequences
-(`LENGTH_AND_BATCH`: fla's `fuzzy` mode would also take another head dim or block size, whose
-config may not even compile there), and only when that config is one of the kernel's own
-candidates and survives its pruning: a config this fla no longer offers is never launched.
-A set applies only with the fla and Triton versions it was captured with (`EBB_FLA_CONFIGS`:
-`auto`, the sets shipped in `kernel_configs/`; `off`; or a directory of sets).
+Applying (`apply_for`, called by `models.ops.plan_model` on CUDA) gives each autotuner the set has
+configs for a cache that, asked by Triton for a key it lacks, takes the set's config for that
+launch, which Triton then launches without benchmarking (a launch of a key already in the cache
+costs one Python call more). A launch takes the entry of its key, else one whose key differs only where it
+counts tokens or sequences (`LENGTH_AND_BATCH`), and only a config that is one of the kernel's own
+candidates and survives its pruning: a config this fla no longer offers is never launched. fla's
+own loader covers only the kernels it decorates with its cached autotuner (in a training step of
+ebb's Gated DeltaNet stack, 13 of the 19 autotuned: the fused RMSNorm's, gated output norm's and
+SwiGLU's are plain `triton.autotune`) and no liger kernel, and its `fuzzy` mode would also take
+another head dim or block size, whose config may not even compile there. A set applies only with
+the fla and Triton versions it was captured with (`EBB_FLA_CONFIGS`: `auto`, the sets shipped in
+`kernel_configs/`; `off`; or a directory of sets).
 """
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ class Usage:
     """What the applied set did for the launches of this process."""
 
     served: set[tuple[str, tuple]] = field(default_factory=set)  # (kernel, key) launched with a shipped config
-    tuned: set[tuple[str, tuple]] = field(default_factory=set)  # (kernel, key) left to Triton's autotuning
 
 
 def gpu_dir(gpu: str) -> str:
@@ -281,48 +280,63 @@ def shipped_config(kernel_set: KernelSet, tuner: Any, args: tuple, kwargs: dict,
     return None
 
 
-def seed(kernel_set: KernelSet, usage: Usage, tuner: Any, args: tuple, kwargs: dict) -> None:
-    """Before a launch: put the set's config for its key, if any, in the autotuner's cache."""
-    key, names = tuning_key(tuner, args, kwargs)
-    if key in tuner.cache:
-        return
-    config = shipped_config(kernel_set, tuner, args, kwargs, key, names)
-    if config is not None:
-        tuner.cache[key] = config
-        usage.served.add((kernel_of(tuner)[1], key))
-    elif kernel_of(tuner)[0].split(".")[0] in PACKAGES:
-        usage.tuned.add((kernel_of(tuner)[1], key))
+class SeedingCache(dict):
+    """An autotuner's cache (Triton's key -> config) that, asked for a key it lacks, takes the set's
+    config for that launch where it has one: Triton then launches it without benchmarking. Only a
+    miss costs anything; `launch` is the launch's arguments, noted by the autotuner's `run`."""
+
+    def __init__(self, tuner: Any, kernel_set: KernelSet, usage: Usage):
+        super().__init__(tuner.cache)
+        self.tuner, self.kernel_set, self.usage = tuner, kernel_set, usage
+        self.launch: tuple[tuple, dict] = ((), {})
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        args, kwargs = self.launch
+        launched, names = tuning_key(self.tuner, args, kwargs)
+        config = shipped_config(self.kernel_set, self.tuner, args, kwargs, launched, names) if launched == key else None
+        if config is None:
+            return False
+        self[key] = config
+        self.usage.served.add((kernel_of(self.tuner)[1], key))
+        return True
 
 
 # --- applying ----------------------------------------------------------------------------------
 
-_active: KernelSet | None = None
 usage = Usage()
+_seeding: list[Any] = []  # the autotuners whose cache seeds from the active set
 
 
 def activate(kernel_set: KernelSet | None) -> None:
-    """Launch fla's and liger-kernel's autotuned kernels with `kernel_set`'s configs from now on (None: autotune)."""
-    global _active
-    _active = kernel_set
-    if kernel_set is not None:
-        _wrap_autotuner()
-
-
-def _wrap_autotuner() -> None:
-    from triton.runtime.autotuner import Autotuner
-
-    if getattr(Autotuner.run, "seeds_from_kernel_set", False):
+    """Launch fla's and liger-kernel's autotuned kernels (those imported by now: fla imports all of
+    its own) with `kernel_set`'s configs from now on; None: autotune them as Triton does."""
+    for tuner in _seeding:
+        del tuner.run  # the class's again
+        tuner.cache = dict(tuner.cache)
+    _seeding.clear()
+    if kernel_set is None:
         return
-    run = Autotuner.run
+    for tuner in autotuners():
+        if kernel_of(tuner)[1] in kernel_set.kernels and len(tuner.configs) > 1:
+            seed_from(kernel_set, tuner)
+            _seeding.append(tuner)
 
-    @functools.wraps(run)
-    def seeded_run(self, *args, **kwargs):
-        if _active is not None and len(self.configs) > 1:
-            seed(_active, usage, self, args, kwargs)
-        return run(self, *args, **kwargs)
 
-    seeded_run.seeds_from_kernel_set = True
-    Autotuner.run = seeded_run
+def seed_from(kernel_set: KernelSet, tuner: Any) -> None:
+    """Give `tuner` a cache seeding from `kernel_set`, and a `run` that notes each launch's arguments for it."""
+    cache = tuner.cache = SeedingCache(tuner, kernel_set, usage)
+    run = type(tuner).run
+
+    def run_noting_launch(*args, **kwargs):
+        cache.launch = (args, kwargs)
+        try:
+            return run(tuner, *args, **kwargs)
+        finally:
+            cache.launch = ((), {})  # holding the launch's tensors would keep them alive
+
+    tuner.run = run_noting_launch
 
 
 @functools.cache

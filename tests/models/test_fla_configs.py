@@ -48,7 +48,9 @@ class Config:
 
 @dataclass
 class Tuner:
-    """What Triton's Autotuner holds that a set reads and writes."""
+    """What Triton's Autotuner holds that a set reads and writes, and how its `run` picks a launch's
+    config: the key (the key arguments' values, then every tensor argument's dtype), then the
+    cache, or a benchmark (here: noted, the first candidate taken)."""
 
     base_fn: Any
     arg_names: list[str]
@@ -56,6 +58,15 @@ class Tuner:
     configs: list[Config]
     cache: dict[tuple, Config] = field(default_factory=dict)
     early_config_prune: Any = None
+    benchmarked: list[tuple] = field(default_factory=list)
+
+    def run(self, *args, **kwargs) -> Config:
+        named = {n: v for n, v in {**dict(zip(self.arg_names, args)), **kwargs}.items() if n in self.arg_names}
+        key = tuple([named[k] for k in self.keys if k in named] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+        if key not in self.cache:
+            self.benchmarked.append(key)
+            self.cache[key] = self.configs[0]
+        return self.cache[key]
 
 
 def kernel(module: str, name: str):
@@ -78,9 +89,10 @@ def cumsum() -> Tuner:
     return Tuner(kernel("fla.ops.utils.cumsum", "chunk_local_cumsum_scalar_kernel"), ["s", "o", "T", "B", "H", "BT"], ["B", "H", "BT"], configs)
 
 
-def launch(tuner: Tuner, **values) -> tuple[tuple, dict]:
-    """A launch's arguments, in order, and the keywords Triton adds."""
-    return tuple(values[n] for n in tuner.arg_names), {"grid": (1,), "warmup": False}
+def launch(tuner: Tuner, **values) -> Config:
+    """Launch with these arguments (in order, with the keywords Triton adds): the config taken."""
+    return tuner.run(*(values[n] for n in tuner.arg_names), grid=(1,), warmup=False)
+
 
 
 def tuned(tmp_path: Path, versions: dict = VERSIONS) -> tuple[Path, list[Tuner]]:
@@ -115,25 +127,25 @@ def test_a_captured_set_round_trips_through_flas_file_format(tmp_path):
     assert loaded == recorded
 
 
-def test_a_launch_takes_the_sets_config_for_its_key_and_tokens_or_sequences_may_differ(tmp_path):
+def test_a_launch_takes_the_sets_config_for_its_key_and_tokens_or_sequences_may_differ(tmp_path, monkeypatch):
     root, (o, c) = tuned(tmp_path)
     kernel_set = fla_configs.read_set(root / "NVIDIA_H100_80GB_HBM3")
-    usage = fla_configs.Usage()
+    monkeypatch.setattr(fla_configs, "usage", fla_configs.Usage())
     fresh_o, fresh_c = chunk_o(), cumsum()
-    q = torch.zeros(1, dtype=torch.bfloat16)
+    fla_configs.seed_from(kernel_set, fresh_o)
+    fla_configs.seed_from(kernel_set, fresh_c)
+    q, s = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     for T in (2048, 8192):  # T is no key argument: the same key
-        fla_configs.seed(kernel_set, usage, fresh_o, *launch(fresh_o, q=q, o=q, T=T, H=6, K=256, V=512, BT=64))
-    fla_configs.seed(kernel_set, usage, fresh_o, *launch(fresh_o, q=q, o=q, T=8192, H=6, K=128, V=256, BT=64))
-    s = torch.zeros(1)
-    fla_configs.seed(kernel_set, usage, fresh_c, *launch(fresh_c, s=s, o=s, T=2048, B=8, H=6, BT=64))  # 8 sequences, captured at 1
-    assert fresh_o.cache == o.cache and fresh_o.cache[(6, 256, 512, 64, "torch.bfloat16", "torch.bfloat16")] is fresh_o.configs[4]
-    assert fresh_c.cache == {(8, 6, 64, "torch.float32", "torch.float32"): c.configs[2]}
-    assert len(usage.served) == 3 and not usage.tuned
+        assert launch(fresh_o, q=q, o=q, T=T, H=6, K=256, V=512, BT=64) is fresh_o.configs[4]
+    assert launch(fresh_o, q=q, o=q, T=8192, H=6, K=128, V=256, BT=64) is fresh_o.configs[1]
+    assert launch(fresh_c, s=s, o=s, T=2048, B=8, H=6, BT=64) is fresh_c.configs[2]  # 8 sequences, captured at 1
+    assert fresh_o.cache == o.cache and fresh_c.cache == {(8, 6, 64, "torch.float32", "torch.float32"): c.configs[2]}
+    assert not fresh_o.benchmarked and not fresh_c.benchmarked and len(fla_configs.usage.served) == 3
 
     for values in (dict(H=6, K=64, V=128, BT=64), dict(H=4, K=256, V=512, BT=64), dict(H=6, K=256, V=512, BT=32)):  # a head dim, a head count, a tile
-        fla_configs.seed(kernel_set, usage, fresh_o, *launch(fresh_o, q=q, o=q, T=2048, **values))
-    fla_configs.seed(kernel_set, usage, fresh_o, *launch(fresh_o, q=s, o=s, T=2048, H=6, K=256, V=512, BT=64))  # float32 tensors
-    assert len(fresh_o.cache) == 2 and len(usage.tuned) == 4  # each left to Triton's autotuning
+        launch(fresh_o, q=q, o=q, T=2048, **values)
+    launch(fresh_o, q=s, o=s, T=2048, H=6, K=256, V=512, BT=64)  # float32 tensors
+    assert len(fresh_o.benchmarked) == 4 and len(fla_configs.usage.served) == 3  # each left to Triton's autotuning
 
 
 def test_a_config_the_kernel_no_longer_offers_or_prunes_is_never_launched(tmp_path):
@@ -145,13 +157,12 @@ def test_a_config_the_kernel_no_longer_offers_or_prunes_is_never_launched(tmp_pa
     other_candidates.configs = [Config({"BV": 128}, num_warps=w) for w in (4, 8)]
     pruning = chunk_o()
     pruning.early_config_prune = lambda configs, named, **kwargs: [c for c in configs if c.kwargs["BV"] <= named["K"] // 8]
-    for tuner in (other_candidates, pruning):
-        fla_configs.seed(kernel_set, fla_configs.Usage(), tuner, *launch(tuner, **values))
-        assert tuner.cache == {}
     other_module = chunk_o()
     other_module.base_fn = kernel("fla.ops.gated_delta_product.chunk_deltaproduct_o", "chunk_fwd_kernel_o")  # fla has two of that name
-    fla_configs.seed(kernel_set, fla_configs.Usage(), other_module, *launch(other_module, **values))
-    assert other_module.cache == {}
+    for tuner in (other_candidates, pruning, other_module):
+        fla_configs.seed_from(kernel_set, tuner)
+        launch(tuner, **values)
+        assert tuner.benchmarked == [(6, 256, 512, 64, "torch.bfloat16", "torch.bfloat16")]
 
 
 def test_the_header_says_which_set_applies(tmp_path, monkeypatch):
@@ -291,18 +302,20 @@ def replayed_from_a_set(tmp_path: Path, monkeypatch, step) -> tuple[dict, set]:
         raise AssertionError(f"{self.base_fn.__name__} was benchmarked")
 
     monkeypatch.setattr(autotuner.Autotuner, "_bench", benchmark)
-    monkeypatch.setattr(autotuner.Autotuner, "run", autotuner.Autotuner.run)  # restored after the test, with:
-    monkeypatch.setattr(fla_configs, "_active", None)
     monkeypatch.setattr(fla_configs, "usage", fla_configs.Usage())
     for tuner in tuners:
         tuner.cache = {}
     fla_configs.activate(kernel_set)
-    again = step(1, 64)
-    assert {fla_configs.kernel_of(t): t.cache for t in tuners if t.cache} == chosen
-    assert all(torch.equal(a, b) for a, b in zip(again, first))
-    step(2, 96)
+    assert {fla_configs.kernel_of(t) for t in fla_configs._seeding} >= set(chosen)
+    try:
+        again = step(1, 64)
+        assert {fla_configs.kernel_of(t): t.cache for t in tuners if t.cache} == chosen
+        assert all(torch.equal(a, b) for a, b in zip(again, first))
+        step(2, 96)
+    finally:
+        fla_configs.activate(None)
     served = fla_configs.usage.served
-    assert not fla_configs.usage.tuned and {name for name, _ in served} == {name for _, name in chosen}
+    assert {name for name, _ in served} == {name for _, name in chosen}
     return chosen, served
 
 
