@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, in one call on one GPU machine without internet:
-#   bash ../shared/tools/device_wheels.sh            # once, here: the wheels that machine lacks, into .whl/
+#   WITH_BNB=1 bash ../shared/tools/device_wheels.sh # once, here: the wheels that machine lacks, into .whl/ (~52 MB;
+#                                                    # bitsandbytes is for the optim part)
 #   bash bench/gpu_session.sh [SECONDS] [PARTS]       # there, from the repo root (carry .whl, and .tc if kept)
 # PARTS, comma-separated, run in the order given (the default is by value) within SECONDS (default 540);
 # each part may take what is left (the packing's 30 s aside), up to its cap:
