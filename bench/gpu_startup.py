@@ -126,6 +126,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     args.batch = args.batch or (2 if args.tiny else 4)
@@ -134,10 +139,10 @@ def main(argv=None) -> dict | None:
         return None
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
-        sys.exit(f"error: unknown variant(s) {', '.join(unknown)} (one of {', '.join(VARIANTS)})")
+        fail(f"unknown variant(s) {', '.join(unknown)} (one of {', '.join(VARIANTS)})")
     cold = Path(args.cold_cache) if args.cold_cache else None
     if "without" in names and cold is not None and cold.exists() and any(cold.iterdir()):
-        sys.exit(f"error: --cold-cache {cold} is not empty: a fresh machine's start-up needs an empty Triton cache")
+        fail(f"--cold-cache {cold} is not empty: a fresh machine's start-up needs an empty Triton cache")
     import torch
 
     if not args.tiny and not torch.cuda.is_available():

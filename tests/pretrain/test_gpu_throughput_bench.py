@@ -38,4 +38,4 @@ def test_gpu_startup_tiny_runs_a_fresh_process_with_an_empty_triton_cache(tmp_pa
     cold.mkdir(exist_ok=True)
     (cold / "x").write_text("")
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 1 and refused.stderr.strip() == f"error: --cold-cache {cold} is not empty: a fresh machine's start-up needs an empty Triton cache"
+    assert refused.returncode == 2 and refused.stderr.strip() == f"error: --cold-cache {cold} is not empty: a fresh machine's start-up needs an empty Triton cache"
