@@ -338,9 +338,8 @@ def test_fla_kernels_launch_the_captured_configs_without_benchmarking(tmp_path, 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or optional_attribute("fla", "__version__") is None, reason="needs CUDA and fla")
-def test_on_the_gpu_fla_kernels_launch_the_captured_configs_without_benchmarking(tmp_path):
+def test_on_the_gpu_fla_kernels_launch_the_captured_configs_without_benchmarking(tmp_path, monkeypatch):
     """The same on a GPU, with Triton's real autotuning and compiled kernels."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _, served = replayed_from_a_set(tmp_path, monkeypatch, norm_and_decay_step)
+    _, served = replayed_from_a_set(tmp_path, monkeypatch, norm_and_decay_step)
     assert any(name == "chunk_local_cumsum_scalar_kernel" and key[0] == 2 for name, key in served)  # B alone differs
 
