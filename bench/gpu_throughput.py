@@ -20,8 +20,10 @@ the chunked recurrence's kernels at fla's model's keys (tests/models/test_fla_op
 pay it once.
 Reported: tokens/s, MFU by ebb's per-mixer FLOP count (3x forward) and by 6N (N = parameters
 without the embedding), peak memory. With `--triton-cache DIR` Triton's
-autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. Writes
-bench/results/gpu_throughput[_tiny].json.
+autotune/compile cache lives in DIR (TRITON_CACHE_DIR), so a second run skips autotuning. The tuned
+configs of fla's kernels for this GPU apply before the first model, fla's included, as at a run's
+start-up (EBB_FLA_CONFIGS; models/ops/fla_configs.py); with EBB_FLA_CONFIGS_CAPTURE=DIR what each
+model's autotuning chose is captured into DIR after it. Writes bench/results/gpu_throughput[_tiny].json.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,7 +77,9 @@ def ebb_config(name: str, s: dict, tiny: bool):
     return build_config(tree)
 
 
-def run_ebb(name: str, s: dict, args, device) -> dict:
+def build_ebb(name: str, s: dict, batch: int, tiny: bool, device) -> tuple[Callable, dict]:
+    """ebb's model `name` of shape `s`, built, planned and parallelized as `pretrain.train` does:
+    its training step (random tokens, `batch` rows packed as documents) and its sizes."""
     import torch
 
     from models.model import HybridLM
@@ -85,32 +90,42 @@ def run_ebb(name: str, s: dict, args, device) -> dict:
     from pretrain.runtime import Runtime
     from pretrain.step import train_step
 
-    cfg = ebb_config(name, s, args.tiny)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = ebb_config(name, s, tiny)
+    dtype = torch.float32 if tiny else torch.bfloat16
     runtime = Runtime(device, dtype)
     torch.manual_seed(0)
     model = HybridLM(cfg.model).to(device)
-    n, n_embed = model.num_params(), model.embed.weight.numel()
-    flops = 3 * model.flops_per_token(s["seq_len"])
-    print(f"  {name}: {n / 1e6:.1f}M params", flush=True)
-    print("  " + plan_model(model, device, dtype), flush=True)
+    sizes = {"n": model.num_params(), "n_embed": model.embed.weight.numel(), "flops_per_token": 3 * model.flops_per_token(s["seq_len"])}
+    print(f"  {name}: {sizes['n'] / 1e6:.1f}M params", flush=True)
+    say(plan_model(model, device, dtype))
     par = Parallel({"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1})
     parallelize(par, model, cfg, runtime)
-    print("  " + fast_path_header(par, cfg), flush=True)
+    say(fast_path_header(par, cfg))
     optimizer = build_optimizer(model, cfg.optim)
-    B, T = args.batch, s["seq_len"]
+    T = s["seq_len"]
 
     def batches():
         while True:
-            ids = torch.randint(0, s["vocab"], (B, T + 1), device=device)
-            yield Batch(ids[:, :-1], ids[:, 1:], torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device))
+            ids = torch.randint(0, s["vocab"], (batch, T + 1), device=device)
+            yield Batch(ids[:, :-1], ids[:, 1:], torch.arange(0, batch * T + 1, T, dtype=torch.int32, device=device))
 
     data = batches()
 
     def step():
         return train_step(par, optimizer, data, 1, 1.0, runtime).loss
 
-    return timed(name, step, args, device, B * T, n, n_embed, flops)
+    return step, sizes
+
+
+def say(lines: str | None) -> None:
+    """Header lines, indented under the model's."""
+    if lines:
+        print("\n".join("  " + line for line in lines.splitlines()), flush=True)
+
+
+def run_ebb(name: str, s: dict, args, device) -> dict:
+    step, sizes = build_ebb(name, s, args.batch, args.tiny, device)
+    return timed(name, step, args, device, args.batch * s["seq_len"], sizes["n"], sizes["n_embed"], sizes["flops_per_token"])
 
 
 def fla_config(s: dict):
@@ -238,14 +253,18 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         sys.exit(f"unknown model(s) {', '.join(unknown)} (one of {', '.join(MODELS)})")
+    from models.ops import fla_configs
+
     print(f"gpu_throughput: {'tiny, ' if args.tiny else ''}device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch {torch.__version__}, "
           f"batch {args.batch} x T {s['seq_len']}, vocab {s['vocab']}, warmup {args.warmup}, steps {args.steps}"
           f"{', TRITON_CACHE_DIR ' + os.environ['TRITON_CACHE_DIR'] if os.environ.get('TRITON_CACHE_DIR') else ''}", flush=True)
+    configs_line = fla_configs.apply_for(device)  # before fla's model too, which ebb does not plan
+    say(configs_line)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_throughput{'_tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "tiny": args.tiny,
-              "batch": args.batch, "seq_len": s["seq_len"], "shape": s, "rows": [], "skipped": {}}
+              "batch": args.batch, "seq_len": s["seq_len"], "shape": s, "kernel_configs": configs_line, "rows": [], "skipped": {}}
     for name in names:
         result = run_model(name, s, args, device)
         if isinstance(result, str):
@@ -258,6 +277,7 @@ def main(argv=None) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            say(fla_configs.capture_from_env())  # and what its autotuning chose
     print(table(report["rows"], report["skipped"]))
     return report
 

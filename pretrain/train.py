@@ -51,6 +51,7 @@ from checkpoint.manager import step_dir_name
 from common.processes import is_main_process
 from models.model import HybridLM
 from models.ops import plan_model
+from models.ops.fla_configs import capture_from_env
 from optim.adamw import build_optimizer
 from optim.offload import OffloadAdamW, OffloadError
 from optim.schedules import build_lr_schedule
@@ -250,6 +251,8 @@ def train_loop(run: Run) -> None:
     try:
         for step in range(run.first + 1, run.end + 1):
             record = run_step(run, step)
+            if step == run.first + 1 and run.par.is_main and (captured := capture_from_env()):
+                print(captured, flush=True)  # EBB_FLA_CONFIGS_CAPTURE: what the first step's autotuning chose
             if run.metrics is not None and len(record) > 1:
                 run.metrics.log(record)
             if record.get("skipped"):

@@ -1,9 +1,10 @@
 """Triton's CPU interpreter for the tests that run fla's and liger-kernel's kernels without a GPU
 (skipped unless TRITON_INTERPRET=1 and fla imports). Import this before fla: the interpreter
-cannot time kernels, so each autotuned kernel keeps its first configuration; a kernel's `for i in
-range(n)` gives Triton scalars, as compiled code does (fla's chunked kernels call `i.to(...)` on
-them; the interpreter would give Python ints); and fla's attention layers, which call flash-attn
-(CUDA only), get a stand-in over PyTorch's SDPA."""
+cannot time kernels, so each autotuned kernel keeps its first configuration (the whole list stays
+in its `all_configs`, for tests that restore it); a kernel's `for i in range(n)` gives Triton
+scalars, as compiled code does (fla's chunked kernels call `i.to(...)` on them; the interpreter
+would give Python ints); and fla's attention layers, which call flash-attn (CUDA only), get a
+stand-in over PyTorch's SDPA."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -26,6 +27,7 @@ if INTERPRETING:  # before fla's modules are imported: their decorators build th
 
     def _first_config_only(self, fn, arg_names, configs, *args, **kwargs):
         _init(self, fn, arg_names, configs[:1], *args, **kwargs)
+        self.all_configs = list(configs)
 
     autotuner.Autotuner.__init__ = _first_config_only
 

@@ -87,7 +87,8 @@ TORCH_OPS = {op.__name__: op.torch_op for op in (chunk_simple_gla, chunk_delta_r
 
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     """Decide, once, fla or PyTorch for every op `model` calls on `device` under `dtype` autocast
-    (checking fla's #640 workaround on the device where it applies); the header's one line."""
+    (checking fla's #640 workaround on the device where it applies; on CUDA, after applying the
+    tuned configs of fla's kernels for this GPU); the header's lines."""
     return dispatch.plan_model(model, device, dtype, TORCH_OPS)
 
 

@@ -16,7 +16,8 @@ never picks a kernel known to refuse or miscompile its inputs:
 
 `models.ops` asks `decision` (cached per op, device, dtype, key dim) at every call, so an input
 the build did not foresee still gets a decision that cannot crash; `plan_model` makes the decisions
-for a built model up front, runs the checks, and returns the header's one line.
+for a built model up front (on CUDA after applying the tuned kernel configs of `fla_configs`), runs
+the checks, and returns the header's lines.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.imports import optional_attribute
+from models.ops import fla_configs
 
 BACKENDS = ("auto", "torch", "fla")
 GATED = frozenset({"chunk_simple_gla", "chunk_gated_delta_rule"})  # their backward calls fla's gated chunk_bwd_dqkwg
@@ -358,11 +360,14 @@ def planned_calls(module: nn.Module, probe: Callable[[], object], device: torch.
 
 def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch_ops: dict[str, Callable], seq_len: int = 64) -> str:
     """Decide each op the model calls once, check the #640 workaround where it applies, and say
-    what runs per mixer in one line (the run's header). On CPU nothing is probed."""
+    what runs per mixer in one line (the run's header). On CPU nothing is probed. On CUDA the
+    tuned configs of fla's kernels for this GPU apply first (`fla_configs`: the check's and the
+    first step's launches take them), and the header gains a line about them."""
     backend = backend_override()
     if device.type != "cuda":
         why = "EBB_OPS_BACKEND=torch" if backend == "torch" else f"device {device.type}"
         return f"ebb: ops: PyTorch for every mixer ({why})"
+    configs_line = fla_configs.apply_for(device)
 
     def probe() -> None:
         with torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
@@ -373,4 +378,4 @@ def plan_model(model: nn.Module, device: torch.device, dtype: torch.dtype, torch
         per_mixer.setdefault(call.kind, {})[call.op] = f"{d.backend} {call.op} ({d.reason})"
     kinds = [getattr(b, "kind", "?") for b in getattr(model, "blocks", [])]
     parts = [f"{k}: " + (", ".join(per_mixer[k].values()) if k in per_mixer else "no recurrent op") for k in dict.fromkeys(kinds)]
-    return "ebb: ops: " + "; ".join(parts)
+    return "\n".join(["ebb: ops: " + "; ".join(parts), *([configs_line] if configs_line else [])])

@@ -182,6 +182,8 @@ def test_every_mixer_trains_on_cuda_like_the_pytorch_ops(monkeypatch, pattern, m
     fast, header = train_losses(tiny_model_overrides(pattern, mixers))
     print(header)
     assert header.startswith("ebb: ops: ")
+    if dispatch.platform_of(CUDA).fla:  # the tuned kernel configs for this GPU: applied, or why not
+        assert any(line.startswith(("ebb: fla kernel configs: ", "ebb: warning: fla kernel configs ")) for line in header.splitlines())
     monkeypatch.setenv("EBB_OPS_BACKEND", "torch")
     monkeypatch.setenv("EBB_FUSED_LAYERS", "0")
     slow, _ = train_losses(tiny_model_overrides(pattern, mixers))
