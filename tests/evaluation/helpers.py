@@ -19,3 +19,12 @@ def checkpoint_and_export(root: Path, pattern: str = PATTERN) -> tuple[Path, Pat
     checkpoint = save_checkpoint(run / "checkpoints", small_model(small_config(pattern, CHUNKS)))
     to_hf(checkpoint, root / "hf", "--dtype", "fp32")
     return run, root / "hf"
+
+
+def assert_one_error_line(stderr: str, expected: str) -> None:
+    """The one-line promise for a command run in this process: one `error:` line naming the cause,
+    nothing else but `ebb: ` lines."""
+    lines = stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and all(line.startswith(("error: ", "ebb: ")) for line in lines), stderr[-3000:]
+    assert expected in errors[0], errors[0]

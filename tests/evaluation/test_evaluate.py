@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from pretrain.evaluate import main as evaluate_main
-from tests.evaluation.conftest import OFFLINE
-from tests.evaluation.helpers import MAX_LENGTH, TASKS, checkpoint_and_export
-from tests.runs import assert_one_error, cli
+from tests.evaluation.helpers import MAX_LENGTH, TASKS, assert_one_error_line, checkpoint_and_export
 
 lm_eval = pytest.importorskip("lm_eval")  # in the dev extra: CI has it
 
@@ -139,10 +137,10 @@ def test_rows_are_packed_longest_first_and_never_overflow() -> None:
 
 
 @pytest.mark.slow
-def test_an_unknown_task_is_one_line(exported: tuple[Path, Path]) -> None:
+def test_an_unknown_task_is_one_line(exported: tuple[Path, Path], capfd: pytest.CaptureFixture) -> None:
     run, _ = exported
-    result = cli("pretrain.evaluate", "--checkpoint", str(run), "--include-path", str(TASKS), "--tasks", "ebb_mc,no_such_task", env=OFFLINE)
-    assert_one_error(result, "evaluation task 'no_such_task' cannot be loaded: Spec 'no_such_task' is not a registered task")
+    assert evaluate_main(["--checkpoint", str(run), "--include-path", str(TASKS), "--tasks", "ebb_mc,no_such_task"]) == 2
+    assert_one_error_line(capfd.readouterr().err, "evaluation task 'no_such_task' cannot be loaded: Spec 'no_such_task' is not a registered task")
 
 
 def test_bad_input_is_one_line(exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

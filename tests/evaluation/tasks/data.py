@@ -25,3 +25,8 @@ def perplexity(**kwargs) -> datasets.DatasetDict:
 
 def completion(**kwargs) -> datasets.DatasetDict:
     return _split("completion.jsonl")
+
+
+def missing(**kwargs) -> datasets.DatasetDict:
+    """A task whose data file is not there (`ebb_missing`: the tests' task that fails to load)."""
+    return _split("missing.jsonl")
