@@ -115,7 +115,9 @@ class EbbLM(TemplateLM):
                 starts.append(offset)
             if offset < (r + 1) * width:
                 starts.append((r + 1) * width)
-        cu_seqlens = torch.tensor(sorted(set(starts)), dtype=torch.int32, device=self._device)
+        # rows of one request each, none padded, are plain rows (the attention's causal kernel, no document mask)
+        plain = all(len(row) == 1 for row in rows) and len(starts) == len(rows) + 1
+        cu_seqlens = None if plain else torch.tensor(sorted(set(starts)), dtype=torch.int32, device=self._device)
         with self.autocast():
             hidden, head = self.model(ids.to(self._device), cu_seqlens=cu_seqlens, head=lambda h, w: (h, w))
             flat = hidden.reshape(-1, hidden.shape[-1])
