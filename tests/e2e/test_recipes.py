@@ -32,6 +32,7 @@ def test_every_recipe_is_checked() -> None:
     assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(SIZES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_recipe_dry_runs_at_its_world_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     world, low, high = SIZES[name]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pretrain.evaluate import main as evaluate_main
-from tests.evaluation.helpers import MAX_LENGTH, TASKS, assert_one_error_line, checkpoint_and_export
+from tests.evaluation.helpers import CHUNKS, MAX_LENGTH, PATTERN, TASKS, assert_one_error_line, checkpoint_and_export
+from tests.hf.helpers import small_config, small_model
 
 lm_eval = pytest.importorskip("lm_eval")  # in the dev extra: CI has it
 
@@ -75,16 +76,23 @@ def test_scores_and_loglikelihoods_equal_hf_on_the_export(exported: tuple[Path, 
     assert len({x for x in flat(responses(ours, "ebb_mc")) if isinstance(x, float)}) > 1
 
 
-def test_generation_is_greedy_decoding_cut_at_the_stop(exported: tuple[Path, Path]) -> None:
+def in_memory_lm(dtype: torch.dtype, batch_size: int, max_length: int):
+    """EbbLM on a small model of every kind of recurrence and attention, with the byte tokenizer."""
+    from pretrain.data.tokenizer import ByteTokenizer
+    from pretrain.evaluation.lm import EbbLM
+
+    model = small_model(small_config(PATTERN, CHUNKS)).to(dtype)
+    return EbbLM(model, ByteTokenizer(), torch.device("cpu"), batch_size, max_length, progress=False)
+
+
+def test_generation_is_greedy_decoding_cut_at_the_stop() -> None:
     """generate_until decodes prompts of one length together; each row's text is what greedy
     decoding of that prompt alone gives (`pretrain.generate`), cut before the first stop string."""
     from lm_eval.api.instance import Instance
 
-    from pretrain.evaluate import evaluator
     from pretrain.generate import generate
 
-    run, _ = exported
-    lm = evaluator(run, torch.device("cpu"), torch.float32, batch_size=4, max_length=MAX_LENGTH)
+    lm = in_memory_lm(torch.float32, batch_size=4, max_length=MAX_LENGTH)
     prompts = ["def add(a, b):", "import os\nimport", "x = [1, 2, 3]\ny", "for i in range(3)"]  # two of 14 bytes: one batch
     options = {"until": ["b", "\n"], "max_gen_toks": 10, "do_sample": False}
     requests = [Instance("generate_until", {}, (p, options), i) for i, p in enumerate(prompts)]
@@ -102,13 +110,11 @@ def scored_one_by_one(lm, requests: list) -> list:
     return [lm._loglikelihood_tokens([r])[0] for r in requests]
 
 
-def test_packed_rows_score_as_one_request_per_forward(exported: tuple[Path, Path]) -> None:
+def test_packed_rows_score_as_one_request_per_forward() -> None:
     """Packing many requests into each row (separate documents by cu_seqlens) and de-duplicating
-    inputs changes nothing: float64, every mixer, against one request per forward."""
-    from pretrain.evaluate import evaluator
-
-    run, _ = exported
-    lm = evaluator(run, torch.device("cpu"), torch.float64, batch_size=3, max_length=40)
+    inputs changes nothing: float64, every kind of recurrence and attention, against one request
+    per forward."""
+    lm = in_memory_lm(torch.float64, batch_size=3, max_length=40)
     gen = torch.Generator().manual_seed(0)
     requests = []
     for n in (5, 17, 3, 30, 9, 9, 1, 24, 12, 2):
@@ -139,7 +145,7 @@ def test_rows_are_packed_longest_first_and_never_overflow() -> None:
 @pytest.mark.slow
 def test_an_unknown_task_is_one_line(exported: tuple[Path, Path], capfd: pytest.CaptureFixture) -> None:
     run, _ = exported
-    assert evaluate_main(["--checkpoint", str(run), "--include-path", str(TASKS), "--tasks", "ebb_mc,no_such_task"]) == 2
+    assert evaluate_main(["--checkpoint", str(run), "--include-path", str(TASKS), "--tasks", "ebb_mc,no_such_task"]) == 2  # all of lm-eval's tasks indexed
     assert_one_error_line(capfd.readouterr().err, "evaluation task 'no_such_task' cannot be loaded: Spec 'no_such_task' is not a registered task")
 
 

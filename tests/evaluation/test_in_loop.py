@@ -70,6 +70,7 @@ def test_tasks_in_the_loop_score_the_model_as_trained(tmp_path: Path) -> None:
     assert plot([str(run_dir), "--output", str(tmp_path / "curves.png")]) == 0 and (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_task_that_does_not_load_stops_the_run_before_training(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     from pretrain.train import main
 
@@ -92,10 +93,11 @@ def train_rank(cfg) -> None:
 
 @pytest.mark.distributed
 def test_sharded_runs_gather_the_model_for_the_tasks(tmp_path: Path) -> None:
-    """Under tp 2 x FSDP 2 every rank gathers the full weights onto rank 0, which scores them: the
-    scores of the checkpoint the ranks saved at that step."""
+    """Under tp 2 x FSDP 2 every rank gathers the full weights onto rank 0, which scores them (tied
+    embeddings tied again): the scores of the checkpoint the ranks saved at that step."""
     run_dir = tmp_path / "run"
-    cfg = layout_config(run_dir, "model.pattern=MTG*R", "train.steps=2", "evaluation.interval=0", *EVALUATION, "parallel.tp=2", "parallel.dp_shard=2")
+    cfg = layout_config(run_dir, "model.pattern=MTG*R", "model.tie_embeddings=true", "train.steps=2", "evaluation.interval=0", *EVALUATION,
+                        "parallel.tp=2", "parallel.dp_shard=2")
     run_distributed(train_rank, 4, cfg)
     logged = downstream(records(run_dir)[-1])
     assert_same_scores(logged, scores_of_checkpoint(run_dir, 2))
