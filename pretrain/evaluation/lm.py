@@ -7,9 +7,13 @@ greedy = every continuation token the argmax), so the numbers equal that model's
 `to-hf` export. What differs is how they are batched:
 - requests with the same input tokens (a multiple-choice question's one-token answers, say) run
   once;
-- the rest run longest first, `batch_size` rows a pass, and each row is packed: as many requests
-  as fit in the longest one's length, as separate documents (`cu_seqlens`, so no state, conv
-  tap or attention link crosses from one request into the next), where `hf` pads every row;
+- the rest run longest first, `batch_size` rows a pass. Where packing saves at least
+  `PACKING_GAIN` times the rows (requests much shorter than the longest), each row holds as many
+  requests as fit in the longest one's length, as separate documents (`cu_seqlens`, so no state,
+  conv tap or attention link crosses from one request into the next); otherwise each row holds
+  one, right-padded as `hf` pads it (exact for a causal model, and the mixers' plain path, which
+  is faster than the document-masked one), unless capacity routing (MoM's `capacity`) would let
+  the padding compete with the request's tokens, where the padding is a document of its own;
 - the head is applied only at the continuation tokens, not at every position.
 Generation feeds rows of equal prompt length together through the model's decode cache.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +37,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.generate import sample_next
 
 TokenRequest = tuple[Any, list[int], list[int]]  # (request strings, context tokens, continuation tokens)
+PACKING_GAIN = 1.5  # pack rows when that takes this many times fewer rows than one request a row
 
 
 @dataclass
@@ -61,7 +66,9 @@ class EbbLM(TemplateLM):
         self.model, self.ebb_tokenizer, self._device = model, tokenizer, torch.device(device)
         self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks
         self.autocast, self.progress = autocast, progress
-        self.requests_scored = 0  # loglikelihood inputs run (after de-duplication), for the benchmark
+        self.requests_scored = 0  # loglikelihood inputs run (after de-duplication), for the tests
+        # padding after a request changes nothing it scores, except where tokens compete for a capacity
+        self.padding_is_exact = not ("O" in model.cfg.blocks and model.cfg.mixers.mom.capacity)
 
     @property
     def eot_token_id(self) -> int:
@@ -85,11 +92,10 @@ class EbbLM(TemplateLM):
                 raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored within max_length {self.max_length}")
             tokens = (context + continuation)[-(self.max_length + 1):][:-1]
             inputs.setdefault(tuple(tokens), Scored(tokens, [])).requests.append((index, continuation))
-        pending = deque(sorted(inputs.values(), key=lambda s: -len(s.tokens)))
+        longest_first = sorted(inputs.values(), key=lambda s: -len(s.tokens))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="ebb loglikelihood") as bar:
-            while pending:
-                rows = pack_rows(pending, self.batch_size)
+            for rows in batches(longest_first, self.batch_size):
                 for index, answer in self._score_rows(rows):
                     results[index] = answer
                     bar.update(1)
@@ -115,8 +121,8 @@ class EbbLM(TemplateLM):
                 starts.append(offset)
             if offset < (r + 1) * width:
                 starts.append((r + 1) * width)
-        # rows of one request each, none padded, are plain rows (the attention's causal kernel, no document mask)
-        plain = all(len(row) == 1 for row in rows) and len(starts) == len(rows) + 1
+        # rows of one request each are plain rows, padded at their ends (see the module docstring)
+        plain = all(len(row) == 1 for row in rows) and (self.padding_is_exact or len(starts) == len(rows) + 1)
         cu_seqlens = None if plain else torch.tensor(sorted(set(starts)), dtype=torch.int32, device=self._device)
         with self.autocast():
             hidden, head = self.model(ids.to(self._device), cu_seqlens=cu_seqlens, head=lambda h, w: (h, w))
@@ -205,6 +211,19 @@ class EbbLM(TemplateLM):
                     break
                 logits = self.model(torch.tensor(step, device=self._device)[:, None], cache=cache)[:, -1]
         return [tok.decode(tokens) for tokens in new]
+
+
+def batches(longest_first: list[Scored], batch_size: int) -> Iterator[list[list[Scored]]]:
+    """The forward passes' rows: packed (`pack_rows`) where that takes `PACKING_GAIN` times fewer
+    rows than one input a row, else one input a row, `batch_size` rows a pass."""
+    packed = len(pack_rows(deque(longest_first), len(longest_first)))
+    if len(longest_first) >= PACKING_GAIN * packed:
+        pending = deque(longest_first)
+        while pending:
+            yield pack_rows(pending, batch_size)
+    else:
+        for start in range(0, len(longest_first), batch_size):
+            yield [[scored] for scored in longest_first[start:start + batch_size]]
 
 
 def pack_rows(pending: deque[Scored], batch_size: int) -> list[list[Scored]]:

@@ -93,13 +93,13 @@ def test_generation_is_greedy_decoding_cut_at_the_stop() -> None:
     from pretrain.generate import generate
 
     lm = in_memory_lm(torch.float32, batch_size=4, max_length=MAX_LENGTH)
-    prompts = ["def add(a, b):", "import os\nimport", "x = [1, 2, 3]\ny", "for i in range(3)"]  # two of 14 bytes: one batch
-    options = {"until": ["b", "\n"], "max_gen_toks": 10, "do_sample": False}
+    prompts = ["def add(a, b):", "import os\nimport", "x = [1, 2]\ny"]  # two of 14 bytes: one batch
+    options = {"until": ["b", "\n"], "max_gen_toks": 6, "do_sample": False}
     requests = [Instance("generate_until", {}, (p, options), i) for i, p in enumerate(prompts)]
     texts = lm.generate_until(requests, disable_tqdm=True)
     tok = lm.ebb_tokenizer
     for prompt, text in zip(prompts, texts):
-        greedy = tok.decode(generate(lm.model, tok.encode(prompt), 10, eos_id=tok.eos_id, vocab_size=tok.vocab_size))
+        greedy = tok.decode(generate(lm.model, tok.encode(prompt), 6, eos_id=tok.eos_id, vocab_size=tok.vocab_size))
         for stop in options["until"]:
             greedy = greedy.split(stop)[0]
         assert text == greedy
@@ -130,7 +130,7 @@ def test_packed_rows_score_as_one_request_per_forward() -> None:
 
 
 def test_rows_are_packed_longest_first_and_never_overflow() -> None:
-    from pretrain.evaluation.lm import Scored, pack_rows
+    from pretrain.evaluation.lm import Scored, batches, pack_rows
 
     lengths = [30, 29, 20, 12, 10, 9, 5, 3, 2, 1, 1]
     pending = deque(Scored([0] * n, []) for n in lengths)
@@ -140,6 +140,12 @@ def test_rows_are_packed_longest_first_and_never_overflow() -> None:
     assert sizes[0] == [30] and sizes[1][0] == 29 and 1 in sizes[1]  # the gap filled from the short end
     taken = sorted(n for row in sizes for n in row)
     assert sorted(taken + [len(s.tokens) for s in pending]) == sorted(lengths)
+
+    # packed only where that saves rows: alike lengths run one a row, batch_size rows a pass
+    alike = [Scored([0] * n, []) for n in (30, 29, 28, 27, 26)]
+    assert [[len(r) for r in rows] for rows in batches(alike, 2)] == [[1, 1], [1, 1], [1]]
+    mixed = [Scored([0] * n, []) for n in lengths]
+    assert sum(len(rows) for rows in batches(mixed, 2)) < len(lengths) / 1.5
 
 
 @pytest.mark.slow
