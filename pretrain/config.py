@@ -1,10 +1,12 @@
 """Run configuration: one YAML file with sections model, data, train, optim, parallel,
-checkpoint, logging, validated by pydantic; `key.sub=value` overrides from the command line.
+checkpoint, logging, evaluation, validated by pydantic; `key.sub=value` overrides from the
+command line.
 
 Each package owns its section (models/config.py, pretrain/data/config.py, optim/config.py,
-parallel/config.py, checkpoint/config.py, pretrain/evaluation/config.py), names chosen from a registry validated against it;
-`train` and `logging` are here, with `RunConfig`, which composes them and checks what spans
-sections. Every problem becomes a `ConfigError` whose message is one line naming the key.
+parallel/config.py, checkpoint/config.py, pretrain/evaluation/config.py), names chosen from a
+registry validated against it; `train` and `logging` are here, with `RunConfig`, which composes
+them and checks what spans sections. Every problem becomes a `ConfigError` whose message is one
+line naming the key.
 """
 from __future__ import annotations
 
