@@ -10,6 +10,7 @@ config time (`pretrain.config`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,9 +18,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from common.errors import first_line
 from models.model import HybridLM
 from pretrain.config import RunConfig
 from pretrain.data import load_tokenizer
+from pretrain.errors import RunError
 from pretrain.evaluation.tasks import EvaluationError, check_tasks, evaluate_tasks, metric_record, no_progress_bars, task_manager
 from pretrain.runtime import Runtime
 
@@ -36,15 +39,29 @@ class DownstreamEvaluation:
         return step == end or bool(every and step % every == 0)
 
     def run(self, model: nn.Module, is_main: bool, control: dist.ProcessGroup | None) -> dict[str, float]:
-        """The tasks' metrics (on every rank), scored on rank 0; every rank must call it."""
+        """The tasks' metrics (on every rank), scored on rank 0; every rank must call it. An
+        evaluation that fails is a RunError on every rank (the run then ends as after any error,
+        its requested checkpoints committed)."""
         if self.world_size == 1:
-            return self._score(model)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(model, options=options)  # collective; rank 0 alone receives the tensors
-        record = [self._score(self._replica(state)) if is_main else None]
-        del state
-        dist.broadcast_object_list(record, src=0, group=control)
-        return record[0]
+            outcome = self._outcome(lambda: self._score(model))
+        else:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(model, options=options)  # collective; rank 0 alone receives the tensors
+            shared = [self._outcome(lambda: self._score(self._replica(state))) if is_main else None]
+            del state
+            dist.broadcast_object_list(shared, src=0, group=control)
+            outcome = shared[0]
+        if isinstance(outcome, str):
+            raise RunError(outcome)
+        return outcome
+
+    @staticmethod
+    def _outcome(score: Callable[[], dict[str, float]]) -> dict[str, float] | str:
+        """The metrics, or what went wrong as one line."""
+        try:
+            return score()
+        except Exception as exc:  # lm-eval, datasets, the model (out of memory): anything
+            return f"downstream evaluation failed: {type(exc).__name__}: {first_line(exc)} (evaluation.tasks; pretrain.evaluate scores checkpoints apart)"
 
     def _replica(self, state: dict[str, torch.Tensor]) -> HybridLM:
         with torch.device("meta"):

@@ -80,6 +80,26 @@ def test_a_task_that_does_not_load_stops_the_run_before_training(tmp_path: Path,
     assert not (run_dir / "metrics.jsonl").exists() and not list(run_dir.rglob("step-*"))
 
 
+def test_an_evaluation_that_fails_is_one_line() -> None:
+    import torch
+
+    from models.model import HybridLM
+    from pretrain.errors import RunError
+    from pretrain.evaluation.loop import start_downstream
+    from pretrain.runtime import Runtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\nat some depth")
+
+    cfg = load_config(None, [*EVALUATION, "evaluation.tasks=[ebb_mc]"])
+    model = HybridLM(cfg.model)
+    model.forward = broken
+    downstream = start_downstream(cfg, Runtime(torch.device("cpu"), torch.float32), True, 1, None)
+    with pytest.raises(RunError, match=r"^downstream evaluation failed: RuntimeError: out of memory \(evaluation.tasks"):
+        downstream.run(model, True, None)
+    assert model.training  # left as training had it
+
+
 def test_pipeline_parallelism_refuses_the_tasks() -> None:
     with pytest.raises(ConfigError, match="evaluation.tasks is not supported with parallel.pp > 1"):
         load_config(None, ["parallel.pp=2", "model.pattern=GG", "evaluation.tasks=[hellaswag]"])
