@@ -1,10 +1,12 @@
 """Run configuration: one YAML file with sections model, data, train, optim, parallel,
-checkpoint, logging, validated by pydantic; `key.sub=value` overrides from the command line.
+checkpoint, logging, evaluation, validated by pydantic; `key.sub=value` overrides from the
+command line.
 
 Each package owns its section (models/config.py, pretrain/data/config.py, optim/config.py,
-parallel/config.py, checkpoint/config.py), names chosen from a registry validated against it;
-`train` and `logging` are here, with `RunConfig`, which composes them and checks what spans
-sections. Every problem becomes a `ConfigError` whose message is one line naming the key.
+parallel/config.py, checkpoint/config.py, pretrain/evaluation/config.py), names chosen from a
+registry validated against it; `train` and `logging` are here, with `RunConfig`, which composes
+them and checks what spans sections. Every problem becomes a `ConfigError` whose message is one
+line naming the key.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from models.config import ModelConfig
 from optim.config import OptimConfig
 from parallel.config import ActivationCheckpointing, ParallelConfig
 from pretrain.data.config import DataConfig
+from pretrain.evaluation.config import EvaluationConfig
 from pretrain.linear_ce import LOSSES
 
 LossName = Annotated[str, AfterValidator(one_of(LOSSES, "loss"))]
@@ -80,6 +83,7 @@ class RunConfig(Strict):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _pipeline_fits_model_and_batch(self) -> "RunConfig":
@@ -102,6 +106,11 @@ class RunConfig(Strict):
         the world size is checked at startup by parallel.mesh.validate_layout.)"""
         if self.parallel.pp > 1 and self.train.grad_accum > 1:
             raise ValueError("train.grad_accum must be 1 with parallel.pp > 1: the pipeline accumulates over parallel.pp_microbatches")
+        if self.parallel.pp > 1 and self.evaluation.tasks:
+            raise ValueError(
+                "evaluation.tasks is not supported with parallel.pp > 1 (the tasks need the whole model on one rank): "
+                "score the run's checkpoints with python -m pretrain.evaluate instead"
+            )
         if self.parallel.pp > 1 and self.data.packing == "varlen":
             raise ValueError("data.packing=varlen makes one row per batch, which the pipeline cannot split into microbatches: use rows with parallel.pp > 1")
         return self

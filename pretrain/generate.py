@@ -17,6 +17,7 @@ from models.model import HybridLM
 from models.ops import plan_model
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import DataError, load_tokenizer
+from pretrain.data.tokenizer import Tokenizer
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -76,21 +77,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> str:
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 0:
-        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --max-new-tokens >= 0")
-    checkpoint = intact_checkpoint(args.checkpoint)  # verified against its manifest, as --resume does
-    cfg = saved_config(checkpoint, args.checkpoint)
+def load_trained(path: Path, device: str | torch.device, dtype: torch.dtype = torch.float32) -> tuple[RunConfig, HybridLM, Tokenizer]:
+    """The run config, model (in eval mode on `device`) and tokenizer of the checkpoint at `path`
+    (a run dir, its checkpoints dir or one step-*), verified against its manifest as --resume
+    does; its ops planned for `dtype` (the autocast dtype; float32: none), as training plans them."""
+    checkpoint = intact_checkpoint(path)
+    cfg = saved_config(checkpoint, path)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = HybridLM(cfg.model)
+    load_model(checkpoint, model)
+    model.to(device).eval()
+    plan_model(model, torch.device(device), dtype)  # fla or PyTorch per op, checked once
+    return cfg, model, tokenizer
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 0:
+        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --max-new-tokens >= 0")
+    _, model, tokenizer = load_trained(args.checkpoint, args.device)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ConfigError("--prompt is empty: give at least one token of context")
-    model = HybridLM(cfg.model)
-    load_model(checkpoint, model)
-    model.to(args.device).eval()
-    plan_model(model, torch.device(args.device), torch.float32)  # fla or PyTorch per op, checked once, as training does
     generator = torch.Generator(args.device).manual_seed(args.seed)
     new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, tokenizer.eos_id, tokenizer.vocab_size, generator)
     return tokenizer.decode(prompt_ids + new)

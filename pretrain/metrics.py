@@ -75,6 +75,8 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_config: dict[str, Any]) 
 
 
 def _tensorboard_tag(key: str) -> str:
+    if key.startswith("downstream/"):  # downstream/<task>/<metric>: grouped by task already
+        return key
     return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
 
 

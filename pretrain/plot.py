@@ -2,11 +2,12 @@
 
     python -m pretrain.plot RUN_DIR [RUN_DIR ...] [--metric loss ...] [--smooth 0.9] --output FILE.png
 
-One panel per metric (default: loss, lr, grad_norm, tokens_per_s), one colour per run, labelled
-by its directory. Noisy curves are drawn faint as logged and solid smoothed (an exponential
-moving average with TensorBoard's debiasing, `--smooth`); the learning rate, a schedule, as it
-is; the loss panel adds the evaluation loss as a dashed line with markers, which needs no
-smoothing (each point is a whole held-out set).
+One panel per metric (default: loss, lr, grad_norm, tokens_per_s, and every downstream task
+metric a run logged, `downstream/<task>/<metric>`), one colour per run, labelled by its
+directory. Noisy curves are drawn faint as logged and solid smoothed (an exponential moving
+average with TensorBoard's debiasing, `--smooth`); the learning rate, a schedule, as it is; the
+loss panel adds the evaluation loss as a dashed line with markers, which needs no smoothing
+(each point is a whole held-out set), and the downstream scores are drawn so too.
 The file's suffix picks the format (png, svg, pdf).
 """
 from __future__ import annotations
@@ -24,12 +25,16 @@ from pretrain.metrics import read_records
 DEFAULT_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
 EXACT = {"lr"}  # schedules, not measurements: drawn as logged
 TITLES = {"loss": "loss (eval dashed)", "lr": "learning rate", "grad_norm": "gradient norm", "tokens_per_s": "tokens/s"}
+DOWNSTREAM = "downstream/"  # pretrain.evaluation's metrics: one point per evaluation
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pretrain.plot", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
-    parser.add_argument("--metric", action="append", dest="metrics", help=f"a panel's metric, repeatable (default: {' '.join(DEFAULT_METRICS)})")
+    parser.add_argument(
+        "--metric", action="append", dest="metrics",
+        help=f"a panel's metric, repeatable (default: {' '.join(DEFAULT_METRICS)} and the downstream metrics logged)",
+    )
     parser.add_argument("--smooth", type=float, default=0.9, help="EMA weight of the past, in [0, 1); 0 draws the curves as logged")
     parser.add_argument("--output", required=True, type=Path, help="the image to write (.png, .svg, .pdf)")
     return parser.parse_args(argv)
@@ -71,13 +76,15 @@ def draw(runs: dict[str, list[dict[str, Any]]], metrics: list[str], weight: floa
             steps, values = curve(records, metric)
             if values and metric in EXACT:
                 ax.plot(steps, values, color=colour, linewidth=1.6, label=label)
+            elif values and metric.startswith(DOWNSTREAM):
+                ax.plot(steps, values, color=colour, linestyle="--", marker="o", markersize=3, linewidth=1.2, label=label)
             elif values:
                 ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, smoothed(values, weight), color=colour, linewidth=1.6, label=label)
             if metric == "loss":
                 steps, values = curve(records, "eval_loss")
                 ax.plot(steps, values, color=colour, linestyle="--", marker="o", markersize=3, linewidth=1.2)
-        ax.set_title(TITLES.get(metric, metric))
+        ax.set_title(TITLES.get(metric, metric.removeprefix(DOWNSTREAM).replace("/", " ")))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -86,10 +93,16 @@ def draw(runs: dict[str, list[dict[str, Any]]], metrics: list[str], weight: floa
     return figure
 
 
-def plot(runs: list[Path], metrics: list[str], weight: float, output: Path) -> None:
+def downstream_metrics(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The downstream metrics any run logged, sorted."""
+    return sorted({key for records in runs.values() for record in records for key in record if key.startswith(DOWNSTREAM)})
+
+
+def plot(runs: list[Path], metrics: list[str] | None, weight: float, output: Path) -> None:
     if not 0 <= weight < 1:
         raise RunError(f"--smooth must be in [0, 1) (got {weight})")
     loaded = load_runs(runs)
+    metrics = metrics or [*DEFAULT_METRICS, *downstream_metrics(loaded)]
     for metric in metrics:
         if not any(curve(records, metric)[1] for records in loaded.values()):
             raise RunError(f"--metric {metric}: no run logged it (e.g. {', '.join(DEFAULT_METRICS)})")
@@ -104,7 +117,7 @@ def plot(runs: list[Path], metrics: list[str], weight: float, output: Path) -> N
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        plot(args.runs, args.metrics or list(DEFAULT_METRICS), args.smooth, args.output)
+        plot(args.runs, args.metrics, args.smooth, args.output)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,8 @@ from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.dry_run import describe_run
 from pretrain.errors import Interrupted, RunError
+from pretrain.evaluation.loop import DownstreamEvaluation, start_downstream
+from pretrain.evaluation.tasks import EvaluationError
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
 from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
 from pretrain.peak_flops import peak_flops
@@ -69,7 +71,7 @@ from pretrain.runtime import Runtime, set_up
 from pretrain.signals import StopSignals, exit_status, say, signal_name
 from pretrain.step import StepResult, evaluate, train_step
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError, OffloadError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError, OffloadError, EvaluationError)
 STATE_SECTIONS = ("model", "optim")  # the config sections that shape a checkpoint's tensors
 ERROR_GRACE_S = 5.0  # under torchrun, how long ranks other than 0 wait before reporting an error
 
@@ -130,6 +132,7 @@ class Run:
     control: dist.ProcessGroup | None = None  # gloo, every rank: agreements on the training thread
     locks: list[DirectoryLock] = field(default_factory=list)  # rank 0's, on the run's directories
     stop: StopSignals | None = None  # the signals the loop stops at (None: run in-process, by a test)
+    downstream: DownstreamEvaluation | None = None  # the evaluation section's tasks (None: none)
     skipped: int = 0  # consecutive steps whose update was skipped (train.on_nonfinite=skip_step)
 
 
@@ -160,11 +163,12 @@ def build_run(cfg: RunConfig, resume: bool, stop: StopSignals | None = None) -> 
     control = control_group()
     locks = claim_run(cfg, par.is_main, control)
     try:
+        downstream = start_downstream(cfg, runtime, par.is_main, par.world_size, control)  # a task that does not load stops the run here
         run = build_claimed_run(cfg, resume, runtime, par)
     except BaseException:
         release(locks)
         raise
-    run.control, run.locks, run.stop = control, locks, stop
+    run.control, run.locks, run.stop, run.downstream = control, locks, stop, downstream
     return run
 
 
@@ -339,6 +343,8 @@ def run_step(run: Run, step: int) -> dict:
         record["skipped"] = True
     if run.val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == run.end):
         record |= evaluate(run.par, run.val_batches, run.runtime)
+    if run.downstream is not None and run.downstream.due(step, run.end):
+        record |= run.downstream.run(run.par.module, run.par.is_main, run.control)
     return record
 
 

@@ -1,4 +1,4 @@
-"""Gated DeltaProduct (`P`, specs/layers.md section 10): the mixer against a token-by-token
+"""Gated DeltaProduct (`P`, docs/layers.md section 10): the mixer against a token-by-token
 reference written from the spec's recurrence and read from the weights directly, n_h = 1 against
 Gated DeltaNet, decoding from the cache, packed documents, and the paper's state-tracking claim
 on parity (n_h = 2 with negative eigenvalues learns it, one positive step per token cannot)."""
