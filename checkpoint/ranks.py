@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from checkpoint import CheckpointError
+from common.processes import new_gloo_group
 
 
 class Ranks:
@@ -21,8 +22,9 @@ class Ranks:
 
     @classmethod
     def new_group(cls) -> "Ranks":
-        """A fresh gloo group over every rank (collective: every rank creates it, in the same order)."""
-        return cls(dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None)
+        """A fresh gloo group over every rank, with the run's collective timeout (collective: every
+        rank creates it, in the same order)."""
+        return cls(new_gloo_group() if dist.is_available() and dist.is_initialized() else None)
 
     @property
     def is_main(self) -> bool:

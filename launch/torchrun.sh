@@ -12,6 +12,9 @@
 # Signals: Ctrl-C and a scheduler's SIGTERM reach torchrun with this script (they signal the
 # process group), and torchrun passes them to the ranks, which save a checkpoint and exit; this
 # script waits for that. To stop a run from elsewhere, signal the process group (kill -- -PGID).
+# SIGKILL never reaches the ranks (torchrun starts each in a session of its own), but they notice
+# that torchrun is gone, stop after the step, let the checkpoint being written commit and exit.
+# A rank killed alone: torchrun stops the others, and the console shows one line.
 #
 # Environment (all optional):
 #   NPROC          processes on this node (default: the GPUs here, else 2)
@@ -101,11 +104,15 @@ fi
 if [ "$code" -lt 0 ]; then
   code=$(( 128 - code ))  # killed by signal -code
 fi
-if [ ! -s "$shown_errors" ] && [ "$code" -eq 2 ]; then
+if [ -s "$shown_errors" ] || [ "$code" -eq 130 ] || [ "$code" -eq 143 ]; then
+  :  # the console has its line already (a rank's error; a signal's own line)
+elif [ "$code" -eq 2 ]; then
   # the failed rank's error line, when the console did not show that rank
   line=$(grep -h '^error: ' "$log_dir"/*/attempt_*/"$rank"/stderr.log 2>/dev/null | tail -n 1 || true)
   echo "${line:-error: local rank $rank failed with exit code 2; its output is in $log_dir}" >&2
-elif [ "$code" -ne 2 ] && [ "$code" -ne 130 ] && [ "$code" -ne 143 ]; then
+elif [ "$code" -gt 128 ]; then
+  echo "error: local rank $rank was killed by SIG$(kill -l $(( code - 128 ))) (exit code $code); every rank's output is in $log_dir" >&2
+else
   echo "error: local rank $rank exited with code $code; its output is in $log_dir" >&2
 fi
 exit "$code"

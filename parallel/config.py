@@ -24,6 +24,9 @@ class ParallelConfig(Strict):
     pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
     fsdp_reshard_after_forward: bool = Field(True, description="free gathered parameters after forward, gather again in backward")
     sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals sharded over the sequence")
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="seconds a rank waits in a collective for a peer that is gone or hung before it stops (torch's default: 30 min on gloo)"
+    )
 
     @property
     def microbatches(self) -> int:

@@ -1,5 +1,13 @@
-"""How a run ends other than by finishing: a one-line error, or a stop on a signal."""
+"""How a run ends other than by finishing: a one-line error, a stop on a signal, or a lost peer."""
 from __future__ import annotations
+
+import re
+
+import torch.distributed as dist
+
+from common.errors import first_line
+
+GLOO_SOURCE = re.compile(r"^\[[^\]]*gloo[^\]]*\]\s*")  # gloo's errors start with the source line that raised them
 
 
 class RunError(ValueError):
@@ -17,3 +25,23 @@ class Interrupted(Exception):
         self.status = status
         self.message = message
 
+
+
+class PeersLost(Exception):
+    """A collective of this rank failed: a peer is gone (its connections closed) or did not answer
+    within `parallel.collective_timeout_s`. The message is one line naming the rank and the step."""
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """What broke, in a few words, when `exc` or an exception it came from is a failed collective:
+    torch's DistError (a dead store, NCCL), or gloo's RuntimeError (a closed connection, a
+    timeout); None for any other error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, dist.DistError):
+            return first_line(exc)
+        if isinstance(exc, RuntimeError) and GLOO_SOURCE.match(str(exc)):
+            return first_line(GLOO_SOURCE.sub("", str(exc))).split(". ")[0]
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

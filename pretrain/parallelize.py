@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from common.processes import start_process_group
 from models.model import HybridLM
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import build_mesh, validate_layout
@@ -35,12 +37,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group(device: torch.device) -> None:
+def init_process_group(device: torch.device, timeout: timedelta) -> None:
     """From torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); gloo on CPU, and on GPUs
-    NCCL with a gloo group beside it for CPU tensors. A no-op for one process or when the caller
-    (a test) has already initialised it."""
+    NCCL with a gloo group beside it for CPU tensors; collectives give up after `timeout`. A no-op
+    for one process or when the caller (a test) has already initialised it."""
     if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        start_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout)
 
 
 class RankStages(nn.Module):
@@ -108,10 +110,14 @@ def start(cfg: RunConfig, runtime: Runtime) -> Parallel:
     """Check the layout (a one-line ParallelError before any rendezvous), then join the process
     group and build the mesh."""
     shape = validate_layout(cfg.parallel, cfg.model, world_size())
-    init_process_group(runtime.device)
+    timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
+    init_process_group(runtime.device, timeout)
     if world_size() == 1:
         return Parallel(shape)
-    return Parallel(shape, dist.get_rank(), build_mesh(cfg.parallel, world_size(), runtime.device.type))
+    mesh = build_mesh(cfg.parallel, world_size(), runtime.device.type)
+    for group in mesh.get_all_groups():  # the mesh makes its groups with torch's default timeout
+        group.set_timeout(timeout)
+    return Parallel(shape, dist.get_rank(), mesh)
 
 
 def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime) -> None:

@@ -9,9 +9,12 @@ Under torchrun every rank runs this loop on its part of the model (pretrain/para
 that the loop needs, as a `Run`) then `train_loop`.
 
 How a run ends: done (exit 0); a one-line `error:` (exit 2) for a bad config, data, layout,
-directory or checkpoint, a run directory another run owns, or a diverged step; or a signal
-(SIGTERM, SIGINT: the step finishes, a checkpoint is saved, exit 128 + the signal). Every rank
-meets the same error at the same point, and rank 0 alone prints it.
+directory or checkpoint, a run directory another run owns, or a diverged step; a signal
+(SIGTERM, SIGINT: the step finishes, a checkpoint is saved, exit 128 + the signal); a launcher
+that is gone (the step finishes, the checkpoint being written commits, exit 129); or a peer that
+is gone or hung (the collective fails at once, or after `parallel.collective_timeout_s`; exit 2).
+Every rank meets the same error at the same point, and rank 0 alone prints it; a lost peer is
+said by each rank that lost it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def _stop_while_loading(signum: int, frame: object) -> None:
         print(f"ebb: {signal.Signals(signum).name} while starting: stopped, nothing to save", file=sys.stderr, flush=True)
     sys.exit(128 + signum)
 
+
+PARENT_AT_START = os.getppid()  # the launcher, if it is one, even if it dies while the libraries load
 
 if __name__ == "__main__":
     for _signum in (signal.SIGTERM, signal.SIGINT):
@@ -48,7 +53,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from checkpoint import Checkpointer, CheckpointError, CheckpointMismatch, build_checkpointer, find_latest
 from checkpoint.manager import step_dir_name
-from common.processes import is_main_process
+from common.processes import is_main_process, new_gloo_group
 from models.model import HybridLM
 from models.ops import plan_model
 from models.ops.fla_configs import capture_from_env
@@ -60,7 +65,7 @@ from pretrain.config import ConfigError, RunConfig, TrainConfig, dump_config, lo
 from pretrain.data import Batch, DataError, build_data
 from pretrain.data.loader import PrefetchedBatches, TokenBatches, mixture_record
 from pretrain.dry_run import describe_run
-from pretrain.errors import Interrupted, RunError
+from pretrain.errors import Interrupted, PeersLost, RunError, collective_failure
 from pretrain.evaluation.loop import DownstreamEvaluation, start_downstream
 from pretrain.evaluation.tasks import EvaluationError
 from pretrain.metrics import MetricsLogger, Throughput, peak_memory_mb
@@ -68,7 +73,7 @@ from pretrain.parallelize import Parallel, fast_path_header, parallelize, start
 from pretrain.peak_flops import peak_flops
 from pretrain.preflight import DirectoryLock, checkpoint_root, claim_run
 from pretrain.runtime import Runtime, set_up
-from pretrain.signals import StopSignals, exit_status, say, signal_name
+from pretrain.signals import LAUNCHER_GONE_STATUS, Stop, StopSignals, exit_status, say, say_anyway, say_for_node, signal_name
 from pretrain.step import StepResult, evaluate, train_step
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelError, RunError, OffloadError, EvaluationError)
@@ -151,7 +156,7 @@ def release(locks: list[DirectoryLock]) -> None:
 
 def control_group() -> dist.ProcessGroup | None:
     """A gloo group of every rank for the loop's agreements (None in one process)."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    return new_gloo_group() if dist.is_initialized() else None
 
 
 def build_run(cfg: RunConfig, resume: bool, stop: StopSignals | None = None) -> Run:
@@ -246,10 +251,11 @@ def explain_mismatch(exc: CheckpointMismatch, cfg: RunConfig) -> str:
 
 def train_loop(run: Run) -> None:
     """Steps first+1 .. end, each logged and checkpointed as configured, stopping early on a
-    signal (`stop_on_signal`) or a diverged step (`on_nonfinite`); then wait for the last
-    checkpoint and, on rank 0, print the summary. A run that stops with an error first waits for
-    the checkpoints already requested, which hold good states."""
-    cfg, began, record = run.cfg, time.perf_counter(), {}
+    signal or a launcher's death (`stop_early`) or a diverged step (`on_nonfinite`); then wait for
+    the last checkpoint and, on rank 0, print the summary. A run that stops with an error first
+    waits for the checkpoints already requested, which hold good states; one whose peers are lost
+    waits for nothing (`PeersLost`)."""
+    cfg, began, record, step = run.cfg, time.perf_counter(), {}, run.first
     if run.stop is not None:
         run.stop.in_loop = True
     try:
@@ -265,13 +271,17 @@ def train_loop(run: Run) -> None:
                 run.skipped = 0
             due = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (step == run.end and cfg.checkpoint.save_final)
             requested = due and run.checkpoints.save(step, run.par.module, run.optimizer, run.schedule, run.train_batches, final=step == run.end)
-            if step < run.end and (signum := stop_requested(run)) is not None:
-                stop_on_signal(run, step, signum, requested)
+            if step < run.end and (stop := stop_requested(run)) is not None:
+                stop_early(run, step, stop, requested)
         saved = run.checkpoints.finalize()
     except (RunError, Interrupted):
         with contextlib.suppress(CheckpointError):
             run.checkpoints.finalize()
         raise
+    except Exception as exc:
+        if (cause := collective_failure(exc)) is None:
+            raise
+        raise lost_peers(cause, run.stop, step, newest_checkpoint(run)) from None
     finally:
         if run.metrics is not None:
             run.metrics.close()
@@ -305,9 +315,43 @@ def newest_checkpoint(run: Run) -> str:
     return str(latest) if latest is not None else "none yet"
 
 
-def stop_requested(run: Run) -> int | None:
-    """The signal that stops the run after this step, agreed by every rank; None to go on."""
+def stop_requested(run: Run) -> Stop | None:
+    """Why the run stops after this step, agreed by every rank; None to go on."""
     return None if run.stop is None else run.stop.agreed(run.control)
+
+
+def stop_early(run: Run, step: int, stop: Stop, requested: bool) -> None:
+    """After this step: a signal asks for a checkpoint of it, a launcher's death does not."""
+    if stop.signum is not None:
+        stop_on_signal(run, step, stop.signum, requested)
+    else:
+        stop_without_launcher(run, step)
+
+
+def stop_without_launcher(run: Run, step: int) -> None:
+    """A launcher is gone: let the checkpoint already requested commit (its ranks' connections
+    still work), start none, say so once per node whose launcher is gone (rank 0 also for another
+    node's), and end the run with `LAUNCHER_GONE_STATUS`."""
+    run.checkpoints.finalize()
+    where = f"stopped after step {step} (newest checkpoint: {newest_checkpoint(run)}); continue with --resume"
+    if run.stop.launcher_gone:
+        say_for_node(f"ebb: the launcher (pid {run.stop.launcher}) is gone: {where}")
+    else:
+        say(f"ebb: the launcher of another node is gone: {where}")
+    raise Interrupted(LAUNCHER_GONE_STATUS)
+
+
+def lost_peers(cause: str, stop: StopSignals | None, step: int | None = None, newest: str | None = None) -> PeersLost:
+    """The error of a rank whose collective failed at `step` (None: before the first), when the
+    newest checkpoint was `newest`."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    launcher = f"; its launcher (pid {stop.launcher}) is gone" if stop is not None and stop.launcher_gone else ""
+    if step is None:
+        return PeersLost(f"error: rank {rank} lost contact with the other ranks before the first step ({cause}{launcher}); stopped, nothing to save")
+    return PeersLost(
+        f"error: rank {rank} lost contact with the other ranks at step {step} ({cause}{launcher}); "
+        f"stopped (newest checkpoint: {newest}; continue with --resume once every rank can run)"
+    )
 
 
 def stop_on_signal(run: Run, step: int, signum: int, requested: bool) -> None:
@@ -386,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> tuple[int, str | None]:
-    """Run the command; its exit status and the line still to print (None when none)."""
-    stop = StopSignals.install()
+    """Run the command; its exit status and the line still to print (None when none). A rank
+    whose peers are lost says so at once (its line is its own) and leaves the process group as it
+    is: tearing it down could wait on the peers."""
+    stop, lost = StopSignals.install(), False
     try:
         cfg = load_config(args.config, args.overrides)
+        stop.watch_launcher(PARENT_AT_START, cfg.parallel.collective_timeout_s)
         if args.dry_run:
             text = describe_run(cfg, args.world_size)
             if is_main_process():
@@ -400,17 +447,29 @@ def run_command(args: argparse.Namespace) -> tuple[int, str | None]:
         return 2, f"error: {exc}"
     except Interrupted as exc:
         return exc.status, exc.message
+    except PeersLost as exc:
+        lost = True
+        say_anyway(str(exc))
+        return 2, None
+    except Exception as exc:
+        if (cause := collective_failure(exc)) is None:
+            raise
+        lost = True
+        say_anyway(str(lost_peers(cause, stop)))
+        return 2, None
     finally:
         stop.restore()
-        if dist.is_initialized():
+        if dist.is_initialized() and not lost:
             dist.destroy_process_group()
     return 0, None
 
 
 def report(line: str | None) -> None:
-    if line is not None:
-        print(line, file=sys.stderr, flush=True)
-    sys.stdout.flush()
+    """`line` on stderr, and stdout flushed, unless they are gone (a killed launcher's pipes)."""
+    with contextlib.suppress(OSError):
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

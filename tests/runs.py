@@ -22,6 +22,7 @@ def load_bench(name: str) -> ModuleType:
     """bench/<name>.py as a module, for tests that call its functions."""
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered as an import would be (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
 
