@@ -388,7 +388,7 @@ def run_step(run: Run, step: int) -> dict:
     if run.val_batches and t.eval_interval and (step % t.eval_interval == 0 or step == run.end):
         record |= evaluate(run.par, run.val_batches, run.runtime)
     if run.downstream is not None and run.downstream.due(step, run.end):
-        record |= run.downstream.run(run.par.module, run.par.is_main, run.control)
+        record |= run.downstream.run(run.par.module, run.par.is_main)
     return record
 
 

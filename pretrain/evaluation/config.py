@@ -14,6 +14,9 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(16, gt=0, description="rows per forward pass; each row packs as many requests as fit")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt; None: each task's own default")
     max_length: int | None = Field(None, gt=0, description="context in tokens; None: train.seq_len")
+    timeout_s: float = Field(
+        3600.0, gt=0, description="under several ranks: seconds the others wait for rank 0's scores (parallel.collective_timeout_s bounds every other wait)"
+    )
 
     @field_validator("tasks")
     @classmethod

@@ -5,12 +5,15 @@ In one process the tasks run on the training model itself (in eval mode, under t
 autocast). Under FSDP or TP every rank takes part in gathering the full weights onto rank 0
 (`get_model_state_dict`, full and offloaded to its host memory); rank 0 rebuilds a plain
 `HybridLM` from them on its device, scores the tasks and frees it, and the metrics reach every
-rank, so each step's record is the same everywhere. Under PP the run refuses the section at
-config time (`pretrain.config`).
+rank, so each step's record is the same everywhere: the other ranks wait for them on a group
+of the evaluation's own, bounded by `evaluation.timeout_s` rather than the run's collective timeout
+(scoring can take longer than a training collective ever should). Under PP the run refuses the
+section at config time (`pretrain.config`).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,12 +36,14 @@ class DownstreamEvaluation:
     def __init__(self, cfg: RunConfig, runtime: Runtime, manager: Any, world_size: int, tokenizer: Any):
         self.cfg, self.section, self.runtime = cfg, cfg.evaluation, runtime
         self.manager, self.world_size, self.tokenizer = manager, world_size, tokenizer
+        # made now: a new group needs the launcher's store, which may be gone by the time it is used
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.section.timeout_s)) if world_size > 1 else None
 
     def due(self, step: int, end: int) -> bool:
         every = self.section.interval
         return step == end or bool(every and step % every == 0)
 
-    def run(self, model: nn.Module, is_main: bool, control: dist.ProcessGroup | None) -> dict[str, float]:
+    def run(self, model: nn.Module, is_main: bool) -> dict[str, float]:
         """The tasks' metrics (on every rank), scored on rank 0; every rank must call it. An
         evaluation that fails is a RunError on every rank (the run then ends as after any error,
         its requested checkpoints committed)."""
@@ -49,7 +54,7 @@ class DownstreamEvaluation:
             state = get_model_state_dict(model, options=options)  # collective; rank 0 alone receives the tensors
             shared = [self._outcome(lambda: self._score(self._replica(state))) if is_main else None]
             del state
-            dist.broadcast_object_list(shared, src=0, group=control)
+            dist.broadcast_object_list(shared, src=0, group=self.group)
             outcome = shared[0]
         if isinstance(outcome, str):
             raise RunError(outcome)

@@ -96,7 +96,7 @@ def test_an_evaluation_that_fails_is_one_line() -> None:
     model.forward = broken
     downstream = start_downstream(cfg, Runtime(torch.device("cpu"), torch.float32), True, 1, None)
     with pytest.raises(RunError, match=r"^downstream evaluation failed: RuntimeError: out of memory \(evaluation.tasks"):
-        downstream.run(model, True, None)
+        downstream.run(model, True)
     assert model.training  # left as training had it
 
 
