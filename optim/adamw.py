@@ -8,7 +8,10 @@ many tensors per call (`optim/buckets.py`: buckets of one codec, device and dtyp
 kernels for fp32 states of fp32 parameters (torch's own state layout), and, when not compiling,
 a codec's own fused kernel where it has one that applies (`StateCodec.fused_update_`:
 bitsandbytes' 8-bit kernel for int8 states on CUDA). DTensor parameters (FSDP2, TP) are updated
-shard by shard; their states are DTensors placed like them (`optim/shards.py`).
+shard by shard; their states are DTensors laid out as one process's (`optim/shards.py`). Where a
+layout splits a block between ranks, the step of those shards comes last: the statistics of
+every such block, the exchange (one all-reduce per process group), then the step that encodes
+with them.
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ from torch.optim.adam import adam as torch_adam
 from common.tensors import local_shard
 from optim.buckets import Member, Stepper
 from optim.codecs import CODECS, StateCodec
-from optim.codecs.base import Parts
+from optim.codecs.base import IDENTITY, BlockCodec, Parts, Stats
 from optim.config import OptimConfig
 from optim.groups import build_param_groups, wants_weight_decay
 from optim.offload import OffloadAdamW, build_offload_optimizer
-from optim.shards import like_param
+from optim.shards import BlockGrid, block_grid, blocks_like_param, exchange, like_param
 from optim.update import adamw_update_
 
 __all__ = ["AdamW", "adamw_update_", "build_optimizer", "wants_weight_decay"]
@@ -77,6 +80,7 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError(f"unknown state_dtype {group['state_dtype']!r} (one of {', '.join(CODECS)})")
         self.bucket_numel = bucket_numel
         self._stepper = Stepper(compile, self._auto_compile)
+        self._grids: dict[Tensor, BlockGrid] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -96,6 +100,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        shared: dict[Tensor, tuple[BlockCodec, Member, dict[str, Any]]] = {}
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             by_torch = [p for p in params if _by_torch(p, group)]
@@ -103,7 +108,9 @@ class AdamW(torch.optim.Optimizer):
                 self._torch_adamw(by_torch, group)
             by_codec = [p for p in params if not _by_torch(p, group)]
             if by_codec:
-                self._codec_step(by_codec, group, CODECS[group["state_dtype"]])
+                self._codec_step(by_codec, group, CODECS[group["state_dtype"]], shared)
+        if self._shared_params():
+            self._shared_step(shared)
         return loss
 
     def init_state(self) -> None:
@@ -112,6 +119,25 @@ class AdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 self._state(p, group, CODECS[group["state_dtype"]])
 
+    def _grid(self, p: Tensor, codec: StateCodec) -> BlockGrid | None:
+        """Where `p`'s shard sits on its global grid of `codec`'s blocks (None: no blocks)."""
+        if codec.block is None:
+            return None
+        if p not in self._grids:
+            self._grids[p] = block_grid(p, codec.block)
+        return self._grids[p]
+
+    def _shared_params(self) -> list[tuple[Tensor, BlockCodec]]:
+        """Every parameter whose blocks this rank shares with others, in group order: the same
+        list on every rank that shares them, whichever step now."""
+        found = []
+        for group in self.param_groups:
+            codec = CODECS[group["state_dtype"]]
+            for p in group["params"]:
+                if (grid := self._grid(p, codec)) is not None and grid.shared:
+                    found.append((p, codec))
+        return found
+
     def _state(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> dict[str, Tensor]:
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
         state = self.state[p]
@@ -119,9 +145,10 @@ class AdamW(torch.optim.Optimizer):
             shard = local_shard(p)
             on_device = group["fused"] and _by_torch(p, group)
             state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device if on_device else "cpu")
+            grid = self._grid(p, codec)
             for moment in MOMENTS:
-                for suffix, part in codec.zeros(shard).items():
-                    state[moment + suffix] = like_param(part, p, codec.block)
+                for suffix, part in codec.zeros(shard, grid and grid.parts_shape(shard.shape)).items():
+                    state[moment + suffix] = blocks_like_param(part, p, grid) if suffix in codec.block_parts else like_param(part, p)
             if group["master_weights"] and p.dtype != torch.float32:
                 state["master"] = like_param(shard.float(), p)
         return state
@@ -135,9 +162,12 @@ class AdamW(torch.optim.Optimizer):
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _codec_step(self, params: list[Tensor], group: dict[str, Any], codec: StateCodec) -> None:
+    def _codec_step(
+        self, params: list[Tensor], group: dict[str, Any], codec: StateCodec, shared: dict[Tensor, tuple[BlockCodec, Member, dict[str, Any]]]
+    ) -> None:
         """The codec route: each parameter's member of a bucket, buckets by device, dtypes and step
-        count (a parameter that missed steps without a gradient has a smaller count)."""
+        count (a parameter that missed steps without a gradient has a smaller count). Members
+        whose blocks other ranks share go into `shared`, for `_shared_step`."""
         hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
         kinds: dict[tuple, list[Member]] = {}
         for p in params:
@@ -147,15 +177,46 @@ class AdamW(torch.optim.Optimizer):
             target = (local_shard(state["master"]) if "master" in state else local_shard(p)).detach()  # views of it: no autograd
             grad = local_shard(_placed_like(p.grad, p))
             m, v = (self._parts(state, moment, codec) for moment in MOMENTS)
-            if not self._stepper.compiles(target.device) and codec.fused_update_(target, grad.to(target.dtype), m, v, step, **hyper):
-                if "master" in state:
-                    local_shard(p).copy_(target)
-                continue
             param = local_shard(p).detach() if "master" in state else None
+            if (grid := self._grid(p, codec)) is not None and grid.shared:
+                shared[p] = (codec, Member(target, grad, m, v, param, grid), dict(step=step, **hyper))
+                continue
+            if not self._stepper.compiles(target.device) and codec.fused_update_(target, grad.to(target.dtype), m, v, step, **hyper):
+                if param is not None:
+                    param.copy_(target)
+                continue
             key = (step, target.device, target.dtype, grad.dtype, None if param is None else param.dtype)
             kinds.setdefault(key, []).append(Member(target, grad, m, v, param))
         for (step, *_), members in kinds.items():
             self._stepper.step(codec, members, dict(step=step, **hyper), self.bucket_numel)
+
+    def _shared_step(self, stepping: dict[Tensor, tuple[BlockCodec, Member, dict[str, Any]]]) -> None:
+        """The step of the shards whose blocks other ranks share (`optim/shards.py`): each block's
+        statistics from this rank's pieces (those of blocks it holds nothing of at their
+        identity), combined over the ranks that share it, then the step encoding with them;
+        the per-block parts of every block of the rows, the same on each of those ranks. Every
+        rank runs it at every step, as its shared parameters are the others'."""
+        statistics: list[tuple[BlockGrid, Stats, dict[str, Any]]] = []
+        by_param: dict[Tensor, list[Stats]] = {}
+        for p, codec in self._shared_params():
+            grid = self._grids[p]
+            rows = grid.parts_shape(local_shard(p).shape)
+            moments = [{name: torch.full(rows, IDENTITY[how], device=local_shard(p).device) for name, how in codec.statistics.items()} for _ in MOMENTS]
+            if p in stepping:
+                _, member, hyper = stepping[p]
+                for full, mine in zip(moments, self._stepper.shared_statistics(codec, member, hyper)):
+                    for name, t in mine.items():
+                        full[name][..., grid.first : grid.first + grid.count] = t.view(full[name][..., :grid.count].shape)
+            by_param[p] = moments
+            statistics += [(grid, full, codec.statistics) for full in moments]
+        exchange(statistics)
+        for p, (codec, member, hyper) in stepping.items():
+            grid, moments = member.grid, by_param[p]
+            mine = tuple({name: t[..., grid.first : grid.first + grid.count].reshape(-1) for name, t in full.items()} for full in moments)
+            self._stepper.shared_step(codec, member, hyper, mine)
+            for parts, full in zip((member.m, member.v), moments):
+                for suffix, value in codec.scales(full).items():
+                    parts[suffix].copy_(value)
 
     @staticmethod
     def _parts(state: dict[str, Tensor], moment: str, codec: StateCodec) -> Parts:
