@@ -47,14 +47,16 @@ def expansion(big: Tensor, small: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     float32: a float32 power or logarithm differs in its last bit between a vector loop (SLEEF)
     and a scalar one (libm), eager or compiled, so where a group falls in a tensor, or in the
     tensors stepped together, would change its scale. In float64 the two agree to far below a
-    float32 rounding step (and the square root is then exactly float32's)."""
+    float32 rounding step. The products and quotients are float64's too: a group of tiny values
+    (a second moment's 1e-10 beside 1e-40) would underflow the centre to 0 in float32, and its
+    scale to infinity; the centre is kept at least float32's smallest normal number."""
     empty = big == 0
-    big, small = torch.where(empty, 1.0, big), torch.where(empty, 1.0, small)
-    log2_range = torch.log2((big / small).double()).float()
+    big, small = torch.where(empty, 1.0, big).double(), torch.where(empty, 1.0, small).double()
+    log2_range = torch.log2(big / small).float()
     k = torch.floor(K_STEPS * TARGET_LOG2_RANGE / log2_range.clamp(min=1e-6)) / K_STEPS
     k = torch.where(empty, 1.0, k.clamp(1.0 / K_STEPS, K_MAX))
-    centre = torch.sqrt((big * small).double()).float()
-    scale = (torch.pow((big / centre).double(), k.double()) / E4M3_MAX).float()
+    centre = torch.sqrt(big * small).float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (torch.pow(big / centre.double(), k.double()) / E4M3_MAX).float()
     return k, centre, scale
 
 
