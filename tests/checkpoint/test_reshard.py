@@ -58,7 +58,7 @@ from tests.distributed import run_distributed
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 GLOBAL_BATCH, SAVE_AT, MORE = 4, 2, 2
-TOTAL = SAVE_AT + 2 * MORE  # the data chain's three legs
+TOTAL = SAVE_AT + 2 * MORE  # the longest chain of runs: a fresh save, a resumed run, a resumed run of that
 FP32_TOL, BF16_TOL = 1e-6, 2.0**-5
 OPTIM = OptimConfig()  # the runs' betas are the defaults
 MODEL = tiny_model_overrides("G*", vocab_size=320, mlp_hidden=512, tie_embeddings=False, mixers=TP2_MIXERS)
@@ -95,36 +95,44 @@ class Pair:
     saved: Layout
     loaded: Layout
     master: bool = False  # bf16 parameters with fp32 master weights
+    after: int | None = None  # loads the checkpoint the resumed run of PAIRS[after] saved (else a fresh run's)
 
 
 PAIRS = [
-    Pair(ONE, TP2), Pair(TP2, ONE), Pair(ONE, DP2), Pair(DP2, TP2), Pair(TP2_DP2, PP2), Pair(PP2, ONE),
-    Pair(DP2_OFFLOAD, ONE, master=True), Pair(ONE, DP2_OFFLOAD, master=True), Pair(TP2_DP2, HSDP),
+    Pair(ONE, TP2), Pair(TP2, ONE, after=0), Pair(ONE, DP2), Pair(DP2, TP2, after=2), Pair(TP2_DP2, PP2), Pair(PP2, ONE, after=4),
+    Pair(ONE, DP2_OFFLOAD, master=True), Pair(DP2_OFFLOAD, ONE, master=True, after=6), Pair(TP2_DP2, HSDP),
 ]
-CHAIN = Pair(ONE, DP2)  # its resumed run saves again, and one process takes the data stream's third leg
+DATA_CHAIN = 3  # its chain of runs, dp 1 -> 2 -> 1 (tp 2), covers the data stream's three legs
 
 
 @dataclass
 class Job:
-    """One run on this rank: train from seed 0 and save at `SAVE_AT` (`load` None), or resume
-    `load` (from another seed's weights) and train `MORE` steps, then save into `save` if given."""
+    """One run on this rank: a fresh one trains from seed 0 for `SAVE_AT` steps and saves (a
+    one-process one then trains on, unbroken, as the reference of the loads of its checkpoint);
+    a resumed one loads `load` (saved under `source` after `first` steps) into another seed's
+    model, trains `MORE` steps and saves."""
 
     layout: Layout
     codec: str
     master: bool
     mode: str
+    save: Path
     load: Path | None = None
-    save: Path | None = None
-    first: int = 0  # the steps already taken when the run starts
-    source: Layout | None = None  # the layout `load` was saved under
+    first: int = 0
+    source: Layout | None = None
+
+    @property
+    def unbroken(self) -> bool:
+        return self.load is None and self.layout == ONE
 
 
 @dataclass
 class Outcome:
-    loaded: dict[str, Any] = field(default_factory=dict)  # global state right after the load (or at the save)
-    first: dict[str, Any] = field(default_factory=dict)  # global state after the first step (of a load)
-    final: dict[str, Any] = field(default_factory=dict)  # global state after the run's steps
-    losses: list[float] = field(default_factory=list)
+    loaded: dict[str, Any] = field(default_factory=dict)  # global state right after the load
+    saved: dict[str, Any] = field(default_factory=dict)  # global state when saved
+    first: dict[str, Any] = field(default_factory=dict)  # global state after the first step of the compared ones
+    final: dict[str, Any] = field(default_factory=dict)  # and after the last
+    losses: list[float] = field(default_factory=list)  # of the compared steps (a resumed run's, or an unbroken one's after its save)
     norms: list[float] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # this rank's input rows, per step
 
@@ -178,30 +186,31 @@ def run_job(job: Job, root: Path) -> Outcome:
         assert build_checkpointer(job.load, cfg.checkpoint, layout=layout).resume(par.module, optimizer, schedule, batches) == job.first
         out.loaded = global_state(par.module, optimizer)
     recorded = Recorded(batches, out.rows)
-    for _ in range(SAVE_AT if job.load is None else MORE):
-        result = train_step(par, optimizer, recorded, cfg.train.grad_accum, cfg.train.grad_clip, runtime)
-        schedule.step()
-        out.losses.append(result.loss.item())
-        out.norms.append(result.grad_norm.item())
-        if job.load is not None and not out.first:
-            out.first = global_state(par.module, optimizer)
-    out.final = global_state(par.module, optimizer)
-    if job.load is None:
-        out.loaded = out.final
-    if job.save is not None or job.load is None:
-        saver = build_checkpointer(job.save or saved_root(root, job), cfg.checkpoint, layout=layout)
-        saver.save(job.first + len(out.losses), par.module, optimizer, schedule, batches, final=True)
-        saver.finalize()
+
+    def train(steps: int) -> None:
+        for step in range(steps):
+            result = train_step(par, optimizer, recorded, cfg.train.grad_accum, cfg.train.grad_clip, runtime)
+            schedule.step()
+            out.losses.append(result.loss.item())
+            out.norms.append(result.grad_norm.item())
+            if step == 0:
+                out.first = global_state(par.module, optimizer)
+
+    train(SAVE_AT if job.load is None else MORE)
+    out.saved = out.final = global_state(par.module, optimizer)
+    saver = build_checkpointer(job.save, cfg.checkpoint, layout=layout)
+    saver.save(job.first + len(out.rows), par.module, optimizer, schedule, batches, final=True)
+    saver.finalize()
+    if job.unbroken:
+        out.losses, out.norms = [], []
+        train(MORE)
+        out.final = global_state(par.module, optimizer)
     batches.close()
     return out
 
 
 def run_jobs(jobs: list[Job], root: Path) -> list[Outcome]:
     return [run_job(job, root) for job in jobs]
-
-
-def saved_root(root: Path, job: Job) -> Path:
-    return root / "saved" / f"{name(job.layout)}-{job.codec}-{'master' if job.master else 'fp32'}"
 
 
 def name(layout: Layout) -> str:
@@ -307,51 +316,58 @@ def mode_for(index: int) -> str:
 
 @dataclass
 class Plan:
-    """Every run of the test: saves, the pairs' loads, their one-process references, and the
-    data chain's third legs."""
+    """Every run of the test: fresh saves; per pair and codec a resumed run; the one-process
+    references of the resumed runs that are not themselves one process, where no unbroken saver
+    already is one."""
 
     saves: list[Job]
-    loads: list[Job]
-    references: list[Job]
-    chain: list[Job]
-    third_legs: list[Job]
+    loads: list[Job]  # PAIRS x codecs, in that order
+    sources: list[Job]  # the run that saved each load's checkpoint
+    references: list[Job]  # each load's reference, or the load itself (one process: nothing to compare)
 
     @staticmethod
     def of(pairs: list[Pair], codecs: list[str], root: Path) -> Plan:
-        savers = list(dict.fromkeys((pair.saved, pair.master) for pair in pairs))
-        saves = [Job(layout, codec, master, mode_for(i + j)) for i, (layout, master) in enumerate(savers) for j, codec in enumerate(codecs)]
-        by_saver = {(job.layout, job.codec, job.master): job for job in saves}
-        loads = []
+        saves: dict[tuple, Job] = {}
+        loads: list[Job] = []
+        sources: list[Job] = []
         for i, pair in enumerate(pairs):
-            for codec in codecs:
-                saver = by_saver[(pair.saved, codec, pair.master)]
-                loads.append(Job(pair.loaded, codec, pair.master, mode_for(i), saved_root(root, saver), first=SAVE_AT, source=pair.saved))
-        references = [Job(ONE, job.codec, job.master, job.mode, job.load, first=SAVE_AT, source=job.source) for job in loads]
-        chain = [job for job, pair in zip(loads, (p for p in pairs for _ in codecs)) if pair == CHAIN]
-        for job in chain:
-            job.save = root / "chain" / job.codec
-        third_legs = [Job(ONE, job.codec, job.master, job.mode, job.save, first=SAVE_AT + MORE, source=job.layout) for job in chain]
-        return Plan(saves, loads, references, chain, third_legs)
+            for j, codec in enumerate(codecs):
+                if pair.after is not None:
+                    source = loads[pair.after * len(codecs) + j]
+                else:
+                    key = (pair.saved, codec, pair.master)
+                    saves.setdefault(key, Job(pair.saved, codec, pair.master, mode_for(len(saves)), root / "saved" / f"{len(saves)}"))
+                    source = saves[key]
+                loads.append(Job(
+                    pair.loaded, codec, pair.master, mode_for(i + j), root / "resumed" / f"{len(loads)}", source.save,
+                    source.first + (SAVE_AT if source.load is None else MORE), source.layout,
+                ))
+                sources.append(source)
+        references: dict[Path, Job] = {}
+        for load, source in zip(loads, sources):
+            if load.layout != ONE and not source.unbroken and source.save not in references:
+                references[source.save] = Job(ONE, load.codec, load.master, "sync", root / "reference" / f"{len(references)}", source.save, load.first, source.layout)
+        refs = [load if load.layout == ONE else source if source.unbroken else references[source.save] for load, source in zip(loads, sources)]
+        return Plan(list(saves.values()), loads, sources, refs)
 
     def run(self, root: Path) -> dict[int, list[Outcome]]:
-        """Saves first, 4-rank runs before 2-rank runs (their checkpoints feed 2-rank loads), the
-        one-process loads last: one spawn per world size."""
+        """One process's fresh saves, then the 4-rank runs, then the 2-rank ones (some load what
+        4 ranks saved, or what an earlier 2-rank run saved), then the one-process loads and
+        references: one spawn per world size."""
         outcomes: dict[int, list[Outcome]] = {}
-        for world, jobs in ((1, self.saves), (4, self.saves + self.loads), (2, self.saves + self.loads), (1, self.loads + self.references + self.third_legs)):
-            mine = [job for job in jobs if job.layout.world == world]
-            if not mine:
-                continue
-            results = [run_jobs(mine, root)] if world == 1 else run_distributed(run_jobs, world, mine, root)
-            for i, job in enumerate(mine):
-                outcomes[id(job)] = [rank[i] for rank in results]
+        everything = list({id(job): job for job in (*self.saves, *self.loads, *self.references)}.values())
+        for world, jobs in ((1, self.saves), (4, everything), (2, everything), (1, everything)):
+            mine = [job for job in jobs if job.layout.world == world and id(job) not in outcomes]
+            if mine:
+                results = [run_jobs(mine, root)] if world == 1 else run_distributed(run_jobs, world, mine, root)
+                outcomes |= {id(job): [rank[i] for rank in results] for i, job in enumerate(mine)}
         return outcomes
 
     def reshard_lines(self) -> Counter[str]:
         """The `ebb: resharding` lines rank 0 of the loading runs prints."""
         lines: Counter[str] = Counter()
-        for job in self.loads + self.references + self.third_legs:
-            change = layout_change(checkpoint_layout_of(job.source), checkpoint_layout_of(job.layout))
-            if change is not None:
+        for job in {id(job): job for job in (*self.loads, *self.references)}.values():
+            if job.load is not None and (change := layout_change(checkpoint_layout_of(job.source), checkpoint_layout_of(job.layout))):
                 lines[f"ebb: resharding step-{job.first:08d} {change}"] += 1
         return lines
 
@@ -363,20 +379,28 @@ def test_every_codec_resumes_exactly_under_every_layout_pair(tmp_path: Path, cap
     said = Counter(line for line in capfd.readouterr().out.splitlines() if line.startswith("ebb: resharding"))
     assert said == plan.reshard_lines()
 
-    saved = {(job.layout, job.codec, job.master): outcomes[id(job)] for job in plan.saves}
-    for job, reference, pair in zip(plan.loads, plan.references, (p for p in PAIRS for _ in codecs)):
+    pairs = [pair for pair in PAIRS for _ in codecs]
+    for job, source, reference, pair in zip(plan.loads, plan.sources, plan.references, pairs):
         what = f"{name(pair.saved)} -> {name(pair.loaded)} {job.codec}{' master' if pair.master else ''}"
-        got, want = outcomes[id(job)], outcomes[id(reference)][0]
-        assert_same_state(merged(got, "loaded"), merged(saved[(pair.saved, job.codec, job.master)], "final"), what)
-        resumed = Outcome(first=merged(got, "first"), final=merged(got, "final"), losses=got[0].losses, norms=got[0].norms)
-        assert_continues_as(resumed, want, CODECS[job.codec], OPTIM.betas, BF16_TOL if pair.master else FP32_TOL, what)
-        assert torch.equal(torch.cat(dp_rows(got, pair.loaded)), torch.cat(want.rows)), what  # the same global rows
+        got = outcomes[id(job)]
+        assert_same_state(merged(got, "loaded"), merged(outcomes[id(source)], "saved"), what)
+        if reference is not job:
+            want = outcomes[id(reference)][0]
+            resumed = Outcome(first=merged(got, "first"), final=merged(got, "final"), losses=got[0].losses, norms=got[0].norms)
+            assert_continues_as(resumed, want, CODECS[job.codec], OPTIM.betas, BF16_TOL if pair.master else FP32_TOL, what)
+            assert torch.equal(torch.cat(dp_rows(got, pair.loaded)), torch.cat(want.rows[-MORE:])), what  # the same global rows
 
     uninterrupted = uninterrupted_rows(tmp_path)
-    for job, third in zip(plan.chain, plan.third_legs):
-        first = saved[(CHAIN.saved, job.codec, job.master)][0].rows
-        consumed = torch.cat([*first, *dp_rows(outcomes[id(job)], CHAIN.loaded), *outcomes[id(third)][0].rows])
-        assert torch.equal(consumed, uninterrupted), job.codec
+    for j in range(len(codecs)):
+        chain, runs = [], DATA_CHAIN * len(codecs) + j
+        while runs is not None:
+            chain.insert(0, (plan.loads[runs], pairs[runs].loaded))
+            after = pairs[runs].after
+            runs = None if after is None else after * len(codecs) + j
+        first = plan.sources[next(i for i, job in enumerate(plan.loads) if job is chain[0][0])]
+        consumed = torch.cat([*outcomes[id(first)][0].rows[:SAVE_AT], *(row for job, layout in chain for row in dp_rows(outcomes[id(job)], layout))])
+        assert [layout.dp for _, layout in chain] == [2, 1]  # dp 1 -> 2 -> 1
+        assert torch.equal(consumed, uninterrupted[: len(consumed)]), codecs[j]
         assert torch.equal(torch.bincount(consumed.flatten(), minlength=320), torch.bincount(uninterrupted.flatten(), minlength=320))
         assert len({tuple(row.tolist()) for row in consumed}) == len(consumed)  # no row twice
 
@@ -388,7 +412,7 @@ def checkpoint_layout_of(layout: Layout) -> dict[str, Any]:
 
 def uninterrupted_rows(root: Path) -> torch.Tensor:
     """The rows one process's loader gives over `TOTAL` steps."""
-    cfg = config(Job(ONE, "fp32", False, "sync"), root / "uninterrupted")
+    cfg = config(Job(ONE, "fp32", False, "sync", root / "uninterrupted"), root / "uninterrupted")
     _, batches, _ = build_data(cfg.data, cfg.train, cfg.model.vocab_size)
     rows = torch.cat([next(batches).input_ids for _ in range(TOTAL)])
     batches.close()
