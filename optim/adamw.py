@@ -80,12 +80,14 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError(f"unknown state_dtype {group['state_dtype']!r} (one of {', '.join(CODECS)})")
         self.bucket_numel = bucket_numel
         self._stepper = Stepper(compile, self._auto_compile)
-        self._grids: dict[Tensor, BlockGrid] = {}
+        self._grids: dict[tuple[Tensor, int], BlockGrid] = {}
+        self._shared: list[tuple[Tensor, BlockCodec]] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_stepper"):  # more codec states: decide again
             self._stepper.decided.clear()
+            self._shared = None
 
     def _auto_compile(self, device: torch.device) -> bool:
         """Compile where it pays: a device inductor serves, and codec states large enough."""
@@ -123,20 +125,19 @@ class AdamW(torch.optim.Optimizer):
         """Where `p`'s shard sits on its global grid of `codec`'s blocks (None: no blocks)."""
         if codec.block is None:
             return None
-        if p not in self._grids:
-            self._grids[p] = block_grid(p, codec.block)
-        return self._grids[p]
+        if (p, codec.block) not in self._grids:
+            self._grids[p, codec.block] = block_grid(p, codec.block)
+        return self._grids[p, codec.block]
 
     def _shared_params(self) -> list[tuple[Tensor, BlockCodec]]:
         """Every parameter whose blocks this rank shares with others, in group order: the same
         list on every rank that shares them, whichever step now."""
-        found = []
-        for group in self.param_groups:
-            codec = CODECS[group["state_dtype"]]
-            for p in group["params"]:
-                if (grid := self._grid(p, codec)) is not None and grid.shared:
-                    found.append((p, codec))
-        return found
+        if self._shared is None:
+            self._shared = [
+                (p, codec) for group in self.param_groups for codec in [CODECS[group["state_dtype"]]]
+                for p in group["params"] if (grid := self._grid(p, codec)) is not None and grid.shared
+            ]
+        return self._shared
 
     def _state(self, p: Tensor, group: dict[str, Any], codec: StateCodec) -> dict[str, Tensor]:
         """The parameter's state, created on first use: step, the moments' parts, the master copy."""
@@ -199,7 +200,7 @@ class AdamW(torch.optim.Optimizer):
         statistics: list[tuple[BlockGrid, Stats, dict[str, Any]]] = []
         by_param: dict[Tensor, list[Stats]] = {}
         for p, codec in self._shared_params():
-            grid = self._grids[p]
+            grid = self._grid(p, codec)
             rows = grid.parts_shape(local_shard(p).shape)
             moments = [{name: torch.full(rows, IDENTITY[how], device=local_shard(p).device) for name, how in codec.statistics.items()} for _ in MOMENTS]
             if p in stepping:
@@ -228,6 +229,7 @@ class AdamW(torch.optim.Optimizer):
         round fp32 scales and master copies next to bf16 parameters: load the groups with it, and
         the state here, keeping dtypes and moving tensors only to where `_state` keeps them."""
         super().load_state_dict({**state_dict, "state": {}})
+        self._shared = None  # the groups are new dicts
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         owned = ((p, group) for group in self.param_groups for p in group["params"])
         for saved_id, (p, group) in zip(saved_ids, owned):
