@@ -193,31 +193,33 @@ class AdamW(torch.optim.Optimizer):
 
     def _shared_step(self, stepping: dict[Tensor, tuple[BlockCodec, Member, dict[str, Any]]]) -> None:
         """The step of the shards whose blocks other ranks share (`optim/shards.py`): each block's
-        statistics from this rank's pieces (those of blocks it holds nothing of at their
-        identity), combined over the ranks that share it, then the step encoding with them;
+        statistics, combined over the ranks that share it, then the step encoding with them, and
         the per-block parts of every block of the rows, the same on each of those ranks. Every
-        rank runs it at every step, as its shared parameters are the others'."""
-        statistics: list[tuple[BlockGrid, Stats, dict[str, Any]]] = []
-        by_param: dict[Tensor, list[Stats]] = {}
-        for p, codec in self._shared_params():
-            grid = self._grid(p, codec)
-            rows = grid.parts_shape(local_shard(p).shape)
-            moments = [{name: torch.full(rows, IDENTITY[how], device=local_shard(p).device) for name, how in codec.statistics.items()} for _ in MOMENTS]
-            if p in stepping:
-                _, member, hyper = stepping[p]
-                for full, mine in zip(moments, self._stepper.shared_statistics(codec, member, hyper)):
-                    for name, t in mine.items():
-                        full[name][..., grid.first : grid.first + grid.count] = t.view(full[name][..., :grid.count].shape)
-            by_param[p] = moments
-            statistics += [(grid, full, codec.statistics) for full in moments]
-        exchange(statistics)
+        rank runs it at every step: its shared parameters are the others'."""
+        shared = self._shared_params()
+        combined = {p: self._block_statistics(p, codec, stepping.get(p)) for p, codec in shared}
+        exchange([(self._grid(p, codec), stats, codec.statistics) for p, codec in shared for stats in combined[p]])
         for p, (codec, member, hyper) in stepping.items():
-            grid, moments = member.grid, by_param[p]
-            mine = tuple({name: t[..., grid.first : grid.first + grid.count].reshape(-1) for name, t in full.items()} for full in moments)
+            grid = member.grid
+            mine = tuple({name: t[..., grid.first : grid.first + grid.count].reshape(-1) for name, t in stats.items()} for stats in combined[p])
             self._stepper.shared_step(codec, member, hyper, mine)
-            for parts, full in zip((member.m, member.v), moments):
-                for suffix, value in codec.scales(full).items():
+            for parts, stats in zip((member.m, member.v), combined[p]):
+                for suffix, value in codec.scales(stats).items():
                     parts[suffix].copy_(value)
+
+    def _block_statistics(self, p: Tensor, codec: BlockCodec, stepping: tuple[BlockCodec, Member, dict[str, Any]] | None) -> list[Stats]:
+        """Per moment, the statistics of every block of `p`'s local rows from this rank's pieces of
+        them after this step (blocks it holds nothing of, or a step it does not take: each
+        statistic's identity)."""
+        grid = self._grid(p, codec)
+        rows = grid.parts_shape(local_shard(p).shape)
+        moments = [{name: torch.full(rows, IDENTITY[how], device=local_shard(p).device) for name, how in codec.statistics.items()} for _ in MOMENTS]
+        if stepping is not None:
+            _, member, hyper = stepping
+            for full, mine in zip(moments, self._stepper.shared_statistics(codec, member, hyper)):
+                for name, t in mine.items():
+                    full[name][..., grid.first : grid.first + grid.count] = t.view(full[name][..., : grid.count].shape)
+        return moments
 
     @staticmethod
     def _parts(state: dict[str, Tensor], moment: str, codec: StateCodec) -> Parts:

@@ -121,6 +121,7 @@ class Layout:
         return part.view(-1, 1) if part.is_contiguous() else part.reshape(-1, 1)
 
 
+@functools.cache
 def _part_kinds(codec: StateCodec) -> dict[str, bool]:
     """Per suffix: True for a part shaped like the tensor (codes), False for one per block."""
     return {suffix: suffix not in codec.block_parts for suffix in codec.suffixes}
