@@ -81,6 +81,7 @@ def sharded(variants: list[tuple[str, bool]], layouts: list = LAYOUTS, compile: 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_layouts_that_cut_blocks_store_what_one_process_stores():
     ranks = run_distributed(sharded, WORLD, VARIANTS)
     # cut: rows of 350, of 192 (int8; fp8 cuts its 128-groups too), the 1-D splits of 300, 3, 1000 and 600
