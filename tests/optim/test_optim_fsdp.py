@@ -45,10 +45,10 @@ def test_sharded_run_matches_one_process_with_the_same_codec(tmp_path: Path, dty
         torch.testing.assert_close(curve(tmp_path / "sharded", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
 
 
-def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:
+def test_save_under_dp2_resume_in_one_process(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     """The dp2 checkpoint holds each state under its global shape (the ranks' DTensor shards
-    together), and the one-process run resumed from it takes step 3 as an uninterrupted
-    one-process run does."""
+    together), and the one-process run resumed from it says that it reshards and takes step 3
+    as an uninterrupted one-process run does."""
     settings = [*CODEC, "optim.state_dtype=int8"]
     run_distributed(train_rank, 2, layout_config(tmp_path / "dp2", *settings, "parallel.dp_shard=2", "train.batch_size=2", "train.stop_at_step=2"))
     saved = dist_cp.FileSystemReader(find_latest(tmp_path / "dp2" / "checkpoints")).read_metadata().state_dict_metadata
@@ -56,6 +56,8 @@ def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:
     rows, columns = saved[f"model.{weight}"].size
     assert saved[f"optimizer.state.{weight}.exp_avg_int8"].size == (rows, columns)
     assert saved[f"optimizer.state.{weight}.exp_avg_sq_int8_absmax"].size == (rows, -(-columns // 256))
+    capfd.readouterr()
     train(layout_config(tmp_path / "dp2", *settings, "train.batch_size=4"), resume=True)
+    assert "ebb: resharding step-00000002 from dp_shard=2 to one process\n" in capfd.readouterr().out
     train(layout_config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     torch.testing.assert_close(curve(tmp_path / "dp2", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)
