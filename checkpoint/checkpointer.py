@@ -118,8 +118,9 @@ class Checkpointer:
         """Release what the mode holds (stagers, threads)."""
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> int:
-        """Load the newest intact checkpoint (`manager.resume`); its step. `resumed_from` names it."""
-        step, self.resumed_from = manager.resume(self.control, self.root, model, optimizer, schedule, data)
+        """Load the newest intact checkpoint (`manager.resume`, which says when it reshards it
+        from another layout); its step. `resumed_from` names it."""
+        step, self.resumed_from = manager.resume(self.control, self.root, model, optimizer, schedule, data, self.layout)
         return step
 
     # -- what a mode provides -------------------------------------------------------------------

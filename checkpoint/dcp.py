@@ -20,11 +20,16 @@ writes and loads its own part of the model and optimizer (DTensors under TP/FSDP
 under PP). The optimizer state is flattened
 (`param_groups.<fqn>.lr`, `state.<fqn>.exp_avg`), so each parameter's state is found by its name
 whichever rank holds it: a checkpoint saved under one tp x pp x dp layout loads under another.
+Every optimizer state is saved in its global form (optim/shards.py), low-bit codes and block
+scales included, so DCP reshards each one exactly. A master copy the checkpoint lacks (saved
+without master weights, or an fp32 parameter's under offload) is taken from the loaded weights.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 import random
+import re
 import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -55,6 +60,8 @@ from checkpoint.storage import ShardWriter
 from common.errors import first_line
 
 TRAINER_STATE = "trainer_state.pt"
+MASTER = re.compile(r"state\.(?P<fqn>.+)\.master")  # a master copy's flattened optimizer key
+CODES = re.compile(r"state\.(?P<fqn>.+)\.exp_avg_(?P<codec>[a-z0-9]+)")  # the first moment's codes under a low-bit codec
 DCP_METADATA = ".metadata"
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 SINGLE_PROCESS_WARNING = r"torch\.distributed is .* single process"
@@ -169,13 +176,49 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         load_model(path, model)
         return int(trainer["step"])
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-    state = {"model": model_state, "optimizer": optim_state}
-    _dcp_load(path, state)
+    reader = _MetadataOnce(path)
+    saved = {key.removeprefix("optimizer.") for key in _metadata(path, reader).state_dict_metadata if key.startswith("optimizer.")}
+    _refuse_fp32_where_quantised(path, optim_state, saved)
+    derived = [key for key in optim_state if MASTER.fullmatch(key) and key not in saved]
+    state = {"model": model_state, "optimizer": {k: v for k, v in optim_state.items() if k not in derived}}
+    _dcp_load(path, state, reader)
+    for key in derived:
+        state["optimizer"][key] = model_state[MASTER.fullmatch(key)["fqn"]].detach().float()
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=OPTIONS)
     schedule.load_state_dict(trainer["schedule"])
     data.load_state_dict(trainer["data"])
     set_rng_state(trainer["rng"])
     return int(trainer["step"])
+
+
+def _refuse_fp32_where_quantised(path: Path, optim_state: dict[str, Any], saved: set[str]) -> None:
+    """A checkpoint holding torch's fp32 moments where this optimizer keeps a low-bit codec's:
+    saved with another `optim.state_dtype`, or by an ebb that kept fp32 states for tensors whose
+    shards split blocks. One line naming them and the override that loads it as it is."""
+    found: dict[str, list[str]] = {}
+    for key in optim_state:
+        if (match := CODES.fullmatch(key)) and key not in saved and f"state.{match['fqn']}.exp_avg" in saved:
+            found.setdefault(match["codec"], []).append(match["fqn"])
+    if not found:
+        return
+    names = [name for group in found.values() for name in group]
+    params = {key.split(".", 1)[1].rsplit(".", 1)[0] for key in optim_state if key.startswith("state.")}
+    overrides = ", ".join(f"{{params: '{glob}', state_dtype: fp32}}" for glob in _globs(names, params))
+    kept = " and ".join(f"{len(group)} as {codec}" for codec, group in found.items())
+    raise CheckpointError(
+        f"checkpoint {path} holds fp32 optimizer states (exp_avg, exp_avg_sq) for tensors this run keeps in a low-bit codec ({kept}, "
+        f"e.g. {names[0]}): it was saved with another optim.state_dtype, or by an ebb that kept fp32 states where a layout split "
+        f"blocks between ranks; to resume it, keep them fp32: optim.overrides=[{overrides}]"
+    )
+
+
+def _globs(names: list[str], every: set[str]) -> list[str]:
+    """`names` as few globs as match them and nothing else of `every` (block indices as `*`)."""
+    globs: list[str] = []
+    for glob in dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names):
+        matched = {name for name in every if fnmatch.fnmatchcase(name, glob)}
+        globs += [glob] if matched <= set(names) else [name for name in names if name in matched]
+    return globs
 
 
 def load_model(path: Path, model: nn.Module) -> None:
@@ -234,10 +277,7 @@ class ModelReader:
         _check_layout(path)
         self.path = path
         self.reader = _MetadataOnce(path)
-        try:
-            metadata = self.reader.read_metadata()
-        except Exception as exc:  # a damaged .metadata can raise almost anything
-            raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
+        metadata = _metadata(path, self.reader)
         self.tensors: dict[str, TensorStorageMetadata] = {  # by parameter name: global shape, dtype
             key.removeprefix("model."): meta
             for key, meta in metadata.state_dict_metadata.items()
@@ -259,11 +299,19 @@ def _check_layout(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
 
 
-def _dcp_load(path: Path, state: dict[str, Any], reader: dist_cp.FileSystemReader | None = None) -> None:
+def _metadata(path: Path, reader: dist_cp.FileSystemReader) -> Any:
+    """The checkpoint's DCP metadata (global shapes and dtypes by key)."""
     _check_layout(path)
-    reader = reader or dist_cp.FileSystemReader(path)
     try:
-        reader.read_metadata()  # fails cleanly here rather than in DCP's logged fallbacks
+        return reader.read_metadata()
+    except Exception as exc:  # a damaged .metadata can raise almost anything
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
+
+
+def _dcp_load(path: Path, state: dict[str, Any], reader: dist_cp.FileSystemReader | None = None) -> None:
+    reader = reader or dist_cp.FileSystemReader(path)
+    _metadata(path, reader)  # fails cleanly here rather than in DCP's logged fallbacks
+    try:
         with _single_process_quietly():
             dist_cp.load(state, storage_reader=reader, no_dist=_no_dist())
     except CheckpointException as exc:

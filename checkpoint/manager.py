@@ -11,7 +11,9 @@ Resume takes the newest committed checkpoint whose files match its manifest (the
 share of the files each). A damaged one is moved aside into `<root>/quarantine/` (kept, not
 deleted: its bytes may still be worth something), so that the run can go on and commit that step
 again; an intact one that does not load into the run's model and optimizer is a mismatch between
-configs, not damage, and stops the resume with nothing moved.
+configs, not damage, and stops the resume with nothing moved. A checkpoint saved under another
+layout (the manifest's: mesh dims and optimizer offload) is resharded as it loads, and rank 0
+says so in one line first.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from checkpoint.ranks import Ranks
 from checkpoint.storage import fsync_path
 
 LATEST = "latest"
+LAYOUT_FLAGS = ("world_size", "offload")  # a layout's entries that are not mesh dims
 QUARANTINE = "quarantine"  # under the checkpoint root: damaged checkpoints that resume moved aside
 STEP_DIR = re.compile(r"step-(\d+)")
 RANK_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
@@ -204,9 +207,27 @@ def load_intact(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
         raise CheckpointMismatch(f"checkpoint {path} is intact but does not fit this run's model and optimizer: {exc}", path) from None
 
 
-def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful) -> tuple[int, Path]:
+def describe_layout(layout: dict[str, Any]) -> str:
+    """`tp=2 x dp_shard=4`, `one process`; `with optimizer offload` where it is on."""
+    dims = " x ".join(f"{dim}={size}" for dim, size in layout.items() if dim not in LAYOUT_FLAGS and isinstance(size, int) and size > 1)
+    return (dims or "one process") + (" with optimizer offload" if layout.get("offload") else "")
+
+
+def layout_change(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """`from <saved> to <current>` where the layouts differ; None where they agree, or where
+    either is unknown (an empty layout: a checkpoint or a caller that records none)."""
+    if not saved or not current or describe_layout(saved) == describe_layout(current):
+        return None
+    return f"from {describe_layout(saved)} to {describe_layout(current)}"
+
+
+def resume(
+    ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: dcp.Stateful, data: dcp.Stateful,
+    layout: dict[str, Any] | None = None,
+) -> tuple[int, Path]:
     """Load the newest intact committed checkpoint, moving damaged newer ones aside (see the
-    module docstring); its step and path."""
+    module docstring); its step and path. `layout`: this run's, as commits record it: where the
+    checkpoint's differs, rank 0 says `ebb: resharding step-... from ... to ...` before loading."""
     candidates = committed_checkpoints(root)[::-1]
     if not candidates:
         raise CheckpointError(f"nothing to resume: no checkpoint in {root}")
@@ -219,6 +240,8 @@ def resume(ranks: Ranks, root: Path, model: nn.Module, optimizer: torch.optim.Op
             problems.append(str(exc))
             _say(ranks, f"ebb: warning: checkpoint {path} is damaged ({exc}); moved it to {moved}")
             continue
+        if ranks.is_main and (change := layout_change(read_manifest(path).get("layout") or {}, layout or {})):
+            print(f"ebb: resharding {path.name} {change}", flush=True)
         step = load_intact(path, model, optimizer, schedule, data)
         if problems:
             _say(ranks, f"ebb: resuming from {path}, the newest intact checkpoint")

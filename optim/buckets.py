@@ -13,7 +13,11 @@ whole blocks is a view in that layout, so a large one is stepped where it lies, 
 rows of at most `bucket_numel` elements (blocks never cross rows, so a slice quantises as the
 whole does). Smaller tensors (`ALONE_NUMEL`), and those that need padding, are copied together
 into a shared bucket of up to `bucket_numel` elements and copied back after the step. Local shards of DTensors are plain tensors
-here: placements never enter, as no block crosses a shard (`optim/shards.py`).
+here: placements never enter where the shards hold whole blocks. A shard whose blocks other
+ranks share (`optim/shards.py`) is stepped alone, in two passes around the exchange of its
+blocks' statistics (`Stepper.shared_statistics`, `Stepper.shared_step`): its rows laid out on the
+global grid (padded before its first element to where that element's block begins, and after its
+last), so that each block of the bucket is a piece of one global block.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ from torch import Tensor
 
 from common.processes import is_main_process
 from optim.codecs import StateCodec
-from optim.codecs.base import Parts, scale_shape
-from optim.update import codec_step, coefficients
+from optim.codecs.base import BlockCodec, Parts, Stats, scale_shape
+from optim.shards import BlockGrid
+from optim.update import codec_step, coefficients, moment_statistics
 
 # Elements per call, by device type: it bounds the temporaries (a few bytes an element) and
 # amortises a call. On CPU the compiled step keeps some operands in buffers between its loops,
@@ -50,59 +55,76 @@ RECOMPILE_LIMIT = 64  # graphs of the compiled step kept: codecs x dtypes x devi
 class Member:
     """One parameter's local tensors for this step: `target` is updated in fp32 arithmetic (the
     master copy, or the parameter's shard itself), `param` gets the result when `target` is a
-    master copy, `m` and `v` are the moments' parts."""
+    master copy, `m` and `v` are the moments' parts. `grid`: where the shard's blocks are shared
+    with other ranks (its per-block parts then span its rows' every block), else None."""
 
     target: Tensor
     grad: Tensor
     m: Parts
     v: Parts
     param: Tensor | None = None
+    grid: BlockGrid | None = None
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where one tensor's rows go: `rows` rows of `block` elements (`block` 1 = flat)."""
+    """Where one tensor's rows go: `rows` rows of `block` elements (`block` 1 = flat). A tensor
+    row's first element goes `lead` elements into its first block (shared blocks: its offset
+    in its global block), and its per-block parts are `columns` of its rows' every block (None:
+    they are its own blocks, in order)."""
 
     rows: int
     block: int
+    lead: int = 0
+    columns: slice | None = None
 
     @staticmethod
-    def of(t: Tensor, block: int | None) -> Layout:
+    def of(t: Tensor, block: int | None, grid: BlockGrid | None = None) -> Layout:
         if block is None:
             return Layout(t.numel(), 1)
-        return Layout(scale_shape(t.shape, block).numel(), block)
+        if grid is None:
+            return Layout(scale_shape(t.shape, block).numel(), block)
+        rows = t.numel() // grid.width if grid.width else 0
+        return Layout(rows * grid.count, block, grid.lead, slice(grid.first, grid.first + grid.count))
 
     def view(self, t: Tensor) -> Tensor | None:
         """`t` (shaped like the parameter) as `[rows, block]` (flat: `[rows]`) without a copy, or None."""
-        if not t.is_contiguous():
+        if not t.is_contiguous() or self.columns is not None:
             return None
         if self.block == 1:
             return t.view(-1)
         last = t.shape[-1] if t.ndim else 1
         return t.view(-1, self.block) if last % self.block == 0 else None
 
+    def _row_blocks(self, last: int) -> int:
+        return -(-(self.lead + last) // self.block)
+
     def padded(self, t: Tensor, pad: float) -> Tensor:
-        """`t` as `[rows, block]`, a copy: each row padded with `pad` to whole blocks."""
+        """`t` as `[rows, block]`, a copy: each row padded with `pad` to whole blocks (`lead` before it)."""
         if self.block == 1:
             return t.reshape(-1)
         last = t.shape[-1] if t.ndim else 1
-        return F.pad(t.reshape(-1, last), (0, (-last) % self.block), value=pad).view(-1, self.block)
+        after = self._row_blocks(last) * self.block - self.lead - last
+        return F.pad(t.reshape(-1, last), (self.lead, after), value=pad).view(-1, self.block)
 
     def unpadded(self, rows: Tensor, shape: torch.Size) -> Tensor:
         """Inverse of `padded`: a view of `rows` shaped `shape`."""
         if self.block == 1:
             return rows.view(shape)
         last = shape[-1] if len(shape) else 1
-        return rows.reshape(-1, -(-last // self.block) * self.block)[:, :last].view(shape)
+        return rows.reshape(-1, self._row_blocks(last) * self.block)[:, self.lead : self.lead + last].view(shape)
+
+    def block_rows(self, part: Tensor) -> Tensor:
+        """A per-block part as `[rows, 1]`: a view of its own blocks, or a copy of `columns`."""
+        if self.columns is not None:
+            part = part[..., self.columns]
+        return part.view(-1, 1) if part.is_contiguous() else part.reshape(-1, 1)
 
 
 @functools.cache
 def _part_kinds(codec: StateCodec) -> dict[str, bool]:
     """Per suffix: True for a part shaped like the tensor (codes), False for one per block."""
-    if codec.block is None:
-        return {suffix: True for suffix in codec.suffixes}
-    probe = torch.empty(1, 2 * codec.block, device="meta")
-    return {suffix: part.shape == probe.shape for suffix, part in codec.zeros(probe).items()}
+    return {suffix: suffix not in codec.block_parts for suffix in codec.suffixes}
 
 
 @functools.cache
@@ -148,7 +170,7 @@ def plan(members: list[Member], codec: StateCodec, bucket_numel: int, alone_nume
     shared: list[_Piece] = []
     shared_rows = 0
     for member in members:
-        layout = Layout.of(member.target, codec.block)
+        layout = Layout.of(member.target, codec.block, member.grid)
         if layout.rows == 0:
             continue
         if bucket_numel <= 0:
@@ -192,7 +214,7 @@ class _Arrays:
             rows = piece.layout.view(t)
             rows = piece.layout.padded(t, pad) if rows is None else rows
         else:
-            rows = t.view(-1, 1) if t.is_contiguous() else t.reshape(-1, 1)
+            rows = piece.layout.block_rows(t)
         return rows if piece.start is None else rows[piece.start : piece.stop]
 
     def _join(self, rows: list[Tensor], pad: float) -> Tensor:
@@ -234,7 +256,10 @@ class _Arrays:
             for parts, new in ((member.m, new_m), (member.v, new_v)):
                 for suffix, whole in self.kinds.items():
                     dst, src = parts[suffix], new[suffix][start:stop]
-                    add(dst, layout.unpadded(src, dst.shape) if whole else src.view(dst.shape))
+                    if whole:
+                        add(dst, layout.unpadded(src, dst.shape))
+                    elif layout.columns is None:  # shared blocks' parts span the rows: `Stepper.shared_step`'s caller writes them
+                        add(dst, src.view(dst.shape))
             start = stop
         for dsts, srcs in pairs.values():
             torch._foreach_copy_(dsts, srcs)
@@ -247,10 +272,10 @@ def _say(message: str, warning: bool = False) -> None:
 
 
 @functools.cache
-def _compiled() -> Callable[..., tuple[Parts, Parts]]:
-    """`codec_step`, compiled: the codec, dtypes, devices and shapes but the row count (marked
-    dynamic by the caller) are guarded, so each combination compiles once."""
-    return torch.compile(codec_step, dynamic=False)
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (`codec_step`, `moment_statistics`), compiled: the codec, dtypes, devices and shapes
+    but the row count (marked dynamic by the caller) are guarded, so each combination compiles once."""
+    return torch.compile(fn, dynamic=False)
 
 
 def _mark_rows_dynamic(arrays: _Arrays) -> None:
@@ -275,8 +300,8 @@ class Stepper:
         return self.decided[device]
 
     def step(self, codec: StateCodec, members: list[Member], hyper: dict[str, Any], bucket_numel: int | None) -> None:
-        """One AdamW step of `members` (one codec, device, dtypes and step count); `bucket_numel`
-        None: the device's default."""
+        """One AdamW step of `members` (one codec, device, dtypes and step count; whole blocks);
+        `bucket_numel` None: the device's default."""
         device = members[0].target.device
         if bucket_numel is None:
             bucket_numel = BUCKET_NUMEL.get(device.type, DEFAULT_BUCKET_NUMEL)
@@ -284,21 +309,52 @@ class Stepper:
         coeffs = coefficients(device=device, **hyper) if self.compiles(device) else None
         for pieces in plan(members, codec, bucket_numel, ALONE_NUMEL.get(device.type)):
             arrays = _Arrays(pieces, codec)
-            if coeffs is not None and self.compiles(device):
-                new_m, new_v = self._run_compiled(codec, arrays, coeffs, hyper, tables, len(members))
-            else:
-                new_m, new_v = codec_step(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, hyper, tables)
-            arrays.write_back(new_m, new_v)
+            arrays.write_back(*self._run(codec_step, "step", codec, arrays, hyper, coeffs, tables, len(members)))
 
-    def _run_compiled(
-        self, codec: StateCodec, arrays: _Arrays, coeffs: Tensor, hyper: dict[str, Any], tables: Parts, tensors: int
-    ) -> tuple[Parts, Parts]:
+    def shared_statistics(self, codec: BlockCodec, member: Member, hyper: dict[str, Any]) -> tuple[Stats, Stats]:
+        """The first pass over a member whose blocks other ranks share: the per-block statistics of
+        its new moments, `[rows x blocks touched]` each (flat); nothing is written."""
+        arrays = self._alone(codec, member)
+        if arrays is None:
+            return tuple({name: torch.empty(0) for name in codec.statistics} for _ in range(2))
+        device = member.target.device
+        coeffs = coefficients(device=device, **hyper) if self.compiles(device) else None
+        stats = self._run(moment_statistics, "step's statistics", codec, arrays, hyper, coeffs, codec.tables(device), 1, with_param=False)
+        return tuple({name: t.reshape(-1)[: arrays.pieces[0].rows] for name, t in moment.items()} for moment in stats)
+
+    def shared_step(self, codec: BlockCodec, member: Member, hyper: dict[str, Any], stats: tuple[Stats, Stats]) -> None:
+        """The second pass: the AdamW step, the moments encoded with the blocks' combined
+        statistics (flat, as `shared_statistics` gave them); the per-block parts are the
+        caller's to write."""
+        arrays = self._alone(codec, member)
+        if arrays is None:
+            return
+        pad = arrays.rows - arrays.pieces[0].rows  # the padding row of a one-row bucket
+        rows = tuple({name: torch.cat([t, t[-1:].expand(pad)]).view(-1, 1) for name, t in moment.items()} for moment in stats)
+        device = member.target.device
+        coeffs = coefficients(device=device, **hyper) if self.compiles(device) else None
+        arrays.write_back(*self._run(codec_step, "step", codec, arrays, hyper, coeffs, codec.tables(device), 1, stats=rows))
+
+    @staticmethod
+    def _alone(codec: StateCodec, member: Member) -> _Arrays | None:
+        layout = Layout.of(member.target, codec.block, member.grid)
+        return _Arrays([_Piece(member, layout)], codec) if layout.rows else None
+
+    def _run(
+        self, fn: Callable[..., Any], what: str, codec: StateCodec, arrays: _Arrays, hyper: dict[str, Any], coeffs: Tensor | None,
+        tables: Parts, tensors: int, with_param: bool = True, **extra: Any,
+    ) -> Any:
+        """`fn` (`codec_step` or `moment_statistics`) on a bucket's arrays: compiled with the
+        coefficient tensor `coeffs`, or eagerly where `coeffs` is None (or compiling failed)."""
+        operands = (arrays.target, arrays.grad, *((arrays.param,) if with_param else ()), arrays.m, arrays.v)
+        if coeffs is None or not self.compiles(arrays.target.device):
+            return fn(codec, *operands, hyper, tables, **extra)
         _mark_rows_dynamic(arrays)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         began = time.perf_counter()
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                out = _compiled()(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, coeffs, tables)
+                out = _compiled(fn)(codec, *operands, coeffs, tables, **extra)
         except Exception as error:  # no C++ compiler, no Triton...: eager where compiling was our choice
             device = arrays.target.device
             if self.compile is not None or device in self.ran:
@@ -307,9 +363,9 @@ class Stepper:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _say(f"ebb: warning: compiling the {codec.name} optimizer step failed ({type(error).__name__}: {reason}); "
                  f"it steps eagerly on {device} (optim.compile: false skips the attempt)", warning=True)
-            return codec_step(codec, arrays.target, arrays.grad, arrays.param, arrays.m, arrays.v, hyper, tables)
+            return fn(codec, *operands, hyper, tables, **extra)
         self.ran.add(arrays.target.device)
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
             dtypes = f"{str(arrays.target.dtype).removeprefix('torch.')} target, {str(arrays.grad.dtype).removeprefix('torch.')} gradients"
-            _say(f"ebb: compiled the {codec.name} optimizer step ({tensors} tensors, {dtypes}, {arrays.target.device}) in {time.perf_counter() - began:.1f}s")
+            _say(f"ebb: compiled the {codec.name} optimizer {what} ({tensors} tensors, {dtypes}, {arrays.target.device}) in {time.perf_counter() - began:.1f}s")
         return out

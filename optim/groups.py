@@ -1,5 +1,7 @@
 """Parameter groups from the config: weight decay and its exclusions, per-tensor state dtype
-(threshold, embeddings, sharding), and the `optim.overrides` globs."""
+(threshold, embeddings), and the `optim.overrides` globs. Every decision is a function of the
+parameter's name, global shape and the config, never of the layout, so a checkpoint's states
+have the same codecs under every layout."""
 from __future__ import annotations
 
 import fnmatch
@@ -7,9 +9,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from optim.codecs import CODECS
 from optim.config import OptimConfig, ParamGroupOverride
-from optim.shards import blocks_survive_sharding
 
 
 def wants_weight_decay(param: nn.Parameter) -> bool:
@@ -23,13 +23,9 @@ def embedding_weights(model: nn.Module) -> set[int]:
 
 
 def state_dtype_for(param: nn.Parameter, wanted: str, cfg: OptimConfig, is_embedding: bool) -> str:
-    """`wanted`, unless the tensor is small, an embedding kept in fp32 by option, or sharded so
-    that its blocks would span shards: then fp32."""
-    if wanted == "fp32":
-        return wanted
-    block = CODECS[wanted].block
-    too_small = param.numel() < cfg.min_quant_numel
-    if too_small or (is_embedding and cfg.fp32_embedding_states) or (block and not blocks_survive_sharding(param, block)):
+    """`wanted`, unless the tensor (its global element count: a DTensor's, not its shard's) is
+    small, or an embedding kept in fp32 by option: then fp32."""
+    if param.numel() < cfg.min_quant_numel or (is_embedding and cfg.fp32_embedding_states):
         return "fp32"
     return wanted
 

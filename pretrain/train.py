@@ -189,7 +189,7 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
     if isinstance(optimizer, OffloadAdamW):  # its hooks copy gradients to the host in a step's last backward
         optimizer.backwards_per_step = par.microbatches if par.pipeline is not None else t.grad_accum
     schedule = build_lr_schedule(optimizer, t.steps, **cfg.optim.schedule_options)
-    checkpoints = build_checkpointer(checkpoint_root(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, {"world_size": par.world_size, **par.shape})
+    checkpoints = build_checkpointer(checkpoint_root(cfg), cfg.checkpoint, {"config.yaml": dump_config(cfg)}, checkpoint_layout(par, cfg))
     if resume:
         try:
             first = checkpoints.resume(par.module, optimizer, schedule, train_batches)
@@ -213,6 +213,12 @@ def build_claimed_run(cfg: RunConfig, resume: bool, runtime: Runtime, par: Paral
     cluster_peak = None if peak is None else peak * par.world_size
     throughput = Throughput(tokens_per_step(t, par.dp_size), 3 * flops_per_token, cluster_peak)
     return Run(cfg, runtime, par, optimizer, schedule, checkpoints, train_batches, val_batches, first, end, throughput, metrics)
+
+
+def checkpoint_layout(par: Parallel, cfg: RunConfig) -> dict[str, Any]:
+    """What each checkpoint's manifest records of the layout: a resume under another one says
+    that it reshards (`checkpoint.manager.resume`)."""
+    return {"world_size": par.world_size, **par.shape, "offload": cfg.optim.offload.enabled}
 
 
 def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,7 @@ class CastCodec(StateCodec):
         self.name, self.dtype, self.suffix = name, dtype, suffix
         self.suffixes = (suffix,)
 
-    def zeros(self, local: Tensor) -> Parts:
+    def zeros(self, local: Tensor, blocks: torch.Size | None = None) -> Parts:
         return {self.suffix: torch.zeros(local.shape, dtype=self.dtype, device=local.device)}
 
     def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:

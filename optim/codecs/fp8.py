@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from optim.codecs.base import Parts, StateCodec, from_blocks, scale_shape, to_blocks
+from optim.codecs.base import BlockCodec, Parts, Reduction, Stats, from_blocks, scale_shape, to_blocks
 
 GROUP = 128
 E4M3 = torch.float8_e4m3fn
@@ -33,35 +33,44 @@ K_STEPS = 16  # k is a multiple of 1/16
 K_MAX = 8.0  # a group of (nearly) equal values has R ~ 1: any k fits, keep x' finite
 
 
-def expansion(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(k, centre, scale) per group of `blocks` [..., groups, GROUP]; an all-zero group gets
+def range_statistics(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(max |x|, smallest non-zero |x|, inf where none) per group of `blocks` [..., groups, GROUP]."""
+    mag = blocks.abs()
+    return mag.amax(-1), torch.where(mag > 0, mag, torch.inf).amin(-1)
+
+
+def expansion(big: Tensor, small: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, centre, scale) per group from its `range_statistics`; an all-zero group gets
     k = 1, centre = 1, scale = 1 (its codes are 0 whatever they are).
 
     The logarithm, square root and power of each group are taken in float64 and rounded to
     float32: a float32 power or logarithm differs in its last bit between a vector loop (SLEEF)
     and a scalar one (libm), eager or compiled, so where a group falls in a tensor, or in the
     tensors stepped together, would change its scale. In float64 the two agree to far below a
-    float32 rounding step (and the square root is then exactly float32's)."""
-    mag = blocks.abs()
-    big = mag.amax(-1)
-    small = torch.where(mag > 0, mag, torch.inf).amin(-1)
+    float32 rounding step. The products and quotients are float64's too: a group of tiny values
+    (a second moment's 1e-10 beside 1e-40) would underflow the centre to 0 in float32, and its
+    scale to infinity; the centre is kept at least float32's smallest normal number."""
     empty = big == 0
-    big, small = torch.where(empty, 1.0, big), torch.where(empty, 1.0, small)
-    log2_range = torch.log2((big / small).double()).float()
+    big, small = torch.where(empty, 1.0, big).double(), torch.where(empty, 1.0, small).double()
+    log2_range = torch.log2(big / small).float()
     k = torch.floor(K_STEPS * TARGET_LOG2_RANGE / log2_range.clamp(min=1e-6)) / K_STEPS
     k = torch.where(empty, 1.0, k.clamp(1.0 / K_STEPS, K_MAX))
-    centre = torch.sqrt((big * small).double()).float()
-    scale = (torch.pow((big / centre).double(), k.double()) / E4M3_MAX).float()
+    centre = torch.sqrt(big * small).float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (torch.pow(big / centre.double(), k.double()) / E4M3_MAX).float()
     return k, centre, scale
+
+
+def group_codes(blocks: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
+    """The uint8 view of the E4M3 codes of `blocks` [..., groups, GROUP] under their groups' expansion."""
+    expanded = torch.copysign(torch.exp2(torch.log2(blocks.abs() / centre.unsqueeze(-1)) * k.unsqueeze(-1)), blocks)
+    return (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(uint8 view of the E4M3 codes shaped like `x`, scale, k, centre per group)."""
     blocks = to_blocks(x, GROUP)
-    k, centre, scale = expansion(blocks)
-    expanded = torch.copysign(torch.exp2(torch.log2(blocks.abs() / centre.unsqueeze(-1)) * k.unsqueeze(-1)), blocks)
-    codes = (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
-    return from_blocks(codes, x.shape), scale, k, centre
+    k, centre, scale = expansion(*range_statistics(blocks))
+    return from_blocks(group_codes(blocks, scale, k, centre), x.shape), scale, k, centre
 
 
 def dequantize(codes: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
@@ -77,11 +86,12 @@ def plain_e4m3_roundtrip(x: Tensor) -> Tensor:
     return from_blocks((blocks / scale).to(E4M3).float() * scale, x.shape)
 
 
-class Fp8Codec(StateCodec):
+class Fp8Codec(BlockCodec):
     name, block, suffixes = "fp8", GROUP, ("_fp8", "_fp8_scale", "_fp8_k", "_fp8_centre")
+    statistics: dict[str, Reduction] = {"max": "max", "min": "min"}
 
-    def zeros(self, local: Tensor) -> Parts:
-        ones = torch.ones(scale_shape(local.shape, GROUP), dtype=torch.float32, device=local.device)
+    def zeros(self, local: Tensor, blocks: torch.Size | None = None) -> Parts:
+        ones = torch.ones(blocks or scale_shape(local.shape, GROUP), dtype=torch.float32, device=local.device)
         return {
             "_fp8": torch.zeros(local.shape, dtype=torch.uint8, device=local.device),
             "_fp8_scale": ones.clone(), "_fp8_k": ones.clone(), "_fp8_centre": ones,
@@ -90,8 +100,16 @@ class Fp8Codec(StateCodec):
     def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
         return dequantize(parts["_fp8"], parts["_fp8_scale"], parts["_fp8_k"], parts["_fp8_centre"])
 
-    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
-        return dict(zip(self.suffixes, quantize(value)))
+    def block_statistics(self, blocks: Tensor) -> Stats:
+        big, small = range_statistics(blocks)
+        return {"max": big, "min": small}
+
+    def scales(self, stats: Stats) -> Parts:
+        k, centre, scale = expansion(stats["max"], stats["min"])
+        return {"_fp8_scale": scale, "_fp8_k": k, "_fp8_centre": centre}
+
+    def codes(self, blocks: Tensor, scales: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
+        return group_codes(blocks, scales["_fp8_scale"], scales["_fp8_k"], scales["_fp8_centre"])
 
 
 FP8 = Fp8Codec()

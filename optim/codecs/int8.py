@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from optim.codecs.base import Parts, StateCodec, from_blocks, scale_shape, to_blocks
+from optim.codecs.base import BlockCodec, Parts, Reduction, Stats, from_blocks, scale_shape, to_blocks
 
 BLOCK = 256
 EXPONENT_BITS = 7
@@ -104,18 +104,23 @@ def lookup_tables(device: torch.device | str) -> Parts:
     }
 
 
-def quantize(x: Tensor, signed: bool, tables: Parts | None = None) -> tuple[Tensor, Tensor]:
-    """(uint8 codes shaped like `x`, fp32 absmax per block along the last dim). The code is the
-    nearest map entry, the lower one on a tie: the count of midpoints between entries below x."""
-    midpoints = (tables or lookup_tables(x.device))["mid_m" if signed else "mid_v"]
-    blocks = to_blocks(x, BLOCK)
-    absmax = blocks.abs().amax(-1)
+def block_codes(blocks: Tensor, absmax: Tensor, signed: bool, tables: Parts | None = None) -> Tensor:
+    """uint8 codes of `blocks` `[..., blocks, BLOCK]` whose blocks' absmax is `absmax`: the nearest
+    map entry to value / absmax, the lower one on a tie (the count of midpoints below it)."""
+    midpoints = (tables or lookup_tables(blocks.device))["mid_m" if signed else "mid_v"]
     normed = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(-1)
     if torch.compiler.is_compiling():
         codes = _nearest_codes(normed, signed, midpoints)
     else:  # eager: one pass of a binary search, the same codes
         codes = torch.bucketize(normed, midpoints[1:-1], out_int32=True)
-    return from_blocks(codes.to(torch.uint8), x.shape), absmax
+    return codes.to(torch.uint8)
+
+
+def quantize(x: Tensor, signed: bool, tables: Parts | None = None) -> tuple[Tensor, Tensor]:
+    """(uint8 codes shaped like `x`, fp32 absmax per block along the last dim)."""
+    blocks = to_blocks(x, BLOCK)
+    absmax = blocks.abs().amax(-1)
+    return from_blocks(block_codes(blocks, absmax, signed, tables), x.shape), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, tables: Parts | None = None) -> Tensor:
@@ -124,12 +129,13 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool, tables: Parts | None
     return from_blocks(to_blocks(entries, BLOCK) * absmax.unsqueeze(-1), codes.shape)
 
 
-class Int8Codec(StateCodec):
+class Int8Codec(BlockCodec):
     name, block, suffixes = "int8", BLOCK, ("_int8", "_int8_absmax")
+    statistics: dict[str, Reduction] = {"absmax": "max"}
 
-    def zeros(self, local: Tensor) -> Parts:
+    def zeros(self, local: Tensor, blocks: torch.Size | None = None) -> Parts:
         codes = torch.zeros(local.shape, dtype=torch.uint8, device=local.device)
-        absmax = torch.zeros(scale_shape(local.shape, BLOCK), dtype=torch.float32, device=local.device)
+        absmax = torch.zeros(blocks or scale_shape(local.shape, BLOCK), dtype=torch.float32, device=local.device)
         return {"_int8": codes, "_int8_absmax": absmax}
 
     def tables(self, device: torch.device) -> Parts:
@@ -138,9 +144,14 @@ class Int8Codec(StateCodec):
     def decode(self, parts: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
         return dequantize(parts["_int8"], parts["_int8_absmax"], signed, tables)
 
-    def encode(self, value: Tensor, signed: bool, tables: Parts | None = None) -> Parts:
-        codes, absmax = quantize(value, signed, tables)
-        return {"_int8": codes, "_int8_absmax": absmax}
+    def block_statistics(self, blocks: Tensor) -> Stats:
+        return {"absmax": blocks.abs().amax(-1)}
+
+    def scales(self, stats: Stats) -> Parts:
+        return {"_int8_absmax": stats["absmax"]}
+
+    def codes(self, blocks: Tensor, scales: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
+        return block_codes(blocks, scales["_int8_absmax"], signed, tables)
 
     def fused_update_(
         self, target: Tensor, grad: Tensor, m: Parts, v: Parts, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float

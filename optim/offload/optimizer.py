@@ -14,7 +14,8 @@ Step (`model.on_device` says where each subgroup goes):
 - during backward, a post-accumulate-grad hook copies each host piece's gradient to host memory
   on a side lane as soon as it is ready in the step's last backward (`backwards_per_step`: the
   micro-batches of gradient accumulation or of the pipeline); a gradient no hook copied, or
-  changed afterwards (e.g. clipped in place), is copied at the step: its version counter tells;
+  changed afterwards, is copied at the step: its version counter tells, or `clip_grad_norm_`
+  (an in-place op on a DTensor leaves the counter as it was);
 - the first device subgroup's state is prefetched; then in order, a host subgroup is updated by
   the host optimizer and its parameters uploaded on the host-to-device lane, while a device
   subgroup is updated by ebb's grouped step (`optim/buckets.py`) on its prefetched state, written
@@ -215,7 +216,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         their host copies are scaled by the same coefficient at the step."""
         params = [p for p in params if p.grad is not None]
         total = nn.utils.get_total_norm([p.grad for p in params])
-        nn.utils.clip_grads_with_norm_([p for p in params if p not in self.host_only], max_norm, total)
+        clipped = [p for p in params if p not in self.host_only]
+        nn.utils.clip_grads_with_norm_(clipped, max_norm, total)
+        for p in clipped:  # clipped in place: their host pieces are copied again at the step (an in-place op on a DTensor leaves its version counter as it was)
+            self.copied.pop(p, None)
         norm = total.full_tensor() if isinstance(total, DTensor) else total
         self.clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0).cpu()
         return total

@@ -177,3 +177,52 @@ def test_a_crashed_save_leaves_nothing_that_resume_would_pick(tmp_path):
     manager.save(2, model, optimizer, schedule, data)  # the leftovers are removed
     assert find_latest(tmp_path) == tmp_path / "step-00000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002"]
+
+
+LAYOUT = {"world_size": 8, "pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2, "offload": False}
+
+
+def test_a_resume_under_another_layout_says_so_once(tmp_path, capsys):
+    """The manifest records the layout a checkpoint was saved under; a resume under another one
+    prints one line on rank 0 before loading; the same layout, or one not known, prints none."""
+    model, optimizer, schedule, data = make_state(0)
+    saver = build_checkpointer(tmp_path, CheckpointConfig(mode="sync"), layout=LAYOUT)
+    saver.save(8, model, optimizer, schedule, data)
+    saver.finalize()
+    assert json.loads((tmp_path / "step-00000008" / "manifest.json").read_text())["layout"] == LAYOUT
+    capsys.readouterr()
+    for layout in (LAYOUT, None, LAYOUT | {"dp_shard": 8, "tp": 1}, {"world_size": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1, "offload": True}):
+        assert build_checkpointer(tmp_path, CheckpointConfig(), layout=layout).resume(model, optimizer, schedule, data) == 8
+    assert capsys.readouterr().out.splitlines() == [
+        "ebb: resharding step-00000008 from dp_shard=4 x tp=2 to dp_shard=8",
+        "ebb: resharding step-00000008 from dp_shard=4 x tp=2 to one process with optimizer offload",
+    ]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A committed run of the tiny MTG* model (one process)."""
+    from pretrain.config import load_config
+    from pretrain.train import train
+    from tests.runs import SMALL_RUN
+
+    run = tmp_path_factory.mktemp("small") / "run"
+    train(load_config(None, [*SMALL_RUN, f"train.run_dir={run}", "train.steps=2"]), resume=False)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout, world, cause",
+    [(["parallel.tp=4"], 4, "must be divisible by parallel.tp (4)"), (["parallel.pp=8", "parallel.pp_microbatches=1"], 8, "(8) pipeline stages need at least as many blocks (model has 4)")],
+    ids=["tp", "pp"],
+)
+def test_a_layout_that_cannot_hold_the_model_is_refused_before_resuming(small_run, layout, world, cause):
+    """Rank 0 of a torchrun world that cannot hold the model: one line, exit 2, before any
+    rendezvous; the run directory is as it was, byte for byte."""
+    from tests.runs import SMALL_RUN, assert_one_error, cli
+
+    before = {p: p.read_bytes() for p in sorted(small_run.rglob("*")) if p.is_file()}
+    result = cli("pretrain.train", *SMALL_RUN, f"train.run_dir={small_run}", "train.steps=4", *layout, "--resume", env={"WORLD_SIZE": str(world), "RANK": "0"})
+    assert_one_error(result, cause)
+    assert {p: p.read_bytes() for p in sorted(small_run.rglob("*")) if p.is_file()} == before

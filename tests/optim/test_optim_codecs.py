@@ -64,6 +64,17 @@ def test_fp8_round_trip_relative_error_per_group():
     assert ((decoded - m).abs() / m.abs() <= bound * 1.01).all()
 
 
+def test_fp8_groups_of_tiny_values_round_trip_finite():
+    """A second moment's group can span 1e-10 to 1e-40 (a rarely seen token's embedding row):
+    M m underflows float32, which once made the centre 0 and the scale infinite (NaN codes)."""
+    v = torch.tensor([[1e-10, 3e-25, 1e-40, 0.0] * 32, [1e-39, 1e-45, 0.0, 2e-44] * 32])
+    codes, scale, k, centre = fp8.quantize(v)
+    decoded = fp8.dequantize(codes, scale, k, centre)
+    assert decoded.isfinite().all() and (centre > 0).all() and scale.isfinite().all()
+    assert torch.equal(decoded == 0, v == 0)
+    assert ((decoded - v).abs() <= 0.5 * v.abs()).all()
+
+
 @pytest.mark.parametrize("name", list(CODECS))
 def test_every_codec_stores_zero_as_zero_and_names_its_parts(name):
     codec = CODECS[name]

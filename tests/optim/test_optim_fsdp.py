@@ -2,10 +2,12 @@
 against one process with the same codec, seed and global batch, and a checkpoint saved under
 dp_shard=2 resumed in one process.
 
-Blocks run along each tensor's last dim and FSDP2 shards dim 0, so a rank's shard quantises
-exactly as the same rows of the whole tensor do: the runs differ only by the order of the
-gradient sums (float32), as in tests/parallel/test_parallel_train.py. Tolerance: losses within 1e-4 (a
-rounding difference can move a code to its neighbour, an lr-sized change of one weight)."""
+Every tensor is quantised (`optim.min_quant_numel=0`): FSDP2 splits the 1-D ones, and tp 2 the
+row-parallel weights (16 of 32 columns), inside blocks, whose statistics the ranks then combine
+(optim/shards.py); the other shards hold whole blocks. Either way a rank's shard quantises
+exactly as the whole tensor does: the runs differ only by the order of the gradient sums
+(float32), as in tests/parallel/test_parallel_train.py. Tolerance: losses within 1e-4 (a rounding
+difference can move a code to its neighbour, an lr-sized change of one weight)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,37 +24,31 @@ from tests.runs import curve, layout_config
 
 TOL = 1e-4
 pytestmark = pytest.mark.distributed
-# Matrices quantised; the 1-D tensors (< 256 elements here) stay fp32 in every layout: FSDP2
-# shards their only dim, which would cut their blocks
-CODEC = ["model.pattern=RM*TG", "optim.min_quant_numel=256"]
+CODEC = ["model.pattern=RM*TG", "optim.min_quant_numel=0"]
 
 
 def train_rank(cfg: RunConfig) -> None:
     train(cfg, resume=False)
 
 
-# TP's row-parallel weights are split along their last dim (16 of 32 columns here, not whole
-# blocks): they keep fp32 states under tp 2, and so in the one-process run too
-ROW_PARALLEL_FP32 = "optim.overrides=[{params: '*.out_proj.weight', state_dtype: fp32}, {params: '*.down_proj.weight', state_dtype: fp32}]"
-
 
 @pytest.mark.parametrize(
-    "dtype, layout, world, overrides",
-    [("int8", ["parallel.dp_shard=2"], 2, []), ("fp8", ["parallel.dp_shard=2", "parallel.tp=2"], 4, [ROW_PARALLEL_FP32])],
+    "dtype, layout, world",
+    [("int8", ["parallel.dp_shard=2"], 2), ("fp8", ["parallel.dp_shard=2", "parallel.tp=2"], 4)],
     ids=["int8-fsdp2", "fp8-tp2xfsdp2"],
 )
-def test_sharded_run_matches_one_process_with_the_same_codec(tmp_path: Path, dtype: str, layout: list[str], world: int, overrides: list[str]) -> None:
-    settings = [*CODEC, f"optim.state_dtype={dtype}", *overrides]
+def test_sharded_run_matches_one_process_with_the_same_codec(tmp_path: Path, dtype: str, layout: list[str], world: int) -> None:
+    settings = [*CODEC, f"optim.state_dtype={dtype}"]
     run_distributed(train_rank, world, layout_config(tmp_path / "sharded", *settings, *layout, "train.batch_size=2"))
     train(layout_config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(curve(tmp_path / "sharded", key), curve(tmp_path / "one", key), rtol=0, atol=TOL, msg=key)
 
 
-def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:
+def test_save_under_dp2_resume_in_one_process(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     """The dp2 checkpoint holds each state under its global shape (the ranks' DTensor shards
-    together), and the one-process run resumed from it takes step 3 as an uninterrupted
-    one-process run does."""
+    together), and the one-process run resumed from it says that it reshards and takes step 3
+    as an uninterrupted one-process run does."""
     settings = [*CODEC, "optim.state_dtype=int8"]
     run_distributed(train_rank, 2, layout_config(tmp_path / "dp2", *settings, "parallel.dp_shard=2", "train.batch_size=2", "train.stop_at_step=2"))
     saved = dist_cp.FileSystemReader(find_latest(tmp_path / "dp2" / "checkpoints")).read_metadata().state_dict_metadata
@@ -60,6 +56,8 @@ def test_save_under_dp2_resume_in_one_process(tmp_path: Path) -> None:
     rows, columns = saved[f"model.{weight}"].size
     assert saved[f"optimizer.state.{weight}.exp_avg_int8"].size == (rows, columns)
     assert saved[f"optimizer.state.{weight}.exp_avg_sq_int8_absmax"].size == (rows, -(-columns // 256))
+    capfd.readouterr()
     train(layout_config(tmp_path / "dp2", *settings, "train.batch_size=4"), resume=True)
+    assert "ebb: resharding step-00000002 from dp_shard=2 to one process\n" in capfd.readouterr().out
     train(layout_config(tmp_path / "one", *settings, "train.batch_size=4"), resume=False)
     torch.testing.assert_close(curve(tmp_path / "dp2", "loss"), curve(tmp_path / "one", "loss"), rtol=0, atol=TOL)

@@ -241,7 +241,7 @@ def test_compile_auto_compiles_where_it_pays():
 def test_a_step_that_fails_to_compile_runs_eagerly_when_compiling_was_auto(monkeypatch, capfd):
     from optim import adamw, buckets
 
-    def no_compiler():
+    def no_compiler(fn):
         def fail(*args, **kwargs):
             raise RuntimeError("no C++ compiler found\nmore")
         return fail

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,27 @@ def test_a_checkpoint_of_one_state_dtype_does_not_load_under_another(tmp_path):
     run(tmp_path, *settings)
     with pytest.raises(CheckpointError, match=r"was saved with another config: optim.state_dtype \('int8' there, 'fp8' here\)"):
         run(tmp_path, *settings, "train.steps=4", "optim.state_dtype=fp8", resume=True)
+
+
+def test_fp32_states_where_this_run_quantises_stop_with_the_override_that_loads_them(tmp_path, monkeypatch):
+    """An ebb that chose codecs by layout kept fp32 states for tensors whose shards split blocks
+    (FSDP2's 1-D tensors). Its checkpoint, resumed with the same config, stops with one line
+    naming them by glob and the override that keeps them fp32; with that override it resumes."""
+    from optim import groups
+
+    settings = [*TINY, *QUANTISE_ALL, "optim.state_dtype=int8"]
+    decide = groups.state_dtype_for
+    monkeypatch.setattr(groups, "state_dtype_for", lambda param, *args: "fp32" if param.ndim == 1 else decide(param, *args))
+    run(tmp_path, *settings, "train.steps=2")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError) as refused:
+        run(tmp_path, *settings, "train.steps=4", resume=True)
+    message = str(refused.value)
+    assert "\n" not in message and "holds fp32 optimizer states (exp_avg, exp_avg_sq) for tensors this run keeps in a low-bit codec" in message
+    override = re.search(r"optim\.overrides=\[.*\]$", message).group(0)
+    assert "{params: 'blocks.*.mixer_norm.weight', state_dtype: fp32}" in override and "mixer.in_proj" not in override
+    run(tmp_path, *settings, "train.steps=4", override, resume=True)
+    assert len(losses(tmp_path)) == 4
 
 
 def test_bad_state_dtype_is_a_one_line_config_error():
