@@ -254,16 +254,40 @@ def state_passing(
     summary (final state, transition) per stream and what the incoming state adds to each
     output; one all-gather exchanges the summaries."""
     arguments = _bind(op, inputs)
-    v = arguments["v"]
-    n_segments = v.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_segments = arguments["v"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     streams = piece.streams(n_segments)
     run = functools.partial(op, scale=scale, output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size, **options)
+    ran = summarise(transition, run, arguments, streams, cu_seqlens, scale)
+    incoming = _incoming(piece.all_gather(ran.summary), piece.comm.rank, ran.combine)
+    return ran.output + read_incoming(ran.reach, incoming, streams, cu_seqlens)
+
+
+@dataclass(frozen=True)
+class PieceRun:
+    """One run of a chunked op over a piece, from a zero incoming state: its `output`, the
+    `reach` [.., H, K] of each output (an incoming state S_in adds S_in^T reach_t to it), and
+    each stream's `summary`, which `combine(S_in, summary)` turns into the state it hands on
+    (`combine(None, summary)` from a zero state)."""
+
+    output: Tensor
+    reach: Tensor
+    summary: Tensor
+    combine: Callable[[Tensor | None, Tensor], Tensor]
+
+
+def summarise(
+    transition: Transition, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float
+) -> PieceRun:
+    """`run(**arguments, initial_state=...)` (the op with output_final_state) summarised as
+    `transition` says, for the segments `streams` maps."""
     if transition == "matrix":
-        return _matrix_state_passing(piece, run, arguments, streams, cu_seqlens)
-    return _decay_state_passing(piece, run, arguments, streams, cu_seqlens, scale)
+        return _matrix_run(run, arguments, streams)
+    return _decay_run(run, arguments, streams, cu_seqlens, scale)
 
 
-def _matrix_state_passing(piece: Piece, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
+def _matrix_run(run: Callable, arguments: dict[str, Tensor], streams: Streams) -> PieceRun:
+    """v widened by K zero columns, from [0 | I] in the entering segments (zero elsewhere): the
+    final state is [H_p | M_p] and the widened outputs are reach_t = scale M_{s..t}^T q_t."""
     v, k = arguments["v"], arguments["k"]
     H, K, V = v.shape[-2], k.shape[-1], v.shape[-1]
     dtype = torch.promote_types(v.dtype, torch.float32)
@@ -272,37 +296,33 @@ def _matrix_state_passing(piece: Piece, run: Callable, arguments: dict[str, Tens
     initial = torch.cat([v.new_zeros(enters.numel(), H, K, V, dtype=dtype), identity.expand(-1, H, K, K)], dim=-1)
     widened = arguments | {"v": torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)}
     o, final = run(**widened, initial_state=initial)
-    o, reach = o.split([V, K], dim=-1)  # reach_t = scale M_{s..t}^T q_t: o_t gains S_in^T reach_t
-    summary = final[streams.leave.to(final.device)]  # [streams, H, K, V + K] = [H_p | M_p]
+    o, reach = o.split([V, K], dim=-1)
 
     def combine(state: Tensor | None, part: Tensor) -> Tensor:
         written, moved = part.split([V, K], dim=-1)
-        return written if state is None else moved @ state + written
+        return written if state is None else moved @ state.to(moved.dtype) + written
 
-    incoming = _incoming(piece.all_gather(summary), piece.comm.rank, combine)
-    return o + _read_incoming(reach, incoming, streams, cu_seqlens)
+    return PieceRun(o, reach, final[streams.leave.to(final.device)], combine)
 
 
-def _decay_state_passing(
-    piece: Piece, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float
-) -> Tensor:
+def _decay_run(run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float) -> PieceRun:
+    """A plain run; the transition is exp of the log-gate `g` summed over the piece (one scalar
+    per head) and reach_t = scale exp(sum of g up to t) q_t."""
     q, g = arguments["q"], arguments["g"]
     o, final = run(**arguments, initial_state=None)
     H, K, V = final.shape[1:]
     decay_to = _segment_cumsum(g, streams, cu_seqlens)  # [B, T, H]: summed log-gate from the entering segment's start
     leave = streams.leave.to(final.device)
-    entering_end = _segment_ends(decay_to, streams, cu_seqlens)  # [segments, H], -inf where not entering
-    moved = entering_end[leave].exp()  # [streams, H]
-    summary = torch.cat([final[leave].flatten(2), moved[..., None]], dim=-1)
+    moved = _segment_ends(decay_to, streams, cu_seqlens)[leave].exp()  # [streams, H]
+    summary = torch.cat([final[leave].flatten(2), moved[..., None].to(final.dtype)], dim=-1)
 
     def combine(state: Tensor | None, part: Tensor) -> Tensor:
         written, factor = part.split([K * V, 1], dim=-1)
         written = written.unflatten(-1, (K, V))
-        return written if state is None else factor[..., None] * state + written
+        return written if state is None else factor[..., None] * state.to(written.dtype) + written
 
-    incoming = _incoming(piece.all_gather(summary), piece.comm.rank, combine)
-    reach = scale * q * decay_to.exp()[..., None]
-    return o + _read_incoming(reach.to(o.dtype), incoming, streams, cu_seqlens)
+    reach = (scale * q * decay_to.exp()[..., None]).to(o.dtype)
+    return PieceRun(o, reach, summary, combine)
 
 
 def _segment_cumsum(g: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
@@ -345,7 +365,7 @@ def _segment_ends(decay_to: Tensor, streams: Streams, cu_seqlens: Tensor | None)
     return out.index_copy(0, index, torch.stack(rows))
 
 
-def _read_incoming(reach: Tensor, incoming: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
+def read_incoming(reach: Tensor, incoming: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
     """What the incoming states add to the output: reach_t [.., H, K] times S_in [H, K, V] of
     the stream each token's segment enters from (zero in segments that enter from none)."""
     incoming = incoming.to(reach.dtype)
