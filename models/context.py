@@ -75,6 +75,11 @@ class Piece:
     def start(self) -> int:
         return self.comm.rank * self.length
 
+    def rows(self, first: int, stop: int) -> Piece:
+        """The piece of rows [first, stop) (a pipeline microbatch), with its own exchange order."""
+        doc_starts = None if self.doc_starts is None else self.doc_starts[first:stop]
+        return Piece(self.comm, stop - first, self.length, doc_starts)
+
     def all_gather(self, x: Tensor) -> Tensor:
         """[size, *x.shape]: every rank's x (autograd-aware), ordered after the piece's earlier exchanges."""
         return self._ordered(self.comm.all_gather, x)

@@ -3,7 +3,8 @@ contiguous piece of every row, against one process in float64 (to 1e-10): the ou
 input's gradient and every parameter's (summed over the ranks), with rows of one document and
 with packed documents that cross pieces: a document of 1 and of 2 tokens (shorter than a chunk),
 one of 11 (longer than a piece, over 3 pieces at cp 4), starts on a piece boundary and inside
-pieces. Each mixer runs as two blocks with their MLPs (RWKV-7's value residual and channel-mix
+pieces. The routed mixers' auxiliary losses, each rank's share summed, equal one process's too.
+Each mixer runs as two blocks with their MLPs (RWKV-7's value residual and channel-mix
 token shift), its chunk (4) shorter than a piece. One spawn per world size checks every case."""
 from __future__ import annotations
 
@@ -54,14 +55,15 @@ def build(name: str, options: dict) -> HybridLM:
     return model
 
 
-def blocks_forward(model: HybridLM, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """The model's blocks and final norm on x [B, T, d] (as HybridLM.forward after the embedding)."""
+def blocks_forward(model: HybridLM, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's blocks and final norm on x [B, T, d] (as HybridLM.forward after the
+    embedding), and the routers' auxiliary loss (zero without routed mixers)."""
     if cu_seqlens is not None:
         cu_seqlens = with_row_starts(cu_seqlens, *x.shape[:2])
     carry = CarryView({})
     for block in model.blocks:
         x = block(x, cu_seqlens=cu_seqlens, carry=carry)
-    return model.norm(x)
+    return model.norm(x), torch.as_tensor(carry.get("aux_loss", 0.0))
 
 
 def errors_at_every_case(only: tuple[str, ...] = ()) -> dict[str, float]:
@@ -80,8 +82,8 @@ def errors_at_every_case(only: tuple[str, ...] = ()) -> dict[str, float]:
             weight = torch.randn(BATCH, SEQ, D_MODEL, generator=g)
             reference = build(name, options)
             whole = x.clone().requires_grad_(True)
-            out = blocks_forward(reference, whole, cu_seqlens)
-            (out * weight).sum().backward()
+            out, aux = blocks_forward(reference, whole, cu_seqlens)
+            ((out * weight).sum() + aux).backward()
 
             model = build(name, options)
             ids = torch.zeros(BATCH, SEQ, dtype=torch.long)
@@ -89,16 +91,18 @@ def errors_at_every_case(only: tuple[str, ...] = ()) -> dict[str, float]:
             cut = slice(piece.start, piece.start + piece.length)
             part = x[:, cut].clone().requires_grad_(True)
             with context_parallel(piece):
-                local = blocks_forward(model, part, local_cu)
-                (local * weight[:, cut]).sum().backward()
-            diffs = [(local - out[:, cut]).abs().max(), (part.grad - whole.grad[:, cut]).abs().max()]
+                local, aux_share = blocks_forward(model, part, local_cu)
+                ((local * weight[:, cut]).sum() + aux_share).backward()
+            aux_share = aux_share.detach().clone()
+            dist.all_reduce(aux_share)
+            diffs = [(local - out[:, cut]).abs().max(), (part.grad - whole.grad[:, cut]).abs().max(), (aux_share - aux).abs()]
             for p, q in zip(model.parameters(), reference.parameters()):
                 if q.grad is None:  # the embedding and head: not in blocks_forward
                     continue
                 grad = p.grad.clone()
                 dist.all_reduce(grad)
                 diffs.append((grad - q.grad).abs().max())
-            errors[f"{case}{'-packed' if packed else ''}"] = max(float(d) for d in diffs)
+            errors[f"{case}{'-packed' if packed else ''}"] = max(float(d.detach()) for d in diffs)
             assert out.abs().max() > 0.1
     return errors
 
