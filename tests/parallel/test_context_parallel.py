@@ -18,6 +18,7 @@ from models.mixers import PATTERN
 from models.model import CarryView, HybridLM
 from models.packing import with_row_starts
 from parallel.context_parallel import apply_context_parallel
+from parallel.data_parallel import apply_activation_checkpointing
 from tests.distributed import run_distributed
 from tests.mixer_checks import SMALL_MIXERS
 
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 D_MODEL, BATCH, SEQ = 16, 2, 16
 PACKED = torch.tensor([0, 2, 8, 13, 16, 20, 21, 32])  # rows of 16: [2, 6, 5, 3 | 4, 1, 11]
+HYBRID = "hybrid"
 EXTRA = {  # further variants of some mixers: (name, options)
     "attention-window3": ("attention", {"window_size": 3}),
     "attention-window6": ("attention", {"window_size": 6}),
@@ -33,6 +35,7 @@ EXTRA = {  # further variants of some mixers: (name, options)
     "gated_deltanet-gva": ("gated_deltanet", {"num_v_heads": 4, "allow_neg_eigval": True}),
     "gated_deltaproduct-3": ("gated_deltaproduct", {"num_householder": 3}),
     "rwkv7-swiglu": ("rwkv7", {"channel_mix": False}),
+    "hybrid-checkpointed": (HYBRID, {}),  # every mixer once, each block recomputed in backward
 }
 
 
@@ -42,16 +45,23 @@ def cases() -> dict[str, tuple[str, dict]]:
 
 
 def build(name: str, options: dict) -> HybridLM:
-    char = {mixer: c for c, mixer in PATTERN.items()}[name]
+    """Two blocks of mixer `name` (HYBRID: one block of every mixer, activation-checkpointed)."""
     mixers = {n: dict(section) for n, section in SMALL_MIXERS.items()}
-    mixers[name] = mixers.get(name, {}) | options | ({"decay_rank": 8, "a_rank": 8, "v_rank": 8, "gate_rank": 8} if name == "rwkv7" else {})
-    cfg = ModelConfig(pattern=char * 2, d_model=D_MODEL, vocab_size=8, mlp_hidden=32, init_std=0.2, rescale_residual=False, mixers=mixers)
+    mixers["rwkv7"] |= {"decay_rank": 8, "a_rank": 8, "v_rank": 8, "gate_rank": 8}
+    if name == HYBRID:
+        pattern = "".join(PATTERN)
+    else:
+        pattern = 2 * {mixer: c for c, mixer in PATTERN.items()}[name]
+        mixers[name] = mixers.get(name, {}) | options
+    cfg = ModelConfig(pattern=pattern, d_model=D_MODEL, vocab_size=8, mlp_hidden=32, init_std=0.2, rescale_residual=False, mixers=mixers)
     torch.manual_seed(0)
     model = HybridLM(cfg).to(torch.float64)
     with torch.no_grad():  # biases and norm weights away from their init, so they matter
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", "bias", "o_norm.weight")):
                 p.add_(0.3 * torch.randn_like(p))
+    if name == HYBRID:
+        apply_activation_checkpointing(model, "full")
     return model
 
 
