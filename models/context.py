@@ -80,6 +80,7 @@ class Piece:
         doc_starts = None if self.doc_starts is None else self.doc_starts[first:stop]
         return Piece(self.comm, stop - first, self.length, doc_starts)
 
+    @torch.compiler.disable
     def all_gather(self, x: Tensor) -> Tensor:
         """[size, *x.shape]: every rank's x (autograd-aware), ordered after the piece's earlier exchanges."""
         return self._ordered(self.comm.all_gather, x)
@@ -186,6 +187,7 @@ class Streams:
 _active: list[Piece | None] = [None]
 
 
+@torch.compiler.disable  # runs eager inside compiled blocks: no guard on the piece, no recompiles per batch
 def active_piece() -> Piece | None:
     """The piece of the batch being computed under `context_parallel`, else None."""
     return _active[0]
@@ -244,6 +246,7 @@ def _incoming(gathered: Tensor, rank: int, combine: Callable[[Tensor, Tensor], T
     return state
 
 
+@torch.compiler.disable
 def state_passing(
     piece: Piece,
     op: Callable,
@@ -413,6 +416,7 @@ def halo(piece: Piece, x: Tensor, cu_seqlens: Tensor | None, n: int) -> Tensor:
     return previous * piece.continues.to(device=x.device, dtype=x.dtype)[:, None, None]
 
 
+@torch.compiler.disable
 def conv_halo(piece: Piece, conv: Callable, x: Tensor, cu_seqlens: Tensor | None, lag: int) -> Tensor:
     """conv(x) as if each row continued the previous piece's row: the row's `lag` preceding
     inputs are prepended (a halo), the convolution runs, and the halo's outputs are dropped.
@@ -430,6 +434,7 @@ def conv_halo(piece: Piece, conv: Callable, x: Tensor, cu_seqlens: Tensor | None
     return y.view(B, T + lag, -1)[:, lag:].reshape(x.shape[:-1] + y.shape[-1:])
 
 
+@torch.compiler.disable
 def shifted(piece: Piece, x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     """x_{t-1} for every token (RWKV's token shift): the previous piece's last token before each
     row, zero at document starts."""
@@ -442,6 +447,7 @@ def shifted(piece: Piece, x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     return previous.reshape(x.shape)
 
 
+@torch.compiler.disable
 def stream_tails(piece: Piece, x: Tensor, cu_seqlens: Tensor, lag: int) -> Tensor:
     """[segments, lag, C]: the `lag` inputs that precede each segment of x [R, C] in its stream
     (segments as in `Piece.streams`), gathered from however many earlier pieces they lie in;
