@@ -1,13 +1,15 @@
 """Context parallelism's exchanges between pieces, at cp 2 and cp 4 (CPU, gloo, one process per
 rank), in one run:
 
-- state passing: the all-gather of every piece's summary [H_p | M_p] followed by each rank's
-  prefix (what ebb does) against a pipelined chain (rank p waits for the state entering it from
-  rank p - 1, applies its piece and sends the result on): seconds per exchange (the slowest
-  rank, median of the rounds), as chain / all-gather, and the bytes each rank sends;
-- causal imbalance of attention: each rank's forward + backward seconds of a context-parallel
-  attention layer (queries of its piece against every earlier key), as the slowest rank over the
-  mean, next to the count of query-key pairs (slowest / mean = 2 cp / (cp + 1) for contiguous
+- state passing, forward and backward: the pipelined chain ebb uses (rank p waits for the state
+  entering it from rank p - 1, applies its piece's summary and sends the result on;
+  `Piece.relay`) against one all-gather of every piece's summary [H_p | M_p] followed by each
+  rank's prefix: seconds (the slowest rank, median of the rounds), as chain / all-gather, and
+  the bytes each rank sends;
+- causal imbalance of attention: each rank's forward + backward seconds of SDPA for its piece's
+  queries against every key up to the end of its piece (timed one after the other in one
+  process, so that no rank's wait hides in another's time), as the slowest rank over the mean,
+  next to the count of query-key pairs (slowest / mean -> 2 cp / (cp + 1) for contiguous
   pieces).
 
     python bench/cp_exchange.py           # Gated DeltaNet 1.3B's state: 6 heads, d_k 256, d_v 512
@@ -29,14 +31,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.config import ModelConfig  # noqa: E402
-from models.context import Piece, context_parallel  # noqa: E402
-from models.mixers.attention import Attention  # noqa: E402
+from models.context import Piece  # noqa: E402
 from parallel.context_parallel import GroupComm  # noqa: E402
 
 SIZES = {
@@ -45,24 +47,25 @@ SIZES = {
 }
 
 
-def all_gather_exchange(comm: GroupComm, written: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-    """ebb's: one all-gather of [H_p | M_p], then S_in = prefix over the earlier pieces."""
-    gathered = comm.all_gather(torch.cat([written, moved], dim=-1))
-    state = torch.zeros_like(written)
-    for p in range(comm.rank):
-        h, m = gathered[p].split([written.shape[-1], moved.shape[-1]], dim=-1)
-        state = m @ state + h
-    return state
+def combine(state: torch.Tensor | None, summary: torch.Tensor) -> torch.Tensor:
+    """S_out = M_p S_in + H_p from a summary [H_p | M_p] (the matrix transition)."""
+    written, moved = summary.split([summary.shape[-1] - summary.shape[-2], summary.shape[-2]], dim=-1)
+    return written if state is None else moved @ state + written
 
 
-def chained_exchange(comm: GroupComm, written: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-    """The alternative: S_in arrives from rank - 1, S_out = M_p S_in + H_p goes to rank + 1."""
-    state = torch.zeros_like(written)
-    if comm.rank > 0:
-        dist.recv(state, dist.get_global_rank(comm.group, comm.rank - 1), group=comm.group)
-    if comm.rank < comm.size - 1:
-        dist.send(moved @ state + written, dist.get_global_rank(comm.group, comm.rank + 1), group=comm.group)
-    return state
+def relayed(piece: Piece, summary: torch.Tensor) -> torch.Tensor:
+    """ebb's: the state passes along the ranks (models.context.Piece.relay)."""
+    incoming, sent = piece.relay(summary, combine)
+    return incoming.sum() + 0 * sent
+
+
+def all_gathered(piece: Piece, summary: torch.Tensor) -> torch.Tensor:
+    """The alternative: one all-gather of every rank's summary, then each rank's prefix."""
+    gathered = piece.all_gather(summary)
+    state = combine(None, gathered[0]) * (piece.comm.rank > 0)
+    for p in range(1, piece.comm.rank):
+        state = combine(state, gathered[p])
+    return state.sum()
 
 
 def slowest(seconds: float) -> float:
@@ -72,34 +75,36 @@ def slowest(seconds: float) -> float:
 
 
 def time_exchange(comm: GroupComm, exchange, size: dict) -> tuple[float, int]:
+    """Seconds (slowest rank, median) of one forward and backward exchange, and this rank's bytes sent."""
     g = torch.Generator().manual_seed(comm.rank)
-    shape = (size["rows"], size["heads"], size["key"])
-    written = torch.randn(*shape, size["value"], generator=g)
-    moved = torch.randn(*shape, size["key"], generator=g) / size["key"]
+    summary = torch.cat([
+        torch.randn(size["rows"], size["heads"], size["key"], size["value"], generator=g),
+        torch.randn(size["rows"], size["heads"], size["key"], size["key"], generator=g) / size["key"],
+    ], dim=-1).requires_grad_(True)
     times, before = [], comm.sent_bytes
     for _ in range(size["rounds"]):
         dist.barrier()
         start = time.perf_counter()
-        exchange(comm, written, moved)
+        exchange(Piece(comm, size["rows"], 1, None), summary).backward()
         times.append(slowest(time.perf_counter() - start))
-    sent = (comm.sent_bytes - before) // size["rounds"] if exchange is all_gather_exchange else written.numel() * written.element_size() * (comm.rank < comm.size - 1)
-    return statistics.median(times), sent
+    return statistics.median(times), (comm.sent_bytes - before) // size["rounds"]
 
 
-def attention_seconds(comm: GroupComm, size: dict) -> float:
-    """This rank's forward + backward seconds of one context-parallel attention layer."""
-    cfg = ModelConfig(pattern="*", d_model=size["d_model"], mixers={"attention": {"num_heads": size["attn_heads"]}})
-    torch.manual_seed(0)
-    layer = Attention(cfg, 0)
-    x = torch.randn(1, size["piece"], size["d_model"], requires_grad=True)
-    times = []
-    for _ in range(size["rounds"]):
-        dist.barrier()
-        start = time.perf_counter()
-        with context_parallel(Piece(comm, 1, size["piece"], None)):
-            layer(x).square().sum().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def attention_seconds(world: int, size: dict) -> list[float]:
+    """Each rank's forward + backward seconds of SDPA for its queries against the keys up to the
+    end of its piece (lower-right causal), run one after the other in this process."""
+    T, heads, dim = size["piece"], size["attn_heads"], size["d_model"] // size["attn_heads"]
+    seconds = []
+    for p in range(world):
+        q = torch.randn(1, heads, T, dim, requires_grad=True)
+        k, v = (torch.randn(1, heads, (p + 1) * T, dim, requires_grad=True) for _ in range(2))
+        times = []
+        for _ in range(size["rounds"]):
+            start = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, (p + 1) * T)).sum().backward()
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times))
+    return seconds
 
 
 def worker(rank: int, world: int, tmp: str, size: dict) -> None:
@@ -107,10 +112,9 @@ def worker(rank: int, world: int, tmp: str, size: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     comm = GroupComm(dist.group.WORLD)
     result = {}
-    for name, exchange in (("all_gather", all_gather_exchange), ("chain", chained_exchange)):
-        exchange(comm, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))  # warm the connections
+    for name, exchange in (("all_gather", all_gathered), ("chain", relayed)):
+        exchange(Piece(comm, 1, 1, None), torch.zeros(1, 1, 1, 2, requires_grad=True)).backward()  # warm the connections
         result[name], result[f"{name}_bytes"] = time_exchange(comm, exchange, size)
-    result["attention_s"] = attention_seconds(comm, size)
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -130,7 +134,7 @@ def main() -> None:
     rows = []
     for world in (2, 4):
         ranks = run(world, size)
-        attention = [r["attention_s"] for r in ranks]
+        attention = attention_seconds(world, size)
         pairs = [(p + 1) * size["piece"] ** 2 - size["piece"] * (size["piece"] - 1) / 2 for p in range(world)]
         rows.append({
             "cp": world,
@@ -144,7 +148,8 @@ def main() -> None:
         })
     print(f"state summary: {size['rows']} row x {size['heads']} heads x d_k {size['key']} x d_v {size['value']} (fp32); "
           f"attention: d_model {size['d_model']}, piece {size['piece']} tokens")
-    print(f"{'cp':>3} {'all-gather s':>13} {'chain s':>10} {'chain/AG':>9} {'AG MB/rank':>11} {'chain MB/rank':>14} {'attn slowest/mean':>18} {'pairs slowest/mean':>19}")
+    header = ["cp", "all-gather s", "chain s", "chain/AG", "AG MB/rank", "chain MB/rank", "attn slowest/mean", "pairs slowest/mean"]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 13, 10, 9, 11, 14, 18, 19))))
     for r in rows:
         print(f"{r['cp']:>3} {r['all_gather_s']:>13.5f} {r['chain_s']:>10.5f} {r['chain_over_all_gather']:>9.2f} "
               f"{r['all_gather_bytes_per_rank'] / 1e6:>11.2f} {r['chain_bytes_per_rank'] / 1e6:>14.2f} "

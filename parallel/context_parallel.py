@@ -69,6 +69,46 @@ class _FromPrevious(torch.autograd.Function):
         return ctx.comm.shift(grad.contiguous(), forward=False), _zeros(ctx.after), None
 
 
+class _Receive(torch.autograd.Function):
+    """What the previous rank sends (zeros on rank 0); the gradient goes back to it."""
+
+    @staticmethod
+    def forward(ctx, like: Tensor, after: Tensor, comm: GroupComm) -> Tensor:
+        ctx.comm, ctx.like, ctx.after = comm, (like.shape, like.dtype, like.device), (after.shape, after.dtype, after.device)
+        received = torch.zeros_like(like)
+        if comm.rank > 0:
+            dist.recv(received, dist.get_global_rank(comm.group, comm.rank - 1), group=comm.group)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        comm = ctx.comm
+        if comm.rank > 0:
+            comm.sent_bytes += grad.numel() * grad.element_size()
+            dist.send(grad.contiguous(), dist.get_global_rank(comm.group, comm.rank - 1), group=comm.group)
+        return _zeros(ctx.like), _zeros(ctx.after), None
+
+
+class _Send(torch.autograd.Function):
+    """x to the next rank (nothing on the last); a scalar token whose backward receives x's gradient from it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, after: Tensor, comm: GroupComm) -> Tensor:
+        ctx.comm, ctx.x, ctx.after = comm, (x.shape, x.dtype, x.device), (after.shape, after.dtype, after.device)
+        if comm.rank < comm.size - 1:
+            comm.sent_bytes += x.numel() * x.element_size()
+            dist.send(x.contiguous(), dist.get_global_rank(comm.group, comm.rank + 1), group=comm.group)
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, token_grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        comm = ctx.comm
+        grad = _zeros(ctx.x)
+        if comm.rank < comm.size - 1:
+            dist.recv(grad, dist.get_global_rank(comm.group, comm.rank + 1), group=comm.group)
+        return grad, _zeros(ctx.after), None
+
+
 def _zeros(spec: tuple[torch.Size, torch.dtype, torch.device]) -> Tensor:
     shape, dtype, device = spec
     return torch.zeros(shape, dtype=dtype, device=device)
@@ -90,6 +130,12 @@ class GroupComm:
 
     def from_previous(self, x: Tensor, after: Tensor | None = None) -> Tensor:
         return _FromPrevious.apply(x, _ordering(after, x), self)
+
+    def receive(self, like: Tensor, after: Tensor | None = None) -> Tensor:
+        return _Receive.apply(like, _ordering(after, like), self)
+
+    def send(self, x: Tensor, after: Tensor | None = None) -> Tensor:
+        return _Send.apply(x, _ordering(after, x), self)
 
     def shift(self, x: Tensor, forward: bool) -> Tensor:
         """Send x one rank on (to rank + 1, or back to rank - 1) and return what arrives from the
