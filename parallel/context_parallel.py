@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from models.config import ModelConfig
 from models.context import Piece, context_parallel, cut_batch
+from models.mixers import SPECS
 
-__all__ = ["GroupComm", "ContextParallel", "apply_context_parallel", "context_parallel"]
+__all__ = ["GroupComm", "ContextParallel", "apply_context_parallel", "check_context_parallel", "context_parallel"]
 
 
 def _ordering(after: Tensor | None, like: Tensor) -> Tensor:
@@ -165,6 +167,23 @@ class ContextParallel:
         the model, and the `Piece` to make active around forward and backward."""
         input_ids, labels, local_cu_seqlens, doc_starts = cut_batch(input_ids, labels, cu_seqlens, self.comm.rank, self.comm.size)
         return input_ids, labels, local_cu_seqlens, Piece(self.comm, input_ids.shape[0], input_ids.shape[1], doc_starts)
+
+
+def check_context_parallel(model: ModelConfig, seq_len: int, cp: int) -> None:
+    """Raise ValueError (one line, naming the keys) when sequences of `seq_len` tokens cannot be
+    cut into `cp` pieces for this model: a length cp does not divide, a piece shorter than what a
+    mixer reads of the previous one, MoM's capacity (it needs whole documents)."""
+    if seq_len % cp:
+        raise ValueError(f"train.seq_len ({seq_len}) must be divisible by parallel.cp ({cp})")
+    piece = seq_len // cp
+    for name in dict.fromkeys(model.mixer_names):
+        plan, section = SPECS[name].module.cp_plan, model.mixer_config(name)
+        if plan is None:
+            raise ValueError(f"parallel.cp ({cp}): mixer {name} declares no context-parallel plan")
+        if plan.halo(section) > piece:
+            raise ValueError(f"parallel.cp ({cp}): pieces of {piece} tokens are shorter than the {plan.halo(section)} tokens {name} reads before each piece")
+    if "mom" in model.mixer_names and model.mixers.mom.capacity:
+        raise ValueError("mixers.mom.capacity needs whole documents: set it to null with parallel.cp > 1")
 
 
 def undeclared_mixers(model: nn.Module) -> list[str]:
