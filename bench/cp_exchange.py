@@ -13,7 +13,7 @@ rank), in one run:
   pieces).
 
     python bench/cp_exchange.py           # Gated DeltaNet 1.3B's state: 6 heads, d_k 256, d_v 512
-    python bench/cp_exchange.py --tiny    # seconds: checks that the bench runs
+    python bench/cp_exchange.py --tiny --cp 2    # seconds: checks that the bench runs
 
 Results: bench/results/cp_exchange.json.
 """
@@ -128,11 +128,12 @@ def run(world: int, size: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--cp", type=int, nargs="+", default=[2, 4], help="context-parallel sizes")
     parser.add_argument("--out", default=str(REPO / "bench/results/cp_exchange.json"))
     args = parser.parse_args()
     size = SIZES["tiny" if args.tiny else "full"]
     rows = []
-    for world in (2, 4):
+    for world in args.cp:
         ranks = run(world, size)
         attention = attention_seconds(world, size)
         pairs = [(p + 1) * size["piece"] ** 2 - size["piece"] * (size["piece"] - 1) / 2 for p in range(world)]

@@ -132,12 +132,12 @@ def test_every_mixer_under_context_parallelism_matches_one_process(size: int) ->
 
 
 def test_exchange_bench_tiny_runs(tmp_path) -> None:
-    """bench/cp_exchange.py --tiny: the whole measurement at toy size (cp 2 and 4), so it cannot rot."""
+    """bench/cp_exchange.py --tiny: the whole measurement at toy size (cp 2), so it cannot rot."""
     out = tmp_path / "tiny.json"
-    done = subprocess.run([sys.executable, "bench/cp_exchange.py", "--tiny", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "bench/cp_exchange.py", "--tiny", "--cp", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["cp"] for r in rows] == [2, 4]
+    assert [r["cp"] for r in rows] == [2]
     for r in rows:
         assert r["chain_s"] > 0 and r["all_gather_s"] > 0 and r["attention_slowest_over_mean"] > 0
         assert r["chain_bytes_per_rank"] < r["all_gather_bytes_per_rank"]  # one state against cp - 1 summaries
