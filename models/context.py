@@ -94,6 +94,7 @@ class Piece:
         """[size, *x.shape]: every rank's x (autograd-aware), ordered after the piece's earlier exchanges."""
         return self._ordered(self.comm.all_gather, x)
 
+    @torch.compiler.disable
     def from_previous(self, x: Tensor) -> Tensor:
         """The previous rank's x, zeros on rank 0 (autograd-aware), ordered after the earlier exchanges."""
         return self._ordered(self.comm.from_previous, x)
@@ -108,9 +109,12 @@ class Piece:
         return incoming, self._ordered(self.comm.send, combine(incoming, summary))
 
     def _ordered(self, exchange: Callable[..., Tensor], x: Tensor) -> Tensor:
+        """exchange(x) after the piece's previous exchange; one without a gradient (nothing to
+        exchange in the backward) stays out of the order."""
+        if not x.requires_grad:
+            return exchange(x)
         out = exchange(x, self._last_exchanged[-1] if self._last_exchanged else None)
-        if out.requires_grad:
-            self._last_exchanged[:] = [out]
+        self._last_exchanged[:] = [out]
         return out
 
     @functools.cached_property
