@@ -102,3 +102,16 @@ def test_the_cp_check_names_what_a_piece_cannot_hold() -> None:
     check_context_parallel(ModelConfig(pattern="T", d_model=32, mixers={"deltanet": {"use_short_conv": False}}), 2, 2)
     with pytest.raises(ValueError, match="mixers.mom.capacity"):
         check_context_parallel(ModelConfig(pattern="O", d_model=32, mixers={"mom": {"capacity": 1.0, "head_dim": 8}}), 64, 2)
+
+
+def test_a_mixer_without_a_cp_plan_is_refused_by_name() -> None:
+    from torch import nn
+
+    from models.spec import Mixer, TensorParallelPlan
+    from parallel.context_parallel import apply_context_parallel
+
+    class Undeclared(Mixer):
+        tp_plan = TensorParallelPlan()
+
+    with pytest.raises(ValueError, match="Undeclared declare no cp_plan"):
+        apply_context_parallel(nn.Sequential(Undeclared()), group=None)
