@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from models.ops.chunking import autocast_off
 from models.packing import cu_seqlens_from_mask, document_ids, document_start_mask, positions_in_documents, with_row_starts
 
 Transition = Literal["matrix", "decay"]
@@ -257,6 +258,7 @@ def _bind(op: Callable, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
 
 
 @torch.compiler.disable
+@autocast_off
 def state_passing(
     piece: Piece,
     op: Callable,
@@ -270,7 +272,8 @@ def state_passing(
     """The op's output on this piece with the state its earlier pieces hand on (docs/specs:
     S_t = S_in M_{s..t} + H_{s..t}): one run of the op yields this piece's zero-start output, its
     summary (final state, transition) per stream and what the incoming state adds to each
-    output; the state passes along the ranks, each applying its summary (S_in(p + 1) =
+    output (all outside autocast, as the ops themselves run); the state passes along the
+    ranks, each applying its summary (S_in(p + 1) =
     S_in(p) M_p + H_p): measured faster than an all-gather of every summary
     (bench/cp_exchange.py), and each rank sends one state instead of cp - 1 summaries."""
     arguments = _bind(op, inputs)
