@@ -80,6 +80,7 @@ class Piece:
     length: int
     doc_starts: Tensor | None
     _last_exchanged: list[Tensor] = field(default_factory=list, repr=False, compare=False)
+    _streams: dict[int, Streams] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def start(self) -> int:
@@ -176,7 +177,13 @@ class Piece:
     def streams(self, n_segments: int) -> Streams:
         """How the segments of an op call continue across pieces. The call runs G copies of this
         piece's documents, copy-major (G = 1: the documents themselves; MoM and SSE: one copy per
-        memory or partition); a stream is one copy of one row."""
+        memory or partition); a stream is one copy of one row. Kept per segment count: every
+        layer asks."""
+        if n_segments not in self._streams:
+            self._streams[n_segments] = self._count_streams(n_segments)
+        return self._streams[n_segments]
+
+    def _count_streams(self, n_segments: int) -> Streams:
         row, first, last = self._documents
         n_documents = row.numel()
         if n_segments % n_documents:
