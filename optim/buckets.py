@@ -42,7 +42,9 @@ from optim.update import codec_step, coefficients, moment_statistics
 # OpenMP barrier per loop (3 for fp8 and int8), and where the step's threads share their cores
 # with other work each barrier waits up to a scheduler time slice: the bench's flat set on two
 # busy threads stepped fp8 in 0.77 s with 4M-element calls, 3.2 s with 256K ones (one thread:
-# the same within 5%; the compiled loops work row by row, in cache at any size).
+# the same within 5%; the compiled loops work row by row, in cache at any size). Shared buckets
+# are copied in and out, which stays in cache at 256K: the quickstart model's fp8 step took 12%
+# longer at 4M on one thread, while on two busy ones the noise exceeded the difference.
 BUCKET_NUMEL = 1 << 22
 # A viewable tensor this large steps alone where it lies, rather than being copied into a shared
 # bucket and back: on CPU a compiled call costs ~0.1-0.2 ms (guards, wrapper), copying a
