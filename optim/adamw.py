@@ -57,7 +57,7 @@ class AdamW(torch.optim.Optimizer):
     of every non-fp32 parameter in the state (else such parameters are updated in fp32 and
     rounded back each step); `fused` picks torch's fused kernel for the fp32 route. `compile`:
     run the codec step `torch.compile`d (None: where it pays, `AUTO_COMPILE_*`); `bucket_numel`:
-    elements per call of the codec step (None: the device's default, `optim.buckets.BUCKET_NUMEL`;
+    elements per call of the codec step (None: `optim.buckets.BUCKET_NUMEL`;
     0: one call per parameter, the per-parameter path)."""
 
     def __init__(

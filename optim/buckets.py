@@ -37,11 +37,15 @@ from optim.codecs.base import BlockCodec, Parts, Stats, scale_shape
 from optim.shards import BlockGrid
 from optim.update import codec_step, coefficients, moment_statistics
 
-# Elements per call, by device type: it bounds the temporaries (a few bytes an element) and
-# amortises a call. On CPU the compiled step keeps some operands in buffers between its loops,
-# which stay in cache at 256K elements: 15-20% faster than 4M (one core, bench's flat set).
-BUCKET_NUMEL = {"cpu": 1 << 18}
-DEFAULT_BUCKET_NUMEL = 1 << 22
+# Elements per call: it bounds the temporaries (about 10 bytes an element: the fp32 moments
+# between the compiled step's loops) and amortises a call. On CPU a compiled call also costs an
+# OpenMP barrier per loop (3 for fp8 and int8), and where the step's threads share their cores
+# with other work each barrier waits up to a scheduler time slice: the bench's flat set on two
+# busy threads stepped fp8 in 0.77 s with 4M-element calls, 3.2 s with 256K ones (one thread:
+# the same within 5%; the compiled loops work row by row, in cache at any size). Shared buckets
+# are copied in and out, which stays in cache at 256K: the quickstart model's fp8 step took 12%
+# longer at 4M on one thread, while on two busy ones the noise exceeded the difference.
+BUCKET_NUMEL = 1 << 22
 # A viewable tensor this large steps alone where it lies, rather than being copied into a shared
 # bucket and back: on CPU a compiled call costs ~0.1-0.2 ms (guards, wrapper), copying a
 # tensor's operands in and out ~2.5 ns an element, so from ~64K elements a call of its own is
@@ -237,14 +241,14 @@ class _Arrays:
         if self.views:
             for parts, new in ((self.m, new_m), (self.v, new_v)):
                 for suffix, rows in parts.items():
-                    rows.copy_(new[suffix])
+                    rows.copy_(_as_stored(new[suffix], rows))
             return
         pairs: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
 
         def add(dst: Tensor, src: Tensor) -> None:
             dsts, srcs = pairs.setdefault(dst.dtype, ([], []))
             dsts.append(dst)
-            srcs.append(src)
+            srcs.append(_as_stored(src, dst))
 
         start = 0
         for piece in self.pieces:
@@ -263,6 +267,12 @@ class _Arrays:
             start = stop
         for dsts, srcs in pairs.values():
             torch._foreach_copy_(dsts, srcs)
+
+
+def _as_stored(new: Tensor, part: Tensor) -> Tensor:
+    """A new part as its state tensor's dtype: codes that come back as a 1-byte float type (a
+    compiled fp8 step's E4M3) are stored as their bits."""
+    return new.view(part.dtype) if new.dtype != part.dtype and new.element_size() == part.element_size() == 1 else new
 
 
 def _say(message: str, warning: bool = False) -> None:
@@ -301,10 +311,10 @@ class Stepper:
 
     def step(self, codec: StateCodec, members: list[Member], hyper: dict[str, Any], bucket_numel: int | None) -> None:
         """One AdamW step of `members` (one codec, device, dtypes and step count; whole blocks);
-        `bucket_numel` None: the device's default."""
+        `bucket_numel` None: `BUCKET_NUMEL`."""
         device = members[0].target.device
         if bucket_numel is None:
-            bucket_numel = BUCKET_NUMEL.get(device.type, DEFAULT_BUCKET_NUMEL)
+            bucket_numel = BUCKET_NUMEL
         tables = codec.tables(device)
         coeffs = coefficients(device=device, **hyper) if self.compiles(device) else None
         for pieces in plan(members, codec, bucket_numel, ALONE_NUMEL.get(device.type)):

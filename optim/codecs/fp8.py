@@ -14,7 +14,8 @@ of heavy-tailed moments come out the same). The sign is carried by copysign (a z
 sign bit). A float32 logarithm or power can differ in its last bit between a vector loop and a
 scalar remainder: per group they are taken in float64 (`expansion`); per element, eager torch
 runs whole vectors as long as each thread's share of a `[groups, 128]` array is whole vectors
-(1, 2 or 4 threads), and compiled code always does.
+(1, 2 or 4 threads), and compiled code always does. Compiled for CPU, each group's float64
+numbers are taken by the same scalar code in the loop over its row (`expansion_per_row`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ E4M3_MAX = 448.0
 TARGET_LOG2_RANGE = math.log2(E4M3_MAX**2 / 2)
 K_STEPS = 16  # k is a multiple of 1/16
 K_MAX = 8.0  # a group of (nearly) equal values has R ~ 1: any k fits, keep x' finite
+ROW_LANES = 16  # float32 lanes of an AVX-512 register: `expansion_per_row` takes one vector per group
 
 
 def range_statistics(blocks: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,17 +62,27 @@ def expansion(big: Tensor, small: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return k, centre, scale
 
 
+def expansion_per_row(big: Tensor, small: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`expansion` as the compiled CPU step takes it: each group's numbers as the max of ROW_LANES
+    copies of them (the same numbers). Inductor's C++ code then works them out in the loop over the
+    groups that reduces and encodes them, rather than in a loop of its own per moment, an OpenMP
+    barrier each (costly where threads share cores)."""
+    lanes = (t.unsqueeze(-1).expand(*t.shape, ROW_LANES) for t in (big, small))
+    k, centre, scale = (t.amax(-1) for t in expansion(*lanes))
+    return k, centre, scale
+
+
 def group_codes(blocks: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
-    """The uint8 view of the E4M3 codes of `blocks` [..., groups, GROUP] under their groups' expansion."""
+    """The E4M3 codes of `blocks` [..., groups, GROUP] under their groups' expansion."""
     expanded = torch.copysign(torch.exp2(torch.log2(blocks.abs() / centre.unsqueeze(-1)) * k.unsqueeze(-1)), blocks)
-    return (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
+    return (expanded / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(uint8 view of the E4M3 codes shaped like `x`, scale, k, centre per group)."""
     blocks = to_blocks(x, GROUP)
     k, centre, scale = expansion(*range_statistics(blocks))
-    return from_blocks(group_codes(blocks, scale, k, centre), x.shape), scale, k, centre
+    return from_blocks(group_codes(blocks, scale, k, centre).view(torch.uint8), x.shape), scale, k, centre
 
 
 def dequantize(codes: Tensor, scale: Tensor, k: Tensor, centre: Tensor) -> Tensor:
@@ -105,11 +117,16 @@ class Fp8Codec(BlockCodec):
         return {"max": big, "min": small}
 
     def scales(self, stats: Stats) -> Parts:
-        k, centre, scale = expansion(stats["max"], stats["min"])
+        big = stats["max"]
+        per_row = torch.compiler.is_compiling() and big.device.type == "cpu"
+        k, centre, scale = (expansion_per_row if per_row else expansion)(big, stats["min"])
         return {"_fp8_scale": scale, "_fp8_k": k, "_fp8_centre": centre}
 
     def codes(self, blocks: Tensor, scales: Parts, signed: bool, tables: Parts | None = None) -> Tensor:
-        return group_codes(blocks, scales["_fp8_scale"], scales["_fp8_k"], scales["_fp8_centre"])
+        """uint8 codes; compiled, the E4M3 codes themselves, as inductor would reinterpret them in a
+        loop of its own (`optim/buckets.py` stores their bits)."""
+        codes = group_codes(blocks, scales["_fp8_scale"], scales["_fp8_k"], scales["_fp8_centre"])
+        return codes if torch.compiler.is_compiling() else codes.view(torch.uint8)
 
 
 FP8 = Fp8Codec()
