@@ -211,7 +211,7 @@ class LazyCheckpointer(Checkpointer):
 
         def write_files() -> dict[str, str]:
             try:
-                return dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group)
+                return dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group, in_plan_order=True)
             finally:
                 snapshot.written()
 
@@ -220,9 +220,20 @@ class LazyCheckpointer(Checkpointer):
     def _in_place(self, optimizer: torch.optim.Optimizer) -> ResidentFlush | None:
         """The guard of `optimizer`'s host-resident state, made at its first checkpoint; None
         for an optimizer without one."""
-        if hasattr(optimizer, "host_resident") and (self.in_place is None or self.in_place.optimizer is not optimizer):
+        if not hasattr(optimizer, "host_resident"):
+            return None
+        if self.in_place is None or self.in_place.optimizer is not optimizer:
             self.in_place = ResidentFlush(optimizer, self.settings.staging_subgroups)
         return self.in_place
+
+    def _stage_everywhere(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
+        """A snapshot that another rank could not stage is given up here (nothing will write it)."""
+        try:
+            return super()._stage_everywhere(staging, model, optimizer)
+        except CheckpointError:
+            if self.snapshot is not None:
+                self.snapshot.written()
+            raise
 
     def wait_for_snapshot(self) -> None:
         if self.snapshot is not None:

@@ -141,6 +141,23 @@ def test_offloaded_state_is_written_in_place_and_holds_the_requested_step(tmp_pa
         torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_snapshot_another_rank_could_not_stage_leaves_the_offloaded_state_free(tmp_path, monkeypatch):
+    """Every rank gives the checkpoint up; the next step updates the subgroups the snapshot
+    guarded without waiting for a writer that will never come."""
+    model, optimizer, schedule, data = make_state(0, **OFFLOAD)
+    saver = checkpointer(tmp_path, staging_subgroups=0, on_error="warn")
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 1)
+    agree, others = Ranks.agree, iter([None, "rank 1 could not stage"])  # the staging directory is made; the snapshot fails elsewhere
+    monkeypatch.setattr(Ranks, "agree", lambda self, error: agree(self, error or next(others)))
+    assert not saver.save(1, model, optimizer, schedule, data)
+    monkeypatch.undo()
+    assert saver.in_place is not None and not saver.in_place.active
+    train_steps(model, optimizer, schedule, 1)
+    assert saver.in_place.waited_count == 0 and saver.finalize() is None
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["lazy", "async"])
