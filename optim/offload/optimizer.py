@@ -21,6 +21,9 @@ Step (`model.on_device` says where each subgroup goes):
   subgroup is updated by ebb's grouped step (`optim/buckets.py`) on its prefetched state, written
   back on the device-to-host lane, and the next device subgroup prefetched into the other
   staging slot. The host's work hides the transfers.
+- before a subgroup's host state changes (its host update, or the write-back of its device
+  update), the update pre-hooks run with its element range: a lazy checkpoint still writing
+  that state in place copies it aside or waits there (checkpoint/resident.py).
 Clipping (`clip_grad_norm_`) takes the global norm over every gradient, as `nn.utils` does,
 clips the gradients on the device in place and the host copies by the same coefficient.
 """
