@@ -36,9 +36,11 @@ Results go to bench/results/checkpoint-<device>-seq<S>-threads<N>.json (or `--ou
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     resident_gb = sum(t.numel() * t.element_size() for t in getattr(sizing.optimizer, "host_resident", ())[1:]) / 1e9
     header = sizing.header()
     del sizing
+    gc.collect()
     rows = settings_of(args)
     stalls, flushes = {}, {}
     for setting in rows:
@@ -252,9 +255,14 @@ def main(argv: list[str] | None = None) -> None:
         (work / "stall").mkdir(parents=True)
         stall, flush = measure_stalls(setting, work / "stall", args)
         stalls[setting.label], flushes[setting.label] = statistics.median(stall), statistics.median(flush)
+        gc.collect()  # trainer and checkpointer hold each other through hooks: free their GBs first
+        print(f"  {setting.label}: stalls {' '.join(f'{t:.3f}' for t in stall)} s, commits {' '.join(f'{t:.2f}' for t in flush)}", file=sys.stderr, flush=True)
     shutil.rmtree(work / "stall", ignore_errors=True)
     lazy_rows = [r for r in rows if r.mode == "lazy"] or [Setting("lazy", o == "on") for o in args.offload]
-    e2e = {r.label: end_to_end(r, work / "e2e" / r.label.replace(" ", "-"), args) for r in lazy_rows}
+    e2e = {}
+    for row in lazy_rows:
+        e2e[row.label] = end_to_end(row, work / "e2e" / row.label.replace(" ", "-"), args)
+        gc.collect()
     shutil.rmtree(work, ignore_errors=True)
 
     print(f"checkpoint stall per save, {args.device}, model + AdamW state {state_gb:.2f} GB")

@@ -5,6 +5,7 @@ Storage errors are injected by making DCP's per-item file write raise (tests run
 whom chmod does not make a directory read-only, and mounting a small tmpfs needs privileges)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, dcp
-from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, tensors_of
+from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, StreamingSavePlanner, tensors_of
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
 from checkpoint.ranks import Ranks
 from checkpoint.resident import ResidentFlush
@@ -156,6 +157,30 @@ def test_a_snapshot_another_rank_could_not_stage_leaves_the_offloaded_state_free
     train_steps(model, optimizer, schedule, 1)
     assert saver.in_place.waited_count == 0 and saver.finalize() is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offloaded_tensors_another_rank_writes_are_released(tmp_path):
+    """Where DCP leaves a replicated tensor to another rank, this rank's plan drops it; the
+    subgroups it covered are then free as soon as the tensors this rank writes there are read."""
+    model, optimizer, schedule, data = make_state(0, **OFFLOAD)
+    train_steps(model, optimizer, schedule, 1)
+    saver = checkpointer(tmp_path, staging_subgroups=0)
+    snapshot = Snapshot(dcp.capture_state(model, optimizer), saver.buffers, saver.copier, saver._in_place(optimizer))
+    flush = snapshot.in_place
+    planner = StreamingSavePlanner(snapshot)
+    planner.set_up_planner(snapshot.host_state, is_coordinator=True)
+    local = planner.create_local_plan()
+    resident = [i for i, item in enumerate(local.items) if isinstance(t := planner._local(item), torch.Tensor) and flush.holds(t)]
+    params = len(list(model.parameters()))
+    assert resident == list(range(2 * params))  # exp_avg and exp_avg_sq, written first
+    assert sum(flush.pending) > 0 and all(flush.pending)
+    kept = [item for item in local.items if not item.index.fqn.endswith("exp_avg_sq")]  # another rank writes these
+    planner.finish_plan(dataclasses.replace(local, items=kept))
+    for item in kept[:params]:
+        flush.read(planner._local(item))
+    assert flush.pending == [0] * len(flush.ranges)
+    snapshot.written()
+    saver.finalize()
 
 
 @pytest.mark.cuda
