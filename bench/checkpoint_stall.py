@@ -26,7 +26,8 @@ read yet (waiting, or copying them aside), and lazy is measured with each `--sta
 End to end, for lazy under each offload setting: one training run alternates intervals of
 `--interval` steps without a checkpoint and intervals that begin with a lazy checkpoint and end once it is committed (the wait a checkpointing
 run has at its next request, under `when_busy: wait`), `--e2e-repeats` of each; the ratio of their
-total times is the slowdown of checkpointing every `--interval` steps. Alternating intervals of a
+total times is the slowdown of checkpointing every `--interval` steps (and, steadier on a busy
+machine, the median ratio of each checkpointed interval to the plain one just before it). Alternating intervals of a
 few seconds, rather than whole runs, keeps a shared machine's drifting load out of the ratio. The
 first checkpoint, which allocates and first touches the host buffers (once per run), is taken
 before the clock starts and reported apart. On a CPU the background copy and flush compete with
@@ -273,13 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     for label, stall in stalls.items():
         versus = f"{stall / lazy_stall:.1f}x" if lazy_stall else "-"
         print(f"{label:<28}{versus:>14}{stall:>9.3f}s{flushes[label]:>9.2f}s{stall / flushes[label]:>16.3f}")
-    ratios = {}
+    ratios, paired = {}, {}
     for label, (plain, checkpointed, first) in e2e.items():
         ratios[label] = ratio = sum(checkpointed) / sum(plain)
+        paired[label] = statistics.median(c / p for p, c in zip(plain, checkpointed))
         step_s = sum(plain) / (args.interval * len(plain))
         print(
             f"end to end, {label}: every {args.interval} steps ({args.interval * step_s:.1f} s of training at {step_s:.3f} s/step)"
-            f" / no checkpoints = {ratio:.3f} ({len(plain)} intervals of each)"
+            f" / no checkpoints = {ratio:.3f} ({len(plain)} intervals of each; median of each checkpointed one / the plain one before it {paired[label]:.3f})"
         )
         print(
             f"  training time lost per checkpoint: {(sum(checkpointed) - sum(plain)) / len(checkpointed):.2f} s;"
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         "stall_s": stalls, "flush_s": flushes, "stall_vs_commit": {k: stalls[k] / flushes[k] for k in stalls},
         "stall_vs_lazy": {m: s / lazy_stall for m, s in stalls.items()} if lazy_stall else None,
         "e2e_intervals_s": {k: {"none": plain, "lazy": checkpointed} for k, (plain, checkpointed, _) in e2e.items()},
-        "first_checkpoint_s": {k: first for k, (_, _, first) in e2e.items()}, "e2e_ratio": ratios,
+        "first_checkpoint_s": {k: first for k, (_, _, first) in e2e.items()}, "e2e_ratio": ratios, "e2e_paired_median": paired,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
