@@ -27,3 +27,7 @@ class CheckpointConfig(Strict):
         "save", description="SIGTERM or SIGINT: save = finish the step, save a checkpoint of it, then exit; exit = finish the step and exit without one"
     )
     host_buffer_gb: float = Field(64.0, gt=0, description="lazy mode: most host memory per process for staging one checkpoint, in GiB")
+    staging_subgroups: int = Field(
+        2, ge=0,
+        description="lazy mode with optim.offload: subgroups of offloaded state a step may copy aside while the checkpoint still writes them; 0 = it waits",
+    )

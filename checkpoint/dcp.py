@@ -143,10 +143,11 @@ def _without_zip_crc() -> Iterator[None]:
 
 def write_state(
     path: Path, state: dict[str, Any], planner: SavePlanner | None = None, group: dist.ProcessGroup | None = None, file_per_tensor: bool = False,
+    in_plan_order: bool = False,
 ) -> dict[str, str]:
     """DCP-save `state` into the existing directory `path` (every rank of `group` calls it);
-    returns the checksums of the files this rank wrote, by name."""
-    writer = ShardWriter(path, file_per_tensor)
+    returns the checksums of the files this rank wrote, by name. `in_plan_order`: see `ShardWriter`."""
+    writer = ShardWriter(path, file_per_tensor, in_plan_order)
     with write_errors(path), _single_process_quietly(), _without_zip_crc():
         dist_cp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=_no_dist())
     return writer.checksums

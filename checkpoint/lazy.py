@@ -11,11 +11,13 @@ has not finished.
 
 State that already lives in host memory for good (an offloading optimizer's `host_resident`
 buffers: fp32 master and moments, the largest part of such a run's state) is not copied: the
-writer reads it in place, and the next optimizer step waits until it is written. A second host
-copy of it would double the memory offload exists to save.
+writer reads it in place, first, subgroup by subgroup in the order the optimizer's step updates
+it, and the step copies aside (or waits for) only a subgroup the writer has not read yet when it
+gets there (checkpoint/resident.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -23,15 +25,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint import DefaultSavePlanner
-from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.tensor import DTensor
 
 from checkpoint import CheckpointError, dcp
 from checkpoint.checkpointer import Checkpointer, WriteFiles
+from checkpoint.resident import ResidentFlush, copy_between_host_tensors
 from common.tensors import local_shard
 
 # Test hook: seconds to sleep before writing each tensor, to make a flush slow enough to interrupt.
@@ -58,16 +60,6 @@ def tensors_of(obj: Any) -> list[Tensor]:
     return found
 
 
-def copy_between_host_tensors(host: Tensor, src: Tensor) -> None:
-    """`host.copy_(src)` as a plain memcpy through numpy where both are contiguous: a torch op on
-    this background thread would start a second OpenMP team, whose threads slowed every later
-    training step by about 20% on 2 cores for as long as the thread lived."""
-    if host.is_contiguous() and src.is_contiguous():
-        np.copyto(host.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
-    else:
-        host.copy_(src)
-
-
 class HostBuffers:
     """Host memory for one checkpoint, at most `limit_gb` GiB per process, kept and reused while
     the tensors' shapes and dtypes stay the same; pinned when the tensors are on a GPU."""
@@ -88,25 +80,20 @@ class HostBuffers:
         return self.buffers
 
 
-def resident_storages(optimizer: torch.optim.Optimizer) -> set[int]:
-    """The storages of `optimizer`'s state that live in host memory for good (see the module doc)."""
-    return {t.untyped_storage().data_ptr() for t in getattr(optimizer, "host_resident", ())}
-
-
 class Snapshot:
     """Starts copying `state`'s tensors into `buffers` on `copier`; `host_state` is `state` with
     host tensors in their place (DTensors keep their sharding, with a host local tensor). Tensors
-    on the storages in `in_place` are their own host copy; `persisted` is set once the writer has
-    read them (`written`)."""
+    that `in_place` holds are their own host copy, guarded by it until `written`."""
 
-    def __init__(self, state: dict[str, Any], buffers: HostBuffers, copier: ThreadPoolExecutor, in_place: set[int] = frozenset()):
+    def __init__(self, state: dict[str, Any], buffers: HostBuffers, copier: ThreadPoolExecutor, in_place: ResidentFlush | None = None):
         tensors = tensors_of(state)
-        resident = {id(t) for t in tensors if self._resident(t, in_place)}
+        resident = {id(t) for t in tensors if in_place is not None and in_place.holds(local_shard(t))}
         sources = [t for t in tensors if id(t) not in resident]
         hosts = iter(buffers.take([local_shard(t) for t in sources]))
         self.ready: dict[int, threading.Event] = {}
-        self.reads_in_place = bool(resident)
-        self.persisted = threading.Event()
+        self.in_place = in_place
+        if in_place is not None:
+            in_place.begin(local_shard(t) for t in tensors if id(t) in resident)
         self.host_state = map_tensors(state, lambda t: t if id(t) in resident else self._host_twin(t, next(hosts)))
         self.error: BaseException | None = None
         pairs = [(local_shard(t), h) for t, h in zip(sources, buffers.buffers)]
@@ -114,14 +101,10 @@ class Snapshot:
         start = torch.cuda.current_stream(device).record_event() if device is not None else None  # after the work queued so far
         self.done: Future = copier.submit(self._copy, pairs, list(self.ready.values()), start)
 
-    @staticmethod
-    def _resident(tensor: Tensor, in_place: set[int]) -> bool:
-        local = local_shard(tensor)
-        return local.device.type == "cpu" and local.untyped_storage().data_ptr() in in_place
-
     def written(self) -> None:
         """The writer has finished with the state (written, or given up)."""
-        self.persisted.set()
+        if self.in_place is not None:
+            self.in_place.end()
 
     def _host_twin(self, tensor: Tensor, host: Tensor) -> Tensor:
         twin = DTensor(host, tensor._spec, requires_grad=False) if isinstance(tensor, DTensor) else host
@@ -167,26 +150,49 @@ class Snapshot:
             raise CheckpointError(f"copying the state to host memory failed: {self.error}")
 
     def wait(self) -> None:
-        """Until every copy has finished, and the state read in place is written (a failed copy
-        or write is reported by the checkpointer)."""
+        """Until every copy has finished (a failed copy is reported by the checkpointer)."""
         wait([self.done])
-        if self.reads_in_place:
-            self.persisted.wait()
 
 
 class StreamingSavePlanner(DefaultSavePlanner):
-    """DCP's default plan, with each tensor handed to the writer once its host copy is ready."""
+    """DCP's default plan, with each tensor handed to the writer once its host copy is ready; the
+    state read in place comes first, in the order the optimizer updates it, and is read through
+    the snapshot's `ResidentFlush`."""
 
     def __init__(self, snapshot: Snapshot):
         super().__init__()
         self.snapshot = snapshot
+        self.in_place = snapshot.in_place
         self.write_delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        if self.in_place is not None:
+            self.plan = dataclasses.replace(plan, items=self.in_place.write_order(plan.items, self._local))
+        return self.plan
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        """The items this rank writes; the resident ones another rank writes are released."""
+        local = self.plan
+        plan = super().finish_plan(new_plan)
+        if self.in_place is not None:
+            kept = {item.index for item in plan.items}
+            for item in local.items:
+                if item.index not in kept and isinstance(tensor := self._local(item), Tensor):
+                    self.in_place.release(tensor)
+        return plan
+
+    def _local(self, item: WriteItem) -> Any:
+        return self.lookup_object(item.index) if item.tensor_data is not None else None
 
     def resolve_data(self, write_item: WriteItem) -> Any:
         self.snapshot.wait_for(self.state_dict[write_item.index.fqn])
         if self.write_delay:
             time.sleep(self.write_delay)
-        return super().resolve_data(write_item)
+        data = super().resolve_data(write_item)
+        if self.in_place is not None and isinstance(data, Tensor) and self.in_place.holds(data):
+            return self.in_place.read(data)
+        return data
 
 
 class LazyCheckpointer(Checkpointer):
@@ -197,18 +203,37 @@ class LazyCheckpointer(Checkpointer):
         self.buffers = HostBuffers(self.settings.host_buffer_gb)
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="ebb-checkpoint-copy")
         self.snapshot: Snapshot | None = None
+        self.in_place: ResidentFlush | None = None
 
     def _stage(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
-        snapshot = Snapshot(dcp.capture_state(model, optimizer), self.buffers, self.copier, resident_storages(optimizer))
+        snapshot = Snapshot(dcp.capture_state(model, optimizer), self.buffers, self.copier, self._in_place(optimizer))
         self.snapshot = snapshot
 
         def write_files() -> dict[str, str]:
             try:
-                return dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group)
+                return dcp.write_state(staging, snapshot.host_state, StreamingSavePlanner(snapshot), self.ranks.group, in_plan_order=True)
             finally:
                 snapshot.written()
 
         return write_files
+
+    def _in_place(self, optimizer: torch.optim.Optimizer) -> ResidentFlush | None:
+        """The guard of `optimizer`'s host-resident state, made at its first checkpoint; None
+        for an optimizer without one."""
+        if not hasattr(optimizer, "host_resident"):
+            return None
+        if self.in_place is None or self.in_place.optimizer is not optimizer:
+            self.in_place = ResidentFlush(optimizer, self.settings.staging_subgroups)
+        return self.in_place
+
+    def _stage_everywhere(self, staging: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> WriteFiles:
+        """A snapshot that another rank could not stage is given up here (nothing will write it)."""
+        try:
+            return super()._stage_everywhere(staging, model, optimizer)
+        except CheckpointError:
+            if self.snapshot is not None:
+                self.snapshot.written()
+            raise
 
     def wait_for_snapshot(self) -> None:
         if self.snapshot is not None:

@@ -191,11 +191,13 @@ class ShardFileSystem(FileSystem):
 class ShardWriter(FileSystemWriter):
     """DCP's `FileSystemWriter`; `checksums` holds each written file's checksum once it is closed.
     `file_per_tensor`: one file per tensor instead of one per rank (DCP keeps every tensor of a
-    file referenced until the file is closed, so only this bounds a streamed save's memory)."""
+    file referenced until the file is closed, so only this bounds a streamed save's memory).
+    `in_plan_order`: tensors are fetched one at a time in the plan's order (where CUDA is
+    available DCP otherwise fetches a few ahead, smallest first)."""
 
-    def __init__(self, path: str | os.PathLike, file_per_tensor: bool = False):
+    def __init__(self, path: str | os.PathLike, file_per_tensor: bool = False, in_plan_order: bool = False):
         # the commit fsyncs every file once (manifest.describe)
-        super().__init__(path, sync_files=False, single_file_per_rank=not file_per_tensor)
+        super().__init__(path, sync_files=False, single_file_per_rank=not file_per_tensor, **({"per_thread_copy_ahead": 0} if in_plan_order else {}))
         self.fs = ShardFileSystem()
 
     @property

@@ -21,11 +21,15 @@ Step (`model.on_device` says where each subgroup goes):
   subgroup is updated by ebb's grouped step (`optim/buckets.py`) on its prefetched state, written
   back on the device-to-host lane, and the next device subgroup prefetched into the other
   staging slot. The host's work hides the transfers.
+- before a subgroup's host state changes (its host update, or the write-back of its device
+  update), the update pre-hooks run with its element range: a lazy checkpoint still writing
+  that state in place copies it aside or waits there (checkpoint/resident.py).
 Clipping (`clip_grad_norm_`) takes the global norm over every gradient, as `nn.utils` does,
 clips the gradients on the device in place and the host copies by the same coefficient.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -33,6 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
 
 from common.tensors import local_shard
 from optim.buckets import Member, Stepper
@@ -153,12 +158,29 @@ class OffloadAdamW(torch.optim.Optimizer):
             on_device.state = self.state
             on_device.init_state()  # so that a checkpoint's template asks for them before the first step
         self._refresh_master()
+        self.update_pre_hooks: OrderedDict[int, Callable[[int, int], None]] = OrderedDict()
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.host_pieces]
 
     @property
     def host_resident(self) -> tuple[Tensor, ...]:
         """The host buffers its state dict is made of: a lazy checkpoint writes them in place."""
         return self.master, self.exp_avg, self.exp_avg_sq
+
+    @property
+    def update_order(self) -> list[tuple[int, int]]:
+        """The element ranges of `host_resident` a step modifies, one per subgroup, in the order it does."""
+        return [(s.start, s.stop) for s in self.subgroups]
+
+    def register_update_pre_hook(self, hook: Callable[[int, int], None]) -> RemovableHandle:
+        """`hook(start, stop)` runs on the training thread right before a step modifies elements
+        `start:stop` of every `host_resident` buffer (one range of `update_order`)."""
+        handle = RemovableHandle(self.update_pre_hooks)
+        self.update_pre_hooks[handle.id] = hook
+        return handle
+
+    def _before_update(self, s: Subgroup) -> None:
+        for hook in list(self.update_pre_hooks.values()):
+            hook(s.start, s.stop)
 
     def _param_dtypes(self) -> set[torch.dtype]:
         return {p.dtype for group in self.param_groups if offloaded(group) for p in group["params"] if p.dtype != torch.float32}
@@ -274,6 +296,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         return kinds
 
     def _host_update(self, s: Subgroup, stepping: set[nn.Parameter]) -> None:
+        self._before_update(s)
         for (index, _), pieces in self._by_group(s, stepping).items():
             group = self.param_groups[index]
             take = lambda buffer: [buffer[piece.start : piece.stop] for piece in pieces]  # noqa: E731
@@ -313,6 +336,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             hyper = dict(step=step, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
             self.stepper.step(FP32, members, hyper, None)
         self.d2h.follow()
+        self._before_update(s)
         numel = s.stop - s.start
         with self.d2h.use():
             for name in ("master", "exp_avg", "exp_avg_sq"):

@@ -5,6 +5,7 @@ Storage errors are injected by making DCP's per-item file write raise (tests run
 whom chmod does not make a directory read-only, and mounting a small tmpfs needs privileges)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 
@@ -13,9 +14,10 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from checkpoint import CheckpointConfig, CheckpointError, build_checkpointer, dcp
-from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, tensors_of
+from checkpoint.lazy import WRITE_DELAY_ENV, Snapshot, StreamingSavePlanner, tensors_of
 from checkpoint.manager import committed_checkpoints, find_latest, verify_together
 from checkpoint.ranks import Ranks
+from checkpoint.resident import ResidentFlush
 from common.tensors import local_shard
 from pretrain.train import main as train_main
 from tests.runs import SMALL_RUN
@@ -87,31 +89,98 @@ def test_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode):
     assert_snapshot_is_of_the_requested_step(tmp_path, monkeypatch, mode, "cpu")
 
 
-OFFLOAD = {"offload": {"enabled": True, "subgroup_size": 64, "gpu_every_k": 2, "host_optimizer": "torch"}}
+OFFLOAD = {"offload": {"enabled": True, "subgroup_size": 16, "gpu_every_k": 2, "host_optimizer": "torch"}}  # 124 elements: 8 subgroups
 
 
-def test_offloaded_state_is_written_in_place_and_the_next_step_waits_for_it(tmp_path, monkeypatch):
+def record_reads(monkeypatch) -> list[tuple[int, int, int]]:
+    """Where in the step's order (`ResidentFlush._position`) each tensor the writer reads in place lies, in the order read."""
+    read, order = ResidentFlush.read, []
+
+    def recording(self, tensor):
+        order.append(self._position(tensor))
+        return read(self, tensor)
+
+    monkeypatch.setattr(ResidentFlush, "read", recording)
+    return order
+
+
+@pytest.mark.parametrize("staging", [0, 2], ids=["wait", "copy-aside"])
+def test_offloaded_state_is_written_in_place_and_holds_the_requested_step(tmp_path, monkeypatch, staging):
+    """The moments are written from the offload's host buffers, first and in the order the step
+    updates them; the next steps update every subgroup while the flush is still writing, each
+    copying aside (into at most `staging` reused slots) or waiting for just the subgroups not yet
+    read; the checkpoint holds the state at the request, bit for bit."""
     slow_writes(monkeypatch, 0.02)
+    order = record_reads(monkeypatch)
     model, optimizer, schedule, data = make_state(0, **OFFLOAD)
-    saver = checkpointer(tmp_path)
+    saver = checkpointer(tmp_path, staging_subgroups=staging)
     saver.attach(optimizer)
     train_steps(model, optimizer, schedule, 2)
     expected = values(model, optimizer)
     saver.save(2, model, optimizer, schedule, data)
-    snapshot = saver.snapshot
+    flush = saver.in_place
     resident = {t.untyped_storage().data_ptr() for t in optimizer.host_resident}
-    in_place = [t for t in tensors_of(snapshot.host_state) if local_shard(t).untyped_storage().data_ptr() in resident]
+    in_place = [t for t in tensors_of(saver.snapshot.host_state) if local_shard(t).untyped_storage().data_ptr() in resident]
     assert len(in_place) == 2 * len(list(model.parameters()))  # exp_avg and exp_avg_sq: no host copy of them
-    assert not snapshot.persisted.is_set()
-    train_steps(model, optimizer, schedule, 1)  # its optimizer step waited for the write of the moments
-    assert snapshot.persisted.is_set()
+    train_steps(model, optimizer, schedule, 2)
+    assert saver.pending is not None and not saver.pending[1].done()  # the steps did not wait for the whole write
+    if staging:
+        assert flush.staged_count > 0 and 0 < len(flush.slots) <= staging
+        assert all(b.numel() == 16 for slot in flush.slots for b in slot)  # one subgroup each
+    else:
+        assert flush.waited_count > 0 and flush.staged_count == 0 and flush.slots == []
+    after = values(model, optimizer)
+    assert all(not torch.equal(after[k], expected[k]) for k in expected if k.endswith(("exp_avg", "exp_avg_sq")))
     saver.finalize()
+    assert len(order) == len(in_place) and order == sorted(order)
 
     fresh, fresh_optimizer, fresh_schedule, fresh_data = make_state(1, **OFFLOAD)
     assert checkpointer(tmp_path).resume(fresh, fresh_optimizer, fresh_schedule, fresh_data) == 2
     loaded = values(fresh, fresh_optimizer)
+    assert loaded.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(loaded[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_snapshot_another_rank_could_not_stage_leaves_the_offloaded_state_free(tmp_path, monkeypatch):
+    """Every rank gives the checkpoint up; the next step updates the subgroups the snapshot
+    guarded without waiting for a writer that will never come."""
+    model, optimizer, schedule, data = make_state(0, **OFFLOAD)
+    saver = checkpointer(tmp_path, staging_subgroups=0, on_error="warn")
+    saver.attach(optimizer)
+    train_steps(model, optimizer, schedule, 1)
+    agree, others = Ranks.agree, iter([None, "rank 1 could not stage"])  # the staging directory is made; the snapshot fails elsewhere
+    monkeypatch.setattr(Ranks, "agree", lambda self, error: agree(self, error or next(others)))
+    assert not saver.save(1, model, optimizer, schedule, data)
+    monkeypatch.undo()
+    assert saver.in_place is not None and not saver.in_place.active
+    train_steps(model, optimizer, schedule, 1)
+    assert saver.in_place.waited_count == 0 and saver.finalize() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offloaded_tensors_another_rank_writes_are_released(tmp_path):
+    """Where DCP leaves a replicated tensor to another rank, this rank's plan drops it; the
+    subgroups it covered are then free as soon as the tensors this rank writes there are read."""
+    model, optimizer, schedule, data = make_state(0, **OFFLOAD)
+    train_steps(model, optimizer, schedule, 1)
+    saver = checkpointer(tmp_path, staging_subgroups=0)
+    snapshot = Snapshot(dcp.capture_state(model, optimizer), saver.buffers, saver.copier, saver._in_place(optimizer))
+    flush = snapshot.in_place
+    planner = StreamingSavePlanner(snapshot)
+    planner.set_up_planner(snapshot.host_state, is_coordinator=True)
+    local = planner.create_local_plan()
+    resident = [i for i, item in enumerate(local.items) if isinstance(t := planner._local(item), torch.Tensor) and flush.holds(t)]
+    params = len(list(model.parameters()))
+    assert resident == list(range(2 * params))  # exp_avg and exp_avg_sq, written first
+    assert sum(flush.pending) > 0 and all(flush.pending)
+    kept = [item for item in local.items if not item.index.fqn.endswith("exp_avg_sq")]  # another rank writes these
+    planner.finish_plan(dataclasses.replace(local, items=kept))
+    for item in kept[:params]:
+        flush.read(planner._local(item))
+    assert flush.pending == [0] * len(flush.ranges)
+    snapshot.written()
+    saver.finalize()
 
 
 @pytest.mark.cuda
