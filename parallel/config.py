@@ -1,7 +1,7 @@
 """The `parallel` section of a run config, and the activation-checkpointing choice of `train`."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -18,7 +18,7 @@ class ParallelConfig(Strict):
     pp: int = Field(1, ge=1)
     dp_shard: int = Field(-1, ge=-1)
     dp_replicate: int = Field(1, ge=1)
-    cp: Literal[1] = 1
+    cp: int = Field(1, ge=1, description="context parallelism: ranks each sequence is cut over, one contiguous piece on each")
     pp_schedule: PipelineSchedule = Field("1f1b", description="torch.distributed.pipelining schedule, by name in parallel.pipeline.PIPELINE_SCHEDULES")
     pp_virtual_stages: int = Field(1, ge=1, description="pipeline stages per pp rank; > 1 for the interleaved schedules")
     pp_microbatches: int | None = Field(None, ge=1, description="microbatches each train.batch_size batch is split into; None = pp")
@@ -39,6 +39,6 @@ class ParallelConfig(Strict):
             raise ValueError(f"pp_schedule {self.pp_schedule} needs pp_virtual_stages >= 2 (stages per pp rank)")
         if not interleaved and self.pp_virtual_stages != 1:
             raise ValueError(f"pp_schedule {self.pp_schedule} runs one stage per rank: set pp_virtual_stages=1 or an interleaved schedule")
-        if self.sequence_parallel and (self.tp == 1 or self.pp > 1):
-            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 yet")
+        if self.sequence_parallel and (self.tp == 1 or self.pp > 1 or self.cp > 1):
+            raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 or cp > 1 yet")
         return self

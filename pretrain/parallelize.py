@@ -11,6 +11,7 @@ summed loss.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from common.processes import start_process_group
 from models.model import HybridLM
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
-from parallel.mesh import build_mesh, validate_layout
+from parallel.mesh import DP_SHARD_CP, build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
@@ -87,11 +88,16 @@ class Parallel:
 
     @property
     def world_size(self) -> int:
-        return self.shape["pp"] * self.shape["dp_replicate"] * self.shape["dp_shard"] * self.shape["tp"]
+        return math.prod(self.shape.values())
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel ranks, which read different batches (the cp ranks of one read the same)."""
         return self.shape["dp_replicate"] * self.shape["dp_shard"]
+
+    @property
+    def cp(self) -> int:
+        return self.shape.get("cp", 1)
 
     @property
     def dp_rank(self) -> int:
@@ -134,7 +140,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         apply_activation_checkpointing(module, t.activation_checkpoint, t.activation_checkpoint_every)
         if t.compile:
             compile_blocks(module)
-        if par.dp_size > 1:
+        if par.dp_size * par.cp > 1:
             apply_fsdp(module, data_parallel_mesh(par), runtime.dtype == torch.bfloat16, p.fsdp_reshard_after_forward)
     par.module = model
     par.loss, warning = resolve_loss(t.loss, runtime.device, par.shape)
@@ -174,7 +180,9 @@ def fast_path_header(par: Parallel, cfg: RunConfig) -> str:
 
 
 def data_parallel_mesh(par: Parallel) -> DeviceMesh:
-    """dp_shard alone (FSDP), or (dp_replicate, dp_shard) for HSDP."""
+    """What FSDP shards over: dp_shard alone, or with cp > 1 the flattened dp_shard x cp (the cp
+    ranks' gradients are parts of one sum); with dp_replicate > 1, that dim beside it for HSDP."""
+    shard = "dp_shard" if par.cp == 1 else DP_SHARD_CP
     if par.shape["dp_replicate"] == 1:
-        return par.mesh["dp_shard"]
-    return par.mesh["dp_replicate", "dp_shard"]
+        return par.mesh[shard]
+    return par.mesh["dp_replicate", shard]

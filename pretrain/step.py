@@ -11,7 +11,7 @@ from optim.offload import OffloadAdamW
 from parallel.pipeline import pipeline_gradients, pipeline_loss_sum
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
-from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, sum_over_pieces, token_scale
 from pretrain.parallelize import Parallel
 from pretrain.runtime import Runtime
 
@@ -81,7 +81,7 @@ def train_step(
     model = par.module
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
-        batch = next(batches).to(runtime.device)
+        batch = par.piece(next(batches).to(runtime.device))
         scale = token_scale(batch.labels, par.shape)
         with loss_context(par.shape):
             loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
@@ -99,9 +99,10 @@ def train_step(
 
 
 def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, runtime: Runtime) -> StepResult:
-    """`pipeline_gradients` on this replica's batch, with the step's token normaliser for the
-    loss of each microbatch (`pretrain.loss.microbatch_loss`), then the step if finite."""
-    batch = batch.to(runtime.device)
+    """`pipeline_gradients` on this replica's batch (this rank's cp piece of it), with the step's
+    token normaliser for the loss of each microbatch (`pretrain.loss.microbatch_loss`), then the
+    step if finite."""
+    batch = par.piece(batch.to(runtime.device))
     scale = token_scale(batch.labels, par.shape, par.microbatches)
     with runtime.autocast():
         loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale})
@@ -112,26 +113,32 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
 
 
 def pipeline_eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
-    """The summed language-model loss of one validation batch through the pipeline, on every rank."""
-    batch = batch.to(runtime.device)
+    """The summed language-model loss of one validation batch (this rank's cp piece of it) through
+    the pipeline, the whole batch's on every rank."""
+    batch = par.piece(batch.to(runtime.device))
     with runtime.autocast():
         loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False})
-    return mean_over_replicas(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
+    return sum_over_pieces(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
+
+
+def eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
+    """The summed language-model loss of one validation batch without a pipeline: under cp each
+    rank sums its piece's, and the pieces' sums are added up."""
+    with loss_context(par.shape):
+        loss = local(forward_loss(par.module, par.piece(batch.to(runtime.device)), runtime, par.head, par.logits_loss)[0])
+    return (sum_over_pieces(loss, par.shape) if par.cp > 1 else loss).item()
 
 
 @torch.no_grad()
 def evaluate(par: Parallel, batches: list[Batch], runtime: Runtime) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over the validation batches (every rank runs them
-    all; under PP through the schedule's forward, the loss then shared from the last stage)."""
+    all, each cp rank its pieces; under PP through the schedule's forward, the loss then shared
+    from the last stage)."""
     model = par.module
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        if par.pipeline is not None:
-            loss_sum += pipeline_eval_loss(par, batch, runtime)
-        else:
-            with loss_context(par.shape):
-                loss_sum += local(forward_loss(model, batch, runtime, par.head, par.logits_loss)[0]).item()
+        loss_sum += pipeline_eval_loss(par, batch, runtime) if par.pipeline is not None else eval_loss(par, batch, runtime)
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)
