@@ -29,6 +29,7 @@ from parallel.mesh import DP_SHARD_CP, build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
+from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss, describe, head_loss, resolve_loss
 from pretrain.loss import lm_loss, pipeline_loss_fn
 from pretrain.runtime import Runtime
@@ -105,6 +106,15 @@ class Parallel:
         if self.mesh is None:
             return 0
         return self.mesh["dp_replicate"].get_local_rank() * self.shape["dp_shard"] + self.mesh["dp_shard"].get_local_rank()
+
+    def piece(self, batch: Batch) -> Batch:
+        """This rank's cp piece of a batch that every rank of its cp group holds whole (the batch
+        itself without context parallelism)."""
+        if self.cp == 1:
+            return batch
+        from parallel.context_parallel import batch_piece
+
+        return Batch(*batch_piece(batch.input_ids, batch.labels, batch.cu_seqlens, self.mesh["cp"]))
 
     @property
     def is_main(self) -> bool:
