@@ -6,6 +6,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, model_validator
 
 from common.config import Strict, one_of
+from models.config import ModelConfig
 from parallel.data_parallel import ACTIVATION_CHECKPOINTING
 from parallel.pipeline import PIPELINE_SCHEDULES, runs_several_stages
 
@@ -42,3 +43,27 @@ class ParallelConfig(Strict):
         if self.sequence_parallel and (self.tp == 1 or self.pp > 1 or self.cp > 1):
             raise ValueError("sequence_parallel needs tp > 1 and is not supported with pp > 1 or cp > 1 yet")
         return self
+
+
+def check_context_pieces(model: ModelConfig, cp: int, tokens: int, what: str) -> None:
+    """Under context parallelism each rank holds `tokens / cp` consecutive tokens of every row
+    (`tokens`: the row length, named `what`). Required, as a ValueError naming the key: cp divides
+    the row; every piece is whole chunks of each chunked mixer (a rank's op runs without a padded
+    chunk, as fla's context-parallel kernels need); and it is at least as long as the halo of
+    earlier tokens a short convolution (conv size - 1) or a token shift (1) reads."""
+    if tokens % cp:
+        raise ValueError(f"parallel.cp ({cp}) must divide {what} ({tokens}): every rank holds an equal piece of each row")
+    piece = tokens // cp
+    for name in dict.fromkeys(model.mixer_names):
+        section = model.mixer_config(name)
+        chunk = getattr(section, "chunk_size", None)
+        if chunk is not None and piece % chunk:
+            raise ValueError(
+                f"parallel.cp ({cp}) cuts {what} ({tokens}) into pieces of {piece} tokens, not whole chunks of "
+                f"model.mixers.{name}.chunk_size ({chunk}): each piece must be a multiple of it"
+            )
+        halo = max(getattr(section, "conv_size", 1), getattr(section, "d_conv", 1)) - 1
+        if piece < halo:
+            raise ValueError(
+                f"parallel.cp ({cp}) leaves pieces of {piece} tokens, shorter than the {halo} earlier tokens model.mixers.{name}'s convolution reads"
+            )
