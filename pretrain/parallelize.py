@@ -1,8 +1,10 @@
-"""This process's part of a tp x pp x dp run: process group, device mesh, and the model turned into
-what this rank holds and runs.
+"""This process's part of a tp x pp x dp x cp run: process group, device mesh, and the model turned
+into what this rank holds and runs.
 
-Order (`parallelize`): tensor parallelism on the whole model, this pp rank's pipeline stages,
-activation checkpointing, FSDP/HSDP on each stage (or the model), the pipeline schedule. Build the
+Order (`parallelize`): tensor parallelism on the whole model, context parallelism (the cp group
+that its mixers exchange states, halos and keys over; each batch is then cut with
+`Parallel.cut`), this pp rank's pipeline stages, activation checkpointing, FSDP/HSDP on each stage
+(or the model; over dp_shard x cp with cp > 1), the pipeline schedule. Build the
 optimizer afterwards, on `Parallel.module`, whose parameter names are the single-process model's
 (so optimizer state and checkpoints are keyed the same under every layout). The pipeline's loss
 function is `pretrain.loss.pipeline_loss_fn`'s: over the last stage's logits, or, with the chunked
@@ -11,6 +13,7 @@ summed loss.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -23,7 +26,9 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from common.processes import start_process_group
+from models.context import Piece, context_parallel
 from models.model import HybridLM
+from parallel.context_parallel import ContextParallel, apply_context_parallel
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import DP_SHARD_CP, build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
@@ -86,6 +91,7 @@ class Parallel:
     loss: str = "full"  # the resolved `train.loss` (pretrain.linear_ce.resolve_loss)
     head: HeadLoss | None = None  # the chunked or fused linear cross-entropy; None: logits then `logits_loss`
     logits_loss: Callable[..., Tensor] = lm_loss
+    context: ContextParallel | None = None  # with cp > 1: cuts batches into this rank's pieces
 
     @property
     def world_size(self) -> int:
@@ -107,14 +113,14 @@ class Parallel:
             return 0
         return self.mesh["dp_replicate"].get_local_rank() * self.shape["dp_shard"] + self.mesh["dp_shard"].get_local_rank()
 
-    def piece(self, batch: Batch) -> Batch:
-        """This rank's cp piece of a batch that every rank of its cp group holds whole (the batch
-        itself without context parallelism)."""
-        if self.cp == 1:
-            return batch
-        from parallel.context_parallel import batch_piece
-
-        return Batch(*batch_piece(batch.input_ids, batch.labels, batch.cu_seqlens, self.mesh["cp"]))
+    def cut(self, batch: Batch) -> tuple[Batch, Piece | None]:
+        """This rank's cp piece of a batch that every rank of its cp group holds whole, and the
+        `Piece` to make active around its forward and backward (`within`); without context
+        parallelism the batch itself and None."""
+        if self.context is None:
+            return batch, None
+        input_ids, labels, cu_seqlens, piece = self.context.cut(batch.input_ids, batch.labels, batch.cu_seqlens)
+        return Batch(input_ids, labels, cu_seqlens), piece
 
     @property
     def is_main(self) -> bool:
@@ -143,6 +149,8 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if tp > 1:
         # under PP with full logits the schedule's loss takes them whole, so the head gathers them
         apply_tensor_parallel(model, par.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=pp == 1)
+    if par.cp > 1:
+        par.context = apply_context_parallel(model, par.mesh["cp"].get_group())
     stages, stage_ids = [model], []
     if pp > 1:
         stages, stage_ids = build_stage_modules(model, par.mesh["pp"].get_local_rank(), pp, p.pp_virtual_stages, t.seq_len)
@@ -162,7 +170,9 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if pp > 1:
         par.microbatches = p.microbatches
         loss_fn = pipeline_loss_fn(par.head)
-        par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, loss_fn, runtime.device, par.head)
+        par.pipeline = build_pipeline_schedule(
+            stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, loss_fn, runtime.device, par.head, par.context
+        )
         par.module = RankStages(stages)
 
 
@@ -187,6 +197,11 @@ def fast_path_header(par: Parallel, cfg: RunConfig) -> str:
     """The header's line on the loss and compilation (the ops' line is `models.ops.plan_model`'s)."""
     compiled = "each block and the loss" if par.shape["tp"] == 1 and par.loss != "fused" else "each block"
     return f"ebb: loss {par.loss}: {describe(par.loss)}; torch.compile: {compiled if cfg.train.compile else 'off'}"
+
+
+def within(piece: Piece | None) -> contextlib.AbstractContextManager:
+    """`piece` active around a forward and its backward; nothing to do without cp."""
+    return contextlib.nullcontext() if piece is None else context_parallel(piece)
 
 
 def data_parallel_mesh(par: Parallel) -> DeviceMesh:

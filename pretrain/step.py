@@ -12,7 +12,7 @@ from parallel.pipeline import pipeline_gradients, pipeline_loss_sum
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
 from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, sum_over_pieces, token_scale
-from pretrain.parallelize import Parallel
+from pretrain.parallelize import Parallel, within
 from pretrain.runtime import Runtime
 
 
@@ -81,9 +81,9 @@ def train_step(
     model = par.module
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
-        batch = par.piece(next(batches).to(runtime.device))
+        batch, piece = par.cut(next(batches).to(runtime.device))
         scale = token_scale(batch.labels, par.shape)
-        with loss_context(par.shape):
+        with loss_context(par.shape), within(piece):
             loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
             loss = loss * scale
             total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
@@ -102,10 +102,10 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
     """`pipeline_gradients` on this replica's batch (this rank's cp piece of it), with the step's
     token normaliser for the loss of each microbatch (`pretrain.loss.microbatch_loss`), then the
     step if finite."""
-    batch = par.piece(batch.to(runtime.device))
+    batch, piece = par.cut(batch.to(runtime.device))
     scale = token_scale(batch.labels, par.shape, par.microbatches)
     with runtime.autocast():
-        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale})
+        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale}, piece)
     if loss is None:  # not on the last stage
         loss = torch.zeros((), device=runtime.device)
     loss = mean_over_replicas(loss, par.shape)
@@ -115,17 +115,18 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
 def pipeline_eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
     """The summed language-model loss of one validation batch (this rank's cp piece of it) through
     the pipeline, the whole batch's on every rank."""
-    batch = par.piece(batch.to(runtime.device))
+    batch, piece = par.cut(batch.to(runtime.device))
     with runtime.autocast():
-        loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False})
+        loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False}, piece)
     return sum_over_pieces(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
 
 
 def eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
     """The summed language-model loss of one validation batch without a pipeline: under cp each
     rank sums its piece's, and the pieces' sums are added up."""
-    with loss_context(par.shape):
-        loss = local(forward_loss(par.module, par.piece(batch.to(runtime.device)), runtime, par.head, par.logits_loss)[0])
+    batch, piece = par.cut(batch.to(runtime.device))
+    with loss_context(par.shape), within(piece):
+        loss = local(forward_loss(par.module, batch, runtime, par.head, par.logits_loss)[0])
     return (sum_over_pieces(loss, par.shape) if par.cp > 1 else loss).item()
 
 
