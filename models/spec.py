@@ -10,7 +10,10 @@ framework reads:
 - `carry_writes`: the carry entries its forward writes;
 - `flops_per_token(seq_len)`: forward FLOPs counted from its own algorithm;
 - `tp_plan`: how tensor parallelism splits it, as data (`TensorParallelPlan`) that
-  `parallel/tp/` turns into DTensor styles; the mixer itself never sees torch.distributed.
+  `parallel/tp/` turns into DTensor styles; the mixer itself never sees torch.distributed;
+- `cp_plan`: that it runs under context parallelism and how its recurrent state passes between
+  pieces (`ContextParallelPlan`, models/context.py); `parallel/context_parallel.py` refuses a
+  model with a mixer that declares none.
 A mixer that transformers has a class for also declares, in `MixerSpec.hf`, how a model made
 only of it maps onto that class (`HFNative`: names, layouts, config), for the native Hugging Face
 export and import (`python -m checkpoint.convert`). Every mixer exports in the remote-code format,
@@ -25,6 +28,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from common.config import Strict
+from models.context import Transition
 
 ParameterNames = Mapping[str, tuple[str, ...]]  # module path within the layer ('' = itself) -> parameter names
 
@@ -57,6 +61,19 @@ class TensorParallelPlan:
     routers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ContextParallelPlan:
+    """What context parallelism (each rank a contiguous piece of every sequence) needs of a
+    mixer. Boundaries other than the state are crossed by the shared helpers the mixer already
+    calls: short convolutions (`conv_features`, `segment_conv`) take a halo of the previous
+    inputs, token shifts the previous token, and attention reads the earlier keys itself.
+    - `transition`: how its chunked op's state transition over a piece is summarised (None: no
+      recurrent state): "matrix" (K x K per head, any op linear in its state) or "decay" (a
+      scalar per head: simple GLA's log-gate `g`). The mixer hands it to `cached_recurrence`."""
+
+    transition: Transition | None = None
+
+
 class MixerConfig(Strict):
     """A mixer's section under `model.mixers`."""
 
@@ -73,6 +90,7 @@ class Mixer(nn.Module):
     """Base of every mixer: built as `Mixer(cfg: ModelConfig, layer_idx)`; see the module docs."""
 
     tp_plan: ClassVar[TensorParallelPlan]
+    cp_plan: ClassVar[ContextParallelPlan | None] = None
     carry_writes: tuple[str, ...] = ()
 
     def forward(

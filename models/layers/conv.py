@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.context import active_piece, conv_halo, no_cache, shifted, stream_tails
 from models.layers.fla_modules import fla_kernel_for
 from models.packing import positions_in_documents
 
@@ -56,6 +57,10 @@ def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, 
     built without a short convolution (fla applies the activation either way)."""
     if conv is None:
         return F.silu(x)
+    piece = active_piece()
+    no_cache(piece, cache)
+    if piece is not None:
+        return conv_halo(piece, conv, x, cu_seqlens, conv.kernel_size[0] - 1)
     y, tail = conv(x, cu_seqlens, None if cache is None else cache.get(key))
     if cache is not None:
         cache[key] = tail
@@ -65,7 +70,13 @@ def conv_features(conv: ShortConv | None, x: Tensor, cu_seqlens: Tensor | None, 
 def segment_conv(conv: ShortConv, x: Tensor, cu_seqlens: Tensor, tails: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """ShortConv over the segments of x [R, C], each its own stream. With `tails` [S, W-1, C]
     each segment continues from its own W-1 preceding inputs, and the new tails (the last W-1
-    inputs of each tail + segment, so an empty segment keeps its tail) come back."""
+    inputs of each tail + segment, so an empty segment keeps its tail) come back. Under context
+    parallelism each segment continuing a stream of the earlier pieces starts from that stream's
+    inputs there (`stream_tails`)."""
+    piece = active_piece()
+    if piece is not None and tails is None:
+        tails = stream_tails(piece, x, cu_seqlens, conv.kernel_size[0] - 1)
+        return segment_conv(conv, x, cu_seqlens, tails)[0], None
     if tails is None:
         return conv(x[None], cu_seqlens)[0][0], None
     lag = conv.kernel_size[0] - 1
@@ -85,7 +96,12 @@ def segment_conv(conv: ShortConv, x: Tensor, cu_seqlens: Tensor, tails: Tensor |
 def token_shift(x: Tensor, cu_seqlens: Tensor | None, cache: dict | None, key: str) -> Tensor:
     """x_{t-1} for every token of x [B, T, C] (RWKV's token shift, a width-2 causal window): zero
     at a document start (`cu_seqlens`, B = 1), and before the first token the last token of the
-    previous call kept in `cache[key]` (zero without one), which is then updated."""
+    previous call kept in `cache[key]` (zero without one), which is then updated. Under context
+    parallelism, before each row the previous piece's last token."""
+    piece = active_piece()
+    no_cache(piece, cache)
+    if piece is not None:
+        return shifted(piece, x, cu_seqlens)
     before = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or key not in cache else cache[key].to(x.dtype)
     previous = torch.cat([before, x[:, :-1]], dim=1)
     if cu_seqlens is not None:

@@ -16,7 +16,7 @@ from models.layers.init import init_decay_, init_normal_, residual_scale
 from models.layers.norms import GatedRMSNorm, RMSNorm, l2_norm
 from models.layers.recurrence import ChunkOp, cached_recurrence
 from models.packing import as_one_sequence
-from models.spec import Mixer, TensorParallelPlan
+from models.spec import ContextParallelPlan, Mixer, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -41,6 +41,7 @@ class DeltaRuleMixer(Mixer):
 
     op: ClassVar[ChunkOp]
     tp_plan = DELTA_RULE_TP_PLAN
+    cp_plan = ContextParallelPlan(transition="matrix")  # (I - beta k k^T) per step, times the gate
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class DeltaRuleMixer(Mixer):
         o = cached_recurrence(
             self.op, *self.recurrence_inputs(flat, cu_seqlens, cache),
             scale=self.head_k_dim**-0.5, chunk_size=self.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
+            transition=self.cp_plan.transition,
         )
         if self.g_proj is None:
             o = self.o_norm(o)

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from models.context import Piece, active_piece, no_cache
 from models.layers.flops import projection_flops
 from models.layers.init import init_normal_, residual_scale
 from models.layers.rope import apply_rope
 from models.packing import check_not_decoding, document_ids, positions_in_documents
-from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import ContextParallelPlan, HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -131,6 +132,7 @@ class AttentionConfig(MixerConfig):
 
 class Attention(Mixer):
     tp_plan = TensorParallelPlan(colwise=("q_proj", "k_proj", "v_proj"))
+    cp_plan = ContextParallelPlan()  # no state: it reads the earlier pieces' keys and values (forward)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -164,6 +166,10 @@ class Attention(Mixer):
         k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         check_not_decoding(cu_seqlens, cache)
+        piece = active_piece()
+        no_cache(piece, cache)
+        if piece is not None:
+            return self.out_proj(self._context_parallel(q, k, v, piece).flatten(-2))
         if cache is not None:
             q, k, v, mask = self._extend_cache(q, k, v, cache)
         elif cu_seqlens is not None:
@@ -188,6 +194,32 @@ class Attention(Mixer):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.out_proj(o.transpose(1, 2).flatten(-2))
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, piece: Piece) -> Tensor:
+        """This piece's queries against the keys and values of every earlier piece (all-gathered)
+        and its own, at their positions in the whole rows; with a sliding window shorter than the
+        piece, only the previous piece's last window - 1 (a halo). SDPA with an explicit mask:
+        the last piece computes the most (causal imbalance, see README)."""
+        window, start, T = self.cfg.window_size, piece.start, piece.length
+        positions = piece.positions.to(q.device)
+        q, k = apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta)
+        if window is not None and window - 1 <= T:
+            begin = start - (window - 1)
+            k, v = (torch.cat([piece.from_previous(t[:, T - (window - 1):]), t], dim=1) for t in (k, v))
+        else:
+            begin = 0
+            k, v = (piece.all_gather(t)[: piece.comm.rank + 1].transpose(0, 1).flatten(1, 2) for t in (k, v))
+        q_pos = torch.arange(start, start + T, device=q.device)
+        k_pos = torch.arange(begin, start + T, device=q.device)
+        mask = visible(q_pos, k_pos, window) & (k_pos >= 0)
+        if piece.documents is not None:
+            documents = piece.documents.to(q.device)
+            mask = mask & (documents[:, start : start + T, None] == documents[:, k_pos.clamp(min=0)][:, None, :])
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask if mask.dim() == 2 else mask[:, None],
+            scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return o.transpose(1, 2)
 
     def _flex(self, x: Tensor) -> bool:
         kernel = self.cfg.packed_kernel

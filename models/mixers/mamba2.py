@@ -26,7 +26,7 @@ from models.layers.norms import GatedRMSNorm
 from models.layers.recurrence import cached_recurrence
 from models.ops import chunk_simple_gla
 from models.packing import as_one_sequence
-from models.spec import HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import ContextParallelPlan, HFNative, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -70,6 +70,7 @@ class Mamba2(Mixer):
         colwise=("in_proj",),
         sharded={"conv1d": ("weight", "bias"), "norm": ("weight",), "": ("A_log", "dt_bias", "D")},
     )
+    cp_plan = ContextParallelPlan(transition="decay")  # SSD: a scalar decay per head
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg.mixers.mamba2
@@ -120,7 +121,7 @@ class Mamba2(Mixer):
         A = -torch.exp(self.A_log)
         y = cached_recurrence(
             chunk_simple_gla, Cs, Bs, xs * dt[..., None], A * dt,
-            scale=1.0, chunk_size=c.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
+            scale=1.0, chunk_size=c.chunk_size, cu_seqlens=cu_seqlens, cache=cache, transition=self.cp_plan.transition,
         )
         y = y + self.D[:, None] * xs
         y = self.norm(y.flatten(-2), z)

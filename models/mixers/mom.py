@@ -20,7 +20,7 @@ from models.layers.recurrence import ChunkOp, cached_recurrence
 from models.layers.routing import Routes, TopKRouter, build_routes, switch_aux_loss
 from models.ops import chunk_gated_delta_rule
 from models.packing import check_not_decoding, documents_of_tokens
-from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import ContextParallelPlan, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -84,6 +84,7 @@ class MoM(Mixer):
         summed={"o_norm": ("weight",)},
         routers=("router",),
     )
+    cp_plan = ContextParallelPlan(transition="matrix")  # per (memory, row) stream
     """By head. The router reads the replicated input, so every rank routes every token the same
     way; its chosen probabilities weight read-outs of this rank's heads only. The auxiliary loss
     comes from the router's probabilities alone: identical on every rank and counted once."""
@@ -185,6 +186,7 @@ class MoM(Mixer):
         o = cached_recurrence(
             self.op, q[None], k[None], v.unflatten(-1, (-1, self.head_v_dim))[None], g[None], beta[None],
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=routes.cu_seqlens, cache=cache,
+            transition=self.cp_plan.transition,
         )
         return o[0]
 

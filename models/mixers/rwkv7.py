@@ -33,7 +33,7 @@ from models.layers.recurrence import cached_recurrence
 from models.mlp import SwiGLU
 from models.ops import chunk_rwkv7
 from models.packing import as_one_sequence
-from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import ContextParallelPlan, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -127,6 +127,7 @@ class RWKV7(Mixer):
         sharded={"o_norm": ("weight", "bias"), "": ("w0", "a0", "v0", "k_k", "k_a", "r_k")},
         replicated={"*_lora.down": ("weight",), "": ("mu",)},
     )
+    cp_plan = ContextParallelPlan(transition="matrix")  # diagonal plus rank one per token
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -213,6 +214,7 @@ class RWKV7(Mixer):
         y = cached_recurrence(
             chunk_rwkv7, r, log_w, k, v, -kappa, kappa * a,
             scale=1.0, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache, lower_bound=-LOG_DECAY_SCALE,
+            transition=self.cp_plan.transition,
         )
         y = self.o_norm(y) + (r * k * self.r_k).sum(-1, keepdim=True) * v
         return self.out_proj((y.flatten(-2) * self.g_lora(x_g)).reshape(*x.shape[:-1], -1))

@@ -20,7 +20,7 @@ from models.layers.recurrence import ChunkOp, cached_recurrence
 from models.layers.routing import TopKRouter, build_routes, switch_aux_loss
 from models.ops import chunk_gated_delta_rule
 from models.packing import as_one_sequence, documents_of_tokens
-from models.spec import Mixer, MixerConfig, MixerSpec, TensorParallelPlan
+from models.spec import ContextParallelPlan, Mixer, MixerConfig, MixerSpec, TensorParallelPlan
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
@@ -88,6 +88,7 @@ class SSE(Mixer):
         summed={"o_norm": ("weight",)},
         routers=("router",),
     )
+    cp_plan = ContextParallelPlan(transition="matrix")  # the dense state and each partition, per row
     """By head: a_proj, b_proj, A_log and dt_bias (2H, stored head-major, [dense_h, partition_h]
     per head) split so that each rank keeps both gates of its heads; the low-rank factors' first
     matrices (model width -> rank) replicated, their second colwise. The router as in MoM."""
@@ -173,6 +174,7 @@ class SSE(Mixer):
         return cached_recurrence(
             self.op, q, k, v, g, beta,
             scale=self.head_k_dim**-0.5, chunk_size=self.cfg.chunk_size, cu_seqlens=cu_seqlens, cache=cache,
+            transition=self.cp_plan.transition,
         )
 
     def varlen_readout(
