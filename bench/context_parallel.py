@@ -24,6 +24,7 @@ Results: bench/results/context_parallel.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -48,6 +49,7 @@ if str(REPO) not in sys.path:
 from models.config import ModelConfig  # noqa: E402
 from models.mixers import PATTERN  # noqa: E402
 from models.model import HybridLM  # noqa: E402
+from parallel.context_parallel import apply_context_parallel, context_parallel  # noqa: E402
 from pretrain.loss import lm_loss  # noqa: E402
 
 CPS = (1, 2, 4)
@@ -80,9 +82,9 @@ SIZES = {
 
 def model_config(size: dict[str, Any]) -> ModelConfig:
     """One block of every registered mixer (a new mixer is benched by its PATTERN line alone)."""
+    mixers = size["mixers"] | {name: size["mixers"][name] | {"aux_loss_scale": 0} for name in ("mom", "sse")}
     return ModelConfig(
-        pattern="".join(PATTERN), d_model=size["d_model"], vocab_size=size["vocab_size"], mlp_hidden=2 * size["d_model"],
-        tie_embeddings=False, mixers=size["mixers"] | {"mom": size["mixers"]["mom"] | {"aux_loss_scale": 0}, "sse": size["mixers"]["sse"] | {"aux_loss_scale": 0}},
+        pattern="".join(PATTERN), d_model=size["d_model"], vocab_size=size["vocab_size"], mlp_hidden=2 * size["d_model"], tie_embeddings=False, mixers=mixers,
     )
 
 
@@ -174,22 +176,18 @@ class ExchangeCounter(TorchDispatchMode):
 
 def measure_rank(size: dict[str, Any], reps: int) -> dict[str, Any]:
     """This rank's figures (module docstring) under the cp of the process group (1: no group)."""
-    from parallel.context_parallel import batch_piece, enable_context_parallel
-    from torch.distributed.device_mesh import init_device_mesh
-
-    cp = dist.get_world_size()
     torch.manual_seed(0)
     model = HybridLM(model_config(size))
-    mesh = init_device_mesh("cpu", (cp,), mesh_dim_names=("cp",))
-    if cp > 1:
-        enable_context_parallel(model, mesh["cp"])
+    context = apply_context_parallel(model, dist.group.WORLD) if dist.get_world_size() > 1 else None  # cp 1: as the train loop runs it
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def step_at(length: int) -> Callable[[], None]:
-        input_ids, labels, cu_seqlens = batch_piece(*full_batch(length, size["vocab_size"]), mesh["cp"]) if cp > 1 else full_batch(length, size["vocab_size"])
+        batch = full_batch(length, size["vocab_size"])
 
-        def step() -> None:
-            lm_loss(model(input_ids, cu_seqlens=cu_seqlens), labels, reduction="sum").backward()
+        def step() -> None:  # a new piece per step, as the train loop cuts every batch
+            input_ids, labels, cu_seqlens, piece = context.cut(*batch) if context is not None else (*batch, None)
+            with contextlib.nullcontext() if piece is None else context_parallel(piece):
+                lm_loss(model(input_ids, cu_seqlens=cu_seqlens), labels, reduction="sum").backward()
 
         return step
 
