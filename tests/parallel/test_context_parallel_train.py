@@ -26,7 +26,7 @@ from pretrain.dry_run import estimate_rank, model_activations
 from pretrain.estimate import MemoryEstimate
 from pretrain.train import train
 from tests.distributed import run_distributed
-from tests.runs import REPO, assert_one_error, cli, curve, layout_config, records
+from tests.runs import LAYOUT_RUN, assert_one_error, cli, curve, layout_config, records
 
 TOL = 5e-5
 PATTERN = "RM*O | PTGS"  # every mixer; R blocks on both sides of the stage cut
@@ -106,11 +106,11 @@ def test_dry_run_shards_and_cuts_by_cp(tmp_path: Path) -> None:
 def test_bad_layouts_are_one_line_and_exit_2(tmp_path: Path) -> None:
     """Before anything is built: a world size the layout does not divide (dry run), a sequence
     that cp does not cut into whole chunks (a run), and pretrain.generate under several processes."""
-    run = [*RUN, f"train.run_dir={tmp_path / 'run'}"]
-    world = cli("pretrain.train", "--config", str(REPO / "configs/quickstart.yaml"), "--dry-run", "--world-size", "6", *run, "parallel.cp=4")
+    run = [*LAYOUT_RUN, *RUN, f"train.run_dir={tmp_path / 'run'}"]
+    world = cli("pretrain.train", "--dry-run", "--world-size", "6", *run, "parallel.cp=4")
     assert_one_error(world, "world size 6 is not divisible by pp*dp_replicate*cp*tp = 4")
-    chunks = cli("pretrain.train", "--config", str(REPO / "configs/quickstart.yaml"), *run, "parallel.cp=2", "train.seq_len=24")
-    assert_one_error(chunks, "into pieces of 12 tokens, not whole chunks")
+    chunks = cli("pretrain.train", *run, "parallel.cp=2", "train.seq_len=24")
+    assert_one_error(chunks, "cuts train.seq_len (24) into pieces of 12 tokens, not whole chunks of model.mixers.rwkv7.chunk_size (8)")
     assert not (tmp_path / "run").exists()
     generate = cli("pretrain.generate", "--checkpoint", str(tmp_path), "--prompt", "x", env={"WORLD_SIZE": "2"})
     assert_one_error(generate, "pretrain.generate decodes in one process, not 2 (WORLD_SIZE)")
