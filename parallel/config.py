@@ -50,7 +50,8 @@ def check_context_pieces(model: ModelConfig, cp: int, tokens: int, what: str) ->
     (`tokens`: the row length, named `what`). Required, as a ValueError naming the key: cp divides
     the row; every piece is whole chunks of each chunked mixer (a rank's op runs without a padded
     chunk, as fla's context-parallel kernels need); and it is at least as long as the halo of
-    earlier tokens a short convolution (conv size - 1) or a token shift (1) reads."""
+    earlier tokens a short convolution (conv size - 1) or a token shift (1) reads. MoM's
+    `capacity` (the last tokens of each whole document) is refused: no piece sees a whole document."""
     if tokens % cp:
         raise ValueError(f"parallel.cp ({cp}) must divide {what} ({tokens}): every rank holds an equal piece of each row")
     piece = tokens // cp
@@ -62,6 +63,8 @@ def check_context_pieces(model: ModelConfig, cp: int, tokens: int, what: str) ->
                 f"parallel.cp ({cp}) cuts {what} ({tokens}) into pieces of {piece} tokens, not whole chunks of "
                 f"model.mixers.{name}.chunk_size ({chunk}): each piece must be a multiple of it"
             )
+        if getattr(section, "capacity", None):
+            raise ValueError(f"model.mixers.{name}.capacity needs each whole document on one rank: unset it with parallel.cp ({cp}) > 1")
         halo = max(getattr(section, "conv_size", 1), getattr(section, "d_conv", 1)) - 1
         if piece < halo:
             raise ValueError(
