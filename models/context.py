@@ -75,6 +75,12 @@ class Piece:
     def start(self) -> int:
         return self.comm.rank * self.length
 
+    def rows(self, first: int, stop: int) -> Piece:
+        """The piece of rows [first, stop) (a pipeline microbatch), with its own exchange order."""
+        doc_starts = None if self.doc_starts is None else self.doc_starts[first:stop]
+        return Piece(self.comm, stop - first, self.length, doc_starts)
+
+    @torch.compiler.disable
     def all_gather(self, x: Tensor) -> Tensor:
         """[size, *x.shape]: every rank's x (autograd-aware), ordered after the piece's earlier exchanges."""
         return self._ordered(self.comm.all_gather, x)
@@ -181,6 +187,7 @@ class Streams:
 _active: list[Piece | None] = [None]
 
 
+@torch.compiler.disable  # runs eager inside compiled blocks: no guard on the piece, no recompiles per batch
 def active_piece() -> Piece | None:
     """The piece of the batch being computed under `context_parallel`, else None."""
     return _active[0]
@@ -239,6 +246,7 @@ def _incoming(gathered: Tensor, rank: int, combine: Callable[[Tensor, Tensor], T
     return state
 
 
+@torch.compiler.disable
 def state_passing(
     piece: Piece,
     op: Callable,
@@ -254,16 +262,40 @@ def state_passing(
     summary (final state, transition) per stream and what the incoming state adds to each
     output; one all-gather exchanges the summaries."""
     arguments = _bind(op, inputs)
-    v = arguments["v"]
-    n_segments = v.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_segments = arguments["v"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     streams = piece.streams(n_segments)
     run = functools.partial(op, scale=scale, output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size, **options)
+    ran = summarise(transition, run, arguments, streams, cu_seqlens, scale)
+    incoming = _incoming(piece.all_gather(ran.summary), piece.comm.rank, ran.combine)
+    return ran.output + read_incoming(ran.reach, incoming, streams, cu_seqlens)
+
+
+@dataclass(frozen=True)
+class PieceRun:
+    """One run of a chunked op over a piece, from a zero incoming state: its `output`, the
+    `reach` [.., H, K] of each output (an incoming state S_in adds S_in^T reach_t to it), and
+    each stream's `summary`, which `combine(S_in, summary)` turns into the state it hands on
+    (`combine(None, summary)` from a zero state)."""
+
+    output: Tensor
+    reach: Tensor
+    summary: Tensor
+    combine: Callable[[Tensor | None, Tensor], Tensor]
+
+
+def summarise(
+    transition: Transition, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float
+) -> PieceRun:
+    """`run(**arguments, initial_state=...)` (the op with output_final_state) summarised as
+    `transition` says, for the segments `streams` maps."""
     if transition == "matrix":
-        return _matrix_state_passing(piece, run, arguments, streams, cu_seqlens)
-    return _decay_state_passing(piece, run, arguments, streams, cu_seqlens, scale)
+        return _matrix_run(run, arguments, streams)
+    return _decay_run(run, arguments, streams, cu_seqlens, scale)
 
 
-def _matrix_state_passing(piece: Piece, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
+def _matrix_run(run: Callable, arguments: dict[str, Tensor], streams: Streams) -> PieceRun:
+    """v widened by K zero columns, from [0 | I] in the entering segments (zero elsewhere): the
+    final state is [H_p | M_p] and the widened outputs are reach_t = scale M_{s..t}^T q_t."""
     v, k = arguments["v"], arguments["k"]
     H, K, V = v.shape[-2], k.shape[-1], v.shape[-1]
     dtype = torch.promote_types(v.dtype, torch.float32)
@@ -272,37 +304,33 @@ def _matrix_state_passing(piece: Piece, run: Callable, arguments: dict[str, Tens
     initial = torch.cat([v.new_zeros(enters.numel(), H, K, V, dtype=dtype), identity.expand(-1, H, K, K)], dim=-1)
     widened = arguments | {"v": torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)}
     o, final = run(**widened, initial_state=initial)
-    o, reach = o.split([V, K], dim=-1)  # reach_t = scale M_{s..t}^T q_t: o_t gains S_in^T reach_t
-    summary = final[streams.leave.to(final.device)]  # [streams, H, K, V + K] = [H_p | M_p]
+    o, reach = o.split([V, K], dim=-1)
 
     def combine(state: Tensor | None, part: Tensor) -> Tensor:
         written, moved = part.split([V, K], dim=-1)
-        return written if state is None else moved @ state + written
+        return written if state is None else moved @ state.to(moved.dtype) + written
 
-    incoming = _incoming(piece.all_gather(summary), piece.comm.rank, combine)
-    return o + _read_incoming(reach, incoming, streams, cu_seqlens)
+    return PieceRun(o, reach, final[streams.leave.to(final.device)], combine)
 
 
-def _decay_state_passing(
-    piece: Piece, run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float
-) -> Tensor:
+def _decay_run(run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float) -> PieceRun:
+    """A plain run; the transition is exp of the log-gate `g` summed over the piece (one scalar
+    per head) and reach_t = scale exp(sum of g up to t) q_t."""
     q, g = arguments["q"], arguments["g"]
     o, final = run(**arguments, initial_state=None)
     H, K, V = final.shape[1:]
     decay_to = _segment_cumsum(g, streams, cu_seqlens)  # [B, T, H]: summed log-gate from the entering segment's start
     leave = streams.leave.to(final.device)
-    entering_end = _segment_ends(decay_to, streams, cu_seqlens)  # [segments, H], -inf where not entering
-    moved = entering_end[leave].exp()  # [streams, H]
-    summary = torch.cat([final[leave].flatten(2), moved[..., None]], dim=-1)
+    moved = _segment_ends(decay_to, streams, cu_seqlens)[leave].exp()  # [streams, H]
+    summary = torch.cat([final[leave].flatten(2), moved[..., None].to(final.dtype)], dim=-1)
 
     def combine(state: Tensor | None, part: Tensor) -> Tensor:
         written, factor = part.split([K * V, 1], dim=-1)
         written = written.unflatten(-1, (K, V))
-        return written if state is None else factor[..., None] * state + written
+        return written if state is None else factor[..., None] * state.to(written.dtype) + written
 
-    incoming = _incoming(piece.all_gather(summary), piece.comm.rank, combine)
-    reach = scale * q * decay_to.exp()[..., None]
-    return o + _read_incoming(reach.to(o.dtype), incoming, streams, cu_seqlens)
+    reach = (scale * q * decay_to.exp()[..., None]).to(o.dtype)
+    return PieceRun(o, reach, summary, combine)
 
 
 def _segment_cumsum(g: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
@@ -345,7 +373,7 @@ def _segment_ends(decay_to: Tensor, streams: Streams, cu_seqlens: Tensor | None)
     return out.index_copy(0, index, torch.stack(rows))
 
 
-def _read_incoming(reach: Tensor, incoming: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
+def read_incoming(reach: Tensor, incoming: Tensor, streams: Streams, cu_seqlens: Tensor | None) -> Tensor:
     """What the incoming states add to the output: reach_t [.., H, K] times S_in [H, K, V] of
     the stream each token's segment enters from (zero in segments that enter from none)."""
     incoming = incoming.to(reach.dtype)
@@ -388,6 +416,7 @@ def halo(piece: Piece, x: Tensor, cu_seqlens: Tensor | None, n: int) -> Tensor:
     return previous * piece.continues.to(device=x.device, dtype=x.dtype)[:, None, None]
 
 
+@torch.compiler.disable
 def conv_halo(piece: Piece, conv: Callable, x: Tensor, cu_seqlens: Tensor | None, lag: int) -> Tensor:
     """conv(x) as if each row continued the previous piece's row: the row's `lag` preceding
     inputs are prepended (a halo), the convolution runs, and the halo's outputs are dropped.
@@ -405,6 +434,7 @@ def conv_halo(piece: Piece, conv: Callable, x: Tensor, cu_seqlens: Tensor | None
     return y.view(B, T + lag, -1)[:, lag:].reshape(x.shape[:-1] + y.shape[-1:])
 
 
+@torch.compiler.disable
 def shifted(piece: Piece, x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     """x_{t-1} for every token (RWKV's token shift): the previous piece's last token before each
     row, zero at document starts."""
@@ -417,6 +447,7 @@ def shifted(piece: Piece, x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     return previous.reshape(x.shape)
 
 
+@torch.compiler.disable
 def stream_tails(piece: Piece, x: Tensor, cu_seqlens: Tensor, lag: int) -> Tensor:
     """[segments, lag, C]: the `lag` inputs that precede each segment of x [R, C] in its stream
     (segments as in `Piece.streams`), gathered from however many earlier pieces they lie in;

@@ -37,6 +37,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, after: Tensor, comm: GroupComm) -> Tensor:
         ctx.comm, ctx.after = comm, (after.shape, after.dtype, after.device)
+        comm.sent_bytes += (comm.size - 1) * x.numel() * x.element_size()
         parts = [torch.empty_like(x) for _ in range(comm.size)]
         dist.all_gather(parts, x.contiguous(), group=comm.group)
         return torch.stack(parts)
@@ -45,6 +46,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         comm = ctx.comm
         grad = grad.contiguous()
+        comm.sent_bytes += (comm.size - 1) * grad[0].numel() * grad.element_size()  # a reduce-scatter's share
         if dist.get_backend(comm.group) == dist.Backend.GLOO:  # gloo has no reduce-scatter
             dist.all_reduce(grad, group=comm.group)
             mine = grad[comm.rank]
@@ -81,6 +83,7 @@ class GroupComm:
     def __post_init__(self) -> None:
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
+        self.sent_bytes = 0  # by this rank, forward and backward exchanges together (benchmarks read it)
 
     def all_gather(self, x: Tensor, after: Tensor | None = None) -> Tensor:
         return _AllGather.apply(x, _ordering(after, x), self)
@@ -95,6 +98,7 @@ class GroupComm:
         received = torch.zeros_like(x)
         ops = []
         if 0 <= to < self.size:
+            self.sent_bytes += x.numel() * x.element_size()
             ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(self.group, to), self.group))
         if 0 <= source < self.size:
             ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(self.group, source), self.group))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.context import active_piece
+
 
 @dataclass(frozen=True)
 class Routes:
@@ -92,6 +94,14 @@ def segment_bounds(segment: Tensor, n_segments: int) -> Tensor:
 def switch_aux_loss(probs: Tensor, chosen: Tensor, n_memories: int) -> Tensor:
     """Switch-Transformer balance loss M * sum_m f_m P_m: f_m the fraction of tokens routed to m
     (each token counted once per choice, so sum_m f_m = k), P_m the mean router probability
-    [N, M]. Its minimum, k, is at uniform routing (f_m = k/M, P_m = 1/M)."""
-    f = torch.bincount(chosen.flatten(), minlength=n_memories).to(probs.dtype) / chosen.shape[0]
-    return n_memories * (f * probs.mean(0)).sum()
+    [N, M]. Its minimum, k, is at uniform routing (f_m = k/M, P_m = 1/M). Under context
+    parallelism f and P are over every piece of the batch and each rank returns its 1/cp share
+    (the ranks' shares sum to the whole batch's loss, as their LM losses do)."""
+    counts = torch.bincount(chosen.flatten(), minlength=n_memories).to(probs.dtype)
+    totals = torch.stack([counts, probs.sum(0)])
+    n_tokens, shares = chosen.shape[0], 1
+    piece = active_piece()
+    if piece is not None:
+        totals, n_tokens, shares = piece.all_gather(totals).sum(0), n_tokens * piece.comm.size, piece.comm.size
+    f, mean_probs = totals / n_tokens
+    return n_memories * (f * mean_probs).sum() / shares

@@ -195,6 +195,7 @@ class Attention(Mixer):
         )
         return self.out_proj(o.transpose(1, 2).flatten(-2))
 
+    @torch.compiler.disable
     def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, piece: Piece) -> Tensor:
         """This piece's queries against the keys and values of every earlier piece (all-gathered)
         and its own, at their positions in the whole rows; with a sliding window shorter than the

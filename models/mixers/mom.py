@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from models.context import active_piece
 from models.layers.conv import ShortConv, segment_conv
 from models.layers.flops import chunked_recurrence_flops
 from models.layers.fused import split_groups, store_head_major_
@@ -159,6 +160,8 @@ class MoM(Mixer):
         flat = x.reshape(B * T, -1)
         probs, chosen, weights = self.route(flat)
         documents, n_documents = documents_of_tokens(B, T, cu_seqlens, x.device)
+        if self.cfg.capacity and active_piece() is not None:
+            raise ValueError("mixers.mom.capacity keeps the last routed tokens of whole documents: it cannot run under context parallelism")
         keep_last = None if cache is not None else self.capacity_limits(B, T, cu_seqlens, x.device)
         routes = build_routes(
             chosen, weights, documents, n_documents, self.cfg.num_memories, self.cfg.shared_memory, keep_last
