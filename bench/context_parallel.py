@@ -1,7 +1,7 @@
 """Context parallelism on CPU (gloo): per rank, the activation memory and the step time at cp 2 and
 cp 4 against cp 1 at the same total sequence length, and the bytes each layer exchanges.
 
-    python bench/context_parallel.py            # every mixer, d_model 128, one sequence of 8192 tokens
+    python bench/context_parallel.py            # every mixer, d_model 128, one sequence of 4096 tokens
     python bench/context_parallel.py --tiny     # seconds: checks that the bench runs (the test's)
 
 For each cp in (1, 2, 4), cp processes build the same seed-0 hybrid of every mixer in the registry
@@ -9,9 +9,10 @@ For each cp in (1, 2, 4), cp processes build the same seed-0 hybrid of every mix
 on their piece of one batch (`parallel.context_parallel`: the same cut the train loop makes).
 Measured per rank, the largest rank reported:
 - activations: the bytes of the tensors autograd saves for backward (saved-tensors hooks, each
-  storage once, parameters excluded), at the total length T and at T/2. Their difference is the
-  part that grows with the sequence; what is left at T (states, summaries, per-layer constants)
-  is the fixed part. The goal: the growing part at cp N <= 1.1/N of cp 1's.
+  storage once, parameters excluded), in all and by block. `N x ratio` is cp N's over cp 1's
+  times N: 1 when a rank holds exactly its share; the goal is <= 1.1. What a rank holds beyond
+  its share is context parallelism's own: attention's gathered keys and values and its queries'
+  scores against them, the state summaries, and the op runs that produce them.
 - peak: the peak of the allocations during forward and backward (the torch profiler's memory
   events), gradients and temporaries included.
 - step time: forward + backward, median of `--reps` after a warm-up; on a shared 2-core machine
@@ -53,7 +54,7 @@ from parallel.context_parallel import apply_context_parallel, context_parallel  
 from pretrain.loss import lm_loss  # noqa: E402
 
 CPS = (1, 2, 4)
-GOAL = 1.1  # the growing activations at cp N within GOAL / N of cp 1's
+GOAL = 1.1  # a rank's activations at cp N within GOAL / N of cp 1's
 MIXERS = {  # small heads, so that a CPU runs every mixer at thousands of tokens
     "attention": {"num_heads": 4},
     "mamba2": {"head_dim": 32, "d_state": 32, "chunk_size": 64},
@@ -75,7 +76,7 @@ TINY_MIXERS = {
     "gated_deltaproduct": {"num_heads": 2, "head_dim": 8, "chunk_size": 8},
 }
 SIZES = {
-    "full": dict(d_model=128, vocab_size=512, seq_len=8192, mixers=MIXERS),
+    "full": dict(d_model=128, vocab_size=512, seq_len=4096, mixers=MIXERS),
     "tiny": dict(d_model=32, vocab_size=64, seq_len=64, mixers=TINY_MIXERS),
 }
 
@@ -96,19 +97,23 @@ def full_batch(length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor
 
 # ---- what a rank measures -------------------------------------------------------------------
 
-def saved_activation_bytes(step: Callable[[], None], params: set[int]) -> int:
-    """Bytes of the storages autograd saves for backward during `step` (each once, parameters not)."""
-    saved: dict[int, int] = {}
+def saved_activation_bytes(step: Callable[[], None], params: set[int], blocks: BlockTracker) -> dict[str, int]:
+    """Bytes of the storages autograd saves for backward during `step` (each once, parameters
+    not), by the block that saved them first."""
+    saved: dict[int, tuple[str, int]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and tensor.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = (blocks.where, storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
-    return sum(saved.values())
+    by_block: dict[str, int] = defaultdict(int)
+    for where, nbytes in saved.values():
+        by_block[where.removesuffix(" forward")] += nbytes
+    return dict(by_block)
 
 
 def peak_allocated_bytes(step: Callable[[], None]) -> int:
@@ -147,22 +152,11 @@ def received_bytes(func: Any, args: tuple, out: Any) -> int:
     return 0
 
 
-class ExchangeCounter(TorchDispatchMode):
-    """Bytes received through collectives, by the block that was running (forward or backward)."""
+class BlockTracker:
+    """`where`: the block that runs (forward, or its backward), "outside blocks" between them."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, model: HybridLM) -> None:
         self.where = "outside blocks"
-        self.bytes: dict[str, int] = defaultdict(int)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if "c10d" in str(func):
-            self.bytes[self.where] += received_bytes(func, args, out)
-        return out
-
-    def follow(self, model: HybridLM) -> None:
-        """Name the running block in `where`: forward hooks, and backward hooks for its backward."""
         for index, block in enumerate(model.blocks):
             label = f"{index} {PATTERN[block.kind]}"
             block.register_forward_pre_hook(lambda *_, label=label: self._at(f"{label} forward"))
@@ -174,6 +168,21 @@ class ExchangeCounter(TorchDispatchMode):
         self.where = where
 
 
+class ExchangeCounter(TorchDispatchMode):
+    """Bytes received through collectives, by the block that was running (forward or backward)."""
+
+    def __init__(self, blocks: BlockTracker) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.bytes: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if "c10d" in str(func):
+            self.bytes[self.blocks.where] += received_bytes(func, args, out)
+        return out
+
+
 def measure_rank(size: dict[str, Any], reps: int) -> dict[str, Any]:
     """This rank's figures (module docstring) under the cp of the process group (1: no group)."""
     torch.manual_seed(0)
@@ -181,36 +190,28 @@ def measure_rank(size: dict[str, Any], reps: int) -> dict[str, Any]:
     context = apply_context_parallel(model, dist.group.WORLD) if dist.get_world_size() > 1 else None  # cp 1: as the train loop runs it
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def step_at(length: int) -> Callable[[], None]:
-        batch = full_batch(length, size["vocab_size"])
+    batch = full_batch(size["seq_len"], size["vocab_size"])
 
-        def step() -> None:  # a new piece per step, as the train loop cuts every batch
-            input_ids, labels, cu_seqlens, piece = context.cut(*batch) if context is not None else (*batch, None)
-            with contextlib.nullcontext() if piece is None else context_parallel(piece):
-                lm_loss(model(input_ids, cu_seqlens=cu_seqlens), labels, reduction="sum").backward()
+    def step() -> None:  # a new piece per step, as the train loop cuts every batch
+        input_ids, labels, cu_seqlens, piece = context.cut(*batch) if context is not None else (*batch, None)
+        with contextlib.nullcontext() if piece is None else context_parallel(piece):
+            lm_loss(model(input_ids, cu_seqlens=cu_seqlens), labels, reduction="sum").backward()
 
-        return step
-
-    T = size["seq_len"]
-    whole, half = step_at(T), step_at(T // 2)
-    whole()  # warm-up
-    activations = {length: saved_activation_bytes(step, params) for length, step in ((T, whole), (T // 2, half))}
-    peak = peak_allocated_bytes(whole)
+    step()  # warm-up
+    blocks = BlockTracker(model)
+    activations = saved_activation_bytes(step, params, blocks)
+    peak = peak_allocated_bytes(step)
     times = []
     for _ in range(reps):
         dist.barrier()
         began = time.perf_counter()
-        whole()
+        step()
         times.append(time.perf_counter() - began)
-    counter = ExchangeCounter()
-    counter.follow(model)
+    counter = ExchangeCounter(blocks)
     with counter:
-        whole()
+        step()
     model.zero_grad(set_to_none=True)
-    return {
-        "activations": activations[T], "growing": 2 * (activations[T] - activations[T // 2]), "peak": peak,
-        "step_s": statistics.median(times), "exchange": dict(counter.bytes),
-    }
+    return {"activations": activations, "peak": peak, "step_s": statistics.median(times), "exchange": dict(counter.bytes)}
 
 
 # ---- running and reporting ------------------------------------------------------------------
@@ -232,30 +233,36 @@ def on_processes(world: int, size: dict[str, Any], reps: int) -> list[dict[str, 
 
 
 def summarise(cp: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The largest rank's figures, and the exchange by block (the rank that receives most)."""
+    """The largest rank's figures; activations and exchange by block of the rank that holds or
+    receives most."""
+    activations = max((r["activations"] for r in ranks), key=lambda a: sum(a.values()))
     exchange = max((r["exchange"] for r in ranks), key=lambda e: sum(e.values()))
     return {
-        "cp": cp, "activations": max(r["activations"] for r in ranks), "growing": max(r["growing"] for r in ranks),
-        "fixed": max(r["activations"] - r["growing"] for r in ranks), "peak": max(r["peak"] for r in ranks),
+        "cp": cp, "activations_total": sum(activations.values()), "activations": activations, "peak": max(r["peak"] for r in ranks),
         "step_s": max(r["step_s"] for r in ranks), "exchange_total": sum(exchange.values()), "exchange": exchange,
     }
 
 
 def report(rows: list[dict[str, Any]], size: dict[str, Any], reps: int) -> dict[str, Any]:
-    one = rows[0]
-    MiB = 2**20
+    one, MiB = rows[0], 2**20
     print(f"\ncontext parallelism, pattern {''.join(PATTERN)!r}, d_model {size['d_model']}, one sequence of {size['seq_len']} tokens, "
           f"float32, gloo, threads 1 per rank, step time median of {reps}; per rank, the largest rank")
-    print(f"{'cp':>3} {'piece':>6} {'saved act MiB':>14} {'/cp1':>6} {'growing MiB':>12} {'/cp1':>6} {'goal':>6} {'fixed MiB':>10} "
-          f"{'peak MiB':>9} {'/cp1':>6} {'step s':>8} {'/cp1':>6} {'exchange MiB':>13}")
+    print(f"{'cp':>3} {'piece':>6} {'saved act MiB':>14} {'/cp1':>6} {'N x /cp1':>9} {'goal':>5} {'peak MiB':>9} {'/cp1':>6} "
+          f"{'step s':>8} {'/cp1':>6} {'exchange MiB':>13}")
     for row in rows:
+        ratio = row["activations_total"] / one["activations_total"]
         row |= {
-            "activations_ratio": row["activations"] / one["activations"], "growing_ratio": row["growing"] / one["growing"],
-            "goal_ratio": GOAL / row["cp"], "peak_ratio": row["peak"] / one["peak"], "step_ratio": row["step_s"] / one["step_s"],
+            "activations_ratio": ratio, "activations_ratio_times_cp": ratio * row["cp"], "goal": GOAL, "peak_ratio": row["peak"] / one["peak"],
+            "step_ratio": row["step_s"] / one["step_s"],
         }
-        print(f"{row['cp']:>3} {size['seq_len'] // row['cp']:>6} {row['activations'] / MiB:>14.2f} {row['activations_ratio']:>6.3f} "
-              f"{row['growing'] / MiB:>12.2f} {row['growing_ratio']:>6.3f} {row['goal_ratio']:>6.3f} {row['fixed'] / MiB:>10.2f} "
-              f"{row['peak'] / MiB:>9.2f} {row['peak_ratio']:>6.3f} {row['step_s']:>8.3f} {row['step_ratio']:>6.2f} {row['exchange_total'] / MiB:>13.3f}")
+        print(f"{row['cp']:>3} {size['seq_len'] // row['cp']:>6} {row['activations_total'] / MiB:>14.2f} {ratio:>6.3f} {ratio * row['cp']:>9.3f} "
+              f"{GOAL:>5.2f} {row['peak'] / MiB:>9.2f} {row['peak_ratio']:>6.3f} {row['step_s']:>8.3f} {row['step_ratio']:>6.2f} "
+              f"{row['exchange_total'] / MiB:>13.3f}")
+    print("\nsaved activations by block: MiB at cp 1, and N x (cp N / cp 1)")
+    print(f"{'':>24}{'cp 1 MiB':>10}" + "".join(f"{'N x cp ' + str(row['cp']):>12}" for row in rows[1:]))
+    for where in sorted(one["activations"], key=_block_order):
+        base = one["activations"][where]
+        print(f"{where:>24}{base / MiB:>10.2f}" + "".join(f"{row['cp'] * row['activations'].get(where, 0) / base:>12.3f}" for row in rows[1:]))
     print("\nbytes received per rank in one forward and backward, by block (KiB)")
     where = sorted({w for row in rows[1:] for w in row["exchange"]}, key=_block_order)
     print(f"{'':>32}" + "".join(f"{'cp ' + str(row['cp']):>12}" for row in rows[1:]))
@@ -272,7 +279,7 @@ def _block_order(where: str) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a toy model and sequence: checks that the bench runs")
-    parser.add_argument("--seq-len", type=int, default=None, help="total tokens of the sequence (default 8192; --tiny 64)")
+    parser.add_argument("--seq-len", type=int, default=None, help="total tokens of the sequence (default 4096; --tiny 64)")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per cp")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "context_parallel.json"))
     args = parser.parse_args(argv)

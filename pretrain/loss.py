@@ -36,12 +36,19 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
-    """loss + aux_loss, as plain tensors. Under loss parallelism `loss` is a replicated DTensor,
-    while the routers' aux loss is a plain tensor that is the same on every TP rank (each rank
-    routes identically) and counts once on each: adding it to the DTensor would hand the plain
-    graph behind it a DTensor gradient."""
-    return local(loss) + aux_loss
+def add_aux_loss(loss: Tensor, aux_loss: Tensor, aux_scale: float = 1.0) -> Tensor:
+    """loss + aux_scale * aux_loss (`aux_scale`: `aux_loss_scale` of the layout), as plain
+    tensors. Under loss parallelism `loss` is a replicated DTensor, while the routers' aux loss is
+    a plain tensor that is the same on every TP rank (each rank routes identically) and counts
+    once on each: adding it to the DTensor would hand the plain graph behind it a DTensor gradient."""
+    return local(loss) + aux_loss * aux_scale
+
+
+def aux_loss_scale(shape: Shape) -> int:
+    """What a rank's auxiliary loss is multiplied by: under cp each rank holds its 1/cp share of
+    its replica's (the routers' statistics span the whole rows), and FSDP averages gradients over
+    the cp ranks as over the dp ranks, so cp."""
+    return shape.get("cp", 1)
 
 
 def local(value: Tensor) -> Tensor:
@@ -81,21 +88,24 @@ def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
     return microbatches * gradient_averaging(shape) / global_token_count(labels, shape)
 
 
-def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True) -> Tensor:
+def microbatch_loss(
+    logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True, aux_scale: float = 1.0,
+) -> Tensor:
     """A pipeline's loss on one microbatch (`parallel.pipeline.build_pipeline_schedule`'s `loss_fn`): the
     summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
     batch), which the schedule gets from `pipeline_gradients`' `loss_kwargs` since it varies per
-    step, plus the auxiliary loss of the last stage (not in evaluation: `with_aux=False`)."""
-    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale, with_aux)
+    step, plus the auxiliary loss of the last stage times `aux_scale` (`aux_loss_scale`; not in
+    evaluation: `with_aux=False`)."""
+    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale, with_aux, aux_scale)
 
 
 def summed_microbatch_loss(
-    summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True,
+    summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True, aux_scale: float = 1.0,
 ) -> Tensor:
     """`microbatch_loss` when the last stage applied the head's loss itself (the chunked or fused
     linear cross-entropy) and hands over the summed cross-entropy instead of the logits."""
     loss = summed * scale
-    return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss)
+    return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss, aux_scale)
 
 
 def pipeline_loss_fn(head: object | None) -> Callable[..., Tensor]:

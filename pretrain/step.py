@@ -11,7 +11,7 @@ from optim.offload import OffloadAdamW
 from parallel.pipeline import pipeline_gradients, pipeline_loss_sum
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
-from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, sum_over_pieces, token_scale
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, aux_loss_scale, lm_loss, local, loss_context, mean_over_replicas, sum_over_pieces, token_scale
 from pretrain.parallelize import Parallel, within
 from pretrain.runtime import Runtime
 
@@ -86,7 +86,7 @@ def train_step(
         with loss_context(par.shape), within(piece):
             loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
             loss = loss * scale
-            total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
+            total = loss if aux_loss is None else add_aux_loss(loss, aux_loss, aux_loss_scale(par.shape))
             (total / grad_accum).backward()
         loss_sum += local(loss.detach()) / grad_accum
         if aux_loss is not None:
@@ -94,7 +94,7 @@ def train_step(
     grad_norm = local(clip_gradients(model, optimizer, grad_clip if grad_clip is not None else math.inf))
     loss = mean_over_replicas(loss_sum, par.shape)
     stepped = step_if_finite(optimizer, loss, grad_norm)
-    aux_loss = mean_over_replicas(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
+    aux_loss = sum_over_pieces(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
     return StepResult(loss, grad_norm, aux_loss, stepped)
 
 
@@ -104,8 +104,9 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
     step if finite."""
     batch, piece = par.cut(batch.to(runtime.device))
     scale = token_scale(batch.labels, par.shape, par.microbatches)
+    loss_kwargs = {"scale": scale, "aux_scale": aux_loss_scale(par.shape)}
     with runtime.autocast():
-        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale}, piece)
+        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, loss_kwargs, piece)
     if loss is None:  # not on the last stage
         loss = torch.zeros((), device=runtime.device)
     loss = mean_over_replicas(loss, par.shape)

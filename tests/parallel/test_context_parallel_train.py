@@ -14,6 +14,7 @@ passing sums the pieces' contributions in another order. Exactness in float64 is
 test (tests/parallel/test_context_parallel.py)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,13 @@ from tests.runs import LAYOUT_RUN, assert_one_error, cli, curve, layout_config, 
 TOL = 5e-5
 PATTERN = "RM*O | PTGS"  # every mixer; R blocks on both sides of the stage cut
 RUN = [f"model.pattern={PATTERN}", "train.seq_len=32", "train.eval_interval=3", "train.eval_batches=2"]
+# MoM's and SSE's router balance losses: over the whole rows under cp (each rank adds its share),
+# but per replica under dp, where one process cannot match them (tests/runs.py LAYOUT_RUN)
+AUX = ["model.mixers.mom.aux_loss_scale=0.01", "model.mixers.sse.aux_loss_scale=0.01"]
 LAYOUTS = {
-    "cp2xtp2": ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", "train.batch_size=2"],
+    "cp2xtp2": [*AUX, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", "train.batch_size=2"],
     "cp2xdp2": ["parallel.cp=2", "parallel.dp_shard=2", "train.batch_size=1", "train.stop_at_step=2"],
-    "pp2xcp2": ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "train.batch_size=2", "train.activation_checkpoint=full"],
+    "pp2xcp2": [*AUX, "parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "train.batch_size=2", "train.activation_checkpoint=full"],
 }
 
 
@@ -43,35 +47,46 @@ def train_rank(cfg: RunConfig) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: one process, the global batch of every layout (2 rows of 32 tokens)."""
-    run_dir = tmp_path_factory.mktemp("one")
-    train(layout_config(run_dir, *RUN, "train.batch_size=2"), resume=False)
-    return run_dir
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], Path]:
+    """The reference runs: one process, the global batch of every layout (2 rows of 32 tokens),
+    with the aux losses or without; each made once."""
+    runs: dict[bool, Path] = {}
+
+    def reference(overrides: list[str]) -> Path:
+        aux = AUX[0] in overrides
+        if aux not in runs:
+            runs[aux] = tmp_path_factory.mktemp("one")
+            train(layout_config(runs[aux], *RUN, *(AUX if aux else []), "train.batch_size=2"), resume=False)
+        return runs[aux]
+
+    return reference
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_layouts_train_as_one_process(tmp_path: Path, one_process: Path, layout: str, capfd: pytest.CaptureFixture) -> None:
-    """Losses, gradient norms and the evaluation loss (each rank its pieces of the validation
-    rows) of each layout equal one process's; pp 2 x cp 2 with every block's activations
-    checkpointed (recomputed with the piece it ran with). cp 2 x dp 2 stops at step 2, and one
-    process resumes its checkpoint, says that it reshards, and takes step 3 as the reference did."""
+    """Losses (with the routers' aux losses where there is no dp; under pp inside the loss),
+    gradient norms and the evaluation loss (each rank its pieces of the validation rows) of each
+    layout equal one process's; pp 2 x cp 2 with every block's activations checkpointed
+    (recomputed with the piece it ran with). cp 2 x dp 2 stops at step 2, and one process
+    resumes its checkpoint, says that it reshards, and takes step 3 as the reference did."""
     overrides = LAYOUTS[layout]
+    one = one_process(overrides)
     run_distributed(train_rank, 4, layout_config(tmp_path, *RUN, *overrides))
     steps = len(curve(tmp_path, "loss"))
     assert steps == (2 if "train.stop_at_step=2" in overrides else 3)
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(curve(tmp_path, key), curve(one_process, key)[:steps], rtol=0, atol=TOL, msg=key)
+    keys = ["loss", "grad_norm"] + (["aux_loss"] if layout == "cp2xtp2" else [])
+    for key in keys:
+        torch.testing.assert_close(curve(tmp_path, key), curve(one, key)[:steps], rtol=0, atol=TOL, msg=key)
     if steps == 3:
-        torch.testing.assert_close(curve(tmp_path, "eval_loss"), curve(one_process, "eval_loss"), rtol=0, atol=TOL)
+        torch.testing.assert_close(curve(tmp_path, "eval_loss"), curve(one, "eval_loss"), rtol=0, atol=TOL)
         assert records(tmp_path)[0]["tokens_per_s"] > 0
         return
     capfd.readouterr()
     train(layout_config(tmp_path, *RUN, "train.batch_size=2"), resume=True)
     assert "ebb: resharding step-00000002 from dp_shard=2 x cp=2 to one process\n" in capfd.readouterr().out
-    torch.testing.assert_close(curve(tmp_path, "loss"), curve(one_process, "loss"), rtol=0, atol=TOL)
+    torch.testing.assert_close(curve(tmp_path, "loss"), curve(one, "loss"), rtol=0, atol=TOL)
     assert find_latest(tmp_path / "checkpoints").name == "step-00000003"
 
 
