@@ -1,7 +1,7 @@
 """Context parallelism in the train loop (`pretrain.train.train`): a hybrid of every mixer under
-cp 2 x tp 2, cp 2 x dp_shard 2 and pp 2 x cp 2 in 4 real gloo processes against one process with
-the same seed and global batch; the cp 2 x dp_shard 2 checkpoint resumed in one process (cp 1);
-and the layout's one-line errors.
+cp 2 x tp 2, cp 2 x dp_shard 2, HSDP (dp_replicate 2) x cp 2 and pp 2 x cp 2 in 4 real gloo
+processes against one process with the same seed and global batch; the cp 2 x dp_shard 2
+checkpoint resumed in one process (cp 1); and the layout's one-line errors.
 
 The batches are the loader's rows of real text with documents packed back to back, so documents
 cross piece boundaries (pieces of 16 tokens, chunks of 8). Every cp rank of a dp group reads the
@@ -39,6 +39,7 @@ AUX = ["model.mixers.mom.aux_loss_scale=0.01", "model.mixers.sse.aux_loss_scale=
 LAYOUTS = {
     "cp2xtp2": [*AUX, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", "train.batch_size=2"],
     "cp2xdp2": ["parallel.cp=2", "parallel.dp_shard=2", "train.batch_size=1", "train.stop_at_step=2"],
+    "hsdp2xcp2": ["parallel.cp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=1"],
     "pp2xcp2": ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "train.batch_size=2", "train.activation_checkpoint=full"],
 }
 

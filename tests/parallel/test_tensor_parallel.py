@@ -99,5 +99,5 @@ def test_mesh_shape() -> None:
 
 @pytest.mark.distributed
 def test_tp2_decoding_matches_single_process() -> None:
-    """On build_mesh's 4-dim mesh."""
+    """On build_mesh's 5-dim mesh."""
     assert_tp_decoding_matches_single_process(CONFIG)
