@@ -39,7 +39,8 @@ AUX = ["model.mixers.mom.aux_loss_scale=0.01", "model.mixers.sse.aux_loss_scale=
 LAYOUTS = {
     "cp2xtp2": [*AUX, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", "train.batch_size=2"],
     "cp2xdp2": ["parallel.cp=2", "parallel.dp_shard=2", "train.batch_size=1", "train.stop_at_step=2"],
-    "hsdp2xcp2": ["parallel.cp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=1"],
+    # evaluation batches have train.batch_size rows: 4 of 1 row are the reference's 2 of 2
+    "hsdp2xcp2": ["parallel.cp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.batch_size=1", "train.eval_batches=4"],
     "pp2xcp2": ["parallel.pp=2", "parallel.cp=2", "parallel.dp_shard=1", "train.batch_size=2", "train.activation_checkpoint=full"],
 }
 
