@@ -69,9 +69,20 @@ class ContextParallelPlan:
     inputs, token shifts the previous token, and attention reads the earlier keys itself.
     - `transition`: how its chunked op's state transition over a piece is summarised (None: no
       recurrent state): "matrix" (K x K per head, any op linear in its state) or "decay" (a
-      scalar per head: simple GLA's log-gate `g`). The mixer hands it to `cached_recurrence`."""
+      scalar per head: simple GLA's log-gate `g`). The mixer hands it to `cached_recurrence`.
+    - `conv`: the key of its section that sets the width of the short convolutions that read the
+      previous piece (a halo of width - 1 tokens, which a piece must hold; `use_short_conv`, where
+      the section has it, turns them off); None: none that do.
+    - `shift`: the tokens before a piece its token shift reads (RWKV's: 1)."""
 
     transition: Transition | None = None
+    conv: str | None = None
+    shift: int = 0
+
+    def halo(self, section: Any) -> int:
+        """The tokens of the previous piece this mixer reads, under its config section."""
+        convs = self.conv is not None and getattr(section, "use_short_conv", True)
+        return max(getattr(section, self.conv) - 1 if convs else 0, self.shift)
 
 
 class MixerConfig(Strict):

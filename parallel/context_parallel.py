@@ -19,9 +19,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from models.config import ModelConfig
 from models.context import Piece, context_parallel, cut_batch
+from models.mixers import SPECS
 
-__all__ = ["GroupComm", "ContextParallel", "apply_context_parallel", "context_parallel"]
+__all__ = ["GroupComm", "ContextParallel", "apply_context_parallel", "check_context_parallel", "context_parallel"]
 
 
 def _ordering(after: Tensor | None, like: Tensor) -> Tensor:
@@ -69,6 +71,46 @@ class _FromPrevious(torch.autograd.Function):
         return ctx.comm.shift(grad.contiguous(), forward=False), _zeros(ctx.after), None
 
 
+class _Receive(torch.autograd.Function):
+    """What the previous rank sends (zeros on rank 0); the gradient goes back to it."""
+
+    @staticmethod
+    def forward(ctx, like: Tensor, after: Tensor, comm: GroupComm) -> Tensor:
+        ctx.comm, ctx.like, ctx.after = comm, (like.shape, like.dtype, like.device), (after.shape, after.dtype, after.device)
+        received = torch.zeros_like(like)
+        if comm.rank > 0:
+            dist.recv(received, dist.get_global_rank(comm.group, comm.rank - 1), group=comm.group)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        comm = ctx.comm
+        if comm.rank > 0:
+            comm.sent_bytes += grad.numel() * grad.element_size()
+            dist.send(grad.contiguous(), dist.get_global_rank(comm.group, comm.rank - 1), group=comm.group)
+        return _zeros(ctx.like), _zeros(ctx.after), None
+
+
+class _Send(torch.autograd.Function):
+    """x to the next rank (nothing on the last); a scalar token whose backward receives x's gradient from it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, after: Tensor, comm: GroupComm) -> Tensor:
+        ctx.comm, ctx.x, ctx.after = comm, (x.shape, x.dtype, x.device), (after.shape, after.dtype, after.device)
+        if comm.rank < comm.size - 1:
+            comm.sent_bytes += x.numel() * x.element_size()
+            dist.send(x.contiguous(), dist.get_global_rank(comm.group, comm.rank + 1), group=comm.group)
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, token_grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        comm = ctx.comm
+        grad = _zeros(ctx.x)
+        if comm.rank < comm.size - 1:
+            dist.recv(grad, dist.get_global_rank(comm.group, comm.rank + 1), group=comm.group)
+        return grad, _zeros(ctx.after), None
+
+
 def _zeros(spec: tuple[torch.Size, torch.dtype, torch.device]) -> Tensor:
     shape, dtype, device = spec
     return torch.zeros(shape, dtype=dtype, device=device)
@@ -90,6 +132,12 @@ class GroupComm:
 
     def from_previous(self, x: Tensor, after: Tensor | None = None) -> Tensor:
         return _FromPrevious.apply(x, _ordering(after, x), self)
+
+    def receive(self, like: Tensor, after: Tensor | None = None) -> Tensor:
+        return _Receive.apply(like, _ordering(after, like), self)
+
+    def send(self, x: Tensor, after: Tensor | None = None) -> Tensor:
+        return _Send.apply(x, _ordering(after, x), self)
 
     def shift(self, x: Tensor, forward: bool) -> Tensor:
         """Send x one rank on (to rank + 1, or back to rank - 1) and return what arrives from the
@@ -119,6 +167,23 @@ class ContextParallel:
         the model, and the `Piece` to make active around forward and backward."""
         input_ids, labels, local_cu_seqlens, doc_starts = cut_batch(input_ids, labels, cu_seqlens, self.comm.rank, self.comm.size)
         return input_ids, labels, local_cu_seqlens, Piece(self.comm, input_ids.shape[0], input_ids.shape[1], doc_starts)
+
+
+def check_context_parallel(model: ModelConfig, seq_len: int, cp: int) -> None:
+    """Raise ValueError (one line, naming the keys) when sequences of `seq_len` tokens cannot be
+    cut into `cp` pieces for this model: a length cp does not divide, a piece shorter than what a
+    mixer reads of the previous one, MoM's capacity (it needs whole documents)."""
+    if seq_len % cp:
+        raise ValueError(f"train.seq_len ({seq_len}) must be divisible by parallel.cp ({cp})")
+    piece = seq_len // cp
+    for name in dict.fromkeys(model.mixer_names):
+        plan, section = SPECS[name].module.cp_plan, model.mixer_config(name)
+        if plan is None:
+            raise ValueError(f"parallel.cp ({cp}): mixer {name} declares no context-parallel plan")
+        if plan.halo(section) > piece:
+            raise ValueError(f"parallel.cp ({cp}): pieces of {piece} tokens are shorter than the {plan.halo(section)} tokens {name} reads before each piece")
+    if "mom" in model.mixer_names and model.mixers.mom.capacity:
+        raise ValueError("mixers.mom.capacity needs whole documents: set it to null with parallel.cp > 1")
 
 
 def undeclared_mixers(model: nn.Module) -> list[str]:

@@ -41,7 +41,7 @@ class DeltaRuleMixer(Mixer):
 
     op: ClassVar[ChunkOp]
     tp_plan = DELTA_RULE_TP_PLAN
-    cp_plan = ContextParallelPlan(transition="matrix")  # (I - beta k k^T) per step, times the gate
+    cp_plan = ContextParallelPlan(transition="matrix", conv="conv_size")  # (I - beta k k^T) per step, times the gate
 
     def __init__(
         self,

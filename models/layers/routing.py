@@ -95,13 +95,13 @@ def switch_aux_loss(probs: Tensor, chosen: Tensor, n_memories: int) -> Tensor:
     """Switch-Transformer balance loss M * sum_m f_m P_m: f_m the fraction of tokens routed to m
     (each token counted once per choice, so sum_m f_m = k), P_m the mean router probability
     [N, M]. Its minimum, k, is at uniform routing (f_m = k/M, P_m = 1/M). Under context
-    parallelism f and P are over every piece of the batch and each rank returns its 1/cp share
-    (the ranks' shares sum to the whole batch's loss, as their LM losses do)."""
+    parallelism f and P are over the whole batch: each rank returns its piece's share,
+    M sum_m f_m (its probabilities' sum)_m / N, and the shares sum to the whole batch's loss (as
+    the ranks' LM losses do) with exact gradients; only the counts behind f, which have no
+    gradient, are gathered, so the backward exchanges nothing."""
     counts = torch.bincount(chosen.flatten(), minlength=n_memories).to(probs.dtype)
-    totals = torch.stack([counts, probs.sum(0)])
-    n_tokens, shares = chosen.shape[0], 1
+    n_tokens = chosen.shape[0]
     piece = active_piece()
     if piece is not None:
-        totals, n_tokens, shares = piece.all_gather(totals).sum(0), n_tokens * piece.comm.size, piece.comm.size
-    f, mean_probs = totals / n_tokens
-    return n_memories * (f * mean_probs).sum() / shares
+        counts, n_tokens = piece.all_gather(counts).sum(0), n_tokens * piece.comm.size
+    return n_memories * (counts * probs.sum(0)).sum() / n_tokens**2

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from models.context import Piece, active_piece, no_cache
 from models.layers.flops import projection_flops
@@ -199,8 +200,10 @@ class Attention(Mixer):
     def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, piece: Piece) -> Tensor:
         """This piece's queries against the keys and values of every earlier piece (all-gathered)
         and its own, at their positions in the whole rows; with a sliding window shorter than the
-        piece, only the previous piece's last window - 1 (a halo). SDPA with an explicit mask:
-        the last piece computes the most (causal imbalance, see README)."""
+        piece, only the previous piece's last window - 1 (a halo). SDPA: with whole-row documents
+        and no window, under a lower-right causal bias (fused kernels, no mask in memory);
+        otherwise under an explicit [B, T, keys] mask. The last piece computes the most (causal
+        imbalance, see README)."""
         window, start, T = self.cfg.window_size, piece.start, piece.length
         positions = piece.positions.to(q.device)
         q, k = apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta)
@@ -212,12 +215,15 @@ class Attention(Mixer):
             k, v = (piece.all_gather(t)[: piece.comm.rank + 1].transpose(0, 1).flatten(1, 2) for t in (k, v))
         q_pos = torch.arange(start, start + T, device=q.device)
         k_pos = torch.arange(begin, start + T, device=q.device)
-        mask = visible(q_pos, k_pos, window) & (k_pos >= 0)
+        if window is None and piece.documents is None:
+            mask = causal_lower_right(T, k_pos.numel())
+        else:
+            mask = visible(q_pos, k_pos, window) & (k_pos >= 0)
         if piece.documents is not None:
             documents = piece.documents.to(q.device)
-            mask = mask & (documents[:, start : start + T, None] == documents[:, k_pos.clamp(min=0)][:, None, :])
+            mask = (mask & (documents[:, start : start + T, None] == documents[:, k_pos.clamp(min=0)][:, None, :]))[:, None]
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask if mask.dim() == 2 else mask[:, None],
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             scale=self.head_dim**-0.5, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return o.transpose(1, 2)

@@ -70,7 +70,7 @@ class Mamba2(Mixer):
         colwise=("in_proj",),
         sharded={"conv1d": ("weight", "bias"), "norm": ("weight",), "": ("A_log", "dt_bias", "D")},
     )
-    cp_plan = ContextParallelPlan(transition="decay")  # SSD: a scalar decay per head
+    cp_plan = ContextParallelPlan(transition="decay", conv="d_conv")  # SSD: a scalar decay per head
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg.mixers.mamba2

@@ -85,7 +85,7 @@ class MoM(Mixer):
         summed={"o_norm": ("weight",)},
         routers=("router",),
     )
-    cp_plan = ContextParallelPlan(transition="matrix")  # per (memory, row) stream
+    cp_plan = ContextParallelPlan(transition="matrix")  # per (memory, row) stream; its conv tails come from any earlier piece
     """By head. The router reads the replicated input, so every rank routes every token the same
     way; its chosen probabilities weight read-outs of this rank's heads only. The auxiliary loss
     comes from the router's probabilities alone: identical on every rank and counted once."""

@@ -127,7 +127,7 @@ class RWKV7(Mixer):
         sharded={"o_norm": ("weight", "bias"), "": ("w0", "a0", "v0", "k_k", "k_a", "r_k")},
         replicated={"*_lora.down": ("weight",), "": ("mu",)},
     )
-    cp_plan = ContextParallelPlan(transition="matrix")  # diagonal plus rank one per token
+    cp_plan = ContextParallelPlan(transition="matrix", shift=1)  # diagonal plus rank one per token
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()

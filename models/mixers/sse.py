@@ -88,7 +88,7 @@ class SSE(Mixer):
         summed={"o_norm": ("weight",)},
         routers=("router",),
     )
-    cp_plan = ContextParallelPlan(transition="matrix")  # the dense state and each partition, per row
+    cp_plan = ContextParallelPlan(transition="matrix", conv="conv_size")  # the dense state and each partition, per row
     """By head: a_proj, b_proj, A_log and dt_bias (2H, stored head-major, [dense_h, partition_h]
     per head) split so that each rank keeps both gates of its heads; the low-rank factors' first
     matrices (model width -> rank) replicated, their second colwise. The router as in MoM."""

@@ -87,3 +87,31 @@ def test_cut_batch_gives_each_rank_its_piece_of_every_row() -> None:
     assert pieces[0][3][:, 4].tolist() == [False, False]  # both rows' second pieces continue a document
     with pytest.raises(ValueError, match="does not split into 3"):
         cut_batch(ids, ids, None, 0, 3)
+
+
+def test_the_cp_check_names_what_a_piece_cannot_hold() -> None:
+    from models.config import ModelConfig
+    from parallel.context_parallel import check_context_parallel
+
+    model = ModelConfig(pattern="MR*", d_model=32, mixers={"mamba2": {"d_conv": 4, "head_dim": 8}, "rwkv7": {"head_dim": 8}})
+    check_context_parallel(model, 12, 4)  # pieces of 3: Mamba2's halo of 3, RWKV-7's shift of 1
+    with pytest.raises(ValueError, match=r"pieces of 2 tokens are shorter than the 3 tokens mamba2 reads"):
+        check_context_parallel(model, 8, 4)
+    with pytest.raises(ValueError, match=r"train.seq_len \(10\) must be divisible by parallel.cp \(4\)"):
+        check_context_parallel(model, 10, 4)
+    check_context_parallel(ModelConfig(pattern="T", d_model=32, mixers={"deltanet": {"use_short_conv": False}}), 2, 2)
+    with pytest.raises(ValueError, match="mixers.mom.capacity"):
+        check_context_parallel(ModelConfig(pattern="O", d_model=32, mixers={"mom": {"capacity": 1.0, "head_dim": 8}}), 64, 2)
+
+
+def test_a_mixer_without_a_cp_plan_is_refused_by_name() -> None:
+    from torch import nn
+
+    from models.spec import Mixer, TensorParallelPlan
+    from parallel.context_parallel import apply_context_parallel
+
+    class Undeclared(Mixer):
+        tp_plan = TensorParallelPlan()
+
+    with pytest.raises(ValueError, match="Undeclared declare no cp_plan"):
+        apply_context_parallel(nn.Sequential(Undeclared()), group=None)
