@@ -7,6 +7,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from common.config import Strict, one_of
 from models.config import ModelConfig
+from parallel.context_parallel import check_context_parallel
 from parallel.data_parallel import ACTIVATION_CHECKPOINTING
 from parallel.pipeline import PIPELINE_SCHEDULES, runs_several_stages
 
@@ -49,24 +50,16 @@ def check_context_pieces(model: ModelConfig, cp: int, tokens: int, what: str) ->
     """Under context parallelism each rank holds `tokens / cp` consecutive tokens of every row
     (`tokens`: the row length, named `what`). Required, as a ValueError naming the key: cp divides
     the row; every piece is whole chunks of each chunked mixer (a rank's op runs without a padded
-    chunk, as fla's context-parallel kernels need); and it is at least as long as the halo of
-    earlier tokens a short convolution (conv size - 1) or a token shift (1) reads. MoM's
-    `capacity` (the last tokens of each whole document) is refused: no piece sees a whole document."""
+    chunk, as fla's context-parallel kernels need); and what `check_context_parallel` asks of the
+    mixers' plans (a piece no shorter than the halo a mixer reads before it, no MoM capacity)."""
     if tokens % cp:
         raise ValueError(f"parallel.cp ({cp}) must divide {what} ({tokens}): every rank holds an equal piece of each row")
     piece = tokens // cp
     for name in dict.fromkeys(model.mixer_names):
-        section = model.mixer_config(name)
-        chunk = getattr(section, "chunk_size", None)
+        chunk = getattr(model.mixer_config(name), "chunk_size", None)
         if chunk is not None and piece % chunk:
             raise ValueError(
                 f"parallel.cp ({cp}) cuts {what} ({tokens}) into pieces of {piece} tokens, not whole chunks of "
                 f"model.mixers.{name}.chunk_size ({chunk}): each piece must be a multiple of it"
             )
-        if getattr(section, "capacity", None):
-            raise ValueError(f"model.mixers.{name}.capacity needs each whole document on one rank: unset it with parallel.cp ({cp}) > 1")
-        halo = max(getattr(section, "conv_size", 1), getattr(section, "d_conv", 1)) - 1
-        if piece < halo:
-            raise ValueError(
-                f"parallel.cp ({cp}) leaves pieces of {piece} tokens, shorter than the {halo} earlier tokens model.mixers.{name}'s convolution reads"
-            )
+    check_context_parallel(model, tokens, cp)
