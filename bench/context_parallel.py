@@ -233,13 +233,13 @@ def on_processes(world: int, size: dict[str, Any], reps: int) -> list[dict[str, 
 
 
 def summarise(cp: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The largest rank's figures; activations and exchange by block of the rank that holds or
-    receives most."""
+    """The largest rank's figures; activations by block of the rank that holds most, exchange by
+    block the most any rank receives there (the first rank receives no state, the last no gradient)."""
     activations = max((r["activations"] for r in ranks), key=lambda a: sum(a.values()))
-    exchange = max((r["exchange"] for r in ranks), key=lambda e: sum(e.values()))
+    exchange = {w: max(r["exchange"].get(w, 0) for r in ranks) for w in {w for r in ranks for w in r["exchange"]}}
     return {
         "cp": cp, "activations_total": sum(activations.values()), "activations": activations, "peak": max(r["peak"] for r in ranks),
-        "step_s": max(r["step_s"] for r in ranks), "exchange_total": sum(exchange.values()), "exchange": exchange,
+        "step_s": max(r["step_s"] for r in ranks), "exchange_total": max(sum(r["exchange"].values()) for r in ranks), "exchange": exchange,
     }
 
 
@@ -263,7 +263,7 @@ def report(rows: list[dict[str, Any]], size: dict[str, Any], reps: int) -> dict[
     for where in sorted(one["activations"], key=_block_order):
         base = one["activations"][where]
         print(f"{where:>24}{base / MiB:>10.2f}" + "".join(f"{row['cp'] * row['activations'].get(where, 0) / base:>12.3f}" for row in rows[1:]))
-    print("\nbytes received per rank in one forward and backward, by block (KiB)")
+    print("\nbytes received in one forward and backward, by block, the most of any rank (KiB)")
     where = sorted({w for row in rows[1:] for w in row["exchange"]}, key=_block_order)
     print(f"{'':>32}" + "".join(f"{'cp ' + str(row['cp']):>12}" for row in rows[1:]))
     for w in where:

@@ -30,4 +30,4 @@ def test_context_parallel_bench_tiny_runs(tmp_path):
     blocks = {f"{i} {name}" for i, name in enumerate(PATTERN.values())}
     for row in rows[1:]:
         assert {f"{block} {way}" for block in blocks for way in ("forward", "backward")} <= set(row["exchange"])
-    assert "N x /cp1" in done.stdout and "bytes received per rank" in done.stdout
+    assert "N x /cp1" in done.stdout and "bytes received in one forward and backward" in done.stdout
