@@ -11,6 +11,7 @@ Apply activation checkpointing before FSDP, so each FSDP unit wraps a checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from models.context import active_piece, context_parallel
 
 BlockChoice = Callable[[int, int], bool]  # (block index, train.activation_checkpoint_every) -> recompute it
 
@@ -60,4 +63,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     recompute = ACTIVATION_CHECKPOINTING[mode]
     for index, (name, block) in enumerate(list(model.blocks.named_children())):
         if recompute(index, every):
-            setattr(model.blocks, name, checkpoint_wrapper(block))
+            setattr(model.blocks, name, checkpoint_wrapper(block, context_fn=recompute_in_the_same_piece))
+
+
+def recompute_in_the_same_piece() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """The checkpoint's contexts for the forward and for its recomputation: under context
+    parallelism the recomputation runs with the piece that was active in the forward (a pipeline
+    runs a microbatch's backward outside the stage forward that made its piece active)."""
+    piece = active_piece()
+    return contextlib.nullcontext(), contextlib.nullcontext() if piece is None else context_parallel(piece)

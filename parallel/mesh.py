@@ -1,4 +1,10 @@
-"""The device mesh (pp, dp_replicate, dp_shard, tp) and the layout checks run before any work."""
+"""The device mesh (pp, dp_replicate, dp_shard, cp, tp) and the layout checks run before any work.
+
+`cp` (context parallelism: each rank of a cp group holds one contiguous piece of every sequence)
+sits between dp_shard and tp, as in torchtitan: the ranks of a cp group read the same batch, like
+tp ranks, but hold different tokens, so their gradients are partial sums that FSDP reduces over
+`dp_shard x cp` (the flattened dim `dp_shard_cp`, made once by `build_mesh`).
+"""
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -7,7 +13,8 @@ from models.config import ModelConfig
 from models.mixers import SPECS
 from parallel.config import ParallelConfig
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+DP_SHARD_CP = "dp_shard_cp"  # the flattened (dp_shard, cp) dim that FSDP shards over
 
 
 class ParallelError(ValueError):
@@ -16,15 +23,14 @@ class ParallelError(ValueError):
 
 def mesh_shape(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     """Size of every mesh dim, in mesh order; dp_shard = -1 takes the rest of the world size."""
-    fixed = parallel.pp * parallel.dp_replicate * parallel.tp
+    fixed = parallel.pp * parallel.dp_replicate * parallel.cp * parallel.tp
     dp_shard = parallel.dp_shard
     if dp_shard == -1:
         if world_size % fixed:
-            raise ParallelError(
-                f"world size {world_size} is not divisible by pp*dp_replicate*tp = {fixed} (dp_shard = -1 takes the rest)"
-            )
+            named = "pp*dp_replicate*cp*tp" if parallel.cp > 1 else "pp*dp_replicate*tp"
+            raise ParallelError(f"world size {world_size} is not divisible by {named} = {fixed} (dp_shard = -1 takes the rest)")
         dp_shard = world_size // fixed
-    shape = dict(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, tp=parallel.tp)
+    shape = dict(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=dp_shard, cp=parallel.cp, tp=parallel.tp)
     if fixed * dp_shard != world_size:
         sizes = " * ".join(f"{k} {v}" for k, v in shape.items())
         raise ParallelError(f"parallel layout {sizes} = {fixed * dp_shard} processes, but the world size is {world_size}")
@@ -32,9 +38,12 @@ def mesh_shape(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
 
 
 def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
-    """All four dims, size-1 ones included, so code can always ask for mesh["tp"] etc."""
+    """All five dims, size-1 ones included, so code can always ask for mesh["tp"] etc., and the
+    flattened `dp_shard_cp` (every rank makes its group here, together)."""
     shape = mesh_shape(parallel, world_size)
-    return init_device_mesh(device_type, tuple(shape.values()), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, tuple(shape.values()), mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP)
+    return mesh
 
 
 def validate_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> dict[str, int]:

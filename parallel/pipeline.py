@@ -35,9 +35,16 @@ Packed documents. `cu_seqlens` has a length that varies per batch and cannot be 
 microbatches by the schedule. Every pp rank instead passes `doc_starts`, a bool [B, T] mask of
 document starts, as a keyword argument of `schedule.step`: the schedule splits it along the batch
 like `input_ids`, and each stage rebuilds its microbatch's `cu_seqlens` from its slice.
+
+Context parallelism. The stages get this cp rank's piece of the tokens and labels, and as
+`doc_starts` the document starts of the whole rows [B, cp * T]; each stage makes its microbatch's
+`models.context.Piece` from its slice and runs its blocks with it active. A block whose
+activations are checkpointed recomputes in the backward with the piece it ran with
+(`parallel.data_parallel.apply_activation_checkpointing`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -59,8 +66,10 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 from torch.distributed.tensor import DTensor
 
 from models.config import ModelConfig
+from models.context import Piece, context_parallel
 from models.model import CarryView, HybridLM
 from models.packing import cu_seqlens_from_mask, document_start_mask
+from parallel.context_parallel import ContextParallel
 
 PIPELINE_SCHEDULES: dict[str, type[_PipelineSchedule]] = {  # `parallel.pp_schedule` names
     "gpipe": ScheduleGPipe,
@@ -158,19 +167,27 @@ class StageModule(nn.Module):
         written = carry_layout(model.blocks[: blocks.stop])
         self.carry_out = tuple(k for k in written if k == LOSS_CARRY) if is_last else written
         self.head_loss: HeadLoss | None = None  # the last stage's, set by `build_pipeline_schedule`
+        self.context: ContextParallel | None = None  # with cp > 1, set by `build_pipeline_schedule`
 
     def forward(self, x: Tensor, *carry_in: Tensor, doc_starts: Tensor, labels: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
-        cu_seqlens = cu_seqlens_from_mask(doc_starts)
+        piece = None if self.context is None else microbatch_piece(self.context, doc_starts)
+        cu_seqlens = cu_seqlens_from_mask(doc_starts) if piece is None else piece.local_cu_seqlens
         carry = CarryView(dict(zip(self.carry_in, carry_in)))
         h = x if self.embed is None else self.embed(x)
-        for block in self.blocks.values():
-            h = block(h, cu_seqlens=cu_seqlens, carry=carry)
+        with contextlib.nullcontext() if piece is None else context_parallel(piece):
+            for block in self.blocks.values():
+                h = block(h, cu_seqlens=cu_seqlens, carry=carry)
         if self.lm_head is not None:
             h = self.norm(h)
             h = self.lm_head(h) if self.head_loss is None else self.head_loss(h, self.lm_head.weight, labels)
         # a view leaves as a copy: zero-bubble's input-gradient step detaches stage outputs in place
         outputs = tuple(t.clone() if t._is_view() else t for t in (h, *(carry[key] for key in self.carry_out)))
         return outputs if len(outputs) > 1 else outputs[0]
+
+
+def microbatch_piece(context: ContextParallel, doc_starts: Tensor) -> Piece:
+    """This cp rank's `Piece` of a microbatch whose whole rows' document starts are `doc_starts`."""
+    return Piece(context.comm, doc_starts.shape[0], doc_starts.shape[1] // context.comm.size, doc_starts)
 
 
 LossFn = Callable[..., Tensor]
@@ -273,12 +290,14 @@ def runs_several_stages(schedule: str) -> bool:
 
 def build_pipeline_schedule(
     modules: list[StageModule], stage_ids: list[int], pp_mesh: DeviceMesh, schedule: str, microbatches: int,
-    loss_fn: LossFn, device: torch.device, head: HeadLoss | None = None,
+    loss_fn: LossFn, device: torch.device, head: HeadLoss | None = None, context: ContextParallel | None = None,
 ) -> Pipeline:
     """Wrap the stage modules (after any FSDP and activation checkpointing) in PipelineStages on the
     mesh's pp group, and a schedule that averages `loss_fn` over `microbatches`; with `head`, the
-    last stage applies it and hands `loss_fn` the summed loss instead of the logits."""
+    last stage applies it and hands `loss_fn` the summed loss instead of the logits; with
+    `context`, the stages run their cp pieces (module docstring)."""
     for module in modules:
+        module.context = context
         if module.lm_head is not None:
             module.head_loss = head
     n_stages = pp_mesh.size() * len(modules)
@@ -315,11 +334,14 @@ def clip_grad_norm_across(
 
 def run_schedule(
     run: Callable[..., Any], pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, loss_kwargs: Mapping[str, Any] | None,
+    piece: Piece | None = None,
 ) -> list[Tensor]:
     """`run` (the schedule's `step`, or `eval`: forward only) on a whole batch, which every pp rank
-    passes the same, with `loss_kwargs` for the loss of every microbatch; the microbatches' losses
-    on ranks holding the last stage, else none."""
-    stage_kwargs = {"doc_starts": document_start_mask(cu_seqlens, *input_ids.shape), "labels": labels}
+    passes the same (under cp its `piece`, whose whole rows' document starts the stages get), with
+    `loss_kwargs` for the loss of every microbatch; the microbatches' losses on ranks holding the
+    last stage, else none."""
+    doc_starts = document_start_mask(cu_seqlens, *input_ids.shape) if piece is None else piece.doc_starts
+    stage_kwargs = {"doc_starts": doc_starts, "labels": labels}
     args = (input_ids,) if pipeline.has_first else ()
     losses: list[Tensor] = []
     bound = _STEP_LOSS_KWARGS.set(dict(loss_kwargs or {}))
@@ -333,23 +355,25 @@ def run_schedule(
     return losses
 
 
-def pipeline_loss_sum(pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, loss_kwargs: Mapping[str, Any]) -> Tensor | None:
-    """The summed loss of a batch through the schedule's forward only (evaluation): on ranks
-    holding the last stage, else None."""
-    losses = run_schedule(pipeline.schedule.eval, pipeline, input_ids, labels, cu_seqlens, loss_kwargs)
+def pipeline_loss_sum(
+    pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, loss_kwargs: Mapping[str, Any], piece: Piece | None = None,
+) -> Tensor | None:
+    """The summed loss of a batch (under cp this rank's `piece` of it) through the schedule's
+    forward only (evaluation): on ranks holding the last stage, else None."""
+    losses = run_schedule(pipeline.schedule.eval, pipeline, input_ids, labels, cu_seqlens, loss_kwargs, piece)
     return torch.stack(losses).sum() if pipeline.has_last else None
 
 
 def pipeline_gradients(
     pipeline: Pipeline, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor, grad_clip: float | None,
-    loss_kwargs: Mapping[str, Any] | None = None,
+    loss_kwargs: Mapping[str, Any] | None = None, piece: Piece | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """The clipped gradients of a whole batch, which the schedule splits into its microbatches
     (the pipeline's gradient accumulation); the caller steps the optimizer. Every pp rank passes
-    the same batch; `loss_kwargs` go to the loss function of every microbatch. Returns the mean
+    the same batch (under cp its `piece` of it); `loss_kwargs` go to the loss function of every microbatch. Returns the mean
     loss (language model plus auxiliary) on ranks holding the last stage, None elsewhere, and the
     gradient norm before clipping."""
-    losses = run_schedule(pipeline.schedule.step, pipeline, input_ids, labels, cu_seqlens, loss_kwargs)
+    losses = run_schedule(pipeline.schedule.step, pipeline, input_ids, labels, cu_seqlens, loss_kwargs, piece)
     sum_tied_gradients(pipeline)
     grad_norm = clip_grad_norm_across(pipeline.parameters(), grad_clip, pipeline.group, pipeline.norm_parameters())
     loss = torch.stack(losses).mean().detach() if pipeline.has_last else None

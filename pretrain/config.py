@@ -21,7 +21,7 @@ from checkpoint import CheckpointConfig
 from common.config import Strict, one_of
 from models.config import ModelConfig
 from optim.config import OptimConfig
-from parallel.config import ActivationCheckpointing, ParallelConfig
+from parallel.config import ActivationCheckpointing, ParallelConfig, check_context_pieces
 from pretrain.data.config import DataConfig
 from pretrain.evaluation.config import EvaluationConfig
 from pretrain.linear_ce import LOSSES
@@ -113,6 +113,20 @@ class RunConfig(Strict):
             )
         if self.parallel.pp > 1 and self.data.packing == "varlen":
             raise ValueError("data.packing=varlen makes one row per batch, which the pipeline cannot split into microbatches: use rows with parallel.pp > 1")
+        return self
+
+
+    @model_validator(mode="after")
+    def _context_pieces_fit(self) -> "RunConfig":
+        """Under cp each row is cut into pieces (`parallel.config.check_context_pieces`): a row is
+        train.seq_len tokens, or with varlen packing one row of batch_size * seq_len."""
+        if self.parallel.cp == 1:
+            return self
+        if self.data.packing == "varlen":
+            tokens, what = self.train.batch_size * self.train.seq_len, "train.batch_size * train.seq_len (one row with data.packing=varlen)"
+        else:
+            tokens, what = self.train.seq_len, "train.seq_len"
+        check_context_pieces(self.model, self.parallel.cp, tokens, what)
         return self
 
 

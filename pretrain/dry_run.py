@@ -8,8 +8,9 @@ per rank from `pretrain.estimate`, all on the meta device.
 The estimate of a rank: its parameters and gradients (float32), its optimizer states by codec,
 and the activations of its micro-batch. One process is measured as it runs. Under a layout the
 rank's share is counted: its pipeline stages' parameters (and, tied, the head's copy of the
-embedding on the last stage), divided over `tp x dp_shard` (TP splits almost every matrix, FSDP
-shards what each rank keeps); activations scaled to its stages' share of the blocks, the
+embedding on the last stage), divided over `tp x dp_shard x cp` (TP splits almost every matrix,
+FSDP shards what each rank keeps over dp_shard x cp); activations measured on the rank's cp piece
+(seq_len / cp tokens of every sequence), scaled to its stages' share of the blocks, the
 micro-batches a schedule keeps in flight (all of them for GPipe, up to `pp` for the others) and
 divided by `tp` (approximate: the residual stream is replicated unless sequence parallel).
 """
@@ -19,7 +20,7 @@ import torch
 
 from models.mixers import PATTERN
 from models.model import HybridLM
-from parallel.mesh import validate_layout
+from parallel.mesh import MESH_DIMS, validate_layout
 from parallel.pipeline import build_stage_modules
 from pretrain.config import RunConfig
 from pretrain.estimate import FP32, MemoryEstimate, activation_bytes, meta_model, param_counts, state_bytes
@@ -54,7 +55,7 @@ def assumed_device(cfg: RunConfig) -> tuple[str, torch.dtype]:
 
 def layout_lines(cfg: RunConfig, model: HybridLM, shape: dict[str, int]) -> list[str]:
     mesh = " x ".join(f"{dim} {size}" for dim, size in shape.items())
-    lines = [f"layout: {mesh} (mesh dims pp, dp_replicate, dp_shard, tp)"]
+    lines = [f"layout: {mesh} (mesh dims {', '.join(MESH_DIMS)})"]
     for pp_rank in range(shape["pp"]):
         for stage, ids in stage_blocks(cfg, model, shape, pp_rank):
             ends = (["embedding"] if stage == 0 else []) + (["norm, head"] if stage == n_stages(cfg, shape) - 1 else [])
@@ -108,19 +109,21 @@ def micro_batch(cfg: RunConfig, shape: dict[str, int]) -> int:
 
 def model_activations(cfg: RunConfig, shape: dict[str, int], dtype: torch.dtype) -> tuple[int | None, str]:
     """The whole model's activations on one micro-batch, and a note saying on what (or why not)."""
-    t, micro = cfg.train, micro_batch(cfg, shape)
+    t, micro, cp = cfg.train, micro_batch(cfg, shape), shape["cp"]
     loss, _ = resolve_loss(t.loss, assumed_device(cfg)[0], shape)
+    piece = t.seq_len // cp
     try:
-        whole = activation_bytes(meta_model(cfg.model), micro, t.seq_len, dtype, t.activation_checkpoint, t.activation_checkpoint_every, loss)
+        whole = activation_bytes(meta_model(cfg.model), micro, piece, dtype, t.activation_checkpoint, t.activation_checkpoint_every, loss)
     except (NotImplementedError, RuntimeError, ValueError) as exc:
         return None, f"not estimated: the model does not run on the meta device ({str(exc).splitlines()[0]})"
-    return whole, f"micro-batch {micro} x {t.seq_len} tokens, activation checkpointing {t.activation_checkpoint}, loss {loss}"
+    tokens = f"{piece} tokens (its cp piece of {t.seq_len})" if cp > 1 else f"{t.seq_len} tokens"
+    return whole, f"micro-batch {micro} x {tokens}, activation checkpointing {t.activation_checkpoint}, loss {loss}"
 
 
 def estimate_rank(cfg: RunConfig, shape: dict[str, int], pp_rank: int, whole_activations: int | None) -> tuple[MemoryEstimate, int]:
     """A pp rank's estimate (see the module docstring), and the micro-batches it keeps in flight."""
     module = rank_module(cfg, shape, pp_rank)
-    shards = shape["tp"] * shape["dp_shard"]
+    shards = shape["tp"] * shape["dp_shard"] * shape["cp"]
     params = sum(p.numel() for p in module.parameters()) * FP32 // shards
     states = state_bytes(module, cfg.optim, shards)
     microbatches = cfg.parallel.microbatches

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,18 @@ def load_trained(path: Path, device: str | torch.device, dtype: torch.dtype = to
     return cfg, model, tokenizer
 
 
+def check_one_process() -> None:
+    """Decoding is one process: under torchrun every rank would decode the whole prompt alone. A
+    checkpoint trained under any layout (context parallelism included) loads here whole."""
+    if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+        raise ConfigError(
+            f"pretrain.generate decodes in one process, not {world} (WORLD_SIZE): run it without torchrun; "
+            "a checkpoint saved under parallel.cp, tp, pp or dp loads whole in one process"
+        )
+
+
 def run(args: argparse.Namespace) -> str:
+    check_one_process()
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 0:
         raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --max-new-tokens >= 0")
     _, model, tokenizer = load_trained(args.checkpoint, args.device)

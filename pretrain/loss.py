@@ -3,10 +3,13 @@
 A step's language-model loss is the mean over every valid label (not `IGNORE_INDEX`) of the global
 batch. Each rank sums its tokens' cross-entropy and multiplies the sum by `token_scale`: one over
 the global count of valid labels (all-reduced), times what the averaging after it divides by again
-(FSDP averages gradients over the dp ranks; a pipeline schedule averages over its microbatches).
+(FSDP averages gradients over the dp x cp ranks; a pipeline schedule averages over its
+microbatches). Under context parallelism a rank's tokens are its piece of every sequence, so its
+summed loss and its gradients are partial sums over the cp group, which that averaging (with the
+cp factor in the scale) turns into the one-process sums.
 
-The layout is the mesh shape (`pp`, `dp_replicate`, `dp_shard`, `tp` sizes), so this module needs
-nothing above torch and the data code can import `IGNORE_INDEX` from it.
+The layout is the mesh shape (`pp`, `dp_replicate`, `dp_shard`, `cp`, `tp` sizes), so this module
+needs nothing above torch and the data code can import `IGNORE_INDEX` from it.
 """
 from __future__ import annotations
 
@@ -33,12 +36,19 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def add_aux_loss(loss: Tensor, aux_loss: Tensor) -> Tensor:
-    """loss + aux_loss, as plain tensors. Under loss parallelism `loss` is a replicated DTensor,
-    while the routers' aux loss is a plain tensor that is the same on every TP rank (each rank
-    routes identically) and counts once on each: adding it to the DTensor would hand the plain
-    graph behind it a DTensor gradient."""
-    return local(loss) + aux_loss
+def add_aux_loss(loss: Tensor, aux_loss: Tensor, aux_scale: float = 1.0) -> Tensor:
+    """loss + aux_scale * aux_loss (`aux_scale`: `aux_loss_scale` of the layout), as plain
+    tensors. Under loss parallelism `loss` is a replicated DTensor, while the routers' aux loss is
+    a plain tensor that is the same on every TP rank (each rank routes identically) and counts
+    once on each: adding it to the DTensor would hand the plain graph behind it a DTensor gradient."""
+    return local(loss) + aux_loss * aux_scale
+
+
+def aux_loss_scale(shape: Shape) -> int:
+    """What a rank's auxiliary loss is multiplied by: under cp each rank holds its 1/cp share of
+    its replica's (the routers' statistics span the whole rows), and FSDP averages gradients over
+    the cp ranks as over the dp ranks, so cp."""
+    return shape.get("cp", 1)
 
 
 def local(value: Tensor) -> Tensor:
@@ -60,32 +70,42 @@ def _sum_over_world(value: Tensor, shape: Shape) -> Tensor:
 
 
 def global_token_count(labels: Tensor, shape: Shape) -> Tensor:
-    """Valid labels in the global batch: every replica's count, which its tp x pp ranks share."""
+    """Valid labels in the global batch: every replica's count (its cp ranks' pieces add up to
+    it), which its tp x pp ranks share."""
     count = (labels != IGNORE_INDEX).sum().float()
     return _sum_over_world(count, shape) / (shape["pp"] * shape["tp"])
 
 
+def gradient_averaging(shape: Shape) -> int:
+    """The ranks FSDP averages gradients over: dp_replicate x dp_shard x cp."""
+    return shape["dp_replicate"] * shape["dp_shard"] * shape.get("cp", 1)
+
+
 def token_scale(labels: Tensor, shape: Shape, microbatches: int = 1) -> Tensor:
     """What this rank's summed token losses are multiplied by (see the module docstring):
-    `labels` are the replica's batch, which a pipeline schedule cuts into `microbatches`."""
-    return microbatches * (shape["dp_replicate"] * shape["dp_shard"]) / global_token_count(labels, shape)
+    `labels` are the rank's part of the replica's batch (its cp piece), which a pipeline schedule
+    cuts into `microbatches`."""
+    return microbatches * gradient_averaging(shape) / global_token_count(labels, shape)
 
 
-def microbatch_loss(logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True) -> Tensor:
+def microbatch_loss(
+    logits: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True, aux_scale: float = 1.0,
+) -> Tensor:
     """A pipeline's loss on one microbatch (`parallel.pipeline.build_pipeline_schedule`'s `loss_fn`): the
     summed cross-entropy of its tokens times the step's `scale` (`token_scale` of the replica's
     batch), which the schedule gets from `pipeline_gradients`' `loss_kwargs` since it varies per
-    step, plus the auxiliary loss of the last stage (not in evaluation: `with_aux=False`)."""
-    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale, with_aux)
+    step, plus the auxiliary loss of the last stage times `aux_scale` (`aux_loss_scale`; not in
+    evaluation: `with_aux=False`)."""
+    return summed_microbatch_loss(lm_loss(logits, labels, reduction="sum"), labels, aux_loss, scale, with_aux, aux_scale)
 
 
 def summed_microbatch_loss(
-    summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True,
+    summed: Tensor, labels: Tensor, aux_loss: Tensor | None, scale: Tensor | float, with_aux: bool = True, aux_scale: float = 1.0,
 ) -> Tensor:
     """`microbatch_loss` when the last stage applied the head's loss itself (the chunked or fused
     linear cross-entropy) and hands over the summed cross-entropy instead of the logits."""
     loss = summed * scale
-    return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss)
+    return loss if aux_loss is None or not with_aux else add_aux_loss(loss, aux_loss, aux_scale)
 
 
 def pipeline_loss_fn(head: object | None) -> Callable[..., Tensor]:
@@ -95,6 +115,13 @@ def pipeline_loss_fn(head: object | None) -> Callable[..., Tensor]:
 
 
 def mean_over_replicas(value: Tensor, shape: Shape) -> Tensor:
-    """The mean over dp ranks of a per-replica value that the ranks of the last pipeline stage
-    hold (the others pass 0), the same on every rank afterwards."""
+    """The mean over dp x cp ranks of a per-rank value that the ranks of the last pipeline stage
+    hold (the others pass 0), the same on every rank afterwards. A step's scaled loss is such a
+    value under cp too: `token_scale` counts the cp ranks as it counts the dp ranks."""
     return _sum_over_world(local(value).float(), shape) / (math.prod(shape.values()) // shape["pp"])
+
+
+def sum_over_pieces(value: Tensor, shape: Shape) -> Tensor:
+    """A per-replica sum (an evaluation batch's summed loss) that the cp ranks hold in parts, each
+    its piece's: the whole sum, averaged over dp ranks, on every rank."""
+    return mean_over_replicas(value, shape) * shape.get("cp", 1)

@@ -1,8 +1,10 @@
-"""This process's part of a tp x pp x dp run: process group, device mesh, and the model turned into
-what this rank holds and runs.
+"""This process's part of a tp x pp x dp x cp run: process group, device mesh, and the model turned
+into what this rank holds and runs.
 
-Order (`parallelize`): tensor parallelism on the whole model, this pp rank's pipeline stages,
-activation checkpointing, FSDP/HSDP on each stage (or the model), the pipeline schedule. Build the
+Order (`parallelize`): tensor parallelism on the whole model, context parallelism (the cp group
+that its mixers exchange states, halos and keys over; each batch is then cut with
+`Parallel.cut`), this pp rank's pipeline stages, activation checkpointing, FSDP/HSDP on each stage
+(or the model; over dp_shard x cp with cp > 1), the pipeline schedule. Build the
 optimizer afterwards, on `Parallel.module`, whose parameter names are the single-process model's
 (so optimizer state and checkpoints are keyed the same under every layout). The pipeline's loss
 function is `pretrain.loss.pipeline_loss_fn`'s: over the last stage's logits, or, with the chunked
@@ -11,6 +13,8 @@ summed loss.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +26,15 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from common.processes import start_process_group
+from models.context import Piece, context_parallel
 from models.model import HybridLM
+from parallel.context_parallel import ContextParallel, apply_context_parallel
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
-from parallel.mesh import build_mesh, validate_layout
+from parallel.mesh import DP_SHARD_CP, build_mesh, validate_layout
 from parallel.pipeline import Pipeline, StageModule, build_pipeline_schedule, build_stage_modules
 from parallel.tp import apply_tensor_parallel
 from pretrain.config import RunConfig
+from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss, describe, head_loss, resolve_loss
 from pretrain.loss import lm_loss, pipeline_loss_fn
 from pretrain.runtime import Runtime
@@ -84,14 +91,20 @@ class Parallel:
     loss: str = "full"  # the resolved `train.loss` (pretrain.linear_ce.resolve_loss)
     head: HeadLoss | None = None  # the chunked or fused linear cross-entropy; None: logits then `logits_loss`
     logits_loss: Callable[..., Tensor] = lm_loss
+    context: ContextParallel | None = None  # with cp > 1: cuts batches into this rank's pieces
 
     @property
     def world_size(self) -> int:
-        return self.shape["pp"] * self.shape["dp_replicate"] * self.shape["dp_shard"] * self.shape["tp"]
+        return math.prod(self.shape.values())
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel ranks, which read different batches (the cp ranks of one read the same)."""
         return self.shape["dp_replicate"] * self.shape["dp_shard"]
+
+    @property
+    def cp(self) -> int:
+        return self.shape.get("cp", 1)
 
     @property
     def dp_rank(self) -> int:
@@ -99,6 +112,15 @@ class Parallel:
         if self.mesh is None:
             return 0
         return self.mesh["dp_replicate"].get_local_rank() * self.shape["dp_shard"] + self.mesh["dp_shard"].get_local_rank()
+
+    def cut(self, batch: Batch) -> tuple[Batch, Piece | None]:
+        """This rank's cp piece of a batch that every rank of its cp group holds whole, and the
+        `Piece` to make active around its forward and backward (`within`); without context
+        parallelism the batch itself and None."""
+        if self.context is None:
+            return batch, None
+        input_ids, labels, cu_seqlens, piece = self.context.cut(batch.input_ids, batch.labels, batch.cu_seqlens)
+        return Batch(input_ids, labels, cu_seqlens), piece
 
     @property
     def is_main(self) -> bool:
@@ -127,6 +149,8 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if tp > 1:
         # under PP with full logits the schedule's loss takes them whole, so the head gathers them
         apply_tensor_parallel(model, par.mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=pp == 1)
+    if par.cp > 1:
+        par.context = apply_context_parallel(model, par.mesh["cp"].get_group())
     stages, stage_ids = [model], []
     if pp > 1:
         stages, stage_ids = build_stage_modules(model, par.mesh["pp"].get_local_rank(), pp, p.pp_virtual_stages, t.seq_len)
@@ -134,7 +158,7 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
         apply_activation_checkpointing(module, t.activation_checkpoint, t.activation_checkpoint_every)
         if t.compile:
             compile_blocks(module)
-        if par.dp_size > 1:
+        if par.dp_size * par.cp > 1:
             apply_fsdp(module, data_parallel_mesh(par), runtime.dtype == torch.bfloat16, p.fsdp_reshard_after_forward)
     par.module = model
     par.loss, warning = resolve_loss(t.loss, runtime.device, par.shape)
@@ -146,7 +170,9 @@ def parallelize(par: Parallel, model: HybridLM, cfg: RunConfig, runtime: Runtime
     if pp > 1:
         par.microbatches = p.microbatches
         loss_fn = pipeline_loss_fn(par.head)
-        par.pipeline = build_pipeline_schedule(stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, loss_fn, runtime.device, par.head)
+        par.pipeline = build_pipeline_schedule(
+            stages, stage_ids, par.mesh["pp"], p.pp_schedule, p.microbatches, loss_fn, runtime.device, par.head, par.context
+        )
         par.module = RankStages(stages)
 
 
@@ -173,8 +199,15 @@ def fast_path_header(par: Parallel, cfg: RunConfig) -> str:
     return f"ebb: loss {par.loss}: {describe(par.loss)}; torch.compile: {compiled if cfg.train.compile else 'off'}"
 
 
+def within(piece: Piece | None) -> contextlib.AbstractContextManager:
+    """`piece` active around a forward and its backward; nothing to do without cp."""
+    return contextlib.nullcontext() if piece is None else context_parallel(piece)
+
+
 def data_parallel_mesh(par: Parallel) -> DeviceMesh:
-    """dp_shard alone (FSDP), or (dp_replicate, dp_shard) for HSDP."""
+    """What FSDP shards over: dp_shard alone, or with cp > 1 the flattened dp_shard x cp (the cp
+    ranks' gradients are parts of one sum); with dp_replicate > 1, that dim beside it for HSDP."""
+    shard = "dp_shard" if par.cp == 1 else DP_SHARD_CP
     if par.shape["dp_replicate"] == 1:
-        return par.mesh["dp_shard"]
-    return par.mesh["dp_replicate", "dp_shard"]
+        return par.mesh[shard]
+    return par.mesh["dp_replicate", shard]

@@ -11,8 +11,8 @@ from optim.offload import OffloadAdamW
 from parallel.pipeline import pipeline_gradients, pipeline_loss_sum
 from pretrain.data import Batch
 from pretrain.linear_ce import HeadLoss
-from pretrain.loss import IGNORE_INDEX, add_aux_loss, lm_loss, local, loss_context, mean_over_replicas, token_scale
-from pretrain.parallelize import Parallel
+from pretrain.loss import IGNORE_INDEX, add_aux_loss, aux_loss_scale, lm_loss, local, loss_context, mean_over_replicas, sum_over_pieces, token_scale
+from pretrain.parallelize import Parallel, within
 from pretrain.runtime import Runtime
 
 
@@ -81,12 +81,12 @@ def train_step(
     model = par.module
     loss_sum, aux_losses = torch.zeros((), device=runtime.device), []
     for _ in range(grad_accum):
-        batch = next(batches).to(runtime.device)
+        batch, piece = par.cut(next(batches).to(runtime.device))
         scale = token_scale(batch.labels, par.shape)
-        with loss_context(par.shape):
+        with loss_context(par.shape), within(piece):
             loss, aux_loss = forward_loss(model, batch, runtime, par.head, par.logits_loss)
             loss = loss * scale
-            total = loss if aux_loss is None else add_aux_loss(loss, aux_loss)
+            total = loss if aux_loss is None else add_aux_loss(loss, aux_loss, aux_loss_scale(par.shape))
             (total / grad_accum).backward()
         loss_sum += local(loss.detach()) / grad_accum
         if aux_loss is not None:
@@ -94,17 +94,19 @@ def train_step(
     grad_norm = local(clip_gradients(model, optimizer, grad_clip if grad_clip is not None else math.inf))
     loss = mean_over_replicas(loss_sum, par.shape)
     stepped = step_if_finite(optimizer, loss, grad_norm)
-    aux_loss = mean_over_replicas(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
+    aux_loss = sum_over_pieces(torch.stack(aux_losses).mean(), par.shape) if aux_losses else None
     return StepResult(loss, grad_norm, aux_loss, stepped)
 
 
 def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, runtime: Runtime) -> StepResult:
-    """`pipeline_gradients` on this replica's batch, with the step's token normaliser for the
-    loss of each microbatch (`pretrain.loss.microbatch_loss`), then the step if finite."""
-    batch = batch.to(runtime.device)
+    """`pipeline_gradients` on this replica's batch (this rank's cp piece of it), with the step's
+    token normaliser for the loss of each microbatch (`pretrain.loss.microbatch_loss`), then the
+    step if finite."""
+    batch, piece = par.cut(batch.to(runtime.device))
     scale = token_scale(batch.labels, par.shape, par.microbatches)
+    loss_kwargs = {"scale": scale, "aux_scale": aux_loss_scale(par.shape)}
     with runtime.autocast():
-        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, {"scale": scale})
+        loss, grad_norm = pipeline_gradients(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, grad_clip, loss_kwargs, piece)
     if loss is None:  # not on the last stage
         loss = torch.zeros((), device=runtime.device)
     loss = mean_over_replicas(loss, par.shape)
@@ -112,26 +114,33 @@ def pipeline_step(par: Parallel, optimizer: torch.optim.Optimizer, batch: Batch,
 
 
 def pipeline_eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
-    """The summed language-model loss of one validation batch through the pipeline, on every rank."""
-    batch = batch.to(runtime.device)
+    """The summed language-model loss of one validation batch (this rank's cp piece of it) through
+    the pipeline, the whole batch's on every rank."""
+    batch, piece = par.cut(batch.to(runtime.device))
     with runtime.autocast():
-        loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False})
-    return mean_over_replicas(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
+        loss = pipeline_loss_sum(par.pipeline, batch.input_ids, batch.labels, batch.cu_seqlens, {"scale": 1.0, "with_aux": False}, piece)
+    return sum_over_pieces(torch.zeros((), device=runtime.device) if loss is None else loss, par.shape).item()
+
+
+def eval_loss(par: Parallel, batch: Batch, runtime: Runtime) -> float:
+    """The summed language-model loss of one validation batch without a pipeline: under cp each
+    rank sums its piece's, and the pieces' sums are added up."""
+    batch, piece = par.cut(batch.to(runtime.device))
+    with loss_context(par.shape), within(piece):
+        loss = local(forward_loss(par.module, batch, runtime, par.head, par.logits_loss)[0])
+    return (sum_over_pieces(loss, par.shape) if par.cp > 1 else loss).item()
 
 
 @torch.no_grad()
 def evaluate(par: Parallel, batches: list[Batch], runtime: Runtime) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over the validation batches (every rank runs them
-    all; under PP through the schedule's forward, the loss then shared from the last stage)."""
+    all, each cp rank its pieces; under PP through the schedule's forward, the loss then shared
+    from the last stage)."""
     model = par.module
     model.eval()
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        if par.pipeline is not None:
-            loss_sum += pipeline_eval_loss(par, batch, runtime)
-        else:
-            with loss_context(par.shape):
-                loss_sum += local(forward_loss(model, batch, runtime, par.head, par.logits_loss)[0]).item()
+        loss_sum += pipeline_eval_loss(par, batch, runtime) if par.pipeline is not None else eval_loss(par, batch, runtime)
         tokens += int((batch.labels != IGNORE_INDEX).sum())
     model.train()
     loss = loss_sum / max(tokens, 1)

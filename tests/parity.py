@@ -30,7 +30,7 @@ STEPS, BATCH, SEQ, VOCAB = 3, 4, 16, 64
 
 def layout(**sizes: int) -> dict[str, int]:
     """A mesh shape (`Parallel.shape`): every dim 1 but `sizes`."""
-    return dict(pp=1, dp_replicate=1, dp_shard=1, tp=1) | sizes
+    return dict(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1) | sizes
 
 
 def train_steps(par: Parallel, steps: list[list[Batch]], optimizer: torch.optim.Optimizer | None = None) -> list[StepResult]:

@@ -153,7 +153,7 @@ def assert_tp_matches_single_process(runs: list[TPRun], params_atol: float = ATO
 
 def decode_rank(cfg: ModelConfig, input_ids: Tensor, prefill: int) -> Tensor:
     mesh = build_mesh(ParallelConfig(tp=TP), TP, "cpu")
-    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "tp") and mesh.shape == (1, 1, 1, TP)
+    assert mesh.mesh_dim_names == ("pp", "dp_replicate", "dp_shard", "cp", "tp") and mesh.shape == (1, 1, 1, 1, TP)
     torch.manual_seed(0)
     model = apply_tensor_parallel(HybridLM(cfg), mesh["tp"], loss_parallel=False)
     cache = model.new_cache()

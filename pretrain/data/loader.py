@@ -4,8 +4,10 @@ The training data is one global stream of units (rows of seq_len+1 tokens, or va
 packing.py) blended from the sources (blend.py). It depends only on the seed, the sources and the
 packing, never on the data-parallel size: a global batch is the next `dp_size * per_rank` units,
 and data-parallel rank r (the `dp_replicate x dp_shard` coordinate, replica-major) takes units
-r*per_rank .. (r+1)*per_rank - 1 of it. Tensor- and pipeline-parallel ranks of one replica read the
-same units, and one process with `dp_size` times the batch sees exactly the union.
+r*per_rank .. (r+1)*per_rank - 1 of it. Tensor-, pipeline- and context-parallel ranks of one
+replica read the same units (a cp rank then takes its piece of every row:
+`pretrain.parallelize.Parallel.cut`), and one process with `dp_size` times the batch sees exactly
+the union.
 
 The state is the global unit position (and each source's count), the same on every rank. A run
 resumed with another DP size continues from that position: no unit is repeated or skipped.

@@ -89,7 +89,7 @@ def test_the_dry_run_prints_the_layout_counts_and_estimates_and_builds_nothing(t
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
     out = result.stdout
-    assert "layout: pp 2 x dp_replicate 1 x dp_shard 2 x tp 1" in out
+    assert "layout: pp 2 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 (mesh dims pp, dp_replicate, dp_shard, cp, tp)" in out
     assert "stage 0 on pp rank 0: blocks 0-1 (MT) + embedding" in out and "stage 1 on pp rank 1: blocks 2-3 (G*) + norm, head" in out
     assert "embedding          tied with the head" in out
     total = HybridLM(load_config(QUICKSTART).model).num_params()

@@ -91,13 +91,13 @@ def test_mixer_without_plan_is_a_layout_error(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_mesh_shape() -> None:
-    assert mesh_shape(ParallelConfig(tp=2, pp=2), 8) == dict(pp=2, dp_replicate=1, dp_shard=2, tp=2)
+    assert mesh_shape(ParallelConfig(tp=2, pp=2), 8) == dict(pp=2, dp_replicate=1, dp_shard=2, cp=1, tp=2)
     assert validate_layout(ParallelConfig(tp=2, dp_replicate=2, dp_shard=1), CONFIG, 4) == dict(
-        pp=1, dp_replicate=2, dp_shard=1, tp=2
+        pp=1, dp_replicate=2, dp_shard=1, cp=1, tp=2
     )
 
 
 @pytest.mark.distributed
 def test_tp2_decoding_matches_single_process() -> None:
-    """On build_mesh's 4-dim mesh."""
+    """On build_mesh's 5-dim mesh."""
     assert_tp_decoding_matches_single_process(CONFIG)
