@@ -4,8 +4,8 @@ communication (`ContextComm`); this module holds what crosses a piece boundary, 
 on plain tensors:
 
 - recurrent states (`state_passing`): a rank summarises its piece by one run of the chunked op,
-  exchanges the summaries (one all-gather), combines the earlier ranks' into its incoming state
-  and corrects its output with it;
+  receives the state entering its piece from the previous rank, sends on that state carried
+  through its piece, and corrects its output with what it received;
 - short-convolution halos and RWKV's token shift (`conv_halo`, `stream_tails`, `shifted`);
 - the positions and documents attention needs (`Piece.positions`, `Piece.documents`).
 
@@ -325,7 +325,7 @@ def _matrix_run(run: Callable, arguments: dict[str, Tensor], streams: Streams) -
     identity = torch.eye(K, dtype=dtype, device=v.device) * enters[:, None, None, None]  # [N, 1, K, K]
     initial = torch.cat([v.new_zeros(enters.numel(), H, K, V, dtype=dtype), identity.expand(-1, H, K, K)], dim=-1)
     widened = arguments | {"v": torch.cat([v, v.new_zeros(*v.shape[:-1], K)], dim=-1)}
-    o, final = run(**widened, initial_state=initial)
+    o, final = _recomputed_in_backward(run, widened, initial)
     o, reach = o.split([V, K], dim=-1)
 
     def combine(state: Tensor | None, part: Tensor) -> Tensor:
@@ -333,6 +333,18 @@ def _matrix_run(run: Callable, arguments: dict[str, Tensor], streams: Streams) -
         return written if state is None else moved @ state.to(moved.dtype) + written
 
     return PieceRun(o, reach, final[streams.leave.to(final.device)], combine)
+
+
+def _recomputed_in_backward(run: Callable, arguments: dict[str, Tensor], initial: Tensor) -> tuple[Tensor, Tensor]:
+    """`run(**arguments, initial_state=initial)` keeping only its inputs for the backward, which
+    runs it again: the widened run's chunk intermediates would hold (V + K) / V of one process's
+    per token (bench/context_parallel.py)."""
+    names = list(arguments)
+
+    def call(*tensors: Tensor) -> tuple[Tensor, Tensor]:
+        return run(**dict(zip(names, tensors[:-1])), initial_state=tensors[-1])
+
+    return torch.utils.checkpoint.checkpoint(call, *arguments.values(), initial, use_reentrant=False)
 
 
 def _decay_run(run: Callable, arguments: dict[str, Tensor], streams: Streams, cu_seqlens: Tensor | None, scale: float) -> PieceRun:
