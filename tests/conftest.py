@@ -5,12 +5,22 @@
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import pytest
 
 from models.config import ModelConfig
 from models.mixers import PATTERN
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_as_in_a_shell() -> None:
+    """pytest-xdist's workers ignore SIGINT, and the processes a test starts would inherit that
+    (ebb keeps an inherited SIG_IGN, as a background job must): give them Ctrl-C's default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 MARKERS = {
     "distributed": "spawns processes (gloo ranks, torchrun, the trainer under several ranks)",
