@@ -258,12 +258,12 @@ def goals_line(rows: dict[str, dict]) -> str | None:
 
 def print_table(title: str, rows: dict[str, dict]) -> None:
     print(title)
-    print(f"{'optimizer':<19}{'B/param':>8}{'B/quant.':>9}{'step ms':>10}{'vs fused':>9}{'vs library':>24}{'peak MB':>9}{'1st step s':>11}")
+    print(f"{'optimizer':<19}{'B/param':>8}{'B/quant.':>9}{'step ms':>10}{'vs fused':>9}{'vs library':>28}{'peak MB':>9}{'1st step s':>11}")
     for name, row in rows.items():
         quant = "-" if row["bytes_per_quantised_param"] is None else f"{row['bytes_per_quantised_param']:.3f}"
         library = f"{row['vs_library']:.2f}x {row['library']}" if "vs_library" in row else ""
         peak = "-" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
-        print(f"{name:<19}{row['bytes_per_param']:>8.3f}{quant:>9}{row['step_ms']:>10.1f}{row['vs_torch_fused']:>8.2f}x{library:>24}{peak:>9}{row['first_step_s']:>11.1f}")
+        print(f"{name:<19}{row['bytes_per_param']:>8.3f}{quant:>9}{row['step_ms']:>10.1f}{row['vs_torch_fused']:>8.2f}x{library:>28}{peak:>9}{row['first_step_s']:>11.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
