@@ -273,7 +273,13 @@ LONG = ["train.steps=100000", "train.eval_interval=0", "checkpoint.interval=1000
 
 
 def stopped(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=120)
+    """The run's exit status and output once it ends; killed, and the test failed, if it does not within 2 minutes."""
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     return proc.returncode, out, err
 
 
