@@ -26,6 +26,14 @@ def load_bench(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
+def run_bench(name: str, *args: str, out: Path, timeout: int = 600) -> tuple[dict, str]:
+    """bench/<name>.py run as a user runs it (from the repo root), writing its JSON to `out`: the
+    report and what it printed; a failed run fails the test with the end of its stderr."""
+    done = subprocess.run([sys.executable, f"bench/{name}.py", *args, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
 # A tiny MTG* run with evaluation and checkpoints, as the command line takes it
 SMALL_RUN = [
     *tiny_model_overrides("MTG*", vocab_size=320),

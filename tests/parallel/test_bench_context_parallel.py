@@ -4,25 +4,17 @@ checked: a rank at cp 4 saves less for backward than at cp 2, and that less than
 every block receives exchanges forward and backward."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from models.mixers import PATTERN
-from tests.runs import REPO
+from tests.runs import run_bench
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_context_parallel_bench_tiny_runs(tmp_path):
-    out = tmp_path / "tiny.json"
-    done = subprocess.run(
-        [sys.executable, "bench/context_parallel.py", "--tiny", "--reps", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    report, printed = run_bench("context_parallel", "--tiny", "--reps", "1", out=tmp_path / "tiny.json")
+    rows = report["rows"]
     assert [row["cp"] for row in rows] == [1, 2, 4]
     one, two, four = (row["activations_total"] for row in rows)
     assert four < two < one
@@ -30,4 +22,4 @@ def test_context_parallel_bench_tiny_runs(tmp_path):
     blocks = {f"{i} {name}" for i, name in enumerate(PATTERN.values())}
     for row in rows[1:]:
         assert {f"{block} {way}" for block in blocks for way in ("forward", "backward")} <= set(row["exchange"])
-    assert "N x /cp1" in done.stdout and "bytes received in one forward and backward" in done.stdout
+    assert "N x /cp1" in printed and "bytes received in one forward and backward" in printed

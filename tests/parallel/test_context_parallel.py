@@ -8,10 +8,6 @@ Each mixer runs as two blocks with their MLPs (RWKV-7's value residual and chann
 token shift), its chunk (4) shorter than a piece. One spawn per world size checks every case."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,7 +21,7 @@ from parallel.context_parallel import apply_context_parallel
 from parallel.data_parallel import apply_activation_checkpointing
 from tests.distributed import run_distributed
 from tests.mixer_checks import SMALL_MIXERS
-from tests.runs import REPO
+from tests.runs import run_bench
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -133,12 +129,10 @@ def test_every_mixer_under_context_parallelism_matches_one_process(size: int) ->
 
 def test_exchange_bench_tiny_runs(tmp_path) -> None:
     """bench/cp_exchange.py --tiny: the whole measurement at toy size (cp 2), so it cannot rot."""
-    out = tmp_path / "tiny.json"
-    done = subprocess.run([sys.executable, "bench/cp_exchange.py", "--tiny", "--cp", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    report, printed = run_bench("cp_exchange", "--tiny", "--cp", "2", out=tmp_path / "tiny.json")
+    rows = report["rows"]
     assert [r["cp"] for r in rows] == [2]
     for r in rows:
         assert r["chain_s"] > 0 and r["all_gather_s"] > 0 and r["attention_slowest_over_mean"] > 0
         assert r["chain_bytes_per_rank"] < r["all_gather_bytes_per_rank"]  # one state against cp - 1 summaries
-    assert "chain/AG" in done.stdout
+    assert "chain/AG" in printed
